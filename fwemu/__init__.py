@@ -1,0 +1,1 @@
+"""Emulated mlx5 VF migration firmware (fwemu)."""

@@ -1,0 +1,218 @@
+"""The state a VF holds: device objects (QPs, CQs, MKEYs, ...) laid out in one
+contiguous arena of bytes, deterministic from a seed.
+
+Migration images carry the object table and arena bytes; two VFs have the same
+digest exactly when their object tables and arena contents are equal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .constants import PAGE_SIZE
+
+OBJ_TYPES: tuple[str, ...] = ("QP", "CQ", "MKEY", "EQ", "SRQ", "RQ", "SQ", "TIR", "TIS")
+
+# Object table serialization: arena size, next object id, count, then entries.
+_TABLE_HEAD = struct.Struct("<QII")
+_TABLE_ENTRY = struct.Struct("<HHIQQ")  # type, reserved, id, offset, length
+
+# Sizing of the initial partition: about one object per 64 KiB, at most 1024.
+_OBJECT_GRAIN = 64 * 1024
+_MAX_INITIAL_OBJECTS = 1024
+
+
+class TableError(ValueError):
+    """A serialized object table is malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceObject:
+    obj_type: int  # index into OBJ_TYPES
+    obj_id: int
+    offset: int  # in the arena
+    length: int
+
+    @property
+    def type_name(self) -> str:
+        return OBJ_TYPES[self.obj_type]
+
+
+def obj_type_index(name: str) -> int:
+    try:
+        return OBJ_TYPES.index(name.upper() if name else "QP")
+    except ValueError:
+        raise ValueError(f"unknown object type {name!r}; one of {', '.join(OBJ_TYPES)}") from None
+
+
+def _partition(size: int, count: int, rng: random.Random) -> list[int]:
+    """Split `size` bytes into `count` positive parts with seeded weights."""
+    weights = [rng.randint(1, 8) for _ in range(count)]
+    total_w = sum(weights)
+    parts = [max(1, size * w // total_w) for w in weights]
+    parts[-1] += size - sum(parts)
+    # The last part can only go non-positive when count > size, which callers prevent.
+    return parts
+
+
+class DeviceState:
+    """Object table plus arena contents of one VF."""
+
+    __slots__ = ("arena", "next_obj_id", "objects")
+
+    def __init__(self, arena: bytearray, objects: list[DeviceObject], next_obj_id: int) -> None:
+        self.arena = arena
+        self.objects = objects
+        self.next_obj_id = next_obj_id
+
+    @classmethod
+    def generate(cls, size: int, seed: int) -> DeviceState:
+        """A fresh VF state of `size` bytes, the same for the same seed."""
+        if size <= 0:
+            raise ValueError("device state size must be positive")
+        rng = random.Random(seed)
+        count = max(1, min(_MAX_INITIAL_OBJECTS, size // _OBJECT_GRAIN))
+        objects: list[DeviceObject] = []
+        offset = 0
+        for obj_id, length in enumerate(_partition(size, count, rng), start=1):
+            objects.append(DeviceObject(rng.randrange(len(OBJ_TYPES)), obj_id, offset, length))
+            offset += length
+        arena = bytearray(rng.randbytes(size))
+        return cls(arena, objects, len(objects) + 1)
+
+    @classmethod
+    def empty(cls) -> DeviceState:
+        return cls(bytearray(), [], 1)
+
+    @property
+    def size(self) -> int:
+        return len(self.arena)
+
+    @property
+    def num_pages(self) -> int:
+        return (len(self.arena) + PAGE_SIZE - 1) // PAGE_SIZE
+
+    def add_objects(self, specs: Sequence[tuple[int, int]], rng: random.Random) -> range:
+        """Append objects (type, length) with seeded contents; returns the new pages."""
+        first_page = len(self.arena) // PAGE_SIZE
+        for obj_type, length in specs:
+            if length <= 0:
+                raise ValueError("object size must be positive")
+            self.objects.append(DeviceObject(obj_type, self.next_obj_id, len(self.arena), length))
+            self.next_obj_id += 1
+            self.arena += rng.randbytes(length)
+        return range(first_page, self.num_pages)
+
+    # --- serialization of the object table --------------------------------
+
+    def table_bytes(self) -> bytes:
+        parts = [_TABLE_HEAD.pack(len(self.arena), self.next_obj_id, len(self.objects))]
+        parts.extend(
+            _TABLE_ENTRY.pack(o.obj_type, 0, o.obj_id, o.offset, o.length) for o in self.objects
+        )
+        return b"".join(parts)
+
+    def table_size(self) -> int:
+        return _TABLE_HEAD.size + _TABLE_ENTRY.size * len(self.objects)
+
+    @staticmethod
+    def parse_table(data: bytes | memoryview) -> tuple[int, int, list[DeviceObject]]:
+        """(arena size, next object id, objects) from table bytes; validates layout."""
+        if len(data) < _TABLE_HEAD.size:
+            raise TableError("object table shorter than its header")
+        arena_size, next_id, count = _TABLE_HEAD.unpack_from(data, 0)
+        if len(data) != _TABLE_HEAD.size + count * _TABLE_ENTRY.size:
+            raise TableError("object table length does not match its entry count")
+        objects = []
+        end = 0
+        for i in range(count):
+            t, _, oid, off, length = _TABLE_ENTRY.unpack_from(
+                data, _TABLE_HEAD.size + i * _TABLE_ENTRY.size
+            )
+            if t >= len(OBJ_TYPES) or length == 0 or off != end or oid >= next_id:
+                raise TableError(f"object table entry {i} is inconsistent")
+            end = off + length
+            objects.append(DeviceObject(t, oid, off, length))
+        if end != arena_size:
+            raise TableError("objects do not cover the arena exactly")
+        return arena_size, next_id, objects
+
+    # --- identity -----------------------------------------------------------
+
+    def digest(self) -> str:
+        h = hashlib.blake2b(digest_size=32)
+        h.update(self.table_bytes())
+        h.update(self.arena)
+        return h.hexdigest()
+
+
+def page_runs(pages: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted (first page, count) runs of consecutive page numbers."""
+    runs: list[tuple[int, int]] = []
+    start = prev = -2
+    for p in sorted(pages):
+        if p == prev + 1:
+            prev = p
+            continue
+        if start >= 0:
+            runs.append((start, prev - start + 1))
+        start = prev = p
+    if start >= 0:
+        runs.append((start, prev - start + 1))
+    return runs
+
+
+_STAMP = struct.Struct("<Q")
+
+
+class Workload:
+    """A guest workload that dirties device state at a rate while the VF runs.
+
+    The sequence of writes is fixed by the seed; how far along it the VF is
+    depends only on how much running time has passed.  Each write stamps a
+    counter into one page, so every write changes the state.
+    """
+
+    __slots__ = ("_carry", "_rng", "counter", "dirty_bytes_per_s")
+
+    def __init__(self, seed: int, dirty_bytes_per_s: int) -> None:
+        self._rng = random.Random(seed ^ 0x5EED_D1B7)
+        self._carry = 0.0
+        self.counter = 0
+        self.dirty_bytes_per_s = dirty_bytes_per_s
+
+    def pages_due(self, elapsed: float, num_pages: int) -> int:
+        """How many page writes `elapsed` running seconds amount to (capped at
+        twice the VF's pages per step: by then every page is dirty anyway)."""
+        if elapsed <= 0 or self.dirty_bytes_per_s <= 0 or num_pages == 0:
+            return 0
+        self._carry += self.dirty_bytes_per_s * elapsed / PAGE_SIZE
+        n = int(self._carry)
+        self._carry -= n
+        return min(n, 2 * num_pages)
+
+    def run(self, state: DeviceState, writes: int) -> list[int]:
+        """Perform `writes` page writes; returns the pages written."""
+        arena = state.arena
+        size = len(arena)
+        npages = state.num_pages
+        if npages == 0:
+            return []
+        rng = self._rng
+        written = []
+        for _ in range(writes):
+            page = rng.randrange(npages)
+            base = page * PAGE_SIZE
+            room = min(PAGE_SIZE, size - base)
+            self.counter += 1
+            if room >= _STAMP.size:
+                slot = (self.counter * _STAMP.size) % (room - room % _STAMP.size)
+                _STAMP.pack_into(arena, base + slot, self.counter)
+            else:
+                arena[base] = self.counter & 0xFF
+            written.append(page)
+        return written
