@@ -12,6 +12,7 @@ from .firmware import (
     QueryResult,
     SaveAccepted,
     SaveCompletion,
+    VfInfo,
 )
 from .vf import Caps, Vf, VfConfig
 
@@ -36,5 +37,6 @@ __all__ = [
     "Syndrome",
     "Vf",
     "VfConfig",
+    "VfInfo",
     "VirtualClock",
 ]

@@ -332,6 +332,10 @@ class Firmware:
     # Commands
     # ======================================================================
 
+    def next_token(self) -> int:
+        """A fresh command token, for callers that correlate completions."""
+        return next(self._tokens)
+
     def _count(self, opcode: int, result: CmdResult) -> None:
         key = (opcode, result.status)
         self.stats.commands[key] = self.stats.commands.get(key, 0) + 1
@@ -946,3 +950,42 @@ class Firmware:
 def _as(cls: type[R], r: CmdResult) -> R:
     """The same failure as a result of another command's type."""
     return cls(status=r.status, syndrome=r.syndrome, diagnostic=r.diagnostic, delay_s=r.delay_s)
+
+
+@dataclass(frozen=True, slots=True)
+class VfInfo:
+    """A snapshot of one VF for scenario clients."""
+
+    vf_id: int
+    vhca_id: int
+    function_id: int
+    config: VfConfig
+    initiator_suspended: bool
+    responder_suspended: bool
+    tracking: bool
+    migration_state: int
+    num_objects: int
+    saved_bytes: int
+    loaded_bytes: int
+    reconfigurations: int
+    save_in_flight: bool
+    seed: int
+
+    @classmethod
+    def of(cls, vf: Vf) -> VfInfo:
+        return cls(
+            vf_id=vf.vf_id,
+            vhca_id=vf.vhca_id,
+            function_id=vf.function_id,
+            config=vf.config,
+            initiator_suspended=vf.initiator_suspended,
+            responder_suspended=vf.responder_suspended,
+            tracking=vf.tracking,
+            migration_state=int(vf.migration_state()),
+            num_objects=len(vf.state.objects),
+            saved_bytes=vf.saved_bytes,
+            loaded_bytes=vf.loaded_bytes,
+            reconfigurations=vf.reconfigurations,
+            save_in_flight=vf.save_in_flight is not None,
+            seed=vf.seed,
+        )

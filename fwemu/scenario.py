@@ -1,0 +1,259 @@
+"""Scenario files (YAML or JSON): VFs to create, reconfigurations to schedule and
+faults to arm.  The same things the Scenario gRPC service does, written down so
+that the same seed and scenario give the same run.
+
+    seed: 42
+    defaults: {size: 16MiB, dirty_bytes_per_s: 4MiB, save_bandwidth: 2GiB}
+    vfs:
+      - count: 8
+      - count: 1
+        caps: {migration_state: false}      # older firmware: never reports INIT
+    events:
+      - vf: 1
+        at: 0.5                              # seconds after the scenario starts
+        reconfigure: {objects: [{type: QP, size: 128KiB}]}
+      - vf: all
+        after_saved_bytes: 32MiB
+        reconfigure: {}
+      - vf: 2
+        fault: {kind: fail, opcode: SAVE_VHCA_STATE, status: BAD_RES_STATE_ERR,
+                in_completion: true}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from .model.constants import CmdStatus, Opcode
+from .model.device_state import obj_type_index
+from .model.faults import Fault, FaultKind
+from .model.firmware import Firmware, FirmwareError
+from .model.vf import Caps, Vf, VfConfig
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot be read or applied; the message says where and why."""
+
+
+def _enum_value(enum_cls: Any) -> Any:
+    def parse(v: Any) -> Any:
+        if isinstance(v, str):
+            name = v.strip().upper()
+            if name in enum_cls.__members__:
+                return int(enum_cls[name])
+            try:
+                return int(name, 0)
+            except ValueError:
+                names = ", ".join(enum_cls.__members__)
+                raise ValueError(f"{v!r} is not a number nor one of {names}") from None
+        return v
+
+    return BeforeValidator(parse)
+
+
+OpcodeField = Annotated[int, _enum_value(Opcode), Field(ge=0, le=0xFFFF)]
+StatusField = Annotated[int, _enum_value(CmdStatus), Field(ge=1, le=0xFF)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CapsSpec(_Strict):
+    migration: bool | None = None
+    adv_virtualization: bool | None = None
+    migratable: bool | None = None
+    migration_multi_load: bool | None = None
+    migration_tracking_state: bool | None = None
+    migration_in_chunks: bool | None = None
+    migration_state: bool | None = None
+
+    def overlay(self, base: Caps) -> Caps:
+        return replace(base, **{k: v for k, v in self.model_dump().items() if v is not None})
+
+
+class VfSpec(_Strict):
+    size: ByteSize | None = None
+    seed: int | None = Field(default=None, ge=0, lt=1 << 64)
+    dirty_bytes_per_s: ByteSize | None = None
+    save_bandwidth: ByteSize | None = None
+    save_latency_s: float | None = Field(default=None, ge=0, le=3600)
+    chunk_size: ByteSize | None = None
+    reconfig_bytes: ByteSize | None = None
+    caps: CapsSpec = Field(default_factory=CapsSpec)
+
+    def overlay(self, base: VfConfig) -> VfConfig:
+        values = self.model_dump(exclude={"caps", "count"}, exclude_none=True)
+        cfg = replace(base, **values, caps=self.caps.overlay(base.caps))
+        cfg.validate()
+        return cfg
+
+
+class VfGroup(VfSpec):
+    count: int = Field(default=1, ge=1, le=Firmware.MAX_VFS)
+
+
+class ObjectSpecModel(_Strict):
+    type: str = "QP"
+    size: ByteSize
+
+    @model_validator(mode="after")
+    def _check(self) -> ObjectSpecModel:
+        obj_type_index(self.type)
+        if self.size <= 0:
+            raise ValueError("object size must be positive")
+        return self
+
+
+class ReconfigureSpec(_Strict):
+    objects: list[ObjectSpecModel] = Field(default_factory=list)
+
+
+class FaultSpec(_Strict):
+    kind: Literal["fail", "delay", "drop_completion", "delay_completion", "tracking_lost"]
+    opcode: OpcodeField = int(Opcode.SAVE_VHCA_STATE)
+    status: StatusField = int(CmdStatus.INT_ERR)
+    syndrome: int = Field(default=0x465700FF, ge=0, le=0xFFFFFFFF)
+    delay_s: float = Field(default=0.0, ge=0, le=3600)
+    count: int = Field(default=1, ge=1)
+    in_completion: bool = False
+
+    def to_fault(self) -> Fault:
+        fault = Fault(
+            FaultKind[self.kind.upper()],
+            opcode=self.opcode,
+            status=self.status,
+            syndrome=self.syndrome,
+            delay_s=self.delay_s,
+            count=self.count,
+            in_completion=self.in_completion,
+        )
+        fault.validate()
+        return fault
+
+
+class EventSpec(_Strict):
+    vf: int | Literal["all"]
+    at: float | None = Field(default=None, ge=0)
+    after_saved_bytes: ByteSize | None = None
+    reconfigure: ReconfigureSpec | None = None
+    fault: FaultSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_action(self) -> EventSpec:
+        if (self.reconfigure is None) == (self.fault is None):
+            raise ValueError("an event has exactly one of 'reconfigure' or 'fault'")
+        if self.at is not None and self.after_saved_bytes is not None:
+            raise ValueError("give 'at' or 'after_saved_bytes', not both")
+        if self.fault is not None and (self.at is not None or self.after_saved_bytes is not None):
+            raise ValueError("faults are armed when the scenario is applied; drop 'at'")
+        if self.fault is not None:
+            self.fault.to_fault()
+        return self
+
+
+class ScenarioFile(_Strict):
+    seed: int | None = Field(default=None, ge=0, lt=1 << 64)
+    defaults: VfSpec = Field(default_factory=VfSpec)
+    vfs: list[VfGroup] = Field(default_factory=list)
+    events: list[EventSpec] = Field(default_factory=list)
+
+
+def parse_scenario(text: str, source: str = "scenario") -> ScenarioFile:
+    """Read a YAML or JSON scenario; errors name the file, the place and the rule."""
+    try:
+        data = yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as e:
+        raise ScenarioError(f"{source}: not valid YAML or JSON: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{source}: a scenario is a mapping, got {type(data).__name__}")
+    try:
+        return ScenarioFile.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ScenarioError(f"{source}: invalid scenario:\n" + "\n".join(lines)) from None
+
+
+def load_scenario_file(path: str) -> ScenarioFile:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot read scenario: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ScenarioError(f"{path}: a scenario file is UTF-8 text") from None
+    return parse_scenario(text, path)
+
+
+def _vf_seed(scenario_seed: int, index: int) -> int:
+    return (scenario_seed * 1_000_003 + index + 1) % (1 << 64)
+
+
+def apply_scenario(fw: Firmware, doc: ScenarioFile) -> list[Vf]:
+    """Create the scenario's VFs, schedule its reconfigurations, arm its faults.
+
+    VF numbers in events are vhca_ids.  Times are seconds from now on the
+    firmware clock.  Checks everything it can before changing the firmware.
+    """
+    try:
+        base = doc.defaults.overlay(fw.defaults)
+        configs: list[VfConfig] = []
+        for group in doc.vfs:
+            cfg = group.overlay(base)
+            configs.extend([cfg] * group.count)
+    except ValueError as e:
+        raise ScenarioError(f"invalid VF settings: {e}") from None
+    created: list[Vf] = []
+    try:
+        for i, cfg in enumerate(configs):
+            if cfg.seed is None and doc.seed is not None:
+                cfg = replace(cfg, seed=_vf_seed(doc.seed, i))
+            created.extend(fw.create_vfs(1, cfg))
+        now = fw.clock.now()
+        for n, ev in enumerate(doc.events):
+            targets = sorted(fw.vfs) if ev.vf == "all" else [ev.vf]
+            for vhca_id in targets:
+                if vhca_id not in fw.vfs:
+                    raise ScenarioError(f"events.{n}: no VF with vhca_id {vhca_id}")
+                if ev.reconfigure is not None:
+                    objects = [
+                        (obj_type_index(o.type), int(o.size)) for o in ev.reconfigure.objects
+                    ]
+                    fw.reconfigure(
+                        vhca_id,
+                        objects,
+                        at_time=None if ev.at is None else now + ev.at,
+                        after_saved_bytes=None
+                        if ev.after_saved_bytes is None
+                        else int(ev.after_saved_bytes),
+                    )
+                elif ev.fault is not None:
+                    fw.inject_fault(vhca_id, ev.fault.to_fault())
+    except (FirmwareError, ValueError) as e:
+        for vf in created:
+            fw.vfs.pop(vf.vhca_id, None)
+        raise ScenarioError(str(e)) from None
+    return created
+
+
+def json_schema() -> str:
+    """The scenario file's JSON schema (for editors and validators)."""
+    return json.dumps(ScenarioFile.model_json_schema(), indent=2)
