@@ -1,1 +1,2 @@
-"""gRPC service plumbing shared by fwemu and the driver: uvloop, health, reflection, shutdown, rich errors."""
+"""gRPC service plumbing shared by the services: uvloop, health, reflection,
+shutdown, rich errors."""

@@ -108,6 +108,10 @@ class FirmwareError(Exception):
     """A scenario request the firmware cannot honour (not a command failure)."""
 
 
+class NoSuchVf(FirmwareError):
+    """No VF has that vhca_id."""
+
+
 @dataclass(slots=True)
 class _Subscriber:
     callback: CompletionCallback
@@ -184,7 +188,7 @@ class Firmware:
         try:
             return self.vfs[vhca_id]
         except KeyError:
-            raise FirmwareError(f"no VF with vhca_id {vhca_id}") from None
+            raise NoSuchVf(f"no VF with vhca_id {vhca_id}") from None
 
     def configure_vf(self, vhca_id: int, **changes: object) -> Vf:
         vf = self.vf(vhca_id)

@@ -1,0 +1,50 @@
+"""The fwemu gRPC server: the Firmware and Scenario services over one model."""
+
+from __future__ import annotations
+
+import grpc
+
+from grpcsvc.server import GrpcService
+
+from ..api.v1 import firmware_pb2, scenario_pb2
+from ..api.v1 import firmware_pb2_grpc as fgrpc
+from ..api.v1 import scenario_pb2_grpc as sgrpc
+from ..model.firmware import Firmware
+from .memory import MkeyMemory
+from .servicers import FirmwareServicer, ScenarioServicer
+
+FIRMWARE_SERVICE = firmware_pb2.DESCRIPTOR.services_by_name["Firmware"].full_name
+SCENARIO_SERVICE = scenario_pb2.DESCRIPTOR.services_by_name["Scenario"].full_name
+
+DEFAULT_MAX_REMOTE_BYTES = 8 << 30
+
+
+class FirmwareServer:
+    """Serves a Firmware model; make it inside the running event loop."""
+
+    def __init__(
+        self,
+        fw: Firmware,
+        *,
+        shm_dir: str | None = None,
+        max_remote_bytes: int = DEFAULT_MAX_REMOTE_BYTES,
+    ) -> None:
+        self.fw = fw
+        self.memory = MkeyMemory(fw, shm_dir=shm_dir, max_remote_bytes=max_remote_bytes)
+
+        def register(server: grpc.aio.Server) -> None:
+            fgrpc.add_FirmwareServicer_to_server(FirmwareServicer(fw, self.memory), server)
+            sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(fw), server)
+
+        self.service = GrpcService([FIRMWARE_SERVICE, SCENARIO_SERVICE], register)
+
+    async def start(self, listen: str) -> int:
+        return await self.service.start(listen)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.service.stop(grace)
+        self.memory.close()
+
+    async def serve_until_signal(self, grace: float = 5.0) -> None:
+        await self.service.serve_until_signal(grace)
+        self.memory.close()

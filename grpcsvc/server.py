@@ -1,0 +1,108 @@
+"""A grpc.aio server with what every service of this project registers: the
+health service, server reflection, a clear error when the address is taken,
+and a graceful stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
+from grpc_reflection.v1alpha import reflection
+
+MAX_MESSAGE = 64 << 20
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+]
+
+
+class ListenError(RuntimeError):
+    """The server cannot listen where it was asked to."""
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ListenError(f"listen address {listen!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class GrpcService:
+    """Owns a grpc.aio server; `register` adds the project's servicers."""
+
+    def __init__(
+        self,
+        service_names: Sequence[str],
+        register: Callable[[grpc.aio.Server], None],
+        *,
+        interceptors: Sequence[grpc.aio.ServerInterceptor[object, object]] = (),
+        maximum_concurrent_rpcs: int | None = None,
+    ) -> None:
+        self.service_names = list(service_names)
+        # SO_REUSEPORT off: a second server on a taken port must fail, not share it.
+        self.server = grpc.aio.server(
+            interceptors=list(interceptors),
+            options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+            maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+        )
+        register(self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, HEALTH_SERVICE, reflection.SERVICE_NAME], self.server
+        )
+        self.port = 0
+        self._stopped = asyncio.Event()
+
+    async def start(self, listen: str) -> int:
+        """Bind and start; returns the port (useful with port 0)."""
+        split_host_port(listen)
+        try:
+            port = self.server.add_insecure_port(listen)
+        except RuntimeError as e:
+            raise ListenError(f"cannot listen on {listen}: {_why(e)}") from None
+        if port == 0:
+            raise ListenError(f"cannot listen on {listen}: address in use or not available")
+        await self.server.start()
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.port = port
+        return port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, let calls in progress finish for `grace` seconds, stop."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+    async def serve_until_signal(self, grace: float = 5.0) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        waiter = asyncio.ensure_future(self.server.wait_for_termination())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        await self.stop(grace)
+        waiter.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+def _why(e: RuntimeError) -> str:
+    text = str(e)
+    if "in use" in text.lower() or "bind" in text.lower():
+        return "address already in use (or not available on this host)"
+    return text
