@@ -52,7 +52,7 @@ class GrpcService:
             maximum_concurrent_rpcs=maximum_concurrent_rpcs,
         )
         register(self.server)
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, HEALTH_SERVICE, reflection.SERVICE_NAME], self.server
