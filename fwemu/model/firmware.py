@@ -755,6 +755,7 @@ class Firmware:
                 seq=seq,
                 piece=0,
                 whole=False,
+                standalone=True,
             )
             if inc:
                 vf.captured(res.data_ranges, res.table_written)

@@ -168,10 +168,13 @@ def write_piece(
     seq: int,
     piece: int,
     whole: bool,
+    standalone: bool = False,
 ) -> WriteResult:
     """Write as much of `plan` from `start` as fits in `dest`.
 
-    With `whole`, everything must fit or nothing is written.  DATA records
+    With `whole`, everything must fit or nothing is written.  A `standalone`
+    piece is a complete image even if part of the plan did not fit (tracked
+    SAVEs: what is left stays pending in the tracking state).  DATA records
     are split at page boundaries (except at the end of the arena) so that what
     a piece leaves out is a whole number of pages.  Raises ImageError
     (BUFFER_TOO_SMALL) if not even the first record fits.
@@ -219,7 +222,7 @@ def write_piece(
     if pos == HEADER_SIZE and cur.item < len(plan.items):
         raise ImageError(Syndrome.BUFFER_TOO_SMALL, "buffer too small for the next record")
     payload_len = pos - HEADER_SIZE
-    flags = FLAG_LAST_PIECE if cur.item >= len(plan.items) else 0
+    flags = FLAG_LAST_PIECE if standalone or cur.item >= len(plan.items) else 0
     checksum = xxhash.xxh3_64_intdigest(dest[HEADER_SIZE:pos])
     _HEADER.pack_into(
         dest, 0, MAGIC, VERSION, kind, flags, PROFILE, chain_id, seq, piece, payload_len, checksum

@@ -1,0 +1,171 @@
+"""The `fwemu` command: serve the emulated firmware, or run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ByteSize, TypeAdapter, ValidationError
+
+from grpcsvc.runner import LoopName, run
+from grpcsvc.server import ListenError
+
+from .demo import DemoError, run_demo
+from .link.base import LinkError
+from .model.constants import MiB
+from .model.vf import VfConfig
+from .scenario import ScenarioError, load_scenario_file
+
+log = logging.getLogger("fwemu")
+_bytes = TypeAdapter(ByteSize)
+
+
+def byte_size(text: str) -> int:
+    """argparse type: '16MiB', '1.5GiB', '4096'."""
+    try:
+        return int(_bytes.validate_python(text))
+    except ValidationError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (e.g. 4096, 64KiB, 16MiB)"
+        ) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fwemu",
+        description="Emulated mlx5 VF migration firmware (QUERY/SAVE/LOAD/SUSPEND/RESUME_VHCA).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "serve",
+        help="serve VFs over gRPC",
+        description="Serve emulated VFs over gRPC (Firmware and Scenario services, health, "
+        "reflection). SIGTERM drains calls in progress and stops.",
+    )
+    s.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT")
+    s.add_argument("--scenario", metavar="FILE", help="YAML or JSON scenario to apply at start")
+    s.add_argument(
+        "--vfs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="VFs to create (default 4 without --scenario, else 0)",
+    )
+    s.add_argument("--size", type=byte_size, default=VfConfig().size, help="state per VF")
+    s.add_argument(
+        "--dirty-rate",
+        type=byte_size,
+        default=VfConfig().dirty_bytes_per_s,
+        metavar="BYTES_PER_S",
+        help="workload dirtying rate while a VF runs",
+    )
+    s.add_argument(
+        "--save-bandwidth",
+        type=byte_size,
+        default=0,
+        metavar="BYTES_PER_S",
+        help="SAVE speed (0 = unlimited)",
+    )
+    s.add_argument("--save-latency", type=float, default=0.0, metavar="SECONDS")
+    s.add_argument("--chunk-size", type=byte_size, default=VfConfig().chunk_size)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--clock",
+        choices=["real", "virtual"],
+        default="real",
+        help="virtual: time moves only through the AdvanceClock RPC",
+    )
+    s.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    s.add_argument("--shm-dir", default=None, help="where drivers' shared memory lives")
+    s.add_argument(
+        "--max-remote-memory",
+        type=byte_size,
+        default=8 << 30,
+        help="limit on memory held for drivers on other hosts",
+    )
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    d = sub.add_parser(
+        "demo",
+        help="migrate a VF by hand at the firmware level and compare digests",
+        description="Save a VF with a live workload (full image, a reconfiguration that makes "
+        "the firmware report INIT, incremental images, suspend, final image), load the images "
+        "into a second VF and print both digests.",
+    )
+    d.add_argument(
+        "--firmware", metavar="HOST:PORT", help="use a running fwemu instead of the embedded model"
+    )
+    d.add_argument("--size", type=byte_size, default=64 * MiB)
+    d.add_argument("--dirty-rate", type=byte_size, default=32 * MiB, metavar="BYTES_PER_S")
+    d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    return p
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from .model.clock import LoopClock, VirtualClock
+    from .model.firmware import Firmware, FirmwareError
+    from .scenario import apply_scenario
+    from .service.server import FirmwareServer
+
+    clock = VirtualClock() if args.clock == "virtual" else LoopClock()
+    defaults = VfConfig(
+        size=args.size,
+        dirty_bytes_per_s=args.dirty_rate,
+        save_bandwidth=args.save_bandwidth,
+        save_latency_s=args.save_latency,
+        chunk_size=args.chunk_size,
+    )
+    try:
+        defaults.validate()
+    except ValueError as e:
+        raise ScenarioError(str(e)) from None
+    doc = load_scenario_file(args.scenario) if args.scenario else None
+    fw = Firmware(
+        clock, seed=doc.seed if doc and doc.seed is not None else args.seed, defaults=defaults
+    )
+    try:
+        if doc is not None:
+            apply_scenario(fw, doc)
+        count = args.vfs if args.vfs is not None else (0 if doc else 4)
+        if count:
+            fw.create_vfs(count)
+    except FirmwareError as e:
+        raise ScenarioError(str(e)) from None
+    server = FirmwareServer(fw, shm_dir=args.shm_dir, max_remote_bytes=args.max_remote_memory)
+    port = await server.start(args.listen)
+    host = args.listen.rpartition(":")[0]
+    log.info("fwemu serving %d VFs on %s:%d (clock %s)", len(fw.vfs), host, port, args.clock)
+    print(f"fwemu: serving {len(fw.vfs)} VFs on {host}:{port}", flush=True)
+    await server.serve_until_signal()
+    log.info("fwemu stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    loop: LoopName = args.loop
+    try:
+        if args.command == "serve":
+            logging.basicConfig(
+                level=args.log_level.upper(),
+                format="%(asctime)s %(name)s %(levelname)s %(message)s",
+            )
+            return run(_serve(args), loop)
+        return run(run_demo(args), loop)
+    except ScenarioError as e:
+        print(f"fwemu: error: {e}", file=sys.stderr)
+        return 2
+    except (ListenError, LinkError, DemoError) as e:
+        print(f"fwemu: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
