@@ -49,6 +49,15 @@ def obj_type_index(name: str) -> int:
         raise ValueError(f"unknown object type {name!r}; one of {', '.join(OBJ_TYPES)}") from None
 
 
+_RANDOM_CHUNK = 8 << 20  # Random.randbytes() takes at most 2^28 bytes at once
+
+
+def _fill_random(dest: bytearray, start: int, rng: random.Random) -> None:
+    for off in range(start, len(dest), _RANDOM_CHUNK):
+        n = min(_RANDOM_CHUNK, len(dest) - off)
+        dest[off : off + n] = rng.randbytes(n)
+
+
 def _partition(size: int, count: int, rng: random.Random) -> list[int]:
     """Split `size` bytes into `count` positive parts with seeded weights."""
     weights = [rng.randint(1, 8) for _ in range(count)]
@@ -81,7 +90,8 @@ class DeviceState:
         for obj_id, length in enumerate(_partition(size, count, rng), start=1):
             objects.append(DeviceObject(rng.randrange(len(OBJ_TYPES)), obj_id, offset, length))
             offset += length
-        arena = bytearray(rng.randbytes(size))
+        arena = bytearray(size)
+        _fill_random(arena, 0, rng)
         return cls(arena, objects, len(objects) + 1)
 
     @classmethod
@@ -104,7 +114,9 @@ class DeviceState:
                 raise ValueError("object size must be positive")
             self.objects.append(DeviceObject(obj_type, self.next_obj_id, len(self.arena), length))
             self.next_obj_id += 1
-            self.arena += rng.randbytes(length)
+            start = len(self.arena)
+            self.arena.extend(bytes(length))
+            _fill_random(self.arena, start, rng)
         return range(first_page, self.num_pages)
 
     # --- serialization of the object table --------------------------------

@@ -1,0 +1,173 @@
+"""fwemu benchmarks, each against a baseline measured in the same run.
+
+(a) SAVE throughput: a `fwemu serve` process saves a VF (default 256 MiB) into
+    driver-owned shared memory; time from SaveVhcaState to its completion,
+    over a plain memcpy of the same size in this process.  Goal >= 0.25.
+(b) Memory: resident size of one `fwemu serve` holding 1,000 VFs of 1 MiB,
+    next to the state it holds and to an idle fwemu.  Goal < 1.5 GiB.
+
+    .venv/bin/python benchmarks/fwemu_bench.py            # both, full size
+    .venv/bin/python benchmarks/fwemu_bench.py --json     # machine-readable
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import psutil
+import uvloop
+
+from fwemu.cli import byte_size
+from fwemu.link.grpc import GrpcLink
+from fwemu.model.constants import GiB, MiB
+from fwemu.model.firmware import SaveCompletion
+
+FWEMU = [sys.executable, "-m", "fwemu.cli"]
+
+
+@contextlib.contextmanager
+def fwemu_process(*args: str) -> Iterator[tuple[psutil.Process, str]]:
+    """Start `fwemu serve` on a free port; yields (process, HOST:PORT) once it serves."""
+    proc = subprocess.Popen(
+        [*FWEMU, "serve", "--listen", "127.0.0.1:0", "--log-level", "warning", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "serving" not in line:
+            err = proc.stderr.read() if proc.stderr else ""
+            raise RuntimeError(f"fwemu did not start: {line}{err}")
+        yield psutil.Process(proc.pid), line.split(" on ")[-1].strip()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def memcpy_seconds(size: int, repeat: int) -> float:
+    src = bytearray(os.urandom(1 << 20)) * (size >> 20) if size >= 1 << 20 else bytearray(size)
+    dst = bytearray(len(src))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        dst[:] = src
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+async def save_seconds(target: str, size: int, repeat: int) -> tuple[float, int]:
+    link = await GrpcLink.connect(target, memory="shm")
+    try:
+        (vf,) = await link.list_vfs()
+        q = await link.query_vhca_migration_state(vf.vhca_id)
+        buf = await link.alloc_buffer(q.required_umem_size)
+        times = []
+        image = 0
+        for _ in range(repeat):
+            done: asyncio.Future[SaveCompletion] = asyncio.get_running_loop().create_future()
+            t0 = time.perf_counter()
+            r = await link.save_vhca_state(
+                vf.vhca_id, mkey=buf.mkey, size=buf.length, set_track=True,
+                callback=done.set_result,
+            )
+            assert r.ok, r
+            c = await done
+            times.append(time.perf_counter() - t0)
+            assert c.status == 0, c
+            image = c.actual_image_size
+        await link.free_buffer(buf)
+        return statistics.median(times), image
+    finally:
+        await link.close()
+
+
+def bench_save(size: int, repeat: int) -> dict[str, Any]:
+    with fwemu_process("--vfs", "1", "--size", str(size), "--dirty-rate", "0") as (_, target):
+        seconds, image = uvloop.run(save_seconds(target, size, repeat))
+    base = memcpy_seconds(size, repeat)
+    return {
+        "vf_bytes": size,
+        "image_bytes": image,
+        "save_s": seconds,
+        "save_GBps": image / seconds / 1e9,
+        "memcpy_s": base,
+        "memcpy_GBps": size / base / 1e9,
+        "ratio": (image / seconds) / (size / base),
+        "goal": ">= 0.25",
+    }
+
+
+def rss_when_serving(*args: str) -> int:
+    with fwemu_process(*args) as (proc, _):
+        time.sleep(0.3)  # let the allocator settle
+        return int(proc.memory_info().rss)
+
+
+def bench_memory(vfs: int, vf_size: int) -> dict[str, Any]:
+    idle = rss_when_serving("--vfs", "0")
+    loaded = rss_when_serving("--vfs", str(vfs), "--size", str(vf_size))
+    state = vfs * vf_size
+    return {
+        "vfs": vfs,
+        "vf_bytes": vf_size,
+        "state_bytes": state,
+        "idle_rss_bytes": idle,
+        "rss_bytes": loaded,
+        "overhead_over_state": (loaded - idle) / state,
+        "goal_bytes": int(1.5 * GiB),
+        "met": loaded < 1.5 * GiB,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--size", type=byte_size, default=256 * MiB, help="VF size for (a)")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--vfs", type=int, default=1000, help="VFs for (b)")
+    p.add_argument("--vf-size", type=byte_size, default=1 * MiB, help="VF size for (b)")
+    p.add_argument("--only", choices=["save", "memory"])
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    out: dict[str, Any] = {}
+    if args.only in (None, "save"):
+        out["save"] = bench_save(args.size, args.repeat)
+    if args.only in (None, "memory"):
+        out["memory"] = bench_memory(args.vfs, args.vf_size)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    if "save" in out:
+        s = out["save"]
+        print(
+            f"(a) SAVE of a {s['vf_bytes'] / MiB:.0f} MiB VF into shared memory: "
+            f"{s['save_GBps']:.2f} GB/s; memcpy {s['memcpy_GBps']:.2f} GB/s; "
+            f"ratio {s['ratio']:.2f} (goal >= 0.25)"
+        )
+    if "memory" in out:
+        m = out["memory"]
+        print(
+            f"(b) fwemu with {m['vfs']} VFs of {m['vf_bytes'] / MiB:.0f} MiB: RSS "
+            f"{m['rss_bytes'] / GiB:.2f} GiB (state {m['state_bytes'] / GiB:.2f} GiB, idle "
+            f"{m['idle_rss_bytes'] / MiB:.0f} MiB, {m['overhead_over_state']:.2f}x state); "
+            f"goal < 1.50 GiB: {'met' if m['met'] else 'MISSED'}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
