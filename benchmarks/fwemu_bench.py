@@ -82,7 +82,10 @@ async def save_seconds(target: str, size: int, repeat: int) -> tuple[float, int]
             done: asyncio.Future[SaveCompletion] = asyncio.get_running_loop().create_future()
             t0 = time.perf_counter()
             r = await link.save_vhca_state(
-                vf.vhca_id, mkey=buf.mkey, size=buf.length, set_track=True,
+                vf.vhca_id,
+                mkey=buf.mkey,
+                size=buf.length,
+                set_track=True,
                 callback=done.set_result,
             )
             assert r.ok, r

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from grpcsvc.runner import LoopName, run
-from grpcsvc.server import ListenError
+from grpcsvc.server import ListenError, stop_on_signals
 
 from .demo import DemoError, run_demo
 from .link.base import LinkError
@@ -137,11 +137,12 @@ async def _serve(args: argparse.Namespace) -> int:
     except FirmwareError as e:
         raise ScenarioError(str(e)) from None
     server = FirmwareServer(fw, shm_dir=args.shm_dir, max_remote_bytes=args.max_remote_memory)
+    stop = stop_on_signals()
     port = await server.start(args.listen)
     host = args.listen.rpartition(":")[0]
     log.info("fwemu serving %d VFs on %s:%d (clock %s)", len(fw.vfs), host, port, args.clock)
     print(f"fwemu: serving {len(fw.vfs)} VFs on {host}:{port}", flush=True)
-    await server.serve_until_signal()
+    await server.serve_until(stop)
     log.info("fwemu stopped")
     return 0
 

@@ -83,22 +83,25 @@ class GrpcService:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
-    async def serve_until_signal(self, grace: float = 5.0) -> None:
-        """Run until SIGTERM or SIGINT, then stop gracefully."""
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
+    async def serve_until(self, stop: asyncio.Event, grace: float = 5.0) -> None:
+        """Serve until `stop` is set (see stop_on_signals) or the server ends."""
         waiter = asyncio.ensure_future(self.server.wait_for_termination())
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
         await self.stop(grace)
         waiter.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT.  Install it before telling anyone the
+    service is up, so that a signal sent right away still stops it cleanly."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def _why(e: RuntimeError) -> str:

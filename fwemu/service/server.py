@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from grpcsvc.server import GrpcService
@@ -45,6 +47,6 @@ class FirmwareServer:
         await self.service.stop(grace)
         self.memory.close()
 
-    async def serve_until_signal(self, grace: float = 5.0) -> None:
-        await self.service.serve_until_signal(grace)
+    async def serve_until(self, stop: asyncio.Event, grace: float = 5.0) -> None:
+        await self.service.serve_until(stop, grace)
         self.memory.close()
