@@ -19,6 +19,7 @@ shared memory on one host) those are no-ops; across hosts they move bytes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..model.faults import Fault
@@ -48,6 +49,23 @@ class HostBuffer(Protocol):
     def view(self) -> memoryview:
         """The CPU's view of the bytes (valid until the buffer is freed)."""
         ...
+
+
+@dataclass(eq=False)
+class ByteBuffer:
+    """A HostBuffer whose CPU side is a bytearray: the in-process model's
+    memory, or the local copy of memory the firmware holds on another host."""
+
+    mkey: int
+    data: bytearray = field(repr=False)
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.data)
 
 
 class FirmwareLink(Protocol):

@@ -44,7 +44,7 @@ from ..model.firmware import (
 from ..model.vf import VfConfig
 from ..service import convert
 from ..service.servicers import CLIENT_KEY
-from .base import CompletionCallback, LinkError
+from .base import ByteBuffer, CompletionCallback, LinkError
 
 T = TypeVar("T")
 MemoryMode = Literal["auto", "shm", "remote"]
@@ -63,20 +63,6 @@ class ShmBuffer:
     @property
     def view(self) -> memoryview:
         return self.segment.view
-
-
-@dataclass(eq=False)
-class RemoteBuffer:
-    mkey: int
-    data: bytearray = field(repr=False)
-
-    @property
-    def length(self) -> int:
-        return len(self.data)
-
-    @property
-    def view(self) -> memoryview:
-        return memoryview(self.data)
 
 
 class GrpcLink:
@@ -101,7 +87,7 @@ class GrpcLink:
         self._token_base = secrets.randbits(31) << 32
         self._tokens = itertools.count(1)
         self._callbacks: dict[int, tuple[int, CompletionCallback]] = {}
-        self._buffers: dict[int, ShmBuffer | RemoteBuffer] = {}
+        self._buffers: dict[int, ShmBuffer | ByteBuffer] = {}
         self._stream_task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -257,10 +243,10 @@ class GrpcLink:
         )
         return convert.cmd_from_pb(m)
 
-    async def alloc_buffer(self, length: int) -> ShmBuffer | RemoteBuffer:
+    async def alloc_buffer(self, length: int) -> ShmBuffer | ByteBuffer:
         if length <= 0:
             raise ValueError("buffer length must be positive")
-        buf: ShmBuffer | RemoteBuffer
+        buf: ShmBuffer | ByteBuffer
         if self.memory in ("auto", "shm"):
             try:
                 buf = await self._alloc_shm(length)
@@ -273,7 +259,7 @@ class GrpcLink:
         m = await self._call(self.fw.CreateMkey, fpb.CreateMkeyRequest(length=length, remote=True))
         if m.status:
             raise LinkError(f"CREATE_MKEY failed: status {m.status:#x}: {m.diagnostic}")
-        buf = RemoteBuffer(m.mkey, bytearray(length))
+        buf = ByteBuffer(m.mkey, bytearray(length))
         self._buffers[buf.mkey] = buf
         return buf
 
@@ -301,7 +287,7 @@ class GrpcLink:
             buf.segment.close()
 
     async def dma_sync_for_cpu(self, buf: Any, offset: int, length: int) -> None:
-        if not isinstance(buf, RemoteBuffer) or length <= 0:
+        if not isinstance(buf, ByteBuffer) or length <= 0:
             return
         dest = buf.view
         try:
@@ -317,7 +303,7 @@ class GrpcLink:
             raise LinkError(f"DMA from the firmware failed: {error_info(e).message}") from None
 
     async def dma_sync_for_device(self, buf: Any, offset: int, length: int) -> None:
-        if not isinstance(buf, RemoteBuffer) or length <= 0:
+        if not isinstance(buf, ByteBuffer) or length <= 0:
             return
         src = buf.view
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..model.clock import VirtualClock
@@ -28,23 +27,9 @@ from ..model.firmware import (
 )
 from ..model.vf import VfConfig
 from ..scenario import ScenarioError, apply_scenario, parse_scenario
-from .base import CompletionCallback, LinkError
+from .base import ByteBuffer, CompletionCallback, LinkError
 
 R = TypeVar("R", bound=CmdResult)
-
-
-@dataclass(eq=False)
-class LocalBuffer:
-    mkey: int
-    data: bytearray = field(repr=False)
-
-    @property
-    def length(self) -> int:
-        return len(self.data)
-
-    @property
-    def view(self) -> memoryview:
-        return memoryview(self.data)
 
 
 class InProcessLink:
@@ -130,14 +115,14 @@ class InProcessLink:
     async def function_level_reset(self, vhca_id: int) -> CmdResult:
         return self.fw.function_level_reset(vhca_id)
 
-    async def alloc_buffer(self, length: int) -> LocalBuffer:
+    async def alloc_buffer(self, length: int) -> ByteBuffer:
         if length <= 0:
             raise ValueError("buffer length must be positive")
         data = bytearray(length)
         res = self.fw.create_mkey(memoryview(data), owner=self._owner)
         if not res.ok:
             raise LinkError(f"CREATE_MKEY failed: {res.diagnostic}")
-        return LocalBuffer(res.mkey, data)
+        return ByteBuffer(res.mkey, data)
 
     async def free_buffer(self, buf: Any) -> None:
         self.fw.destroy_mkey(buf.mkey)

@@ -11,8 +11,8 @@ import pytest
 
 from fwemu.api.v1 import scenario_pb2, scenario_pb2_grpc
 from fwemu.demo import migrate_by_hand
-from fwemu.link.base import LinkError
-from fwemu.link.grpc import GrpcLink, RemoteBuffer, ShmBuffer
+from fwemu.link.base import ByteBuffer, LinkError
+from fwemu.link.grpc import GrpcLink, ShmBuffer
 from fwemu.model import CmdStatus, Firmware, Syndrome, VfConfig, VirtualClock
 from fwemu.model.clock import LoopClock
 from fwemu.model.constants import MiB
@@ -30,7 +30,7 @@ async def server() -> AsyncIterator[tuple[Firmware, str]]:
     await srv.stop(0)
 
 
-async def _save(link: GrpcLink, vhca: int, buf: ShmBuffer | RemoteBuffer) -> SaveCompletion:
+async def _save(link: GrpcLink, vhca: int, buf: ShmBuffer | ByteBuffer) -> SaveCompletion:
     done: asyncio.Future[SaveCompletion] = asyncio.get_running_loop().create_future()
     r = await link.save_vhca_state(
         vhca, mkey=buf.mkey, size=buf.length, set_track=True, callback=done.set_result
@@ -66,7 +66,7 @@ async def test_remote_buffers_move_bytes_only_on_dma_sync(server: tuple[Firmware
     try:
         (vf,) = await link.create_vfs(1, VfConfig(size=3 * MiB, dirty_bytes_per_s=0))
         buf = await link.alloc_buffer(4 * MiB)
-        assert isinstance(buf, RemoteBuffer)
+        assert isinstance(buf, ByteBuffer)
         c = await _save(link, vf.vhca_id, buf)
         assert bytes(buf.view[:4]) == b"\0\0\0\0"
         await link.dma_sync_for_cpu(buf, 0, c.actual_image_size)
@@ -77,7 +77,7 @@ async def test_remote_buffers_move_bytes_only_on_dma_sync(server: tuple[Firmware
         await link.dma_sync_for_device(buf, 0, 8)
         assert bytes(fw.mkey_view(buf.mkey)[:8]) == b"ABCDEFGH"
         with pytest.raises(LinkError):
-            await link.dma_sync_for_cpu(RemoteBuffer(buf.mkey, bytearray(8 * MiB)), 0, 8 * MiB)
+            await link.dma_sync_for_cpu(ByteBuffer(buf.mkey, bytearray(8 * MiB)), 0, 8 * MiB)
     finally:
         await link.close()
 
