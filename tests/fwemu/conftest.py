@@ -3,7 +3,11 @@
 The same tests run against both implementations of the firmware link:
 
 * ``inproc``: `InProcessLink` over a `Firmware` model in this process;
-* ``grpc``: a real `FirmwareServer` on 127.0.0.1 reached through `GrpcLink`.
+* ``grpc``: a real `FirmwareServer` on 127.0.0.1 reached through `GrpcLink`
+  (host memory in shared memory the firmware maps);
+* ``grpc-remote`` (tests marked `remote_memory`): the same with the firmware
+  holding host memory, so `dma_sync_for_cpu` / `dma_sync_for_device` really
+  move the bytes.
 
 Both firmwares run on a `VirtualClock`, so time moves only through
 `advance_clock`.  Tests talk to the firmware only through link methods (wrapped
@@ -40,6 +44,22 @@ MODES = [
     pytest.param("inproc", id="inproc"),
     pytest.param("grpc", id="grpc", marks=pytest.mark.grpc),
 ]
+# The firmware holds host memory; dma_sync_* really move the bytes.  Only for
+# tests marked `remote_memory` (those that move image bytes), to keep the suite fast.
+REMOTE = pytest.param("grpc-remote", id="grpc-remote", marks=pytest.mark.grpc)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "remote_memory: also run over gRPC with firmware-held host memory"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test using the link runs in each mode (see the module docstring)."""
+    if "make_harness" in metafunc.fixturenames:
+        remote = metafunc.definition.get_closest_marker("remote_memory") is not None
+        metafunc.parametrize("make_harness", [*MODES, REMOTE] if remote else MODES, indirect=True)
 
 
 @dataclass(eq=False)
@@ -169,9 +189,7 @@ class Harness:
         await self.link.dma_sync_for_cpu(pending.buf, pending.va, n)
         return bytes(pending.buf.view[pending.va : pending.va + n])
 
-    async def save_done(
-        self, vhca_id: int, size: int, **kw: Any
-    ) -> tuple[SaveCompletion, bytes]:
+    async def save_done(self, vhca_id: int, size: int, **kw: Any) -> tuple[SaveCompletion, bytes]:
         """SAVE with zero latency: issue, let the clock run its completion, read the image."""
         pending = await self.save(vhca_id, size, **kw)
         assert pending.accepted.ok, pending.accepted
@@ -214,7 +232,7 @@ class Harness:
         await self.completion(pending)
 
 
-@pytest.fixture(params=MODES)
+@pytest.fixture
 async def make_harness(
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
@@ -236,7 +254,10 @@ async def make_harness(
             server = FirmwareServer(fw)
             port = await server.start("127.0.0.1:0")
             closers.append(server.stop)
-            link = await GrpcLink.connect(f"127.0.0.1:{port}")
+            if mode == "grpc-remote":
+                link = await GrpcLink.connect(f"127.0.0.1:{port}", memory="remote")
+            else:
+                link = await GrpcLink.connect(f"127.0.0.1:{port}")
         closers.append(link.close)
         return Harness(link, mode)
 
@@ -247,4 +268,5 @@ async def make_harness(
 
 @pytest.fixture
 async def h(make_harness: Callable[..., Awaitable[Harness]]) -> Harness:
+    """A harness over a fresh firmware (seed 1) with no VF yet."""
     return await make_harness()

@@ -74,6 +74,7 @@ async def test_caps_are_settable_per_vf(h):
 
 
 async def test_caps_without_chunks_or_migratable_are_reported(h):
+    """Every capability bit is per VF, in cmd_hca_cap or cmd_hca_cap_2."""
     vhca = await h.vf(size=64 * KiB, caps=Caps(migration_in_chunks=False, migratable=False))
     r2 = await h.link.query_hca_cap(op_mod=GENERAL_DEVICE_2_CUR, function_id=vhca)
     assert r2.ok, r2

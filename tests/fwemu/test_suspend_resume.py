@@ -71,6 +71,7 @@ async def test_full_round_trip_in_mlx5vf_order(h):
 
 
 async def test_responder_cannot_be_suspended_before_the_initiator(h):
+    """SUSPEND RESPONDER needs the initiator suspended: BAD_RES_STATE / INITIATOR_RUNNING."""
     vhca = await h.vf(size=64 * KiB)
     res = await h.suspend(vhca, SUSPEND_RESPONDER)
     assert (res.status, res.syndrome) == (CmdStatus.BAD_RES_STATE_ERR, Syndrome.INITIATOR_RUNNING)
@@ -79,6 +80,7 @@ async def test_responder_cannot_be_suspended_before_the_initiator(h):
 
 
 async def test_initiator_cannot_resume_while_the_responder_is_suspended(h):
+    """RESUME INITIATOR needs the responder running: BAD_RES_STATE / RESPONDER_SUSPENDED."""
     vhca = await h.vf(size=64 * KiB)
     await h.suspend_fully(vhca)
     res = await h.resume(vhca, RESUME_INITIATOR)
@@ -105,6 +107,7 @@ async def test_repeated_suspend_is_bad_res_state(h, op_mod):
 
 @pytest.mark.parametrize("op_mod", [RESUME_RESPONDER, RESUME_INITIATOR])
 async def test_resume_of_a_running_vf_is_bad_res_state(h, op_mod):
+    """Resuming what runs is BAD_RES_STATE."""
     vhca = await h.vf(size=64 * KiB)
     res = await h.resume(vhca, op_mod)
     assert res.status == CmdStatus.BAD_RES_STATE_ERR, res
@@ -113,6 +116,7 @@ async def test_resume_of_a_running_vf_is_bad_res_state(h, op_mod):
 @pytest.mark.parametrize("cmd", ["suspend", "resume"])
 @pytest.mark.parametrize("op_mod", [2, 3, 0xFFFF])
 async def test_unknown_op_mod_is_bad_param_and_changes_nothing(h, cmd, op_mod):
+    """SUSPEND/RESUME op_mod other than 0/1 is BAD_PARAM (0x3) / BAD_OP_MOD and changes nothing."""
     vhca = await h.vf(size=64 * KiB)
     assert (await h.suspend(vhca, SUSPEND_INITIATOR)).ok
     fn = h.suspend if cmd == "suspend" else h.resume
@@ -124,6 +128,7 @@ async def test_unknown_op_mod_is_bad_param_and_changes_nothing(h, cmd, op_mod):
 
 
 async def test_suspend_and_resume_of_an_unknown_vhca_is_bad_param(h):
+    """SUSPEND/RESUME of an unknown vhca_id is BAD_PARAM / UNKNOWN_VHCA."""
     await h.vf(size=64 * KiB)
     for res in (await h.suspend(7, SUSPEND_INITIATOR), await h.resume(7, RESUME_RESPONDER)):
         assert (res.status, res.syndrome) == (CmdStatus.BAD_PARAM_ERR, Syndrome.UNKNOWN_VHCA)
