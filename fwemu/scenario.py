@@ -227,30 +227,30 @@ def apply_scenario(fw: Firmware, doc: ScenarioFile) -> list[Vf]:
             if cfg.seed is None and doc.seed is not None:
                 cfg = replace(cfg, seed=_vf_seed(doc.seed, i))
             created.extend(fw.create_vfs(1, cfg))
-        now = fw.clock.now()
+        # Every event's VF must exist before any event acts: a reconfiguration
+        # 'now' cannot be taken back.
         for n, ev in enumerate(doc.events):
-            targets = sorted(fw.vfs) if ev.vf == "all" else [ev.vf]
-            for vhca_id in targets:
-                if vhca_id not in fw.vfs:
-                    raise ScenarioError(f"events.{n}: no VF with vhca_id {vhca_id}")
-                if ev.reconfigure is not None:
-                    objects = [
-                        (obj_type_index(o.type), int(o.size)) for o in ev.reconfigure.objects
-                    ]
-                    fw.reconfigure(
-                        vhca_id,
-                        objects,
-                        at_time=None if ev.at is None else now + ev.at,
-                        after_saved_bytes=None
-                        if ev.after_saved_bytes is None
-                        else int(ev.after_saved_bytes),
-                    )
-                elif ev.fault is not None:
-                    fw.inject_fault(vhca_id, ev.fault.to_fault())
+            if ev.vf != "all" and ev.vf not in fw.vfs:
+                raise ScenarioError(f"events.{n}: no VF with vhca_id {ev.vf}")
     except (FirmwareError, ValueError) as e:
         for vf in created:
             fw.vfs.pop(vf.vhca_id, None)
         raise ScenarioError(str(e)) from None
+    now = fw.clock.now()
+    for ev in doc.events:
+        for vhca_id in sorted(fw.vfs) if ev.vf == "all" else [ev.vf]:
+            if ev.reconfigure is not None:
+                objects = [(obj_type_index(o.type), int(o.size)) for o in ev.reconfigure.objects]
+                fw.reconfigure(
+                    vhca_id,
+                    objects,
+                    at_time=None if ev.at is None else now + ev.at,
+                    after_saved_bytes=None
+                    if ev.after_saved_bytes is None
+                    else int(ev.after_saved_bytes),
+                )
+            elif ev.fault is not None:
+                fw.inject_fault(vhca_id, ev.fault.to_fault())
     return created
 
 

@@ -368,6 +368,8 @@ class GrpcLink:
         at_time: float | None = None,
         after_saved_bytes: int | None = None,
     ) -> int:
+        if at_time is not None and after_saved_bytes is not None:
+            raise LinkError("give a time or a byte count, not both")
         req = spb.ReconfigureRequest(
             vhca_id=vhca_id, objects=[spb.ObjectSpec(type=t, size=s) for t, s in objects or []]
         )

@@ -8,11 +8,10 @@ clock, completions arrive on their own.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from typing import Any, TypeVar
 
-from ..model.clock import VirtualClock
+from ..model.clock import VirtualClock, sleep
 from ..model.device_state import obj_type_index
 from ..model.faults import Fault
 from ..model.firmware import (
@@ -49,10 +48,8 @@ class InProcessLink:
         if cb is not None:
             cb(c)
 
-    @staticmethod
-    async def _answer(result: R) -> R:
-        if result.delay_s > 0:
-            await asyncio.sleep(result.delay_s)
+    async def _answer(self, result: R) -> R:
+        await sleep(self.fw.clock, result.delay_s)  # an injected DELAY fault
         return result
 
     # --- FirmwareLink ---------------------------------------------------------
@@ -201,5 +198,5 @@ class InProcessLink:
         clock = self.fw.clock
         if not isinstance(clock, VirtualClock):
             raise LinkError("the firmware runs on the real clock; only a virtual clock advances")
-        clock.advance(seconds)
+        self._guard(clock.advance, seconds)
         return clock.now()

@@ -63,8 +63,8 @@ class VirtualClock:
 
     def advance(self, seconds: float) -> None:
         """Move time forward, running each due timer at its own time."""
-        if seconds < 0:
-            raise ValueError("time cannot go backwards")
+        if not 0 <= seconds < float("inf"):
+            raise ValueError("the clock moves forward by a finite number of seconds")
         self.advance_to(self._now + seconds)
 
     def advance_to(self, when: float) -> None:
@@ -96,3 +96,20 @@ class LoopClock:
 
     def call_at(self, when: float, callback: Callable[[], None]) -> asyncio.TimerHandle:
         return self._loop.call_at(when, callback)
+
+
+async def sleep(clock: Clock, seconds: float) -> None:
+    """Wait `seconds` of `clock` time (on a VirtualClock: until it is advanced)."""
+    if seconds <= 0:
+        return
+    done = asyncio.get_running_loop().create_future()
+
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    handle = clock.call_at(clock.now() + seconds, wake)
+    try:
+        await done
+    finally:
+        handle.cancel()

@@ -8,10 +8,12 @@ digest exactly when their object tables and arena contents are equal.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import random
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 from .constants import PAGE_SIZE
 
@@ -24,6 +26,64 @@ _TABLE_ENTRY = struct.Struct("<HHIQQ")  # type, reserved, id, offset, length
 # Sizing of the initial partition: about one object per 64 KiB, at most 1024.
 _OBJECT_GRAIN = 64 * 1024
 _MAX_INITIAL_OBJECTS = 1024
+
+
+class Arena:
+    """A VF's state bytes in page-aligned memory (an anonymous mapping).
+
+    Page alignment lets images place large records at their source's page
+    offset without knowing addresses, which keeps images deterministic and
+    copies at full memcpy speed.  `view` is the buffer for hashing, struct and
+    memoryview users.
+    """
+
+    __slots__ = ("_mm", "view")
+
+    def __init__(self, size: int = 0, data: bytes | bytearray | memoryview | None = None) -> None:
+        if data is not None:
+            size = len(data)
+        self._mm = mmap.mmap(-1, max(size, 1))
+        self.view = memoryview(self._mm)[:size]
+        if data is not None:
+            self.view[:] = data
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def resize(self, size: int) -> None:
+        """Grow (new bytes are zero) or shrink, keeping the common prefix."""
+        if size == len(self.view):
+            return
+        old = self.view
+        mm = mmap.mmap(-1, max(size, 1))
+        new = memoryview(mm)[:size]
+        keep = min(size, len(old))
+        new[:keep] = old[:keep]
+        self._mm, self.view = mm, new
+
+    @overload
+    def __getitem__(self, key: int) -> int: ...
+
+    @overload
+    def __getitem__(self, key: slice) -> memoryview: ...
+
+    def __getitem__(self, key: int | slice) -> int | memoryview:
+        return self.view[key]
+
+    def __setitem__(self, key: int | slice, value: object) -> None:
+        self.view[key] = value  # type: ignore[call-overload]
+
+    def __bytes__(self) -> bytes:
+        return self.view.tobytes()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Arena):
+            return self.view == other.view
+        if isinstance(other, bytes | bytearray | memoryview):
+            return self.view == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class TableError(ValueError):
@@ -52,7 +112,7 @@ def obj_type_index(name: str) -> int:
 _RANDOM_CHUNK = 8 << 20  # Random.randbytes() takes at most 2^28 bytes at once
 
 
-def _fill_random(dest: bytearray, start: int, rng: random.Random) -> None:
+def _fill_random(dest: Arena, start: int, rng: random.Random) -> None:
     for off in range(start, len(dest), _RANDOM_CHUNK):
         n = min(_RANDOM_CHUNK, len(dest) - off)
         dest[off : off + n] = rng.randbytes(n)
@@ -73,8 +133,10 @@ class DeviceState:
 
     __slots__ = ("arena", "next_obj_id", "objects")
 
-    def __init__(self, arena: bytearray, objects: list[DeviceObject], next_obj_id: int) -> None:
-        self.arena = arena
+    def __init__(
+        self, arena: Arena | bytes | bytearray, objects: list[DeviceObject], next_obj_id: int
+    ) -> None:
+        self.arena = arena if isinstance(arena, Arena) else Arena(data=arena)
         self.objects = objects
         self.next_obj_id = next_obj_id
 
@@ -90,13 +152,13 @@ class DeviceState:
         for obj_id, length in enumerate(_partition(size, count, rng), start=1):
             objects.append(DeviceObject(rng.randrange(len(OBJ_TYPES)), obj_id, offset, length))
             offset += length
-        arena = bytearray(size)
+        arena = Arena(size)
         _fill_random(arena, 0, rng)
         return cls(arena, objects, len(objects) + 1)
 
     @classmethod
-    def empty(cls) -> DeviceState:
-        return cls(bytearray(), [], 1)
+    def empty(cls, size: int = 0) -> DeviceState:
+        return cls(Arena(size), [], 1)
 
     @property
     def size(self) -> int:
@@ -115,7 +177,7 @@ class DeviceState:
             self.objects.append(DeviceObject(obj_type, self.next_obj_id, len(self.arena), length))
             self.next_obj_id += 1
             start = len(self.arena)
-            self.arena.extend(bytes(length))
+            self.arena.resize(start + length)
             _fill_random(self.arena, start, rng)
         return range(first_page, self.num_pages)
 
@@ -158,7 +220,7 @@ class DeviceState:
     def digest(self) -> str:
         h = hashlib.blake2b(digest_size=32)
         h.update(self.table_bytes())
-        h.update(self.arena)
+        h.update(self.arena.view)
         return h.hexdigest()
 
 
@@ -184,34 +246,51 @@ _STAMP = struct.Struct("<Q")
 class Workload:
     """A guest workload that dirties device state at a rate while the VF runs.
 
-    The sequence of writes is fixed by the seed; how far along it the VF is
-    depends only on how much running time has passed.  Each write stamps a
-    counter into one page, so every write changes the state.
+    The sequence of writes is fixed by the seed, and how far along it the VF
+    is depends only on how long it has run: never on how often anyone looked
+    (writes due = rate x running time / page size, counted from absolute times).
+    Each write stamps a counter into one page, so every write changes the state.
     """
 
-    __slots__ = ("_carry", "_rng", "counter", "dirty_bytes_per_s")
+    __slots__ = ("_acc", "_done", "_rng", "_start", "counter", "dirty_bytes_per_s")
 
-    def __init__(self, seed: int, dirty_bytes_per_s: int) -> None:
+    def __init__(self, seed: int, dirty_bytes_per_s: int, now: float) -> None:
         self._rng = random.Random(seed ^ 0x5EED_D1B7)
-        self._carry = 0.0
-        self.counter = 0
         self.dirty_bytes_per_s = dirty_bytes_per_s
+        self._acc = 0.0  # page writes owed by running intervals that ended
+        self._start: float | None = now  # start of the current running interval
+        self._done = 0
+        self.counter = 0
 
-    def pages_due(self, elapsed: float, num_pages: int) -> int:
-        """How many page writes `elapsed` running seconds amount to (capped at
-        twice the VF's pages per step: by then every page is dirty anyway)."""
-        if elapsed <= 0 or self.dirty_bytes_per_s <= 0 or num_pages == 0:
-            return 0
-        self._carry += self.dirty_bytes_per_s * elapsed / PAGE_SIZE
-        n = int(self._carry)
-        self._carry -= n
-        return min(n, 2 * num_pages)
+    def due(self, now: float) -> int:
+        """Page writes owed up to `now` and not yet performed."""
+        owed = self._acc
+        if self._start is not None and now > self._start:
+            owed += self.dirty_bytes_per_s * (now - self._start) / PAGE_SIZE
+        return max(0, int(owed) - self._done)
+
+    def pause(self, now: float) -> None:
+        if self._start is not None:
+            self._acc += self.dirty_bytes_per_s * max(0.0, now - self._start) / PAGE_SIZE
+            self._start = None
+
+    def resume(self, now: float) -> None:
+        if self._start is None:
+            self._start = now
+
+    def set_rate(self, dirty_bytes_per_s: int, now: float) -> None:
+        running = self._start is not None
+        self.pause(now)
+        self.dirty_bytes_per_s = dirty_bytes_per_s
+        if running:
+            self.resume(now)
 
     def run(self, state: DeviceState, writes: int) -> list[int]:
         """Perform `writes` page writes; returns the pages written."""
-        arena = state.arena
+        arena = state.arena.view
         size = len(arena)
         npages = state.num_pages
+        self._done += writes
         if npages == 0:
             return []
         rng = self._rng

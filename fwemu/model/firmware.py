@@ -8,9 +8,10 @@ Pure Python; the gRPC face (fwemu.service) and the in-process link
 from __future__ import annotations
 
 import itertools
+import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from .clock import Clock
@@ -150,6 +151,8 @@ class Firmware:
         self._tokens = itertools.count(1)
         self._ids = itertools.count(1)
         self._vf_serial = itertools.count(1)
+        # Image chains of two firmware instances never match, even with one seed.
+        self.instance = secrets.randbits(64)
         self._subscribers: list[_Subscriber] = []
         self._backlog: deque[SaveCompletion] = deque(maxlen=self.COMPLETION_BACKLOG)
         self.stats = FirmwareStats()
@@ -171,7 +174,8 @@ class Firmware:
             vf_id = next(i for i in itertools.count() if i + 1 not in self.vfs)
             seed = cfg.seed if cfg.seed is not None else (self.seed * 1_000_003 + vf_id) % (1 << 64)
             try:
-                vf = Vf(vf_id, cfg, seed, uid=(self.seed << 20) + next(self._vf_serial), now=now)
+                uid = f"{self.instance:016x}-{next(self._vf_serial)}"
+                vf = Vf(vf_id, cfg, seed, uid=uid, now=now)
             except MemoryError:
                 raise FirmwareError(f"not enough memory for a {cfg.size}-byte VF") from None
             self.vfs[vf.vhca_id] = vf
@@ -196,9 +200,10 @@ class Firmware:
             raise FirmwareError("a VF's size is fixed at creation; remove and create it again")
         cfg = vf.with_config(**changes)
         cfg.validate()
-        vf.advance(self.clock.now())
+        now = self.clock.now()
+        vf.advance(now)
         vf.config = cfg
-        vf.workload.dirty_bytes_per_s = cfg.dirty_bytes_per_s
+        vf.workload.set_rate(cfg.dirty_bytes_per_s, now)
         return vf
 
     def reconfigure(
@@ -288,6 +293,10 @@ class Firmware:
         if m is None:
             return _fail(
                 CmdResult, CmdStatus.BAD_RES_ERR, Syndrome.UNKNOWN_MKEY, f"no mkey {mkey:#x}"
+            )
+        if va < 0 or size < 0:
+            return _fail(
+                CmdResult, CmdStatus.BAD_PARAM_ERR, Syndrome.FIELD_RANGE, "negative va or size"
             )
         if va + size > len(m.view):
             return _fail(
@@ -480,6 +489,7 @@ class Firmware:
                 Syndrome.SAVE_IN_FLIGHT,
                 "a SAVE_VHCA_STATE is in flight",
             )
+        now = self.clock.now()
         if op_mod == SuspendOpMod.SUSPEND_INITIATOR:
             if vf.initiator_suspended:
                 return _fail(
@@ -488,7 +498,7 @@ class Firmware:
                     Syndrome.ALREADY_SUSPENDED,
                     "initiator already suspended",
                 )
-            vf.initiator_suspended = True
+            vf.set_suspended(initiator=True, responder=vf.responder_suspended, now=now)
         else:
             if not vf.initiator_suspended:
                 return _fail(
@@ -504,7 +514,7 @@ class Firmware:
                     Syndrome.ALREADY_SUSPENDED,
                     "responder already suspended",
                 )
-            vf.responder_suspended = True
+            vf.set_suspended(initiator=True, responder=True, now=now)
             vf.loads_since_suspend = 0
         return CmdResult()
 
@@ -524,6 +534,7 @@ class Firmware:
                 Syndrome.BAD_OP_MOD,
                 f"RESUME_VHCA op_mod {op_mod} (0 RESPONDER, 1 INITIATOR)",
             )
+        now = self.clock.now()
         if op_mod == ResumeOpMod.RESUME_RESPONDER:
             if not vf.responder_suspended:
                 return _fail(
@@ -532,7 +543,7 @@ class Firmware:
                     Syndrome.NOT_SUSPENDED,
                     "responder is not suspended",
                 )
-            vf.responder_suspended = False
+            vf.set_suspended(initiator=vf.initiator_suspended, responder=False, now=now)
             vf.load_chain = None  # what was loaded is now the running state
         else:
             if vf.responder_suspended:
@@ -549,8 +560,8 @@ class Firmware:
                     Syndrome.NOT_SUSPENDED,
                     "initiator is not suspended",
                 )
-            vf.initiator_suspended = False
-        vf.advance(self.clock.now())  # fire reconfigurations that waited for the VF
+            vf.set_suspended(initiator=False, responder=False, now=now)
+        vf.advance(now)  # fire reconfigurations that waited for the VF
         return CmdResult()
 
     # --- QUERY_VHCA_MIGRATION_STATE ---------------------------------------------
@@ -581,19 +592,23 @@ class Firmware:
                 "chunk mode needs cmd_hca_cap_2.migration_in_chunks",
             )
         mig_state = vf.migration_state() if vf.config.caps.migration_state else 0
-        chunk_size = vf.config.chunk_size
         if chunk:
             vf.chunk_armed = True
             if vf.chunked is not None:
-                total = vf.chunked.plan.pieces_size(chunk_size, vf.chunked.cursor)
+                plan, cur = vf.chunked.plan, vf.chunked.cursor
             else:
-                total = self._plan_for(vf, incremental).pieces_size(chunk_size)
+                plan, cur = self._plan_for(vf, incremental), Cursor()
+            if plan.finished(cur):
+                return QueryResult(migration_state=mig_state)
             return QueryResult(
                 migration_state=mig_state,
-                required_umem_size=min(total, chunk_size),
-                remaining_total_size=total,
+                required_umem_size=self._next_piece_size(vf, plan, cur),
+                remaining_total_size=plan.pieces_size(vf.config.chunk_size, cur),
             )
-        size = self._plan_for(vf, incremental).image_size()
+        plan = self._plan_for(vf, incremental)
+        # Nothing changed since the last tracked SAVE: nothing to save (mlx5vf
+        # issues a SAVE whenever this is above 0).
+        size = 0 if plan.empty else plan.image_size()
         if size > MAX_U32:
             return _fail(
                 QueryResult,
@@ -665,7 +680,9 @@ class Firmware:
                 "set_track needs cmd_hca_cap_2.migration_tracking_state",
             )
         cleanup = not inc and not track and not vf.fully_suspended
-        if size > MAX_U32 or (size == 0 and not cleanup) or va > (1 << 64) - 1:
+        if va < 0 or va > (1 << 64) - 1:
+            return fail(CmdStatus.BAD_PARAM_ERR, Syndrome.FIELD_RANGE, f"va {va} out of range")
+        if size < 0 or size > MAX_U32 or (size == 0 and not cleanup):
             return fail(
                 CmdStatus.BAD_PARAM_ERR,
                 Syndrome.BAD_SIZE,
@@ -729,7 +746,10 @@ class Firmware:
     def _write_image(
         self, vf: Vf, inc: bool, track: bool, cleanup: bool, dest: memoryview
     ) -> tuple[int, int]:
-        """Write the image a SAVE asks for; (bytes written, next_required_umem_size)."""
+        """Write the image a SAVE asks for; (bytes written, next_required_umem_size).
+
+        Nothing about the VF changes unless the image was written.
+        """
         arena = vf.state.arena
         if cleanup:
             # Pre-copy cleanup (mlx5vf PRE_COPY -> RUNNING): the driver discards
@@ -739,60 +759,77 @@ class Firmware:
             return 0, 0
         if track:
             if inc:
-                plan = vf.incremental_plan()
-                kind, seq = ImageKind.INCREMENTAL, vf.take_seq()
+                plan, kind, chain, seq = (
+                    vf.incremental_plan(),
+                    ImageKind.INCREMENTAL,
+                    vf.chain_id,
+                    vf.next_seq,
+                )
             else:
-                vf.start_chain()
-                plan = vf.full_plan()
-                kind, seq = ImageKind.FULL, vf.take_seq()
+                plan, kind, chain, seq = vf.full_plan(), ImageKind.FULL, vf.next_chain_id(), 0
+            # A tracked image is complete even if not everything fit: what is
+            # left stays pending (dirty) for the next one.
             res = write_piece(
                 dest,
                 plan,
                 Cursor(),
                 arena,
                 kind=kind,
-                chain_id=vf.chain_id,
+                chain_id=chain,
                 seq=seq,
                 piece=0,
                 whole=False,
                 standalone=True,
+                allow_empty=inc,
             )
             if inc:
+                vf.next_seq += 1
                 vf.captured(res.data_ranges, res.table_written)
             else:
+                vf.begin_chain(chain)
                 vf.start_tracking_after_full(res.data_ranges)
-            # What did not fit stays pending (dirty); the image itself is complete.
             return res.size, 0
-        # Final (untracked) image of a fully suspended function.
-        if inc and vf.chunked is not None:
+        # Final (untracked) image of a fully suspended function, maybe in pieces.
+        fresh = not (inc and vf.chunked is not None)
+        if not fresh:
+            assert vf.chunked is not None
             job = vf.chunked
+        elif inc:
+            job = ChunkedSave(
+                vf.incremental_plan(), Cursor(), ImageKind.INCREMENTAL, vf.next_seq, 0, vf.chain_id
+            )
         else:
-            if inc:
-                plan, kind = vf.incremental_plan(), ImageKind.INCREMENTAL
-            else:
-                vf.start_chain()
-                plan, kind = vf.full_plan(), ImageKind.FULL
-            job = ChunkedSave(plan, Cursor(), kind, vf.take_seq(), 0)
-            vf.end_tracking()
+            job = ChunkedSave(vf.full_plan(), Cursor(), ImageKind.FULL, 0, 0, vf.next_chain_id())
         res = write_piece(
             dest,
             job.plan,
             job.cursor,
             arena,
             kind=job.kind,
-            chain_id=vf.chain_id,
+            chain_id=job.chain_id,
             seq=job.seq,
             piece=job.next_piece,
             whole=not vf.chunk_armed,
         )
+        if fresh:
+            if job.kind == ImageKind.FULL:
+                vf.begin_chain(job.chain_id)
+            vf.next_seq = job.seq + 1
+            vf.end_tracking()
         if job.plan.finished(res.cursor):
             vf.chunked = None
             return res.size, 0
         job.cursor = res.cursor
         job.next_piece += 1
         vf.chunked = job
-        nxt = min(job.plan.pieces_size(vf.config.chunk_size, job.cursor), vf.config.chunk_size)
-        return res.size, nxt
+        return res.size, self._next_piece_size(vf, job.plan, job.cursor)
+
+    @staticmethod
+    def _next_piece_size(vf: Vf, plan: Plan, cur: Cursor) -> int:
+        """The buffer the next piece needs: a chunk, less at the end, more if
+        its first record (the object table) is larger."""
+        chunk = vf.config.chunk_size
+        return max(min(plan.pieces_size(chunk, cur), chunk), plan.min_piece(cur))
 
     def _schedule_completion(
         self,
@@ -947,8 +984,7 @@ class Firmware:
         vf = self.vfs[vhca_id]
         vf.advance(self.clock.now())
         self._abort_save(vf, "function level reset")
-        vf.reset_function()
-        vf.last_time = self.clock.now()
+        vf.reset_function(self.clock.now())
         return CmdResult()
 
 
@@ -982,7 +1018,7 @@ class VfInfo:
             vf_id=vf.vf_id,
             vhca_id=vf.vhca_id,
             function_id=vf.function_id,
-            config=vf.config,
+            config=replace(vf.config, seed=vf.seed),  # the seed in effect
             initiator_suspended=vf.initiator_suspended,
             responder_suspended=vf.responder_suspended,
             tracking=vf.tracking,

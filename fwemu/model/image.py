@@ -22,7 +22,6 @@ byte of the target changes.
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import struct
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from dataclasses import dataclass, field
 import xxhash
 
 from .constants import PAGE_SIZE, Syndrome
-from .device_state import DeviceObject, DeviceState, TableError
+from .device_state import Arena, DeviceObject, DeviceState, TableError
 
 MAGIC = b"VHCA"
 VERSION = 1
@@ -51,7 +50,6 @@ REC_DATA = 2
 # bytes runs at a third of its speed (4K aliasing).  The LOAD side skips it.
 REC_PAD = 3
 PAD_MIN_BODY = 256 << 10
-PAD_ALLOWANCE = REC_HEADER_SIZE + 4095
 # A DATA record's length is 32 bits; split longer runs.
 MAX_DATA_RECORD = 1 << 30
 
@@ -127,34 +125,87 @@ class Plan:
             if length > 0:
                 self.items.append(PlanItem(REC_DATA, off, length))
 
-    def remaining_bytes(self, cur: Cursor) -> int:
-        """Record bytes (headers included) still to write from `cur`, unsplit."""
-        total = 0
-        for i in range(cur.item, len(self.items)):
-            it = self.items[i]
-            if it.rec_type == REC_TABLE:
-                total += REC_HEADER_SIZE + len(it.table)
-            else:
-                left = it.length - (cur.done if i == cur.item else 0)
-                nrec = max(1, -(-left // MAX_DATA_RECORD))
-                total += nrec * REC_HEADER_SIZE + left
-                if left >= PAD_MIN_BODY:
-                    total += nrec * PAD_ALLOWANCE
-        return total
-
-    def image_size(self, cur: Cursor | None = None) -> int:
-        """Size of one image holding everything from `cur` on."""
-        return HEADER_SIZE + self.remaining_bytes(cur or Cursor())
-
-    def pieces_size(self, piece_capacity: int, cur: Cursor | None = None) -> int:
-        """Total bytes if written as pieces of at most `piece_capacity` bytes."""
-        body = self.remaining_bytes(cur or Cursor())
-        room = max(1, piece_capacity - HEADER_SIZE - REC_HEADER_SIZE)
-        pieces = max(1, -(-body // room))
-        return body + pieces * (HEADER_SIZE + REC_HEADER_SIZE)
+    @property
+    def empty(self) -> bool:
+        return not self.items
 
     def finished(self, cur: Cursor) -> bool:
         return cur.item >= len(self.items)
+
+    def image_size(self, cur: Cursor | None = None) -> int:
+        """Exact size of one image holding everything from `cur` on."""
+        size, _, _ = _cut(self, cur or Cursor(), UNBOUNDED, allow_empty=False)
+        return size
+
+    def pieces_size(self, capacity: int, cur: Cursor | None = None) -> int:
+        """Exact total of the pieces written into buffers of `capacity` bytes."""
+        cur = cur or Cursor()
+        total = 0
+        while not self.finished(cur):
+            size, cur, _ = _cut(self, cur, max(capacity, self.min_piece(cur)), allow_empty=False)
+            total += size
+        return total
+
+    def min_piece(self, cur: Cursor) -> int:
+        """The smallest buffer the next piece fits in (its first record, or a page of it)."""
+        if self.finished(cur):
+            return HEADER_SIZE
+        it = self.items[cur.item]
+        if it.rec_type == REC_TABLE:
+            return HEADER_SIZE + REC_HEADER_SIZE + len(it.table)
+        return HEADER_SIZE + REC_HEADER_SIZE + min(PAGE_SIZE, it.length - cur.done)
+
+
+UNBOUNDED = 1 << 62
+
+# What _cut plans: ("table", index) | ("pad", length) | ("data", arena offset, length)
+_Op = tuple[str, int] | tuple[str, int, int]
+
+
+def _cut(
+    plan: Plan, start: Cursor, capacity: int, *, allow_empty: bool
+) -> tuple[int, Cursor, list[_Op]]:
+    """Decide what one piece of at most `capacity` bytes holds, from `start`.
+
+    Writing and sizing both use this, so a QUERY's size is exactly what SAVE
+    writes.  DATA is cut at page boundaries (except at the arena's end) so that
+    what a piece leaves out is whole pages.  Large DATA bodies are preceded by
+    a PAD record that puts them at their source's offset within a page (both
+    the arena and host buffers are page aligned): memcpy between buffers whose
+    page offsets differ by a few hundred bytes runs at a third of its speed.
+    """
+    pos = HEADER_SIZE
+    cur = Cursor(start.item, start.done)
+    ops: list[_Op] = []
+    while cur.item < len(plan.items):
+        it = plan.items[cur.item]
+        if it.rec_type == REC_TABLE:
+            need = REC_HEADER_SIZE + len(it.table)
+            if pos + need > capacity:
+                break
+            ops.append(("table", cur.item))
+            pos += need
+            cur = Cursor(cur.item + 1, 0)
+            continue
+        left = it.length - cur.done
+        off = it.offset + cur.done
+        if min(left, capacity - pos - 2 * REC_HEADER_SIZE - PAGE_SIZE) >= PAD_MIN_BODY:
+            pad = (off - (pos + 2 * REC_HEADER_SIZE)) % PAGE_SIZE
+            ops.append(("pad", pad))
+            pos += REC_HEADER_SIZE + pad
+        take = min(left, capacity - pos - REC_HEADER_SIZE, MAX_DATA_RECORD)
+        if take < left:
+            take -= take % PAGE_SIZE  # what is left starts on a page boundary
+        if take <= 0:
+            break
+        ops.append(("data", off, take))
+        pos += REC_HEADER_SIZE + take
+        cur = Cursor(cur.item, cur.done + take)
+        if cur.done == it.length:
+            cur = Cursor(cur.item + 1, 0)
+    if not ops and cur.item < len(plan.items) and not allow_empty:
+        raise ImageError(Syndrome.BUFFER_TOO_SMALL, "buffer too small for the next record")
+    return pos, cur, ops
 
 
 @dataclass(slots=True)
@@ -170,7 +221,7 @@ def write_piece(
     dest: memoryview,
     plan: Plan,
     start: Cursor,
-    arena: bytearray,
+    arena: Arena,
     *,
     kind: ImageKind,
     chain_id: int,
@@ -178,69 +229,62 @@ def write_piece(
     piece: int,
     whole: bool,
     standalone: bool = False,
+    allow_empty: bool = False,
 ) -> WriteResult:
     """Write as much of `plan` from `start` as fits in `dest`.
 
     With `whole`, everything must fit or nothing is written.  A `standalone`
     piece is a complete image even if part of the plan did not fit (tracked
-    SAVEs: what is left stays pending in the tracking state).  DATA records
-    are split at page boundaries (except at the end of the arena) so that what
-    a piece leaves out is a whole number of pages.  Raises ImageError
-    (BUFFER_TOO_SMALL) if not even the first record fits.
+    SAVEs: what is left stays pending in the tracking state); with
+    `allow_empty` it may hold no record at all.  Otherwise ImageError
+    (BUFFER_TOO_SMALL) when not even the first record fits.
     """
     capacity = len(dest)
-    if whole and plan.image_size(start) > capacity:
-        raise ImageError(Syndrome.BUFFER_TOO_SMALL, "buffer too small for the image")
     if capacity < HEADER_SIZE:
         raise ImageError(Syndrome.BUFFER_TOO_SMALL, "buffer smaller than an image header")
+    size, cur, ops = _cut(plan, start, capacity, allow_empty=allow_empty)
+    if whole and not plan.finished(cur):
+        raise ImageError(Syndrome.BUFFER_TOO_SMALL, "buffer too small for the image")
     pos = HEADER_SIZE
-    cur = Cursor(start.item, start.done)
     ranges: list[tuple[int, int]] = []
     table_written = False
-    src = memoryview(arena)
-    dest_base, src_base = _address(dest), _address(src)
-    while cur.item < len(plan.items):
-        it = plan.items[cur.item]
-        if it.rec_type == REC_TABLE:
-            need = REC_HEADER_SIZE + len(it.table)
-            if pos + need > capacity:
-                break
-            _REC.pack_into(dest, pos, REC_TABLE, len(it.table), 0)
-            dest[pos + REC_HEADER_SIZE : pos + need] = it.table
-            pos += need
+    src = arena.view
+    for op in ops:
+        if op[0] == "table":
+            table = plan.items[op[1]].table
+            _REC.pack_into(dest, pos, REC_TABLE, len(table), 0)
+            pos += REC_HEADER_SIZE
+            dest[pos : pos + len(table)] = table
+            pos += len(table)
             table_written = True
-            cur.item += 1
-            cur.done = 0
-            continue
-        left = it.length - cur.done
-        off = it.offset + cur.done
-        if left >= PAD_MIN_BODY:
-            pad = (src_base + off - (dest_base + pos + 2 * REC_HEADER_SIZE)) % PAGE_SIZE
-            if pos + 2 * REC_HEADER_SIZE + pad + PAGE_SIZE <= capacity:
-                _REC.pack_into(dest, pos, REC_PAD, pad, 0)
-                pos += REC_HEADER_SIZE + pad
-        room = capacity - pos - REC_HEADER_SIZE
-        take = min(left, room, MAX_DATA_RECORD)
-        if take < left:
-            take -= take % PAGE_SIZE  # runs start on page boundaries
-        if take <= 0:
-            break
-        _REC.pack_into(dest, pos, REC_DATA, take, off)
-        pos += REC_HEADER_SIZE
-        dest[pos : pos + take] = src[off : off + take]
-        pos += take
-        ranges.append((off, take))
-        cur.done += take
-        if cur.done == it.length:
-            cur.item += 1
-            cur.done = 0
-    if pos == HEADER_SIZE and cur.item < len(plan.items):
-        raise ImageError(Syndrome.BUFFER_TOO_SMALL, "buffer too small for the next record")
-    payload_len = pos - HEADER_SIZE
-    flags = FLAG_LAST_PIECE if standalone or cur.item >= len(plan.items) else 0
+        elif op[0] == "pad":
+            _REC.pack_into(dest, pos, REC_PAD, op[1], 0)
+            pos += REC_HEADER_SIZE
+            dest[pos : pos + op[1]] = bytes(op[1])
+            pos += op[1]
+        else:
+            _, off, take = op  # type: ignore[misc]
+            _REC.pack_into(dest, pos, REC_DATA, take, off)
+            pos += REC_HEADER_SIZE
+            dest[pos : pos + take] = src[off : off + take]
+            pos += take
+            ranges.append((off, take))
+    assert pos == size
+    flags = FLAG_LAST_PIECE if standalone or plan.finished(cur) else 0
     checksum = xxhash.xxh3_64_intdigest(dest[HEADER_SIZE:pos])
     _HEADER.pack_into(
-        dest, 0, MAGIC, VERSION, kind, flags, PROFILE, chain_id, seq, piece, payload_len, checksum
+        dest,
+        0,
+        MAGIC,
+        VERSION,
+        kind,
+        flags,
+        PROFILE,
+        chain_id,
+        seq,
+        piece,
+        pos - HEADER_SIZE,
+        checksum,
     )
     _HCSUM.pack_into(dest, _HEADER.size, xxhash.xxh3_64_intdigest(dest[: _HEADER.size]))
     return WriteResult(pos, cur, ranges, table_written)
@@ -306,13 +350,6 @@ def parse_image(buf: memoryview) -> ParsedImage:
     return ParsedImage(header, table, data)
 
 
-def _address(view: memoryview) -> int:
-    """Where a writable buffer's bytes are (to align copies), or 0 if unknown."""
-    if view.readonly or not len(view):
-        return 0
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
-
-
 def _records(payload: memoryview) -> Iterator[tuple[int, int, int, int]]:
     pos = 0
     end = len(payload)
@@ -342,12 +379,10 @@ def apply_image(state: DeviceState, image: ParsedImage, *, starts_chain: bool) -
     target = state
     try:
         if starts_chain:
-            target = DeviceState(bytearray(new_size), [], 1)
-        elif new_size > state.size:
-            state.arena.extend(bytes(new_size - state.size))
-        elif new_size < state.size:
-            del state.arena[new_size:]
-    except MemoryError:
+            target = DeviceState.empty(new_size)
+        else:
+            state.arena.resize(new_size)
+    except (MemoryError, OSError):
         raise ImageError(Syndrome.NO_MEMORY, "no memory for the device state") from None
     if image.table is not None:
         _, target.next_obj_id, target.objects = image.table

@@ -27,13 +27,10 @@ class Caps:
     migration_state: bool = True  # the 2026 REINIT series
 
     def migration_capable(self) -> bool:
-        """What mlx5vf_cmd_set_migratable() requires to enable migration."""
-        return (
-            self.migration
-            and self.migratable
-            and self.migration_multi_load
-            and self.migration_tracking_state
-        )
+        """Whether the firmware does migration commands for this function at all.
+        (mlx5vf asks for more before it enables migration: multi_load and
+        tracking_state too; that is the driver's rule, not the firmware's.)"""
+        return self.migration and self.migratable
 
 
 @dataclass(slots=True)
@@ -89,6 +86,7 @@ class ChunkedSave:
     kind: ImageKind
     seq: int
     next_piece: int
+    chain_id: int
 
 
 @dataclass(slots=True)
@@ -104,13 +102,13 @@ class Vf:
     """An emulated VF.  Methods here enforce the state rules; Firmware validates
     command fields and routes commands."""
 
-    def __init__(self, vf_id: int, config: VfConfig, seed: int, uid: int, now: float) -> None:
+    def __init__(self, vf_id: int, config: VfConfig, seed: int, uid: str, now: float) -> None:
         self.vf_id = vf_id
         self.config = config
         self.seed = seed
         self.uid = uid  # firmware-unique; seeds chain ids
         self.state = DeviceState.generate(config.size, seed)
-        self.workload = Workload(seed, config.dirty_bytes_per_s)
+        self.workload = Workload(seed, config.dirty_bytes_per_s, now)
         self.faults = FaultQueue()
         self._reconfig_rng = random.Random(seed ^ 0x12EC_0F16)
         self.triggers: list[ReconfigTrigger] = []
@@ -179,9 +177,8 @@ class Vf:
         self.last_time = now
 
     def _run_workload(self, until: float) -> None:
-        elapsed = until - self.last_time
         self.last_time = max(self.last_time, until)
-        writes = self.workload.pages_due(elapsed, self.state.num_pages)
+        writes = self.workload.due(until)
         if writes:
             pages = self.workload.run(self.state, writes)
             if self.tracking:
@@ -236,17 +233,16 @@ class Vf:
     def full_plan(self) -> Plan:
         return Plan.full(self.state)
 
-    def start_chain(self) -> None:
-        self.chains_started += 1
-        self.chain_id = xxhash.xxh3_64_intdigest(
-            f"{self.uid}:{self.seed}:{self.chains_started}".encode()
+    def next_chain_id(self) -> int:
+        """The id the next full image's chain will have (unique per firmware instance)."""
+        return xxhash.xxh3_64_intdigest(
+            f"{self.uid}:{self.seed}:{self.chains_started + 1}".encode()
         )
-        self.next_seq = 0
 
-    def take_seq(self) -> int:
-        seq = self.next_seq
-        self.next_seq += 1
-        return seq
+    def begin_chain(self, chain_id: int) -> None:
+        self.chains_started += 1
+        self.chain_id = chain_id
+        self.next_seq = 1  # the full image was seq 0
 
     def captured(self, ranges: list[tuple[int, int]], table_written: bool) -> None:
         """A tracked SAVE captured these arena ranges: they are clean again."""
@@ -277,15 +273,23 @@ class Vf:
         self.init_pages = set()
         self.table_dirty = False
 
-    def reset_function(self) -> None:
+    def set_suspended(self, *, initiator: bool, responder: bool, now: float) -> None:
+        """Change the function's suspend state; the workload runs only while it runs."""
+        self.initiator_suspended = initiator
+        self.responder_suspended = responder
+        if self.running:
+            self.workload.resume(now)
+        else:
+            self.workload.pause(now)
+
+    def reset_function(self, now: float) -> None:
         """PCI FLR: the function runs again and forgets any migration context."""
         self.end_tracking()
         self.chunked = None
         self.chunk_armed = False
         self.load_chain = None
         self.loads_since_suspend = 0
-        self.initiator_suspended = False
-        self.responder_suspended = False
+        self.set_suspended(initiator=False, responder=False, now=now)
 
     def with_config(self, **changes: object) -> VfConfig:
         return replace(self.config, **changes)  # type: ignore[arg-type]

@@ -65,14 +65,6 @@ async def test_remaining_total_size_falls_as_pieces_are_saved(h):
     assert total - len(img) - HEADER_SIZE * 2 <= q2.remaining_total_size < total
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: remaining_total_size of QUERY(chunk=1) is an estimate, not the whole "
-    "image: Plan.pieces_size() assumes chunk_size - 68 data bytes per piece while "
-    "write_piece() cuts pieces at page boundaries and pads large records (512 KiB VF, "
-    "64 KiB chunks: the pieces sum to ~14 KiB more than reported; a one-piece image is "
-    "16 bytes smaller than reported)",
-)
 @pytest.mark.parametrize(("size", "chunk"), [(512 * KiB, CHUNK), (64 * KiB, 1 * MiB)])
 async def test_remaining_total_size_is_the_sum_of_the_pieces(h, size, chunk):
     """README: in chunk mode remaining_total_size is the whole image."""
@@ -156,14 +148,6 @@ async def test_pieces_must_be_loaded_in_order(h):
     assert await h.digest(dst) == await h.digest(src)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: VfConfig accepts chunk_size = 4 KiB, but a piece then cannot hold one "
-    "page (write_piece cuts DATA at page boundaries and 52 + 16 header bytes leave "
-    "4028): piece 0 carries only the object table, and the continuation SAVE into a "
-    "buffer of next_required_umem_size (4096) is refused BAD_PARAM/BUFFER_TOO_SMALL "
-    "(any chunk_size below 4096 + 68 fails the same way)",
-)
 async def test_smallest_accepted_chunk_size_still_saves_in_pieces(h):
     """Any chunk_size VfConfig accepts must give a chunked save that completes."""
     src = await h.vf(size=64 * KiB, chunk_size=4 * KiB)

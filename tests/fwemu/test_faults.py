@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -234,15 +233,20 @@ async def test_clear_faults_disarms_everything(h):
 
 
 async def test_delay_fault_answers_later_with_the_real_result(h):
-    """DELAY: the command's answer comes delay_s later (real time, as the
-    adapter answers), unchanged."""
+    """DELAY: the command's answer comes delay_s later on the firmware clock
+    (here a virtual one: only once it is advanced), unchanged."""
     vhca = await h.vf(size=64 * KiB)
     await h.link.inject_fault(
         vhca, Fault(FaultKind.DELAY, opcode=Opcode.SUSPEND_VHCA, delay_s=0.05)
     )
-    t0 = time.monotonic()
-    res = await asyncio.wait_for(h.suspend(vhca, 0), 5)
-    assert time.monotonic() - t0 >= 0.045
+    answer = asyncio.ensure_future(h.suspend(vhca, 0))
+    await asyncio.sleep(0.1)
+    assert not answer.done()
+    await h.advance(0.049)
+    await asyncio.sleep(0.05)
+    assert not answer.done()
+    await h.advance(0.002)
+    res = await asyncio.wait_for(answer, 5)
     assert res.ok
     assert (await h.info(vhca)).initiator_suspended is True
 

@@ -239,32 +239,6 @@ async def test_resuming_the_responder_ends_the_load_chain(h):
     await finish(h, c, 0)
 
 
-async def test_vf_without_multi_load_refuses_a_second_load(h):
-    """Without migration_multi_load a second LOAD is refused and the VF is
-    unchanged.  This firmware treats such a VF as not migratable at all, as
-    mlx5vf_cmd_set_migratable() requires the bit: SUSPEND and every LOAD get
-    BAD_OP / NOT_MIGRATABLE."""
-    src = await h.vf(size=64 * KiB)
-    dst = await h.vf(size=64 * KiB, dirty_bytes_per_s=0, caps=Caps(migration_multi_load=False))
-    await h.suspend_fully(src)
-    img = await h.save_ok(src, (await h.query(src)).required_umem_size)
-    res = await h.suspend(dst, 0)
-    assert (res.status, res.syndrome) == (CmdStatus.BAD_OP_ERR, Syndrome.NOT_MIGRATABLE)
-    before = await h.digest(dst)
-    results = [await h.load(dst, img) for _ in range(2)]
-    assert [(r.status, r.syndrome) for r in results] == [
-        (CmdStatus.BAD_OP_ERR, Syndrome.NOT_MIGRATABLE)
-    ] * 2
-    assert await h.digest(dst) == before
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (README contradiction): README says 'Without migration_multi_load only "
-    "one LOAD is accepted per suspension', but Caps.migration_capable() requires "
-    "migration_multi_load, so the first LOAD already gets BAD_OP/NOT_MIGRATABLE and "
-    "the per-suspension limit in Firmware._load is unreachable",
-)
 async def test_vf_without_multi_load_accepts_exactly_one_load_per_suspension(h):
     """README: without migration_multi_load only one LOAD is accepted per suspension."""
     src = await h.vf(size=64 * KiB)

@@ -42,12 +42,6 @@ def test_negative_vhca_id_op_mod_and_mkey_are_refused(fw):
     assert fw.save_vhca_state(1, op_mod=-1, set_track=True, mkey=1, size=1).status == BAD_PARAM
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Firmware.save_vhca_state accepts a negative size (it checks size > "
-    "2^32-1 and size == 0 only): size=-1 is accepted and writes the image into the "
-    "mkey's first len-1 bytes",
-)
 def test_negative_save_size_is_bad_param(fw):
     """README: size 0 or above 2^32-1 is BAD_PARAM; a negative size fits no 32-bit field either."""
     suspend_fully(fw, 1)
@@ -57,12 +51,6 @@ def test_negative_save_size_is_bad_param(fw):
     assert buf == bytearray(len(buf))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Firmware._host_range does not refuse a negative va: "
-    "save_vhca_state(va=-2*n, size=n) on an mkey of 2n bytes is accepted and writes "
-    "the image at the start of the buffer (Python negative slicing)",
-)
 def test_negative_save_va_is_bad_param(fw):
     """A range outside the mkey is BAD_PARAM; a negative va lies outside it."""
     suspend_fully(fw, 1)
@@ -73,12 +61,6 @@ def test_negative_save_va_is_bad_param(fw):
     assert buf == bytearray(len(buf))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Firmware.load_vhca_state does not refuse a negative va: "
-    "load_vhca_state(va=-2*n, size=n) on an mkey of 2n bytes loads the image stored "
-    "at offset 0 and succeeds",
-)
 def test_negative_load_va_is_bad_param(fw):
     """A range outside the mkey is BAD_PARAM for LOAD; the VF is unchanged."""
     done: list[SaveCompletion] = []

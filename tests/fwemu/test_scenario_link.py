@@ -3,6 +3,8 @@ the workload, digests and the virtual clock."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from fwemu.link import LinkError
@@ -106,15 +108,6 @@ async def test_reconfigure_now_adds_the_objects(h):
 )
 async def test_bad_reconfiguration_is_link_error(h, objects, kw, request):
     """A reconfiguration the firmware cannot honour raises LinkError and changes nothing."""
-    if h.mode.startswith("grpc") and "at_time" in kw:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="BUG: GrpcLink.reconfigure(at_time=..., after_saved_bytes=...) "
-                "silently drops after_saved_bytes (proto oneof) and schedules at_time; "
-                "InProcessLink refuses it with LinkError 'give a time or a byte count'",
-            )
-        )
     vhca = await h.vf(size=64 * KiB)
     with pytest.raises(LinkError):
         await h.link.reconfigure(vhca, objects, **kw)
@@ -224,13 +217,6 @@ async def test_refused_scenario_removes_the_vfs_it_created(h):
     assert [i.vhca_id for i in await h.link.list_vfs()] == [1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a refused scenario is applied in part: apply_scenario() arms the "
-    "events before a later event fails (here: a fault on VF 1, then an event for a "
-    "VF that does not exist) and only removes the VFs it created, so the fault "
-    "stays armed on VF 1 although the scenario was refused",
-)
 async def test_refused_scenario_changes_nothing(h):
     """apply_scenario checks everything it can before changing the firmware."""
     vhca = await h.vf(size=64 * KiB)
@@ -301,14 +287,6 @@ async def test_clock_moves_only_when_advanced(h):
 
 async def test_negative_clock_advance_is_link_error(h, request):
     """A refused scenario request raises LinkError on every link."""
-    if h.mode == "inproc":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="BUG: InProcessLink.advance_clock(-1) raises ValueError (from "
-                "VirtualClock.advance) instead of LinkError; GrpcLink raises LinkError",
-            )
-        )
     with pytest.raises(LinkError):
         await h.link.advance_clock(-1)
 
@@ -331,18 +309,9 @@ async def test_fault_from_scenario_and_link_agree(h):
 
 async def test_vf_info_reports_the_config_as_given(h, request):
     """Both links return the same VfInfo for the same request: the VfConfig as
-    given (seed None: derived, reported in VfInfo.seed) and the live state."""
-    if h.mode.startswith("grpc"):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="BUG: GrpcLink returns VfInfo.config.seed = the derived seed "
-                "(e.g. 1000003) where InProcessLink returns None, the VfConfig as given "
-                "(fwemu/service/convert.py folds VfInfo.seed into the config)",
-            )
-        )
+    given, with the seed in effect filled in (derived when given as None)."""
     config = VfConfig(size=64 * KiB, caps=Caps(migration_state=False))
     [info] = await h.link.create_vfs(1, config)
-    assert info.config == config
     assert info.seed != 0
-    assert (await h.info(info.vhca_id)).config == config
+    assert info.config == replace(config, seed=info.seed)
+    assert (await h.info(info.vhca_id)).config == info.config
