@@ -5,9 +5,17 @@ from __future__ import annotations
 import errno
 import os
 
+from .uapi import MigState
+
 
 class VfioError(OSError):
-    """An ioctl/read/write failure: `errno` is what the kernel returns (positive)."""
+    """An ioctl/read/write failure: `errno` is what the kernel returns (positive).
+
+    `last_state` is set by vfio_mig_step_loop (driver.vfio.migration) when a
+    device-state change stops part way: the state the device was left in.
+    """
+
+    last_state: MigState | None = None
 
     def __init__(self, code: int, detail: str = "") -> None:
         super().__init__(code, detail or os.strerror(code))

@@ -1,0 +1,117 @@
+"""The `vfio-driver` command: serve VFIO devices backed by emulated mlx5 VFs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from fwemu.cli import byte_size
+from fwemu.link.base import LinkError
+from fwemu.scenario import ScenarioError
+from grpcsvc.runner import LoopName, run
+from grpcsvc.server import ListenError, stop_on_signals
+
+from .vfio.errors import VfioError
+
+log = logging.getLogger("vfio-driver")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vfio-driver",
+        description="The VFIO migration driver (VFIO core + mlx5vf) over emulated mlx5 VFs.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser(
+        "serve",
+        help="serve VFIO devices over gRPC",
+        description="Serve one VFIO device per VF of a firmware: a running fwemu "
+        "(--firmware), or a firmware model embedded in this process.",
+    )
+    s.add_argument("--listen", default="127.0.0.1:50052", metavar="HOST:PORT")
+    s.add_argument("--firmware", metavar="HOST:PORT", help="a running `fwemu serve`")
+    s.add_argument(
+        "--memory",
+        choices=["auto", "shm", "remote"],
+        default="auto",
+        help="how image bytes reach the firmware (auto: shared memory if it can)",
+    )
+    s.add_argument(
+        "--cmd-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long a firmware command may take (mlx5 command timeout)",
+    )
+    emb = s.add_argument_group("embedded firmware (without --firmware)")
+    emb.add_argument("--scenario", metavar="FILE")
+    emb.add_argument("--vfs", type=int, default=None, metavar="N")
+    emb.add_argument("--size", type=byte_size, default=4 << 20)
+    emb.add_argument("--dirty-rate", type=byte_size, default=1 << 20, metavar="BYTES_PER_S")
+    emb.add_argument("--seed", type=int, default=0)
+    s.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from .registry import DeviceRegistry, Link
+    from .service.server import DriverServer
+
+    link: Link
+    if args.firmware:
+        from fwemu.link.grpc import GrpcLink
+
+        link = await GrpcLink.connect(args.firmware, memory=args.memory)
+    else:
+        from fwemu.link.inproc import InProcessLink
+        from fwemu.model.clock import LoopClock
+        from fwemu.model.firmware import Firmware
+        from fwemu.model.vf import VfConfig
+        from fwemu.scenario import apply_scenario, load_scenario_file
+
+        doc = load_scenario_file(args.scenario) if args.scenario else None
+        defaults = VfConfig(size=args.size, dirty_bytes_per_s=args.dirty_rate)
+        fw = Firmware(LoopClock(), seed=args.seed, defaults=defaults)
+        if doc is not None:
+            apply_scenario(fw, doc)
+        count = args.vfs if args.vfs is not None else (0 if doc else 4)
+        if count:
+            fw.create_vfs(count)
+        link = InProcessLink(fw)
+    try:
+        server = DriverServer(DeviceRegistry(link, cmd_timeout=args.cmd_timeout))
+        stop = stop_on_signals()
+        port = await server.start(args.listen)
+        host = args.listen.rpartition(":")[0]
+        n = len(server.registry.devices)
+        where = args.firmware or "embedded firmware"
+        log.info("vfio-driver serving %d devices on %s:%d (%s)", n, host, port, where)
+        print(f"vfio-driver: serving {n} devices on {host}:{port}", flush=True)
+        await server.serve_until(stop)
+    finally:
+        await link.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    loop: LoopName = args.loop
+    fmt = "%(asctime)s %(name)s %(levelname)s %(message)s"
+    logging.basicConfig(level=args.log_level.upper(), format=fmt)
+    try:
+        return run(_serve(args), loop)
+    except ScenarioError as e:
+        print(f"vfio-driver: error: {e}", file=sys.stderr)
+        return 2
+    except (ListenError, LinkError, VfioError) as e:
+        print(f"vfio-driver: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Firmware commands of the mlx5vf driver (drivers/vfio/pci/mlx5/cmd.c), on a
+FirmwareLink: capabilities at probe, SUSPEND/RESUME_VHCA, the migration-state
+query, the asynchronous SAVE_VHCA_STATE with its completion callback, and
+LOAD_VHCA_STATE; plus the data buffers the firmware DMAs into."""
+
+from __future__ import annotations
+
+import enum
+import errno
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from fwemu.link.base import FirmwareLink, HostBuffer, LinkError
+from fwemu.model.constants import (
+    HCA_CAP_OPMOD_GET_CUR,
+    CapType,
+    CmdStatus,
+    Syndrome,
+    status_to_errno,
+)
+from fwemu.model.firmware import CmdResult, SaveCompletion
+
+from ..vfio.errors import VfioError
+
+if TYPE_CHECKING:
+    from .main import Mlx5VfDevice
+    from .migf import Mlx5VfMigrationFile
+
+PAGE_SIZE = 4096
+
+# enum mlx5vf query flags (cmd.h)
+MLX5VF_QUERY_INC = 1 << 0
+MLX5VF_QUERY_FINAL = 1 << 1
+MLX5VF_QUERY_CLEANUP = 1 << 2
+
+MAX_NUM_CHUNKS = 2
+MAX_CHUNK_SIZE = 8 << 20
+MAX_LOAD_SIZE = (1 << 32) - 1
+# The SAVE size field is 32 bits; mlx5vf keeps a page below it.
+MAX_SAVE_SIZE = (1 << 32) - PAGE_SIZE
+
+
+class MigfState(enum.IntEnum):
+    """enum mlx5_vf_migf_state (a new saving file starts at 0, unnamed)."""
+
+    NONE = 0
+    ERROR = 1
+    PRE_COPY_ERROR = 2
+    PRE_COPY = 3
+    SAVE_STOP_COPY_CHUNK = 4
+    COMPLETE = 5
+
+
+# struct mlx5_vf_migration_header: le64 record_size, le32 flags, le32 tag
+MIGRATION_HEADER = struct.Struct("<QII")
+MLX5_MIGF_HEADER_FLAGS_TAG_MANDATORY = 0
+MLX5_MIGF_HEADER_FLAGS_TAG_OPTIONAL = 1 << 0
+MLX5_MIGF_HEADER_TAG_FW_DATA = 0
+MLX5_MIGF_HEADER_TAG_STOP_COPY_SIZE = 1 << 0
+STOP_COPY_DATA = struct.Struct("<Q")  # struct mlx5_vf_migration_tag_stop_copy_data
+
+
+def check(r: CmdResult, what: str) -> None:
+    """mlx5_cmd_check(): a failed command is the status's errno."""
+    if r.status != CmdStatus.OK:
+        raise VfioError(
+            status_to_errno(r.status),
+            f"{what} failed: status {r.status:#x} syndrome {r.syndrome:#x} {r.diagnostic}".strip(),
+        )
+
+
+def link_errno(e: LinkError) -> VfioError:
+    """The firmware is unreachable: what the kernel sees when commands time out."""
+    return VfioError(errno.EIO, f"firmware unreachable: {e}")
+
+
+@dataclass(eq=False)
+class DataBuffer:
+    """struct mlx5_vhca_data_buffer: pages the firmware reaches through an mkey
+    (`host`), or a header buffer the driver fills itself (dma_dir DMA_NONE,
+    `local`).  A zero-length data buffer has neither."""
+
+    allocated_length: int
+    is_header: bool = False
+    host: HostBuffer | None = None
+    local: bytearray | None = field(default=None, repr=False)
+    length: int = 0  # valid bytes
+    start_pos: int = 0
+    stop_copy_chunk_num: int = 0
+    pre_copy_init_bytes_chunk: bool = False
+
+    @property
+    def mkey(self) -> int:
+        return self.host.mkey if self.host is not None else 0
+
+    @property
+    def view(self) -> memoryview:
+        if self.host is not None:
+            return self.host.view[: self.allocated_length]
+        return memoryview(self.local if self.local is not None else b"")
+
+    @property
+    def npages(self) -> int:
+        return -(-self.allocated_length // PAGE_SIZE)
+
+
+@dataclass
+class Caps:
+    """What mlx5vf_cmd_set_migratable() learns from QUERY_HCA_CAP."""
+
+    vhca_id: int = 0
+    migrate_cap: bool = False
+    chunk_mode: bool = False
+    mig_state_cap: bool = False
+    log_cap: bool = False  # adv_virtualization: dirty page tracking
+
+
+async def query_caps(link: FirmwareLink, function_id: int) -> Caps:
+    """mlx5vf_cmd_set_migratable(): migration needs cmd_hca_cap.migration, and in
+    cap_2 migration_multi_load, migration_tracking_state (PRE_COPY is mandatory
+    since 6.9) and migratable.  The kernel reads all but `migratable` from the
+    PF; the emulated firmware sets them per VF, so the VF's own are read."""
+    try:
+        gen = await link.query_hca_cap(
+            op_mod=(CapType.GENERAL_DEVICE << 1) | HCA_CAP_OPMOD_GET_CUR,
+            other_function=True,
+            function_id=function_id,
+        )
+        gen2 = await link.query_hca_cap(
+            op_mod=(CapType.GENERAL_DEVICE_2 << 1) | HCA_CAP_OPMOD_GET_CUR,
+            other_function=True,
+            function_id=function_id,
+        )
+    except LinkError as e:
+        raise link_errno(e) from None
+    if not gen.ok or not gen2.ok:
+        return Caps()
+    return Caps(
+        vhca_id=gen.vhca_id,
+        migrate_cap=gen.migration
+        and gen2.migration_multi_load
+        and gen2.migration_tracking_state
+        and gen2.migratable,
+        chunk_mode=gen2.migration_in_chunks,
+        mig_state_cap=gen2.migration_state,
+        log_cap=gen.adv_virtualization,
+    )
+
+
+class Commands:
+    """mlx5vf_cmd_*() for one device.  `save_comp` is the saving file's binary
+    semaphore (mlx5vf builds one from a completion): one SAVE at a time, and
+    SUSPEND and incremental queries wait for the SAVE in flight."""
+
+    def __init__(self, mvdev: Mlx5VfDevice) -> None:
+        self.mvdev = mvdev
+
+    @property
+    def link(self) -> FirmwareLink:
+        return self.mvdev.link
+
+    @property
+    def vhca_id(self) -> int:
+        return self.mvdev.caps.vhca_id
+
+    def _attached(self) -> None:
+        if self.mvdev.mdev_detach:
+            raise VfioError(errno.ENOTCONN, "the VF is detached from its PF")
+
+    async def suspend_vhca(self, op_mod: int) -> None:
+        self._attached()
+        migf = self.mvdev.saving_migf
+        # PRE_COPY exposes the saving file while the device runs: never
+        # suspend while a SAVE is in flight.
+        if migf is not None:
+            await migf.save_comp.acquire()
+        try:
+            r = await self.link.suspend_vhca(self.vhca_id, op_mod=op_mod)
+        except LinkError as e:
+            raise link_errno(e) from None
+        finally:
+            if migf is not None:
+                migf.save_comp.release()
+        check(r, "SUSPEND_VHCA")
+
+    async def resume_vhca(self, op_mod: int) -> None:
+        self._attached()
+        try:
+            r = await self.link.resume_vhca(self.vhca_id, op_mod=op_mod)
+        except LinkError as e:
+            raise link_errno(e) from None
+        check(r, "RESUME_VHCA")
+
+    async def query_vhca_migration_state(self, query_flags: int) -> tuple[int, int, int]:
+        """(state_size, total_size, migration_state) as the kernel helper reports them."""
+        self._attached()
+        inc = bool(query_flags & MLX5VF_QUERY_INC)
+        migf = self.mvdev.saving_migf
+        if inc and migf is not None:
+            # Wait until no SAVE is in flight.
+            await migf.save_comp.acquire()
+            migf.save_comp.release()
+            if migf.state == MigfState.PRE_COPY_ERROR and not query_flags & MLX5VF_QUERY_CLEANUP:
+                if not query_flags & MLX5VF_QUERY_FINAL:
+                    return 0, 0, 0  # no firmware access: nothing incremental to read
+                inc = False  # the final image is a full one
+            elif migf.state == MigfState.ERROR:
+                raise VfioError(errno.ENODEV, "saving file in error: incremental query blocked")
+        try:
+            q = await self.link.query_vhca_migration_state(
+                self.vhca_id, op_mod=0, incremental=inc, chunk=self.mvdev.caps.chunk_mode
+            )
+        except LinkError as e:
+            raise link_errno(e) from None
+        check(q, "QUERY_VHCA_MIGRATION_STATE")
+        state_size = q.required_umem_size
+        total = q.remaining_total_size if self.mvdev.caps.chunk_mode else state_size
+        mig_state = q.migration_state if self.mvdev.caps.mig_state_cap else 0
+        return state_size, total, mig_state
+
+    async def save_vhca_state(
+        self, migf: Mlx5VfMigrationFile, buf: DataBuffer, inc: bool, track: bool
+    ) -> None:
+        """mlx5vf_cmd_save_vhca_state(): issue an asynchronous SAVE; its
+        completion is handled by migf.save_callback."""
+        self._attached()
+        await migf.save_comp.acquire()
+        try:
+            pre_copy_cleanup = (
+                migf.state in (MigfState.PRE_COPY, MigfState.PRE_COPY_ERROR)
+                and not track
+                and not inc
+            )
+            if migf.state == MigfState.PRE_COPY_ERROR:
+                inc = False  # after a PRE_COPY error only a full final image is taken
+            stop_copy_chunk = not track and not pre_copy_cleanup
+            header_buf: DataBuffer | None = None
+            if stop_copy_chunk:
+                idx = buf.stop_copy_chunk_num - 1 if buf.stop_copy_chunk_num else 0
+                header_buf, migf.buf_header[idx] = migf.buf_header[idx], None
+            if header_buf is None:
+                header_buf = migf.get_header_buffer()
+            if stop_copy_chunk:
+                migf.state = MigfState.SAVE_STOP_COPY_CHUNK
+            migf.inflight_save = True
+
+            def callback(c: SaveCompletion) -> None:
+                migf.on_save_completion(c, buf, header_buf, stop_copy_chunk)
+
+            try:
+                res = await self.link.save_vhca_state(
+                    self.vhca_id,
+                    mkey=buf.mkey,
+                    size=buf.allocated_length,
+                    incremental=inc,
+                    set_track=track,
+                    callback=callback,
+                )
+            except LinkError as e:
+                raise link_errno(e) from None
+            if not res.ok:
+                raise VfioError(
+                    status_to_errno(res.status),
+                    f"SAVE_VHCA_STATE refused: status {res.status:#x} "
+                    f"syndrome {res.syndrome:#x} {res.diagnostic}".strip(),
+                )
+            migf.arm_save_timeout(res.token, callback)
+        except BaseException:
+            # Submission failed: no completion will come.
+            migf.inflight_save = False
+            if header_buf is not None:
+                migf.put_data_buffer(header_buf)
+            migf.wake()
+            migf.save_comp.release()
+            raise
+
+    async def load_vhca_state(self, migf: Mlx5VfMigrationFile, buf: DataBuffer) -> None:
+        self._attached()
+        if buf.allocated_length == 0:
+            # mlx5vf_dma_data_buffer(): nothing to map
+            raise VfioError(errno.EINVAL, "zero-length image with no buffer")
+        assert buf.host is not None
+        try:
+            await self.link.dma_sync_for_device(buf.host, 0, buf.length)
+            r = await self.link.load_vhca_state(self.vhca_id, mkey=buf.mkey, size=buf.length)
+        except LinkError as e:
+            raise link_errno(e) from None
+        check(r, "LOAD_VHCA_STATE")
+
+    async def function_level_reset(self) -> None:
+        try:
+            r = await self.link.function_level_reset(self.vhca_id)
+        except LinkError as e:
+            raise link_errno(e) from None
+        check(r, "function level reset")
+
+
+def timeout_completion(token: int, vhca_id: int, now: float) -> SaveCompletion:
+    """What mlx5_cmd_exec_cb reports for a command the firmware never completed."""
+    return SaveCompletion(
+        token, vhca_id, -errno.ETIMEDOUT, Syndrome.NONE, 0, 0, now, "command timed out"
+    )

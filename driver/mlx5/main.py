@@ -1,0 +1,307 @@
+"""The mlx5vf variant driver's device (drivers/vfio/pci/mlx5/main.c): probe,
+open/close, reset, the migration FSM arcs and the firmware commands each one
+issues (mlx5vf_pci_step_device_state_locked), MIG_DATA_SIZE."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from fwemu.link.base import FirmwareLink
+from fwemu.model.constants import ResumeOpMod, SuspendOpMod
+from fwemu.model.firmware import SaveCompletion
+
+from ..vfio.errors import VfioError
+from ..vfio.fsm import next_state
+from ..vfio.ops import MigrationFile
+from ..vfio.precopy import PrecopyInfo
+from ..vfio.uapi import (
+    VFIO_MIGRATION_P2P,
+    VFIO_MIGRATION_PRE_COPY,
+    VFIO_MIGRATION_STOP_COPY,
+    MigState,
+)
+from .cmd import (
+    MAX_CHUNK_SIZE,
+    MLX5VF_QUERY_CLEANUP,
+    MLX5VF_QUERY_FINAL,
+    MLX5VF_QUERY_INC,
+    Caps,
+    Commands,
+    DataBuffer,
+    MigfState,
+    query_caps,
+)
+from .migf import Mlx5VfMigrationFile
+
+if TYPE_CHECKING:
+    from ..vfio.device import VfioDevice
+
+S = MigState
+
+
+@dataclass
+class DeviceStats:
+    """What the driver counts (metrics and events read these)."""
+
+    transitions: Counter[tuple[str, str]] = field(default_factory=Counter)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    images_saved: int = 0
+    image_bytes_saved: int = 0
+    images_loaded: int = 0
+    image_bytes_loaded: int = 0
+    save_failures: int = 0
+    precopy_info: int = 0
+    reinits: int = 0
+
+
+class Mlx5VfDevice:
+    """One mlx5 VF bound to the mlx5vf driver: VfioDeviceDriver, VfioMigrationOps."""
+
+    def __init__(
+        self,
+        link: FirmwareLink,
+        function_id: int,
+        *,
+        cmd_timeout: float = 60.0,
+        max_chunk_size: int = MAX_CHUNK_SIZE,
+    ) -> None:
+        self.link = link
+        self.function_id = function_id
+        self.cmd_timeout = cmd_timeout
+        self.max_chunk_size = max_chunk_size
+        self.caps = Caps()
+        self.migration_flags = 0
+        self.mig_ops: Mlx5VfDevice | None = None
+        self.log_ops: None = None
+        self.cmds = Commands(self)
+        self.state_mutex = asyncio.Lock()
+        self.mig_state = S.RUNNING
+        self.saving_migf: Mlx5VfMigrationFile | None = None
+        self.resuming_migf: Mlx5VfMigrationFile | None = None
+        self.mdev_detach = False
+        self.core: VfioDevice  # set when the VFIO core registers the device
+        self.stats = DeviceStats()
+
+    async def probe(self) -> None:
+        """mlx5vf_cmd_set_migratable(): migration is offered only when the
+        firmware has every capability mlx5vf requires."""
+        self.caps = await query_caps(self.link, self.function_id)
+        if self.caps.migrate_cap:
+            self.migration_flags = (
+                VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY
+            )
+            self.mig_ops = self
+
+    @property
+    def migratable(self) -> bool:
+        return self.caps.migrate_cap
+
+    # --- vfio_device_ops ---------------------------------------------------------------
+
+    async def open_device(self) -> None:
+        """vfio_pci_core_enable() resets the function; mlx5vf starts at RUNNING."""
+        if self.caps.migrate_cap:
+            await self.cmds.function_level_reset()
+            self.mig_state = S.RUNNING
+
+    async def close_device(self) -> None:
+        """mlx5vf_cmd_close_migratable(), then vfio_pci_core_disable()'s reset."""
+        if self.caps.migrate_cap:
+            async with self.state_mutex:
+                await self.disable_fds()
+            await self.cmds.function_level_reset()
+
+    async def reset(self) -> None:
+        """VFIO_DEVICE_RESET: the function is reset (FLR), then reset_done puts
+        the FSM back to RUNNING and ends the data files."""
+        if not self.caps.migrate_cap:
+            return
+        await self.cmds.function_level_reset()
+        async with self.state_mutex:
+            self.mig_state = S.RUNNING
+            await self.disable_fds()
+
+    async def device_feature(self, flags: int, data: bytes, argsz: int) -> bytes:
+        raise VfioError(errno.ENOTTY, f"feature {flags & 0xFFFF} not supported")
+
+    # --- vfio_migration_ops -------------------------------------------------------------
+
+    async def migration_get_state(self) -> MigState:
+        async with self.state_mutex:
+            return self.mig_state
+
+    async def migration_get_data_size(self) -> int:
+        """mlx5vf_pci_get_data_size(): a full query, in any state."""
+        async with self.state_mutex:
+            _, total, _ = await self.cmds.query_vhca_migration_state(0)
+            return total
+
+    async def migration_set_state(self, new_state: MigState) -> MigrationFile | None:
+        """mlx5vf_pci_set_device_state(): arc by arc; a failed arc leaves the
+        device at the last state reached."""
+        async with self.state_mutex:
+            res: MigrationFile | None = None
+            while new_state != self.mig_state:
+                nxt = next_state(self.mig_state, new_state, self.migration_flags)
+                res = await self.step_device_state_locked(nxt)
+                self.stats.transitions[(self.mig_state.name, nxt.name)] += 1
+                self.mig_state = nxt
+                if res is not None and new_state != self.mig_state:
+                    await res.release()
+                    raise VfioError(errno.EINVAL, "a data file from a non-final arc (WARN)")
+            return res
+
+    async def step_device_state_locked(self, new: MigState) -> MigrationFile | None:
+        """mlx5vf_pci_step_device_state_locked(): the commands of one arc."""
+        cur = self.mig_state
+        cmds = self.cmds
+        if (cur, new) == (S.RUNNING_P2P, S.STOP):
+            await cmds.suspend_vhca(SuspendOpMod.SUSPEND_RESPONDER)
+            return None
+        if (cur, new) == (S.STOP, S.RUNNING_P2P):
+            await cmds.resume_vhca(ResumeOpMod.RESUME_RESPONDER)
+            return None
+        if (cur, new) in ((S.RUNNING, S.RUNNING_P2P), (S.PRE_COPY, S.PRE_COPY_P2P)):
+            await cmds.suspend_vhca(SuspendOpMod.SUSPEND_INITIATOR)
+            return None
+        if (cur, new) in ((S.RUNNING_P2P, S.RUNNING), (S.PRE_COPY_P2P, S.PRE_COPY)):
+            await cmds.resume_vhca(ResumeOpMod.RESUME_INITIATOR)
+            return None
+        if (cur, new) == (S.STOP, S.STOP_COPY):
+            migf = await self.save_device_data(track=False)
+            self.saving_migf = migf
+            return migf
+        if (cur, new) == (S.STOP_COPY, S.STOP):
+            await self.disable_fds()
+            return None
+        if (cur, new) in ((S.PRE_COPY, S.RUNNING), (S.PRE_COPY_P2P, S.RUNNING_P2P)):
+            await self._pre_copy_cleanup()
+            return None
+        if (cur, new) == (S.STOP, S.RESUMING):
+            migf = Mlx5VfMigrationFile(self, saving=False)
+            self.resuming_migf = migf
+            return migf
+        if (cur, new) == (S.RESUMING, S.STOP):
+            await self.disable_fds()
+            return None
+        if (cur, new) in ((S.RUNNING, S.PRE_COPY), (S.RUNNING_P2P, S.PRE_COPY_P2P)):
+            migf = await self.save_device_data(track=True)
+            self.saving_migf = migf
+            return migf
+        if (cur, new) == (S.PRE_COPY_P2P, S.STOP_COPY):
+            await cmds.suspend_vhca(SuspendOpMod.SUSPEND_RESPONDER)
+            await self.save_device_inc_data()
+            return None
+        # vfio_mig_get_next_state() hands out no other arc.
+        raise VfioError(errno.EINVAL, f"arc {cur.name} -> {new.name} (WARN)")
+
+    async def _pre_copy_cleanup(self) -> None:
+        """PRE_COPY -> RUNNING: tell the firmware to drop tracking with a
+        non-incremental, untracked SAVE whose data is discarded, then end the
+        file; the arc fails with EIO if the file ended in error."""
+        migf = self.saving_migf
+        assert migf is not None
+        size, _, _ = await self.cmds.query_vhca_migration_state(
+            MLX5VF_QUERY_INC | MLX5VF_QUERY_CLEANUP
+        )
+        buf = await migf.get_data_buffer(size)
+        try:
+            await self.cmds.save_vhca_state(migf, buf, False, False)
+        except VfioError:
+            migf.put_data_buffer(buf)
+            raise
+        last_state = await self.disable_fds()
+        if last_state == MigfState.ERROR:
+            raise VfioError(errno.EIO, "the saving file ended in error")
+
+    async def save_device_data(self, *, track: bool) -> Mlx5VfMigrationFile:
+        """mlx5vf_pci_save_device_data(): a new saving file and its first SAVE."""
+        migf = Mlx5VfMigrationFile(self, saving=True)
+        self.saving_migf = migf  # SUSPEND and queries see it from now on
+        try:
+            length, full_size, _ = await self.cmds.query_vhca_migration_state(0)
+            await migf.prep_stop_copy(length, full_size, track)
+            first = migf.buf[0]
+            assert first is not None
+            if track:
+                # buf[0] stays ready for the stop-copy phase.
+                buf = await migf.alloc_data_buffer(first.npages * 4096)
+            else:
+                buf, migf.buf[0] = first, None
+            try:
+                await self.cmds.save_vhca_state(migf, buf, False, track)
+            except VfioError:
+                await migf.free_data_buffer(buf)
+                raise
+        except VfioError:
+            self.saving_migf = None
+            await migf.clean_resources()
+            raise
+        return migf
+
+    async def save_device_inc_data(self) -> None:
+        """mlx5vf_pci_save_device_inc_data(): the final image into buf[0]."""
+        migf = self.saving_migf
+        assert migf is not None
+        if migf.state == MigfState.ERROR:
+            raise VfioError(errno.ENODEV, "the saving file is in error")
+        buf = None
+        try:
+            length, _, _ = await self.cmds.query_vhca_migration_state(
+                MLX5VF_QUERY_INC | MLX5VF_QUERY_FINAL
+            )
+            buf = await migf.stop_copy_buf(0, length)
+            await self.cmds.save_vhca_state(migf, buf, True, False)
+        except VfioError:
+            if buf is not None:
+                migf.put_data_buffer(buf)
+            migf.mark_err()
+            raise
+
+    async def disable_fds(self) -> MigfState | None:
+        """mlx5vf_disable_fds(): end both files (waiting for a SAVE in flight),
+        free their buffers; returns the saving file's last state."""
+        last_state = None
+        if self.resuming_migf is not None:
+            migf, self.resuming_migf = self.resuming_migf, None
+            migf.state = MigfState.ERROR
+            migf.f_pos = 0
+            await migf.clean_resources()
+        if self.saving_migf is not None:
+            migf, self.saving_migf = self.saving_migf, None
+            await migf.save_comp.acquire()  # outstanding callbacks finish first
+            migf.save_comp.release()
+            last_state = migf.state
+            migf.state = MigfState.ERROR
+            migf.f_pos = 0
+            migf.wake()
+            await migf.clean_resources()
+        return last_state
+
+    # --- observations (metrics, events) ----------------------------------------------
+
+    def bytes_read(self, n: int) -> None:
+        self.stats.bytes_read += n
+
+    def bytes_written(self, n: int) -> None:
+        self.stats.bytes_written += n
+
+    def save_completed(self, c: SaveCompletion, buf: DataBuffer) -> None:
+        self.stats.images_saved += 1
+        self.stats.image_bytes_saved += c.actual_image_size
+
+    def save_failed(self, c: SaveCompletion, status: int) -> None:
+        self.stats.save_failures += 1
+
+    def image_loaded(self, n: int) -> None:
+        self.stats.images_loaded += 1
+        self.stats.image_bytes_loaded += n
+
+    def precopy_answered(self, info: PrecopyInfo, reinit: bool) -> None:
+        self.stats.precopy_info += 1
+        self.stats.reinits += int(reinit)

@@ -1,0 +1,1 @@
+"""The gRPC face of the VFIO driver (vfio-driver serve)."""

@@ -1,0 +1,70 @@
+"""Kernel errnos on the wire: the gRPC code each maps to, and the ErrorInfo
+(reason = errno name, metadata errno = its number) clients read back."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Mapping
+from typing import NoReturn
+
+import grpc
+
+from grpcsvc.errors import abort
+
+from ..vfio.errors import VfioError
+
+DOMAIN = "vfio.kernel"
+ERESTARTSYS = 512  # kernel-internal: an interrupted wait
+
+# errno -> gRPC status code (documented in the README)
+ERRNO_CODES: dict[int, grpc.StatusCode] = {
+    errno.EINVAL: grpc.StatusCode.INVALID_ARGUMENT,
+    errno.EFAULT: grpc.StatusCode.INVALID_ARGUMENT,
+    errno.ESPIPE: grpc.StatusCode.INVALID_ARGUMENT,
+    errno.E2BIG: grpc.StatusCode.INVALID_ARGUMENT,
+    errno.EOVERFLOW: grpc.StatusCode.INVALID_ARGUMENT,
+    errno.ENOTTY: grpc.StatusCode.UNIMPLEMENTED,
+    errno.EOPNOTSUPP: grpc.StatusCode.UNIMPLEMENTED,
+    errno.ENOMSG: grpc.StatusCode.OUT_OF_RANGE,  # a temporary end of stream
+    errno.EAGAIN: grpc.StatusCode.UNAVAILABLE,
+    errno.EBUSY: grpc.StatusCode.UNAVAILABLE,
+    errno.ENOTCONN: grpc.StatusCode.UNAVAILABLE,
+    errno.ENODEV: grpc.StatusCode.FAILED_PRECONDITION,
+    errno.EBADF: grpc.StatusCode.NOT_FOUND,
+    errno.ENOENT: grpc.StatusCode.NOT_FOUND,
+    errno.EIO: grpc.StatusCode.INTERNAL,
+    errno.EREMOTEIO: grpc.StatusCode.INTERNAL,
+    errno.ENOMEM: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errno.EMFILE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errno.ETIMEDOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errno.EPERM: grpc.StatusCode.PERMISSION_DENIED,
+    errno.EACCES: grpc.StatusCode.PERMISSION_DENIED,
+    errno.EINTR: grpc.StatusCode.CANCELLED,
+    ERESTARTSYS: grpc.StatusCode.CANCELLED,
+}
+
+
+def errno_name(code: int) -> str:
+    if code == ERESTARTSYS:
+        return "ERESTARTSYS"
+    return errno.errorcode.get(code, f"E{code}")
+
+
+def grpc_code(code: int) -> grpc.StatusCode:
+    return ERRNO_CODES.get(code, grpc.StatusCode.UNKNOWN)
+
+
+async def abort_errno(
+    context: grpc.aio.ServicerContext[object, object],
+    e: VfioError,
+    extra: Mapping[str, str] | None = None,
+) -> NoReturn:
+    code = e.errno or errno.EIO
+    await abort(
+        context,
+        grpc_code(code),
+        str(e),
+        reason=errno_name(code),
+        domain=DOMAIN,
+        metadata={"errno": str(code), **(extra or {})},
+    )
