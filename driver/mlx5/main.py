@@ -16,7 +16,7 @@ from fwemu.model.firmware import SaveCompletion
 
 from ..vfio.errors import VfioError
 from ..vfio.fsm import next_state
-from ..vfio.ops import MigrationFile
+from ..vfio.ops import MigrationFile, VfioLogOps, VfioMigrationOps
 from ..vfio.precopy import PrecopyInfo
 from ..vfio.uapi import (
     VFIO_MIGRATION_P2P,
@@ -76,8 +76,8 @@ class Mlx5VfDevice:
         self.max_chunk_size = max_chunk_size
         self.caps = Caps()
         self.migration_flags = 0
-        self.mig_ops: Mlx5VfDevice | None = None
-        self.log_ops: None = None
+        self.mig_ops: VfioMigrationOps | None = None
+        self.log_ops: VfioLogOps | None = None
         self.cmds = Commands(self)
         self.state_mutex = asyncio.Lock()
         self.mig_state = S.RUNNING
