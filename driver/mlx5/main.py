@@ -36,6 +36,7 @@ from .cmd import (
     query_caps,
 )
 from .migf import Mlx5VfMigrationFile
+from .tracker import PageTracker
 
 if TYPE_CHECKING:
     from ..vfio.device import VfioDevice
@@ -86,6 +87,7 @@ class Mlx5VfDevice:
         self.mdev_detach = False
         self.core: VfioDevice  # set when the VFIO core registers the device
         self.stats = DeviceStats()
+        self.tracker = PageTracker(self)
 
     async def probe(self) -> None:
         """mlx5vf_cmd_set_migratable(): migration is offered only when the
@@ -96,6 +98,8 @@ class Mlx5VfDevice:
                 VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY
             )
             self.mig_ops = self
+            if self.caps.log_cap:
+                self.log_ops = self.tracker
 
     @property
     def migratable(self) -> bool:
@@ -114,6 +118,7 @@ class Mlx5VfDevice:
         if self.caps.migrate_cap:
             async with self.state_mutex:
                 await self.disable_fds()
+                await self.tracker.free()
             await self.cmds.function_level_reset()
 
     async def reset(self) -> None:

@@ -26,6 +26,7 @@ from ..model.faults import Fault
 from ..model.firmware import (
     CmdResult,
     HcaCapResult,
+    PageTrackResult,
     QueryResult,
     SaveAccepted,
     SaveCompletion,
@@ -101,6 +102,16 @@ class FirmwareLink(Protocol):
     async def resume_vhca(self, vhca_id: int, *, op_mod: int) -> CmdResult: ...
 
     async def function_level_reset(self, vhca_id: int) -> CmdResult: ...
+
+    async def create_page_tracker(
+        self, vhca_id: int, ranges: list[tuple[int, int]], log_page_size: int
+    ) -> PageTrackResult: ...
+
+    async def report_page_tracker(
+        self, vhca_id: int, obj_id: int, iova: int, length: int
+    ) -> PageTrackResult: ...
+
+    async def destroy_page_tracker(self, vhca_id: int, obj_id: int) -> CmdResult: ...
 
     async def alloc_buffer(self, length: int) -> HostBuffer: ...
 

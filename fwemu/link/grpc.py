@@ -36,6 +36,7 @@ from ..model.faults import Fault
 from ..model.firmware import (
     CmdResult,
     HcaCapResult,
+    PageTrackResult,
     QueryResult,
     SaveAccepted,
     SaveCompletion,
@@ -240,6 +241,37 @@ class GrpcLink:
     async def function_level_reset(self, vhca_id: int) -> CmdResult:
         m = await self._call(
             self.fw.FunctionLevelReset, fpb.FunctionLevelResetRequest(vhca_id=vhca_id)
+        )
+        return convert.cmd_from_pb(m)
+
+    async def create_page_tracker(
+        self, vhca_id: int, ranges: list[tuple[int, int]], log_page_size: int
+    ) -> PageTrackResult:
+        m = await self._call(
+            self.fw.CreatePageTracker,
+            fpb.CreatePageTrackerRequest(
+                vhca_id=vhca_id,
+                log_page_size=log_page_size,
+                ranges=[fpb.PageTrackRange(start_address=a, length=n) for a, n in ranges],
+            ),
+        )
+        return convert.page_track_from_pb(m)
+
+    async def report_page_tracker(
+        self, vhca_id: int, obj_id: int, iova: int, length: int
+    ) -> PageTrackResult:
+        m = await self._call(
+            self.fw.ReportPageTracker,
+            fpb.ReportPageTrackerRequest(
+                vhca_id=vhca_id, obj_id=obj_id, range_start_address=iova, length=length
+            ),
+        )
+        return convert.page_track_from_pb(m)
+
+    async def destroy_page_tracker(self, vhca_id: int, obj_id: int) -> CmdResult:
+        m = await self._call(
+            self.fw.DestroyPageTracker,
+            fpb.DestroyPageTrackerRequest(vhca_id=vhca_id, obj_id=obj_id),
         )
         return convert.cmd_from_pb(m)
 

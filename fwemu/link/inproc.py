@@ -19,6 +19,7 @@ from ..model.firmware import (
     Firmware,
     FirmwareError,
     HcaCapResult,
+    PageTrackResult,
     QueryResult,
     SaveAccepted,
     SaveCompletion,
@@ -111,6 +112,19 @@ class InProcessLink:
 
     async def function_level_reset(self, vhca_id: int) -> CmdResult:
         return self.fw.function_level_reset(vhca_id)
+
+    async def create_page_tracker(
+        self, vhca_id: int, ranges: list[tuple[int, int]], log_page_size: int
+    ) -> PageTrackResult:
+        return self.fw.create_page_tracker(vhca_id, ranges, log_page_size)
+
+    async def report_page_tracker(
+        self, vhca_id: int, obj_id: int, iova: int, length: int
+    ) -> PageTrackResult:
+        return self.fw.report_page_tracker(vhca_id, obj_id, iova, length)
+
+    async def destroy_page_tracker(self, vhca_id: int, obj_id: int) -> CmdResult:
+        return self.fw.destroy_page_tracker(vhca_id, obj_id)
 
     async def alloc_buffer(self, length: int) -> ByteBuffer:
         if length <= 0:

@@ -38,6 +38,7 @@ from .image import (
     parse_image,
     write_piece,
 )
+from .page_track import PageTracker, PageTrackError
 from .vf import ChunkedSave, LoadChain, ReconfigTrigger, Vf, VfConfig
 
 
@@ -87,6 +88,12 @@ class SaveAccepted(CmdResult):
 @dataclass(slots=True)
 class MkeyResult(CmdResult):
     mkey: int = 0
+
+
+@dataclass(slots=True)
+class PageTrackResult(CmdResult):
+    obj_id: int = 0
+    dirty: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -970,6 +977,61 @@ class Firmware:
                 f"image {h.seq}.{h.piece} loaded where {want[0]}.{want[1]} is due",
             )
         return False
+
+    # --- PAGE_TRACK general objects (DMA dirty tracking) ---------------------------
+
+    def create_page_tracker(
+        self, vhca_id: int, ranges: list[tuple[int, int]], log_page_size: int
+    ) -> PageTrackResult:
+        vf = self._lookup(vhca_id, Opcode.CREATE_GENERAL_OBJECT)
+        if isinstance(vf, CmdResult):
+            return _as(PageTrackResult, vf)
+        if not vf.config.caps.adv_virtualization:
+            return _fail(
+                PageTrackResult,
+                CmdStatus.BAD_OP_ERR,
+                Syndrome.CAP_MISSING,
+                "page tracking needs cmd_hca_cap.adv_virtualization",
+            )
+        if vf.page_trackers:
+            return _fail(
+                PageTrackResult,
+                CmdStatus.RES_BUSY,
+                Syndrome.MIGRATION_BUSY,
+                "the function already has a page tracker",
+            )
+        try:
+            tracker = PageTracker.create(next(self._ids), ranges, log_page_size)
+        except PageTrackError as e:
+            return _fail(PageTrackResult, CmdStatus.BAD_PARAM_ERR, Syndrome.FIELD_RANGE, str(e))
+        vf.page_trackers[tracker.obj_id] = tracker
+        return PageTrackResult(obj_id=tracker.obj_id)
+
+    def report_page_tracker(
+        self, vhca_id: int, obj_id: int, iova: int, length: int
+    ) -> PageTrackResult:
+        vf = self._lookup(vhca_id, Opcode.MODIFY_GENERAL_OBJECT)
+        if isinstance(vf, CmdResult):
+            return _as(PageTrackResult, vf)
+        tracker = vf.page_trackers.get(obj_id)
+        if tracker is None:
+            return _fail(
+                PageTrackResult,
+                CmdStatus.BAD_RES_ERR,
+                Syndrome.FIELD_RANGE,
+                f"no page tracker {obj_id}",
+            )
+        return PageTrackResult(obj_id=obj_id, dirty=tracker.report(iova, length))
+
+    def destroy_page_tracker(self, vhca_id: int, obj_id: int) -> CmdResult:
+        vf = self._lookup(vhca_id, Opcode.DESTROY_GENERAL_OBJECT)
+        if isinstance(vf, CmdResult):
+            return vf
+        if vf.page_trackers.pop(obj_id, None) is None:
+            return _fail(
+                CmdResult, CmdStatus.BAD_RES_ERR, Syndrome.FIELD_RANGE, f"no page tracker {obj_id}"
+            )
+        return CmdResult()
 
     # --- PCI function level reset ------------------------------------------------
 

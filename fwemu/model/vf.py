@@ -12,6 +12,7 @@ from .constants import PAGE_SIZE, KiB, MiB, MigState
 from .device_state import DeviceState, Workload, obj_type_index, page_runs
 from .faults import FaultQueue
 from .image import Cursor, ImageKind, Plan
+from .page_track import PageTracker
 
 
 @dataclass(slots=True)
@@ -130,6 +131,8 @@ class Vf:
         # loading side
         self.load_chain: LoadChain | None = None
         self.loads_since_suspend = 0
+        # DMA dirty tracking objects (PAGE_TRACK)
+        self.page_trackers: dict[int, PageTracker] = {}
         # counters
         self.saved_bytes = 0
         self.loaded_bytes = 0
@@ -180,9 +183,13 @@ class Vf:
         self.last_time = max(self.last_time, until)
         writes = self.workload.due(until)
         if writes:
+            first = self.workload.counter + 1
             pages = self.workload.run(self.state, writes)
             if self.tracking:
                 self.dirty_pages.update(pages)
+            for tracker in self.page_trackers.values():
+                for counter, page in enumerate(pages, start=first):
+                    tracker.device_wrote(page, counter)
 
     def _fire(self, trig: ReconfigTrigger) -> None:
         self.triggers.remove(trig)

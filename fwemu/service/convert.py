@@ -11,6 +11,7 @@ from ..model.faults import Fault, FaultKind
 from ..model.firmware import (
     CmdResult,
     HcaCapResult,
+    PageTrackResult,
     QueryResult,
     SaveAccepted,
     SaveCompletion,
@@ -128,6 +129,26 @@ def completion_from_pb(m: fpb.Completion) -> SaveCompletion:
         timestamp=m.timestamp,
         diagnostic=m.diagnostic,
         opcode=m.opcode,
+    )
+
+
+def page_track_to_pb(r: PageTrackResult) -> fpb.PageTrackerResponse:
+    return fpb.PageTrackerResponse(
+        status=r.status,
+        syndrome=r.syndrome,
+        diagnostic=r.diagnostic,
+        obj_id=r.obj_id,
+        dirty_addresses=r.dirty,
+    )
+
+
+def page_track_from_pb(m: fpb.PageTrackerResponse) -> PageTrackResult:
+    return PageTrackResult(
+        status=m.status,
+        syndrome=m.syndrome,
+        diagnostic=m.diagnostic,
+        obj_id=m.obj_id,
+        dirty=list(m.dirty_addresses),
     )
 
 

@@ -109,6 +109,20 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
     async def FunctionLevelReset(self, request: fpb.FunctionLevelResetRequest, context: Ctx) -> Any:
         return convert.cmd_to_pb(self.fw.function_level_reset(request.vhca_id))
 
+    async def CreatePageTracker(self, request: fpb.CreatePageTrackerRequest, context: Ctx) -> Any:
+        ranges = [(r.start_address, r.length) for r in request.ranges]
+        r = self.fw.create_page_tracker(request.vhca_id, ranges, request.log_page_size)
+        return convert.page_track_to_pb(r)
+
+    async def ReportPageTracker(self, request: fpb.ReportPageTrackerRequest, context: Ctx) -> Any:
+        r = self.fw.report_page_tracker(
+            request.vhca_id, request.obj_id, request.range_start_address, request.length
+        )
+        return convert.page_track_to_pb(r)
+
+    async def DestroyPageTracker(self, request: fpb.DestroyPageTrackerRequest, context: Ctx) -> Any:
+        return convert.cmd_to_pb(self.fw.destroy_page_tracker(request.vhca_id, request.obj_id))
+
     async def Completions(
         self, request: fpb.CompletionsRequest, context: Ctx
     ) -> AsyncIterator[fpb.Completion]:
