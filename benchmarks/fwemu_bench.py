@@ -18,10 +18,9 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -29,34 +28,15 @@ import uvloop
 
 from fwemu.cli import byte_size
 from fwemu.link.grpc import GrpcLink
-from fwemu.model.constants import GiB, MiB
+from fwemu.model.constants import GiB, KiB, MiB
 from fwemu.model.firmware import SaveCompletion
 
-FWEMU = [sys.executable, "-m", "fwemu.cli"]
+sys.path.insert(0, str(Path(__file__).parent))
+from procs import FWEMU, served
 
 
-@contextlib.contextmanager
-def fwemu_process(*args: str) -> Iterator[tuple[psutil.Process, str]]:
-    """Start `fwemu serve` on a free port; yields (process, HOST:PORT) once it serves."""
-    proc = subprocess.Popen(
-        [*FWEMU, "serve", "--listen", "127.0.0.1:0", "--log-level", "warning", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if "serving" not in line:
-            err = proc.stderr.read() if proc.stderr else ""
-            raise RuntimeError(f"fwemu did not start: {line}{err}")
-        yield psutil.Process(proc.pid), line.split(" on ")[-1].strip()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def fwemu_process(*args: str) -> contextlib.AbstractContextManager[tuple[psutil.Process, str]]:
+    return served(FWEMU, "--log-level", "warning", *args)
 
 
 def memcpy_seconds(size: int, repeat: int) -> float:
@@ -164,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in out:
         m = out["memory"]
         print(
-            f"(b) fwemu with {m['vfs']} VFs of {m['vf_bytes'] / MiB:.0f} MiB: RSS "
+            f"(b) fwemu with {m['vfs']} VFs of {m['vf_bytes'] / KiB:.0f} KiB: RSS "
             f"{m['rss_bytes'] / GiB:.2f} GiB (state {m['state_bytes'] / GiB:.2f} GiB, idle "
             f"{m['idle_rss_bytes'] / MiB:.0f} MiB, {m['overhead_over_state']:.2f}x state); "
             f"goal < 1.50 GiB: {'met' if m['met'] else 'MISSED'}"

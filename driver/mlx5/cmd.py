@@ -5,9 +5,11 @@ LOAD_VHCA_STATE; plus the data buffers the firmware DMAs into."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import errno
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -244,10 +246,9 @@ class Commands:
             if stop_copy_chunk:
                 migf.state = MigfState.SAVE_STOP_COPY_CHUNK
             migf.inflight_save = True
-
-            def callback(c: SaveCompletion) -> None:
-                migf.on_save_completion(c, buf, header_buf, stop_copy_chunk)
-
+            save = _SaveCommand(
+                lambda c: migf.on_save_completion(c, buf, header_buf, stop_copy_chunk)
+            )
             try:
                 res = await self.link.save_vhca_state(
                     self.vhca_id,
@@ -255,7 +256,7 @@ class Commands:
                     size=buf.allocated_length,
                     incremental=inc,
                     set_track=track,
-                    callback=callback,
+                    callback=save.complete,
                 )
             except LinkError as e:
                 raise link_errno(e) from None
@@ -265,7 +266,7 @@ class Commands:
                     f"SAVE_VHCA_STATE refused: status {res.status:#x} "
                     f"syndrome {res.syndrome:#x} {res.diagnostic}".strip(),
                 )
-            migf.arm_save_timeout(res.token, callback)
+            save.arm_timeout(self.mvdev.cmd_timeout, res.token, self.vhca_id)
         except BaseException:
             # Submission failed: no completion will come.
             migf.inflight_save = False
@@ -296,8 +297,41 @@ class Commands:
         check(r, "function level reset")
 
 
-def timeout_completion(token: int, vhca_id: int, now: float) -> SaveCompletion:
-    """What mlx5_cmd_exec_cb reports for a command the firmware never completed."""
-    return SaveCompletion(
-        token, vhca_id, -errno.ETIMEDOUT, Syndrome.NONE, 0, 0, now, "command timed out"
-    )
+class _SaveCommand:
+    """One asynchronous SAVE: its completion runs the callback exactly once,
+    whether it comes from the firmware (possibly before the command's own
+    answer) or from the command timeout, as mlx5_cmd_exec_cb reports a
+    command the firmware never completed with -ETIMEDOUT."""
+
+    def __init__(self, callback: Callable[[SaveCompletion], None]) -> None:
+        self._callback = callback
+        self._done = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def complete(self, c: SaveCompletion) -> None:
+        if self._done:
+            return  # a late answer after the timeout
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._callback(c)
+
+    def arm_timeout(self, seconds: float, token: int, vhca_id: int) -> None:
+        if self._done:
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(
+            seconds,
+            lambda: self.complete(
+                SaveCompletion(
+                    token,
+                    vhca_id,
+                    -errno.ETIMEDOUT,
+                    Syndrome.NONE,
+                    0,
+                    0,
+                    loop.time(),
+                    "command timed out",
+                )
+            ),
+        )

@@ -34,7 +34,6 @@ from .cmd import (
     DataBuffer,
     MigfState,
     link_errno,
-    timeout_completion,
 )
 
 if TYPE_CHECKING:
@@ -79,8 +78,6 @@ class Mlx5VfMigrationFile:
         self.pre_copy_initial_bytes_start = 0
         self.num_ready_chunks = 0
         self.next_required_umem_size = 0
-        self._save_token: int | None = None
-        self._save_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # resuming side
         self.load_state = LoadState.READ_HEADER
@@ -242,17 +239,6 @@ class Mlx5VfMigrationFile:
 
     # --- saving: the SAVE completion -----------------------------------------------
 
-    def arm_save_timeout(self, token: int, callback: Callable[[SaveCompletion], None]) -> None:
-        """mlx5_cmd_exec_cb completes a command the firmware never answers with
-        -ETIMEDOUT after the command timeout."""
-        self._save_token = token
-        loop = asyncio.get_running_loop()
-        vhca = self.mvdev.caps.vhca_id
-        self._save_timer = loop.call_later(
-            self.mvdev.cmd_timeout,
-            lambda: callback(timeout_completion(token, vhca, loop.time())),
-        )
-
     def on_save_completion(
         self,
         c: SaveCompletion,
@@ -260,15 +246,8 @@ class Mlx5VfMigrationFile:
         header_buf: DataBuffer,
         stop_copy_chunk: bool,
     ) -> None:
-        """mlx5vf_save_callback(): runs once per SAVE (a late answer after a
-        timeout is ignored); the bookkeeping continues in a task because
+        """mlx5vf_save_callback(): the bookkeeping continues in a task because
         firmware-held memory must be fetched first."""
-        if self._save_token is not None and c.token != self._save_token:
-            return
-        self._save_token = None
-        if self._save_timer is not None:
-            self._save_timer.cancel()
-            self._save_timer = None
         self._spawn(self._save_done(c, buf, header_buf, stop_copy_chunk))
 
     async def _save_done(

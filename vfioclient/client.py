@@ -1,0 +1,299 @@
+"""An async client of the vfio-driver service that reads like ioctl code.
+
+    async with await VfioClient.connect("127.0.0.1:50052") as c:
+        fd = await c.open_device("0000:81:00.1")
+        flags = await c.migration_flags(fd)
+        data_fd = await c.set_state(fd, MigState.PRE_COPY)
+        info = await c.precopy_info(data_fd)
+        try:
+            chunk = await c.read(data_fd, 1 << 20)
+        except VfioClientError as e:
+            if e.errno != errno.ENOMSG:
+                raise
+
+Failures raise VfioClientError, an OSError whose errno is the kernel's.  The
+client keeps a Session open, so its fds close if it goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import secrets
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from driver.api.v1 import vfio_pb2 as pb
+from driver.api.v1 import vfio_pb2_grpc as pbg
+from driver.vfio.uapi import (
+    MIG_DATA_SIZE,
+    MIG_STATE,
+    MIGRATION,
+    VFIO_DEVICE_FEATURE_GET,
+    VFIO_DEVICE_FEATURE_PROBE,
+    VFIO_DEVICE_FEATURE_SET,
+    VFIO_PRECOPY_INFO_REINIT,
+    Feature,
+    MigState,
+)
+from grpcsvc.errors import error_info
+from grpcsvc.server import CHANNEL_OPTIONS
+
+T = TypeVar("T")
+CLIENT_KEY = "x-vfio-client"
+FEATURE_HEADER_SIZE = 8
+
+
+class VfioClientError(OSError):
+    """A failed call: `errno` is the kernel's errno (ENOMSG, EINVAL, ...)."""
+
+    def __init__(self, code: int, message: str, grpc_code: grpc.StatusCode | None = None) -> None:
+        super().__init__(code, message)
+        self.grpc_code = grpc_code
+
+    @property
+    def name(self) -> str:
+        return errno.errorcode.get(self.errno or 0, f"E{self.errno}")
+
+
+def _error(e: grpc.aio.AioRpcError) -> VfioClientError:
+    info = error_info(e)
+    code = info.metadata.get("errno")
+    if code is not None and code.isdigit():
+        return VfioClientError(int(code), info.message, info.code)
+    if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return VfioClientError(errno.ENOTCONN, f"driver unreachable: {e.details()}", e.code())
+    return VfioClientError(errno.EIO, f"{e.code().name}: {e.details()}", e.code())
+
+
+@dataclass(frozen=True)
+class PrecopyInfo:
+    argsz: int
+    flags: int
+    initial_bytes: int
+    dirty_bytes: int
+
+    @property
+    def reinit(self) -> bool:
+        return bool(self.flags & VFIO_PRECOPY_INFO_REINIT)
+
+
+@dataclass
+class FeatureResult:
+    data: bytes
+    user_memory: dict[int, bytes] = field(default_factory=dict)
+    data_fd: int = -1
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    vhca_id: int
+    function_id: int
+    migratable: bool
+    migration_flags: int
+    open_count: int
+    driver: str
+
+
+class VfioClient:
+    """One client (a 'process') of a vfio-driver service."""
+
+    def __init__(self, target: str, *, client_id: str | None = None) -> None:
+        self.target = target
+        self.client_id = client_id or f"vfioclient-{secrets.token_hex(6)}"
+        self._metadata = ((CLIENT_KEY, self.client_id),)
+        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = pbg.VfioStub(self.channel)
+        self._session: grpc.aio.UnaryStreamCall[Any, Any] | None = None
+
+    @classmethod
+    async def connect(
+        cls, target: str, *, client_id: str | None = None, timeout: float = 10.0
+    ) -> VfioClient:
+        """Connect and open the session (so this client's fds close with it)."""
+        c = cls(target, client_id=client_id)
+        try:
+            c._session = c.stub.Session(pb.SessionRequest(), metadata=c._metadata)
+            await asyncio.wait_for(c._session.read(), timeout)
+        except (grpc.aio.AioRpcError, TimeoutError) as e:
+            await c.aclose()
+            why = e.details() if isinstance(e, grpc.aio.AioRpcError) else "timed out"
+            raise VfioClientError(
+                errno.ENOTCONN, f"cannot reach the vfio-driver at {target}: {why}"
+            ) from None
+        return c
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            self._session.cancel()
+            self._session = None
+        await self.channel.close(None)
+
+    async def __aenter__(self) -> VfioClient:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, metadata=self._metadata)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e) from None
+
+    # --- devices ---------------------------------------------------------------------
+
+    async def list_devices(self) -> list[Device]:
+        m = await self._call(self.stub.ListDevices, pb.ListDevicesRequest())
+        return [
+            Device(
+                d.name,
+                d.vhca_id,
+                d.function_id,
+                d.migratable,
+                d.migration_flags,
+                d.open_count,
+                d.driver,
+            )
+            for d in m.devices
+        ]
+
+    async def open_device(self, name: str) -> int:
+        m = await self._call(self.stub.OpenDevice, pb.OpenDeviceRequest(name=name))
+        return int(m.fd)
+
+    async def close(self, fd: int) -> None:
+        await self._call(self.stub.Close, pb.CloseRequest(fd=fd))
+
+    async def reset(self, fd: int) -> None:
+        await self._call(self.stub.DeviceReset, pb.DeviceResetRequest(fd=fd))
+
+    async def device_feature(
+        self,
+        fd: int,
+        flags: int,
+        data: bytes = b"",
+        *,
+        argsz: int | None = None,
+        user_memory: Mapping[int, bytes] | None = None,
+    ) -> FeatureResult:
+        """VFIO_DEVICE_FEATURE: argsz defaults to the header plus `data`."""
+        req = pb.DeviceFeatureRequest(
+            fd=fd,
+            argsz=FEATURE_HEADER_SIZE + len(data) if argsz is None else argsz,
+            flags=flags,
+            data=data,
+            user_memory=[pb.UserBuffer(addr=a, data=b) for a, b in (user_memory or {}).items()],
+        )
+        m = await self._call(self.stub.DeviceFeature, req)
+        return FeatureResult(m.data, {b.addr: b.data for b in m.user_memory}, m.data_fd)
+
+    # --- migration features ------------------------------------------------------------
+
+    async def migration_flags(self, fd: int) -> int:
+        """GET MIGRATION: the device's VFIO_MIGRATION_* flags."""
+        r = await self.device_feature(
+            fd, Feature.MIGRATION | VFIO_DEVICE_FEATURE_GET, bytes(MIGRATION.size)
+        )
+        return int(MIGRATION.unpack_from(r.data)[0])
+
+    async def probe(self, fd: int, feature: int, ops: int = 0) -> bool:
+        """PROBE a feature (with GET/SET bits in `ops`): supported or not."""
+        try:
+            await self.device_feature(fd, feature | VFIO_DEVICE_FEATURE_PROBE | ops)
+        except VfioClientError as e:
+            if e.errno in (errno.ENOTTY, errno.EINVAL):
+                return False
+            raise
+        return True
+
+    async def enable_precopy_info_v2(self, fd: int) -> bool:
+        """SET MIG_PRECOPY_INFOv2 (the REINIT opt-in); False on a kernel without it."""
+        try:
+            await self.device_feature(fd, Feature.MIG_PRECOPY_INFOv2 | VFIO_DEVICE_FEATURE_SET)
+        except VfioClientError as e:
+            if e.errno in (errno.ENOTTY, errno.EINVAL):
+                return False
+            raise
+        return True
+
+    async def get_state(self, fd: int) -> MigState:
+        r = await self.device_feature(
+            fd, Feature.MIG_DEVICE_STATE | VFIO_DEVICE_FEATURE_GET, bytes(MIG_STATE.size)
+        )
+        return MigState(MIG_STATE.unpack_from(r.data)[0])
+
+    async def set_state(self, fd: int, state: MigState) -> int | None:
+        """SET MIG_DEVICE_STATE; the new data fd when the arc returns one."""
+        r = await self.device_feature(
+            fd, Feature.MIG_DEVICE_STATE | VFIO_DEVICE_FEATURE_SET, MIG_STATE.pack(state, -1)
+        )
+        data_fd = MIG_STATE.unpack_from(r.data)[1]
+        return None if data_fd < 0 else int(data_fd)
+
+    async def data_size(self, fd: int) -> int:
+        """GET MIG_DATA_SIZE: the estimated STOP_COPY bytes."""
+        r = await self.device_feature(
+            fd, Feature.MIG_DATA_SIZE | VFIO_DEVICE_FEATURE_GET, bytes(MIG_DATA_SIZE.size)
+        )
+        return int(MIG_DATA_SIZE.unpack_from(r.data)[0])
+
+    # --- data fds ----------------------------------------------------------------------
+
+    async def read(self, fd: int, count: int, *, nonblock: bool = False) -> bytes:
+        m = await self._call(self.stub.Read, pb.ReadRequest(fd=fd, count=count, nonblock=nonblock))
+        return bytes(m.data)
+
+    async def read_stream(
+        self, fd: int, *, chunk_size: int = 1 << 20, limit: int = 0, nonblock: bool = False
+    ) -> AsyncIterator[bytes]:
+        """read(2) repeatedly, server side: chunks until the end of stream (or,
+        in PRE_COPY, until the data available now is sent: then ENOMSG)."""
+        call = self.stub.ReadStream(
+            pb.ReadStreamRequest(fd=fd, chunk_size=chunk_size, limit=limit, nonblock=nonblock),
+            metadata=self._metadata,
+        )
+        try:
+            async for m in call:
+                yield m.data
+        except grpc.aio.AioRpcError as e:
+            raise _error(e) from None
+        finally:
+            call.cancel()
+
+    async def write(self, fd: int, chunks: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> int:
+        """write(2) each chunk in order; the total taken."""
+
+        async def requests() -> AsyncIterator[pb.WriteRequest]:
+            if isinstance(chunks, bytes | bytearray | memoryview):
+                yield pb.WriteRequest(fd=fd, data=bytes(chunks))
+            elif isinstance(chunks, AsyncIterable):
+                async for c in chunks:
+                    yield pb.WriteRequest(fd=fd, data=c)
+            else:
+                for c in chunks:
+                    yield pb.WriteRequest(fd=fd, data=c)
+
+        m = await self._call(self.stub.Write, requests())
+        return int(m.written)
+
+    async def precopy_info(self, fd: int, *, flags: int = 0, argsz: int = 24) -> PrecopyInfo:
+        m = await self._call(
+            self.stub.PrecopyInfo, pb.PrecopyInfoRequest(fd=fd, argsz=argsz, flags=flags)
+        )
+        return PrecopyInfo(m.argsz, m.flags, m.initial_bytes, m.dirty_bytes)
+
+
+async def read_all(client: VfioClient, fd: int, chunk_size: int = 1 << 20) -> bytes:
+    """Read a data fd to its end (STOP_COPY)."""
+    out = bytearray()
+    async for chunk in client.read_stream(fd, chunk_size=chunk_size):
+        out += chunk
+    return bytes(out)
