@@ -152,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loop: LoopName = args.loop
     try:
         if args.command == "serve":
+            return_large_buffers_to_the_os()
             logging.basicConfig(
                 level=args.log_level.upper(),
                 format="%(asctime)s %(name)s %(levelname)s %(message)s",

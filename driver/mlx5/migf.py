@@ -380,7 +380,8 @@ class Mlx5VfMigrationFile:
         async with self.lock:
             if self.state == MigfState.ERROR:
                 raise VfioError(errno.ENODEV, "the data stream is in error")
-            out = bytearray()
+            out: bytearray | None = None
+            first_chunk = b""
             first = True
             while count:
                 buf, end_of_data = self._get_data_buff_from_pos()
@@ -399,13 +400,21 @@ class Mlx5VfMigrationFile:
                     raise VfioError(errno.EINVAL, "read position is not at the stream head")
                 off = self.f_pos - buf.start_pos
                 n = min(buf.length - off, count)
-                out += buf.view[off : off + n]
+                # One copy out of the buffer; a second only when a read spans buffers.
+                piece = bytes(buf.view[off : off + n])
+                if out is None and not first_chunk:
+                    first_chunk = piece
+                else:
+                    if out is None:
+                        out = bytearray(first_chunk)
+                    out += piece
                 self.f_pos += n
                 count -= n
                 if self.f_pos >= buf.start_pos + buf.length:
                     self._buf_read_done(buf)
-            self.mvdev.bytes_read(len(out))
-            return bytes(out)
+            data = bytes(out) if out is not None else first_chunk
+            self.mvdev.bytes_read(len(data))
+            return data
 
     # --- saving: VFIO_MIG_GET_PRECOPY_INFO ------------------------------------------
 
