@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
+from grpcsvc.memory import return_large_buffers_to_the_os
 from grpcsvc.runner import LoopName, run
 from grpcsvc.server import ListenError, stop_on_signals
 

@@ -210,7 +210,10 @@ class Mlx5VfDevice:
         non-incremental, untracked SAVE whose data is discarded, then end the
         file; the arc fails with EIO if the file ended in error."""
         migf = self.saving_migf
-        assert migf is not None
+        if migf is None:
+            # A failed cleanup already ended the file (the kernel would
+            # dereference NULL here): only a reset gets out of this.
+            raise VfioError(errno.ENODEV, "no saving file left: reset the device")
         size, _, _ = await self.cmds.query_vhca_migration_state(
             MLX5VF_QUERY_INC | MLX5VF_QUERY_CLEANUP
         )
@@ -252,8 +255,7 @@ class Mlx5VfDevice:
     async def save_device_inc_data(self) -> None:
         """mlx5vf_pci_save_device_inc_data(): the final image into buf[0]."""
         migf = self.saving_migf
-        assert migf is not None
-        if migf.state == MigfState.ERROR:
+        if migf is None or migf.state == MigfState.ERROR:
             raise VfioError(errno.ENODEV, "the saving file is in error")
         buf = None
         try:

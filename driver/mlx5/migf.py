@@ -548,8 +548,8 @@ class Mlx5VfMigrationFile:
                 self.f_pos += take
                 if hdr.length == self.record_size:
                     if self.record_tag == MLX5_MIGF_HEADER_TAG_STOP_COPY_SIZE:
-                        if self.record_size < STOP_COPY_DATA.size:
-                            raise VfioError(errno.EINVAL, "STOP_COPY_SIZE record too short")
+                        # As mlx5vf: the le64 is read from the buffer's page even
+                        # if the record is shorter; it only pre-sizes the image buffer.
                         (size,) = STOP_COPY_DATA.unpack_from(hdr.local, 0)
                         self.stop_copy_prep_size = min(size, MAX_LOAD_SIZE)
                     self.load_state = LoadState.READ_HEADER

@@ -601,7 +601,8 @@ class Firmware:
         mig_state = vf.migration_state() if vf.config.caps.migration_state else 0
         if chunk:
             vf.chunk_armed = True
-            if vf.chunked is not None:
+            if vf.chunked is not None and incremental:
+                # What is left of the image being saved (continuations are incremental).
                 plan, cur = vf.chunked.plan, vf.chunked.cursor
             else:
                 plan, cur = self._plan_for(vf, incremental), Cursor()
