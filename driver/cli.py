@@ -4,18 +4,35 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from fwemu.cli import byte_size
 from fwemu.link.base import LinkError
 from fwemu.scenario import ScenarioError
+from grpcsvc.memory import return_large_buffers_to_the_os
 from grpcsvc.runner import LoopName, run
 from grpcsvc.server import ListenError, stop_on_signals
 
 from .vfio.errors import VfioError
 
+if TYPE_CHECKING:
+    from fwemu.model.firmware import Firmware
+
 log = logging.getLogger("vfio-driver")
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--cmd-timeout",
-        type=float,
+        type=_seconds,
         default=60.0,
         metavar="SECONDS",
         help="how long a firmware command may take (mlx5 command timeout)",
@@ -51,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     emb.add_argument("--size", type=byte_size, default=4 << 20)
     emb.add_argument("--dirty-rate", type=byte_size, default=1 << 20, metavar="BYTES_PER_S")
     emb.add_argument("--seed", type=int, default=0)
+    emb.add_argument(
+        "--scenario-service",
+        action="store_true",
+        help="also serve the firmware's fwemu.api.v1.Scenario service (digests, "
+        "reconfigurations, faults) on the same port",
+    )
     s.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
@@ -61,28 +84,21 @@ async def _serve(args: argparse.Namespace) -> int:
     from .service.server import DriverServer
 
     link: Link
+    fw = None
     if args.firmware:
         from fwemu.link.grpc import GrpcLink
 
         link = await GrpcLink.connect(args.firmware, memory=args.memory)
     else:
         from fwemu.link.inproc import InProcessLink
-        from fwemu.model.clock import LoopClock
-        from fwemu.model.firmware import Firmware
-        from fwemu.model.vf import VfConfig
-        from fwemu.scenario import apply_scenario, load_scenario_file
 
-        doc = load_scenario_file(args.scenario) if args.scenario else None
-        defaults = VfConfig(size=args.size, dirty_bytes_per_s=args.dirty_rate)
-        fw = Firmware(LoopClock(), seed=args.seed, defaults=defaults)
-        if doc is not None:
-            apply_scenario(fw, doc)
-        count = args.vfs if args.vfs is not None else (0 if doc else 4)
-        if count:
-            fw.create_vfs(count)
+        fw = _embedded_firmware(args)
         link = InProcessLink(fw)
     try:
-        server = DriverServer(DeviceRegistry(link, cmd_timeout=args.cmd_timeout))
+        server = DriverServer(
+            DeviceRegistry(link, cmd_timeout=args.cmd_timeout),
+            scenario=fw if args.scenario_service else None,
+        )
         stop = stop_on_signals()
         port = await server.start(args.listen)
         host = args.listen.rpartition(":")[0]
@@ -96,9 +112,47 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embedded_firmware(args: argparse.Namespace) -> Firmware:
+    """The firmware model as `fwemu serve` builds it from the same options:
+    bad settings or scenario contents are ScenarioErrors (exit 2)."""
+    from fwemu.model.clock import LoopClock
+    from fwemu.model.firmware import Firmware, FirmwareError
+    from fwemu.model.vf import VfConfig
+    from fwemu.scenario import apply_scenario, load_scenario_file
+
+    defaults = VfConfig(size=args.size, dirty_bytes_per_s=args.dirty_rate)
+    try:
+        defaults.validate()
+    except ValueError as e:
+        raise ScenarioError(str(e)) from None
+    doc = load_scenario_file(args.scenario) if args.scenario else None
+    seed = doc.seed if doc is not None and doc.seed is not None else args.seed
+    fw = Firmware(LoopClock(), seed=seed, defaults=defaults)
+    try:
+        if doc is not None:
+            apply_scenario(fw, doc)
+        count = args.vfs if args.vfs is not None else (0 if doc else 4)
+        if count:
+            fw.create_vfs(count)
+    except FirmwareError as e:
+        raise ScenarioError(str(e)) from None
+    return fw
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.firmware:
+        # The firmware process owns its VFs: these would be silently ignored.
+        for flag, given in [
+            ("--scenario", args.scenario is not None),
+            ("--vfs", args.vfs is not None),
+            ("--scenario-service", args.scenario_service),
+        ]:
+            if given:
+                parser.error(f"{flag} is for the embedded firmware, not with --firmware")
     loop: LoopName = args.loop
+    return_large_buffers_to_the_os()
     fmt = "%(asctime)s %(name)s %(levelname)s %(message)s"
     logging.basicConfig(level=args.log_level.upper(), format=fmt)
     try:

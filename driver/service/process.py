@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import errno
+import logging
 from dataclasses import dataclass
 
 from ..vfio.device import VfioDevice
 from ..vfio.errors import VfioError
 from ..vfio.ops import MigrationFile
 
+log = logging.getLogger("vfio-driver")
+
 FIRST_FD = 3  # 0-2 are a process's standard streams
-MAX_FDS = 1024  # RLIMIT_NOFILE's usual soft limit
+RLIMIT_NOFILE = 1024  # the usual soft limit: fd numbers stay below it
 
 
 @dataclass(eq=False)
@@ -32,13 +35,18 @@ class Process:
         self.client = client
         self.fds: dict[int, DeviceFd | DataFd] = {}
         self.sessions = 0
+        self.exited = False
 
     def install(self, entry: DeviceFd | DataFd) -> int:
         """The lowest free fd (get_unused_fd_flags)."""
+        if self.exited:
+            # A call still in flight when its client went away: no table to
+            # put the fd in (the caller releases what it would have referred to).
+            raise VfioError(errno.EBADF, f"client {self.client} has gone away")
         fd = FIRST_FD
         while fd in self.fds:
             fd += 1
-        if fd >= FIRST_FD + MAX_FDS:
+        if fd >= RLIMIT_NOFILE:
             raise VfioError(errno.EMFILE, "too many open fds")
         self.fds[fd] = entry
         return fd
@@ -62,14 +70,24 @@ class Process:
         return entry.file
 
     async def close(self, fd: int) -> None:
+        """close(2): only an fd that is not open fails (EBADF).  What the last
+        close runs (close_device, the file's release) cannot fail close(2) --
+        the kernel ignores release()'s result -- so its errors are logged."""
         entry = self.get(fd)
         del self.fds[fd]
-        if isinstance(entry, DeviceFd):
-            await entry.device.close()
-        else:
-            await entry.file.release()
+        try:
+            if isinstance(entry, DeviceFd):
+                await entry.device.close()
+            else:
+                await entry.file.release()
+        except VfioError as e:
+            log.warning("%s: closing fd %d: %s", self.client, fd, e)
 
-    async def close_all(self) -> None:
-        """What exit does: data fds first, then devices (last close of each)."""
-        for fd in sorted(self.fds, key=lambda f: isinstance(self.fds[f], DeviceFd)):
-            await self.close(fd)
+    async def exit(self) -> None:
+        """What exit does: no new fds, and every fd is closed, data fds first,
+        then devices (last close of each).  close() takes an fd out of the
+        table before it waits, so two of these running at once (a session
+        ending while the server stops) never close one twice."""
+        self.exited = True
+        while self.fds:
+            await self.close(min(self.fds, key=lambda f: (isinstance(self.fds[f], DeviceFd), f)))

@@ -6,6 +6,10 @@ import asyncio
 
 import grpc
 
+from fwemu.api.v1 import scenario_pb2_grpc as sgrpc
+from fwemu.model.firmware import Firmware
+from fwemu.service.server import SCENARIO_SERVICE
+from fwemu.service.servicers import ScenarioServicer
 from grpcsvc.server import GrpcService
 
 from ..api.v1 import vfio_pb2
@@ -17,25 +21,48 @@ VFIO_SERVICE = vfio_pb2.DESCRIPTOR.services_by_name["Vfio"].full_name
 
 
 class DriverServer:
-    """Serves a DeviceRegistry; make it inside the running event loop."""
+    """Serves a DeviceRegistry; make it inside the running event loop.
 
-    def __init__(self, registry: DeviceRegistry) -> None:
+    `scenario`: an embedded firmware whose fwemu Scenario service (digests,
+    reconfigurations, faults) is served on the same port, as `fwemu serve`
+    serves it: what a test of an orchestrator needs from the firmware when
+    there is no separate fwemu process.
+    """
+
+    def __init__(self, registry: DeviceRegistry, *, scenario: Firmware | None = None) -> None:
         self.registry = registry
         self.servicer = VfioServicer(registry)
+        names = [VFIO_SERVICE]
+        if scenario is not None:
+            names.append(SCENARIO_SERVICE)
 
         def register(server: grpc.aio.Server) -> None:
             pbg.add_VfioServicer_to_server(self.servicer, server)
+            if scenario is not None:
+                sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(scenario), server)
 
-        self.service = GrpcService([VFIO_SERVICE], register)
+        self.service = GrpcService(names, register)
 
     async def start(self, listen: str) -> int:
         await self.registry.refresh()
         return await self.service.start(listen)
 
     async def stop(self, grace: float = 1.0) -> None:
+        """Session streams end at once (a client's lifetime is no call to wait
+        for: waiting for them would always take the whole grace); other calls
+        get `grace` seconds; then every client's fds are closed."""
+        self.servicer.stopping.set()
         await self.service.stop(grace)
         await self.servicer.close_all()
 
     async def serve_until(self, stop: asyncio.Event, grace: float = 5.0) -> None:
-        await self.service.serve_until(stop, grace)
+        async def end_sessions() -> None:
+            await stop.wait()
+            self.servicer.stopping.set()
+
+        ender = asyncio.ensure_future(end_sessions())
+        try:
+            await self.service.serve_until(stop, grace)
+        finally:
+            ender.cancel()
         await self.servicer.close_all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -31,6 +31,9 @@ class VfioServicer(pbg.VfioServicer):
     def __init__(self, registry: DeviceRegistry) -> None:
         self.registry = registry
         self.processes: dict[str, Process] = {}
+        # Set when the server starts to stop: Session streams end (they are
+        # no work in progress to drain) and fds are closed once calls drained.
+        self.stopping = asyncio.Event()
 
     # --- callers -----------------------------------------------------------------------
 
@@ -53,17 +56,20 @@ class VfioServicer(pbg.VfioServicer):
         proc.sessions += 1
         try:
             yield pb.SessionEvent(client=proc.client)
-            await asyncio.Event().wait()  # until the client goes away
+            await self.stopping.wait()  # or until the client goes away
         finally:
             proc.sessions -= 1
-            if proc.sessions == 0:
+            if proc.sessions == 0 and not self.stopping.is_set():
                 await asyncio.shield(self._exit(proc))
 
     async def _exit(self, proc: Process) -> None:
-        await proc.close_all()
-        self.processes.pop(proc.client, None)
+        # Out of the table first: the client id starts afresh if it comes back.
+        if self.processes.get(proc.client) is proc:
+            del self.processes[proc.client]
+        await proc.exit()
 
     async def close_all(self) -> None:
+        self.stopping.set()
         for proc in list(self.processes.values()):
             await self._exit(proc)
 
@@ -112,9 +118,9 @@ class VfioServicer(pbg.VfioServicer):
 
     async def DeviceFeature(self, request: pb.DeviceFeatureRequest, context: Ctx) -> Any:
         proc = self.process(context)
-        user = UserMemory({b.addr: bytearray(b.data) for b in request.user_memory})
         new_fd = -1
         try:
+            user = _user_memory(request.user_memory)
             device = proc.device(request.fd)
 
             def install(file: MigrationFile) -> int:
@@ -196,3 +202,17 @@ class VfioServicer(pbg.VfioServicer):
         return pb.PrecopyInfoResponse(
             argsz=argsz, flags=flags, initial_bytes=initial, dirty_bytes=dirty
         )
+
+
+def _user_memory(buffers: Iterable[pb.UserBuffer]) -> UserMemory:
+    """The caller's address space; buffers that overlap (or share an address)
+    describe none, so their addresses are bad: EFAULT."""
+    mem: dict[int, bytearray] = {}
+    for b in buffers:
+        if b.addr in mem:
+            raise VfioError(errno.EFAULT, f"two user buffers at {b.addr:#x}")
+        mem[b.addr] = bytearray(b.data)
+    try:
+        return UserMemory(mem)
+    except ValueError as e:
+        raise VfioError(errno.EFAULT, f"user memory: {e}") from None

@@ -34,8 +34,10 @@ class FirmwareServer:
         self.fw = fw
         self.memory = MkeyMemory(fw, shm_dir=shm_dir, max_remote_bytes=max_remote_bytes)
 
+        self.firmware = FirmwareServicer(fw, self.memory)
+
         def register(server: grpc.aio.Server) -> None:
-            fgrpc.add_FirmwareServicer_to_server(FirmwareServicer(fw, self.memory), server)
+            fgrpc.add_FirmwareServicer_to_server(self.firmware, server)
             sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(fw), server)
 
         self.service = GrpcService([FIRMWARE_SERVICE, SCENARIO_SERVICE], register)
@@ -44,9 +46,18 @@ class FirmwareServer:
         return await self.service.start(listen)
 
     async def stop(self, grace: float = 1.0) -> None:
+        self.firmware.stopping.set()  # completion streams end at once
         await self.service.stop(grace)
         self.memory.close()
 
     async def serve_until(self, stop: asyncio.Event, grace: float = 5.0) -> None:
-        await self.service.serve_until(stop, grace)
+        async def end_streams() -> None:
+            await stop.wait()
+            self.firmware.stopping.set()
+
+        ender = asyncio.ensure_future(end_streams())
+        try:
+            await self.service.serve_until(stop, grace)
+        finally:
+            ender.cancel()
         self.memory.close()

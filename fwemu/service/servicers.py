@@ -47,6 +47,7 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
     def __init__(self, fw: Firmware, memory: MkeyMemory) -> None:
         self.fw = fw
         self.memory = memory
+        self.stopping = asyncio.Event()  # set when the server starts shutting down
 
     async def QueryHcaCap(self, request: fpb.QueryHcaCapRequest, context: Ctx) -> Any:
         r = await _answer(
@@ -134,8 +135,17 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
         self.memory.attach(client)
         try:
             yield fpb.Completion(token=0, timestamp=self.fw.clock.now())
-            while True:
-                yield convert.completion_to_pb(await queue.get())
+            stopping = asyncio.ensure_future(self.stopping.wait())
+            try:
+                while True:
+                    get = asyncio.ensure_future(queue.get())
+                    await asyncio.wait({get, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():
+                        get.cancel()
+                        return  # the server is shutting down: end the stream (OK)
+                    yield convert.completion_to_pb(get.result())
+            finally:
+                stopping.cancel()
         finally:
             unsubscribe()
             self.memory.detach(client)

@@ -53,13 +53,14 @@ async def test_final_full_image_in_chunks_reproduces_the_state(h):
 
 
 async def test_remaining_total_size_falls_as_pieces_are_saved(h):
-    """QUERY(chunk=1) during a chunked save reports what is left of it."""
+    """QUERY(incremental=1, chunk=1) during a chunked save reports what is left
+    of it (the continuation pieces are incremental SAVEs)."""
     vhca = await h.vf(size=512 * KiB, chunk_size=CHUNK)
     await h.suspend_fully(vhca)
     q = await h.query(vhca, chunk=True)
     total = q.remaining_total_size
     _, img = await h.save_done(vhca, q.required_umem_size)
-    q2 = await h.query(vhca, chunk=True)
+    q2 = await h.query(vhca, chunk=True, incremental=True)
     assert q2.ok, q2
     assert q2.required_umem_size == min(CHUNK, q2.remaining_total_size)
     assert total - len(img) - HEADER_SIZE * 2 <= q2.remaining_total_size < total
