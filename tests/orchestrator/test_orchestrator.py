@@ -1,0 +1,216 @@
+"""The reference orchestrator (vfioclient.orchestrator) against the driver
+service in this process over an in-process firmware with a live workload.
+
+Digests: `on_destinations_loaded` runs when every source has been read to the
+end of its STOP_COPY stream and every destination has gone RESUMING -> STOP
+(loaded and validated).  Both VFs are then fully suspended, and the firmware's
+workload only advances while a VF runs, so neither state can change: their
+digests must be equal at that moment (after it the destination runs and its
+workload makes it diverge).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from driver.registry import DeviceRegistry, pci_name
+from driver.service.server import DriverServer
+from driver.vfio.uapi import MigState
+from fwemu.link.inproc import InProcessLink
+from fwemu.model.clock import LoopClock
+from fwemu.model.firmware import Firmware
+from fwemu.model.vf import Caps, VfConfig
+from vfioclient import VfioClient
+from vfioclient.orchestrator import (
+    DeviceMigration,
+    DevicePair,
+    MigrationError,
+    MigrationOptions,
+    MigrationReport,
+    SwitchoverAck,
+    migrate,
+)
+
+pytestmark = pytest.mark.grpc
+
+WORKLOAD = {"size": 1 << 20, "dirty_bytes_per_s": 8 << 20}
+
+
+@dataclass
+class Rig:
+    fw: Firmware
+    server: DriverServer
+    target: str
+    src: VfioClient  # the source's client ("process") ...
+    dst: VfioClient  # ... and the destination's
+    digests: list[tuple[str, str]] = field(default_factory=list)
+
+    async def pair(self, **config: object) -> tuple[DevicePair, int, int]:
+        """A source VF and a destination VF, opened; the pair and their vhca ids."""
+        vfs = self.fw.create_vfs(2, VfConfig(**{**WORKLOAD, **config}))  # type: ignore[arg-type]
+        await self.server.registry.refresh()
+        s, d = vfs
+        sfd = await self.src.open_device(pci_name(s.function_id))
+        dfd = await self.dst.open_device(pci_name(d.function_id))
+        return DevicePair(self.src, sfd, self.dst, dfd, name=f"vf{s.vhca_id}"), s.vhca_id, d.vhca_id
+
+    def digest_hook(self, ids: list[tuple[int, int]]) -> MigrationOptions:
+        async def loaded() -> None:
+            self.digests.extend((self.fw.digest(s), self.fw.digest(d)) for s, d in ids)
+
+        return options(on_destinations_loaded=loaded)
+
+
+def options(**kw: object) -> MigrationOptions:
+    o = MigrationOptions(
+        downtime_limit_s=0.3,
+        bandwidth_estimate=100 << 20,  # 30 MiB under the limit: converges once acked
+        max_precopy_iterations=2000,
+        iteration_interval_s=0.002,
+    )
+    for k, v in kw.items():
+        setattr(o, k, v)
+    return o
+
+
+@pytest.fixture(name="rig")
+async def rig_fixture() -> AsyncIterator[Rig]:
+    fw = Firmware(LoopClock(), seed=7)
+    server = DriverServer(DeviceRegistry(InProcessLink(fw), cmd_timeout=5.0))
+    port = await server.start("127.0.0.1:0")
+    target = f"127.0.0.1:{port}"
+    src = await VfioClient.connect(target)
+    dst = await VfioClient.connect(target)
+    try:
+        yield Rig(fw, server, target, src, dst)
+    finally:
+        await src.aclose()
+        await dst.aclose()
+        await server.stop(0)
+
+
+def reconfigure_on_first_ack(fw: Firmware, vhca_ids: dict[str, int]) -> MigrationOptions:
+    """Reconfigure a device's source when its destination is about to give its
+    first switchover-ack: the REINIT comes after an ack was obtained."""
+    done: set[str] = set()
+
+    async def on_ack(d: DeviceMigration) -> None:
+        if d.name in vhca_ids and d.name not in done:
+            done.add(d.name)
+            fw.reconfigure(vhca_ids[d.name])
+
+    return options(on_switchover_ack=on_ack)
+
+
+def check_completed(r: MigrationReport) -> None:
+    assert r.status == "completed" and r.error is None
+    assert r.converged and r.iterations >= 1
+    assert r.downtime_s is not None and 0 < r.downtime_s < r.total_s
+    assert {"setup", "precopy", "switchover", "cleanup"} <= set(r.phases)
+    for d in r.devices:
+        assert d.pre_copy and d.p2p and d.precopy_info_v2 and d.dma_logging
+        assert 0 < d.buffer_size <= 1 << 20
+        assert d.precopy_bytes > 0 and d.stop_copy_bytes > 0
+    assert r.precopy_bytes == sum(d.precopy_bytes for d in r.devices)
+    assert '"reinits"' in r.to_json()
+
+
+async def test_reinit_during_precopy_rearms_the_ack(rig: Rig) -> None:
+    pair, s, d = await rig.pair()
+    o = reconfigure_on_first_ack(rig.fw, {pair.name: s})
+    o.on_destinations_loaded = rig.digest_hook([(s, d)]).on_destinations_loaded
+    r = await migrate([pair], o)
+    check_completed(r)
+    (ev,) = r.reinits
+    assert (ev.device, ev.phase, ev.handling) == (pair.name, "precopy", "ack re-armed")
+    assert ev.initial_bytes > 0
+    (dev,) = r.devices
+    # Two INIT_DATA_SENT / acks: the switchover waited for the new initial bytes,
+    # which were all read in precopy after the REINIT.
+    assert dev.init_data_sent == 2 and dev.acks == 2
+    assert dev.precopy_bytes - ev.precopy_bytes_before >= ev.initial_bytes
+    (digests,) = rig.digests
+    assert digests[0] == digests[1]
+    assert await rig.dst.get_state(pair.destination_fd) == MigState.RUNNING
+    assert await rig.src.get_state(pair.source_fd) == MigState.STOP
+
+
+async def test_no_migration_state_cap_never_reinits(rig: Rig) -> None:
+    pair, s, d = await rig.pair(caps=Caps(migration_state=False))
+    o = reconfigure_on_first_ack(rig.fw, {pair.name: s})
+    o.on_destinations_loaded = rig.digest_hook([(s, d)]).on_destinations_loaded
+    r = await migrate([pair], o)
+    check_completed(r)
+    assert r.reinits == []
+    assert r.devices[0].acks == 1
+    (digests,) = rig.digests
+    assert digests[0] == digests[1]  # the reconfiguration travelled as dirty data
+
+
+async def test_reinit_after_the_switchover_decision_fails(rig: Rig) -> None:
+    pair, s, _ = await rig.pair()
+
+    async def decided() -> None:
+        rig.fw.reconfigure(s)
+
+    with pytest.raises(MigrationError, match="after the switchover decision") as e:
+        await migrate([pair], options(on_switchover_decision=decided))
+    r = e.value.report
+    assert r is not None and r.status == "failed"
+    assert [(x.phase, x.handling) for x in r.reinits] == [("after-switchover-decision", "failed")]
+    # Recovery: the source runs again, the destination was reset out of RESUMING.
+    assert await rig.src.get_state(pair.source_fd) == MigState.RUNNING
+    assert await rig.dst.get_state(pair.destination_fd) == MigState.RUNNING
+    # ... and the devices can migrate again.
+    r2 = await migrate([pair], options())
+    check_completed(r2)
+
+
+async def test_late_reinit_goes_back_to_precopy_when_allowed(rig: Rig) -> None:
+    pair, s, d = await rig.pair()
+    calls = 0
+
+    async def decided() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            rig.fw.reconfigure(s)
+
+    o = rig.digest_hook([(s, d)])
+    o.fail_on_late_reinit = False
+    o.on_switchover_decision = decided
+    r = await migrate([pair], o)
+    check_completed(r)
+    assert calls == 2
+    assert [(x.phase, x.handling) for x in r.reinits] == [
+        ("after-switchover-decision", "ack re-armed, back to precopy")
+    ]
+    assert r.devices[0].acks == 2
+    (digests,) = rig.digests
+    assert digests[0] == digests[1]
+
+
+async def test_two_pairs_at_once(rig: Rig) -> None:
+    (p1, s1, d1), (p2, s2, d2) = await rig.pair(), await rig.pair()
+    o = reconfigure_on_first_ack(rig.fw, {p1.name: s1})
+    o.on_destinations_loaded = rig.digest_hook([(s1, d1), (s2, d2)]).on_destinations_loaded
+    r = await migrate([p1, p2], o)
+    check_completed(r)
+    assert [(x.device, x.handling) for x in r.reinits] == [(p1.name, "ack re-armed")]
+    assert [d.acks for d in r.devices] == [2, 1]
+    assert len(rig.digests) == 2 and all(a == b for a, b in rig.digests)
+    for p in (p1, p2):
+        assert await rig.dst.get_state(p.destination_fd) == MigState.RUNNING
+
+
+def test_switchover_ack_ignores_an_approval_from_before_a_rearm() -> None:
+    """An INIT_DATA_SENT still in the stream when a REINIT re-arms the ack
+    must not satisfy the new request."""
+    ack = SwitchoverAck()
+    g1 = ack.request("a")
+    g2 = ack.request("a")  # REINIT before the destination processed g1's marker
+    assert not ack.approve("a", g1) and not ack.all_acked
+    assert ack.approve("a", g2) and ack.all_acked

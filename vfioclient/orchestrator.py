@@ -1,0 +1,630 @@
+"""Migrate VFIO devices the way QEMU's hw/vfio/migration.c does (11.1, with
+the VFIO_PRECOPY_INFO_REINIT handling), over VfioClient.
+
+    pairs = [DevicePair(src_client, src_fd, dst_client, dst_fd, name="nic0")]
+    report = await migrate(pairs, MigrationOptions(downtime_limit_s=0.3,
+                                                   bandwidth_estimate=1 << 30))
+    print(report.to_json())
+
+Per device (`DeviceMigration`): discovery (MIGRATION flags, the MIG_PRECOPY_INFOv2
+opt-in, the DMA logging PROBE, MIG_DATA_SIZE for the buffer), the source's
+precopy iterations (one read of up to the buffer size per iteration, cached
+initial/dirty counters, ENOMSG = empty for now) and the destination's RESUMING
+data fd, fed in stream order by a loader task.  The two halves talk through an
+in-process stream (a queue of chunks and markers, standing in for QEMU's
+migration stream) and a shared `SwitchoverAck` (the return path's
+switchover-ack): the source sends INIT_DATA_SENT when its initial bytes reach
+0, the destination approves once it has written everything before it.
+
+A REINIT (trusted only after a successful v2 opt-in) replaces the cached
+initial bytes, resets dirty, clears initial_data_sent and re-arms the ack, so
+the switchover waits for the new initial bytes.  After the switchover decision
+PRECOPY_INFO is checked once more ("final save_query_pending"): a REINIT there
+fails the migration (QEMU 11.1), or with fail_on_late_reinit=False re-arms the
+ack and goes back to precopy.
+
+Every state change names a recovery state; if the change fails the recovery
+state is tried, and if that fails too the device is reset (QEMU's
+vfio_migration_set_state).  A failed migration leaves the sources RUNNING and
+resets the destinations (aborting RESUMING).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from driver.vfio.uapi import (
+    VFIO_DEVICE_FEATURE_SET,
+    VFIO_MIGRATION_P2P,
+    VFIO_MIGRATION_PRE_COPY,
+    VFIO_MIGRATION_STOP_COPY,
+    Feature,
+    MigState,
+)
+
+from .client import PrecopyInfo, VfioClient, VfioClientError
+
+log = logging.getLogger(__name__)
+
+S = MigState
+BUFFER_CAP = 1 << 20  # QEMU's VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE
+
+Hook = Callable[[], Awaitable[None]]
+IterationHook = Callable[[int], Awaitable[None]]
+DeviceHook = Callable[["DeviceMigration"], Awaitable[None]]
+
+
+class MigrationError(Exception):
+    """The migration failed; `report` says how far it got (sources left RUNNING)."""
+
+    def __init__(self, message: str, report: MigrationReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class MigrationOptions:
+    downtime_limit_s: float = 0.3
+    bandwidth_estimate: int = 1 << 30  # bytes/s
+    max_precopy_iterations: int = 10_000
+    iteration_interval_s: float = 0.005
+    fail_on_late_reinit: bool = True  # QEMU 11.1
+    buffer_cap: int = BUFFER_CAP
+    # Hooks (tests, tracing): awaited at the named points.
+    on_iteration: IterationHook | None = None  # before each precopy iteration
+    on_switchover_ack: DeviceHook | None = None  # destination, just before it approves
+    on_switchover_decision: Hook | None = None  # after the decision, before the final check
+    on_destinations_loaded: Hook | None = None  # every destination in STOP, before it runs
+
+    @property
+    def threshold(self) -> float:
+        return self.bandwidth_estimate * self.downtime_limit_s
+
+
+@dataclass
+class DevicePair:
+    """One device's source fd and destination fd (device fds, opened by the
+    caller, who keeps them), possibly on two clients / services."""
+
+    source: VfioClient
+    source_fd: int
+    destination: VfioClient
+    destination_fd: int
+    name: str = ""
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ReinitEvent:
+    device: str
+    at_s: float  # since the migration started
+    iteration: int
+    phase: str  # "precopy" | "after-switchover-decision"
+    initial_bytes: int
+    precopy_bytes_before: int  # the device's precopy bytes read before the REINIT
+    handling: str  # "ack re-armed" | "failed" | "ack re-armed, back to precopy"
+
+
+@dataclass
+class DeviceReport:
+    name: str
+    migration_flags: int = 0
+    pre_copy: bool = False
+    p2p: bool = False
+    precopy_info_v2: bool = False
+    dma_logging: bool = False
+    buffer_size: int = 0
+    precopy_bytes: int = 0
+    stop_copy_bytes: int = 0
+    reads: int = 0
+    empty_reads: int = 0
+    init_data_sent: int = 0  # INIT_DATA_SENT markers the source sent
+    acks: int = 0  # approvals the destination gave
+
+
+@dataclass
+class MigrationReport:
+    status: str = "setup"  # setup | precopy | switchover | completed | failed
+    error: str | None = None
+    iterations: int = 0
+    converged: bool = False  # False: switched over at max_precopy_iterations
+    exact_queries: int = 0
+    precopy_bytes: int = 0
+    stop_copy_bytes: int = 0
+    reinits: list[ReinitEvent] = field(default_factory=list)
+    downtime_s: float | None = None  # first source stop to the last destination RUNNING
+    total_s: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    devices: list[DeviceReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+# --- switchover-ack -------------------------------------------------------------------------
+
+
+class SwitchoverAck:
+    """The return path's switchover-ack, re-usable as in QEMU 11.1: a device
+    requests an ack (again after a REINIT); the destination approves the
+    request it has seen INIT_DATA_SENT for.  Requests carry a generation, so
+    an approval for an INIT_DATA_SENT sent before a re-arm does not count."""
+
+    def __init__(self) -> None:
+        self._generation: dict[str, int] = {}
+        self._pending: set[str] = set()
+        self.decided = False
+
+    def request(self, device: str) -> int:
+        gen = self._generation.get(device, 0) + 1
+        self._generation[device] = gen
+        self._pending.add(device)
+        return gen
+
+    def generation(self, device: str) -> int:
+        return self._generation.get(device, 0)
+
+    def approve(self, device: str, generation: int) -> bool:
+        if generation != self._generation.get(device):
+            return False
+        self._pending.discard(device)
+        return True
+
+    @property
+    def all_acked(self) -> bool:
+        return not self._pending
+
+    @property
+    def pending(self) -> frozenset[str]:
+        return frozenset(self._pending)
+
+
+class _Marker(enum.Enum):
+    END = "end"
+
+
+@dataclass(frozen=True)
+class _InitDataSent:
+    generation: int
+
+
+_StreamItem = bytes | _InitDataSent | _Marker
+
+
+# --- one device -------------------------------------------------------------------------
+
+
+class DeviceMigration:
+    """One device: the source half (saving) and the destination half (resuming)."""
+
+    def __init__(
+        self, pair: DevicePair, index: int, ack: SwitchoverAck, options: MigrationOptions
+    ) -> None:
+        self.pair = pair
+        self.name = pair.name or f"dev{index}"
+        self.src = pair.source
+        self.dst = pair.destination
+        self.ack = ack
+        self.options = options
+        self.report = DeviceReport(self.name)
+        self.flags = 0
+        self.v2 = False
+        self.buffer_size = 0
+        self.src_data_fd: int | None = None
+        self.dst_data_fd: int | None = None
+        self.src_state = S.RUNNING
+        self.dst_state = S.RUNNING
+        self.in_precopy = False
+        self.initial_bytes = 0  # cached
+        self.dirty_bytes = 0  # cached
+        self.initial_data_sent = False
+        self._stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
+        self._loader: asyncio.Task[None] | None = None
+
+    @property
+    def pre_copy(self) -> bool:
+        return bool(self.flags & VFIO_MIGRATION_PRE_COPY)
+
+    @property
+    def p2p(self) -> bool:
+        return bool(self.flags & VFIO_MIGRATION_P2P)
+
+    @property
+    def pending_estimate(self) -> int:
+        """QEMU vfio_state_pending_estimate: cached init + dirty, no ioctl."""
+        return self.initial_bytes + self.dirty_bytes if self.in_precopy else 0
+
+    # --- discovery ---------------------------------------------------------------------
+
+    async def discover(self) -> None:
+        self.flags = await self.src.migration_flags(self.pair.source_fd)
+        dst_flags = await self.dst.migration_flags(self.pair.destination_fd)
+        if not self.flags & VFIO_MIGRATION_STOP_COPY or not dst_flags & VFIO_MIGRATION_STOP_COPY:
+            raise MigrationError(f"{self.name}: not migratable (no VFIO_MIGRATION_STOP_COPY)")
+        if self.pre_copy:
+            # v2 opt-in (REINIT); on failure keep v1 semantics: flags ignored.
+            try:
+                self.v2 = await self.src.enable_precopy_info_v2(self.pair.source_fd)
+            except VfioClientError as e:
+                log.warning("%s: MIG_PRECOPY_INFOv2 opt-in failed (%s): v1", self.name, e)
+                self.v2 = False
+        self.report.dma_logging = await self.src.probe(
+            self.pair.source_fd, Feature.DMA_LOGGING_START, VFIO_DEVICE_FEATURE_SET
+        )
+        stop_copy_length = await self.src.data_size(self.pair.source_fd)
+        self.buffer_size = max(1, min(self.options.buffer_cap, stop_copy_length))
+        self.src_state = await self.src.get_state(self.pair.source_fd)
+        r = self.report
+        r.migration_flags, r.pre_copy, r.p2p = self.flags, self.pre_copy, self.p2p
+        r.precopy_info_v2, r.buffer_size = self.v2, self.buffer_size
+
+    # --- state changes -----------------------------------------------------------------
+
+    async def _set_state(
+        self, client: VfioClient, fd: int, state: MigState, recovery: MigState | None, side: str
+    ) -> int | None:
+        """vfio_migration_set_state: `state`, else `recovery`, else DeviceReset
+        (recovery None = QEMU's ERROR: reset straight away)."""
+        try:
+            return await client.set_state(fd, state)
+        except VfioClientError as e:
+            why = f"{self.name} {side}: -> {state.name} failed: {e}"
+            if recovery is not None:
+                try:
+                    await client.set_state(fd, recovery)
+                    raise MigrationError(f"{why}; recovered to {recovery.name}") from e
+                except VfioClientError as e2:
+                    why += f"; recovery {recovery.name} failed: {e2}"
+            await client.reset(fd)  # a failing reset propagates: nothing else to try
+            raise MigrationError(f"{why}; device reset") from e
+
+    async def set_source(self, state: MigState, recovery: MigState | None) -> int | None:
+        fd = await self._set_state(self.src, self.pair.source_fd, state, recovery, "source")
+        self.src_state = state
+        return fd
+
+    async def set_destination(self, state: MigState, recovery: MigState | None) -> int | None:
+        fd = await self._set_state(
+            self.dst, self.pair.destination_fd, state, recovery, "destination"
+        )
+        self.dst_state = state
+        return fd
+
+    # --- setup -------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Destination to RESUMING (load_setup); source to PRE_COPY (save_setup)."""
+        self.dst_data_fd = await self.set_destination(S.RESUMING, None)
+        if self.dst_data_fd is None:
+            raise MigrationError(f"{self.name}: RESUMING gave no data fd")
+        self._loader = asyncio.create_task(self._load(), name=f"load-{self.name}")
+        if self.pre_copy and self.src_state == S.RUNNING:
+            self.src_data_fd = await self.set_source(S.PRE_COPY, S.RUNNING)
+            if self.src_data_fd is None:
+                raise MigrationError(f"{self.name}: PRE_COPY gave no data fd")
+            self.in_precopy = True
+            info = await self.src.precopy_info(self.src_data_fd)
+            self.initial_bytes, self.dirty_bytes = info.initial_bytes, info.dirty_bytes
+            self.ack.request(self.name)
+
+    # --- source: precopy ---------------------------------------------------------------
+
+    def _send(self, item: _StreamItem) -> None:
+        self._stream.put_nowait(item)
+
+    async def iterate(self) -> None:
+        """save_live_iterate: one read of up to the buffer size."""
+        if not self.in_precopy or self.src_data_fd is None:
+            return
+        self.report.reads += 1
+        try:
+            data = await self.src.read(self.src_data_fd, self.buffer_size)
+        except VfioClientError as e:
+            if e.errno != errno.ENOMSG:
+                raise
+            data = b""
+        if not data:  # empty for now
+            self.report.empty_reads += 1
+            self.initial_bytes = self.dirty_bytes = 0
+        else:
+            self._send(data)
+            n = len(data)
+            self.report.precopy_bytes += n
+            taken = min(n, self.initial_bytes)
+            self.initial_bytes -= taken
+            self.dirty_bytes = max(0, self.dirty_bytes - (n - taken))
+        if self.initial_bytes == 0 and not self.initial_data_sent:
+            self._send(_InitDataSent(self.ack.generation(self.name)))
+            self.initial_data_sent = True
+            self.report.init_data_sent += 1
+
+    async def query_precopy_info(self) -> PrecopyInfo | None:
+        """PRECOPY_INFO: refresh the cached counters; the answer if it is a
+        REINIT (the caller handles it), else None."""
+        if not self.in_precopy or self.src_data_fd is None:
+            return None
+        info = await self.src.precopy_info(self.src_data_fd)
+        if self.v2 and info.reinit:
+            return info
+        self.initial_bytes, self.dirty_bytes = info.initial_bytes, info.dirty_bytes
+        return None
+
+    def rearm(self, info: PrecopyInfo) -> None:
+        """REINIT: new initial bytes, dirty reset, a new switchover-ack needed."""
+        self.initial_bytes = info.initial_bytes
+        self.dirty_bytes = 0
+        self.initial_data_sent = False
+        self.ack.request(self.name)
+
+    async def exact_pending(self) -> int:
+        """vfio_state_pending_exact: stop_copy_length (includes unread precopy data)."""
+        try:
+            return await self.src.data_size(self.pair.source_fd)
+        except VfioClientError:
+            return 100 << 30  # QEMU: never switch over on an unknown size
+
+    # --- switchover --------------------------------------------------------------------
+
+    async def to_p2p(self) -> None:
+        if self.p2p:
+            await self.set_source(S.PRE_COPY_P2P if self.in_precopy else S.RUNNING_P2P, S.RUNNING)
+
+    async def to_stop_copy(self) -> None:
+        fd = await self.set_source(S.STOP_COPY, S.STOP)
+        self.in_precopy = False
+        if fd is not None:  # came from STOP (no precopy): a new saving fd
+            self.src_data_fd = fd
+        if self.src_data_fd is None:
+            raise MigrationError(f"{self.name}: STOP_COPY has no data fd")
+
+    async def drain(self) -> None:
+        """save_complete_precopy: read to EOF, in order, into the stream; then
+        wait for the destination to have written all of it."""
+        assert self.src_data_fd is not None
+        async for chunk in self.src.read_stream(self.src_data_fd, chunk_size=self.buffer_size):
+            if chunk:
+                self._send(chunk)
+                self.report.stop_copy_bytes += len(chunk)
+        self._send(_Marker.END)
+        await self.loaded()
+
+    # --- destination -------------------------------------------------------------------
+
+    async def _load(self) -> None:
+        """load_state: write data in stream order; approve on INIT_DATA_SENT."""
+        while True:
+            item = await self._stream.get()
+            if item is _Marker.END:
+                return
+            if isinstance(item, _InitDataSent):
+                if self.options.on_switchover_ack is not None:
+                    await self.options.on_switchover_ack(self)
+                if self.ack.approve(self.name, item.generation):
+                    self.report.acks += 1
+                continue
+            assert isinstance(item, bytes) and self.dst_data_fd is not None
+            await self.dst.write(self.dst_data_fd, item)
+
+    def check_loader(self) -> None:
+        """Raise what the loader failed with, if it did."""
+        if self._loader is not None and self._loader.done() and not self._loader.cancelled():
+            exc = self._loader.exception()
+            if exc is not None:
+                raise MigrationError(f"{self.name} destination: load failed: {exc}") from exc
+
+    async def loaded(self) -> None:
+        assert self._loader is not None
+        try:
+            await self._loader
+        except VfioClientError as e:
+            raise MigrationError(f"{self.name} destination: load failed: {e}") from e
+
+    # --- cleanup -----------------------------------------------------------------------
+
+    async def close_data_fds(self) -> None:
+        for client, attr in ((self.src, "src_data_fd"), (self.dst, "dst_data_fd")):
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                with contextlib.suppress(VfioClientError):  # EBADF: the session ended
+                    await client.close(fd)
+
+    async def abort(self) -> None:
+        """Migration failed: source back to RUNNING, destination reset."""
+        if self._loader is not None:
+            if not self._loader.done():
+                self._loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loader  # (also retrieves what it failed with)
+        self.in_precopy = False
+        if self.src_state != S.RUNNING:
+            try:
+                await self.set_source(S.RUNNING, None)
+            except (MigrationError, VfioClientError) as e:
+                log.error("%s: source recovery failed: %s", self.name, e)
+        if self.dst_state != S.RUNNING:
+            try:
+                await self.dst.reset(self.pair.destination_fd)  # aborts RESUMING
+                self.dst_state = S.RUNNING
+            except VfioClientError as e:
+                log.error("%s: destination reset failed: %s", self.name, e)
+        await self.close_data_fds()
+
+
+# --- the migration ------------------------------------------------------------------------
+
+
+class _Migration:
+    def __init__(self, pairs: Sequence[DevicePair], options: MigrationOptions) -> None:
+        self.options = options
+        self.ack = SwitchoverAck()
+        self.devices = [DeviceMigration(p, i, self.ack, options) for i, p in enumerate(pairs)]
+        self.report = MigrationReport(devices=[d.report for d in self.devices])
+        self.t0 = time.monotonic()
+        self._phase_start = self.t0
+
+    def _now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def _phase(self, name: str) -> None:
+        t = time.monotonic()
+        self.report.phases[self.report.status] = t - self._phase_start
+        self.report.status, self._phase_start = name, t
+
+    def _reinit(self, d: DeviceMigration, info: PrecopyInfo, phase: str, handling: str) -> None:
+        log.info("%s: REINIT (%s, initial %d): %s", d.name, phase, info.initial_bytes, handling)
+        self.report.reinits.append(
+            ReinitEvent(
+                d.name,
+                self._now(),
+                self.report.iterations,
+                phase,
+                info.initial_bytes,
+                d.report.precopy_bytes,
+                handling,
+            )
+        )
+
+    async def run(self) -> MigrationReport:
+        try:
+            await self._run()
+        except BaseException as e:
+            self.report.error = str(e) or type(e).__name__
+            for d in self.devices:
+                await d.abort()
+            self._finish("failed")
+            if isinstance(e, MigrationError):
+                e.report = self.report
+                raise
+            if isinstance(e, Exception):
+                raise MigrationError(self.report.error, self.report) from e
+            raise
+        self._finish("completed")
+        return self.report
+
+    def _finish(self, status: str) -> None:
+        self._phase(status)
+        self.report.total_s = self._now()
+        self.report.precopy_bytes = sum(d.report.precopy_bytes for d in self.devices)
+        self.report.stop_copy_bytes = sum(d.report.stop_copy_bytes for d in self.devices)
+
+    async def _run(self) -> None:
+        devs = self.devices
+        for d in devs:
+            await d.discover()
+        if len(devs) > 1 and not all(d.p2p for d in devs):
+            raise MigrationError("several devices migrate together only if all support P2P")
+        for d in devs:
+            await d.setup()
+        self._phase("precopy")
+        if any(d.in_precopy for d in devs):
+            await self._precopy()
+        else:
+            self.report.converged = True
+        self._phase("switchover")
+        await self._switchover()
+
+    async def _precopy(self) -> None:
+        o, devs = self.options, self.devices
+        for it in range(1, o.max_precopy_iterations + 1):
+            self.report.iterations = it
+            if o.on_iteration is not None:
+                await o.on_iteration(it)
+            await asyncio.gather(*(d.iterate() for d in devs))
+            for d in devs:
+                d.check_loader()
+            if await self._ready_for_switchover():
+                self.report.converged = True
+                return
+            await asyncio.sleep(o.iteration_interval_s)
+        if not self.ack.all_acked:
+            raise MigrationError(
+                f"no switchover-ack after {o.max_precopy_iterations} iterations "
+                f"(waiting for {sorted(self.ack.pending)})"
+            )
+        log.warning("switching over after %d iterations without converging", self.report.iterations)
+
+    async def _ready_for_switchover(self) -> bool:
+        o, devs = self.options, self.devices
+        if sum(d.pending_estimate for d in devs) >= o.threshold:
+            return False
+        acked = self.ack.all_acked  # before the queries: an ack arriving later waits a round
+        self.report.exact_queries += 1
+        exact = 0
+        reinit = False
+        for d in devs:
+            exact += await d.exact_pending()
+            info = await d.query_precopy_info()
+            if info is not None:
+                d.rearm(info)
+                self._reinit(d, info, "precopy", "ack re-armed")
+                reinit = True
+        if reinit or not acked or exact > o.threshold:
+            return False
+        # The switchover decision; then QEMU 11.1's final save_query_pending.
+        self.ack.decided = True
+        if o.on_switchover_decision is not None:
+            await o.on_switchover_decision()
+        late = False
+        for d in devs:
+            info = await d.query_precopy_info()
+            if info is None:
+                continue
+            if o.fail_on_late_reinit:
+                self._reinit(d, info, "after-switchover-decision", "failed")
+                raise MigrationError(
+                    f"{d.name}: REINIT after the switchover decision "
+                    "(switchover-ack requested too late)"
+                )
+            d.rearm(info)
+            self._reinit(d, info, "after-switchover-decision", "ack re-armed, back to precopy")
+            late = True
+        if late:
+            self.ack.decided = False
+            return False
+        return True
+
+    async def _switchover(self) -> None:
+        devs = self.devices
+        stop = time.monotonic()
+        for d in devs:  # all devices to P2P first
+            await d.to_p2p()
+        for d in devs:
+            await d.to_stop_copy()
+        await asyncio.gather(*(d.drain() for d in devs))
+        for d in devs:  # RESUMING -> STOP: the driver loads and validates
+            await d.set_destination(S.STOP, None)
+        if self.options.on_destinations_loaded is not None:
+            await self.options.on_destinations_loaded()
+        for d in devs:
+            if d.p2p:
+                await d.set_destination(S.RUNNING_P2P, None)
+        for d in devs:
+            await d.set_destination(S.RUNNING, None)
+        self.report.downtime_s = time.monotonic() - stop
+        self._phase("cleanup")
+        for d in devs:  # save_cleanup, outside the downtime
+            await d.set_source(S.STOP, None)
+            await d.close_data_fds()
+
+
+async def migrate(pairs: Sequence[DevicePair], options: MigrationOptions) -> MigrationReport:
+    """Migrate every pair's source to its destination; raises MigrationError
+    (its `report` filled in) after leaving the sources RUNNING."""
+    if not pairs:
+        raise ValueError("nothing to migrate")
+    return await _Migration(pairs, options).run()
