@@ -113,30 +113,15 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _embedded_firmware(args: argparse.Namespace) -> Firmware:
-    """The firmware model as `fwemu serve` builds it from the same options:
-    bad settings or scenario contents are ScenarioErrors (exit 2)."""
+    """The firmware model as `fwemu serve` builds it from the same options."""
     from fwemu.model.clock import LoopClock
-    from fwemu.model.firmware import Firmware, FirmwareError
     from fwemu.model.vf import VfConfig
-    from fwemu.scenario import apply_scenario, load_scenario_file
+    from fwemu.scenario import build_firmware
 
     defaults = VfConfig(size=args.size, dirty_bytes_per_s=args.dirty_rate)
-    try:
-        defaults.validate()
-    except ValueError as e:
-        raise ScenarioError(str(e)) from None
-    doc = load_scenario_file(args.scenario) if args.scenario else None
-    seed = doc.seed if doc is not None and doc.seed is not None else args.seed
-    fw = Firmware(LoopClock(), seed=seed, defaults=defaults)
-    try:
-        if doc is not None:
-            apply_scenario(fw, doc)
-        count = args.vfs if args.vfs is not None else (0 if doc else 4)
-        if count:
-            fw.create_vfs(count)
-    except FirmwareError as e:
-        raise ScenarioError(str(e)) from None
-    return fw
+    return build_firmware(
+        LoopClock(), defaults, seed=args.seed, scenario=args.scenario, vfs=args.vfs
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

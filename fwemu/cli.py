@@ -17,7 +17,7 @@ from .demo import DemoError, run_demo
 from .link.base import LinkError
 from .model.constants import MiB
 from .model.vf import VfConfig
-from .scenario import ScenarioError, load_scenario_file
+from .scenario import ScenarioError
 
 log = logging.getLogger("fwemu")
 _bytes = TypeAdapter(ByteSize)
@@ -109,8 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve(args: argparse.Namespace) -> int:
     from .model.clock import LoopClock, VirtualClock
-    from .model.firmware import Firmware, FirmwareError
-    from .scenario import apply_scenario
+    from .scenario import build_firmware
     from .service.server import FirmwareServer
 
     clock = VirtualClock() if args.clock == "virtual" else LoopClock()
@@ -121,22 +120,7 @@ async def _serve(args: argparse.Namespace) -> int:
         save_latency_s=args.save_latency,
         chunk_size=args.chunk_size,
     )
-    try:
-        defaults.validate()
-    except ValueError as e:
-        raise ScenarioError(str(e)) from None
-    doc = load_scenario_file(args.scenario) if args.scenario else None
-    fw = Firmware(
-        clock, seed=doc.seed if doc and doc.seed is not None else args.seed, defaults=defaults
-    )
-    try:
-        if doc is not None:
-            apply_scenario(fw, doc)
-        count = args.vfs if args.vfs is not None else (0 if doc else 4)
-        if count:
-            fw.create_vfs(count)
-    except FirmwareError as e:
-        raise ScenarioError(str(e)) from None
+    fw = build_firmware(clock, defaults, seed=args.seed, scenario=args.scenario, vfs=args.vfs)
     server = FirmwareServer(fw, shm_dir=args.shm_dir, max_remote_bytes=args.max_remote_memory)
     stop = stop_on_signals()
     port = await server.start(args.listen)

@@ -37,6 +37,7 @@ from pydantic import (
     model_validator,
 )
 
+from .model.clock import Clock
 from .model.constants import CmdStatus, Opcode
 from .model.device_state import obj_type_index
 from .model.faults import Fault, FaultKind
@@ -252,6 +253,29 @@ def apply_scenario(fw: Firmware, doc: ScenarioFile) -> list[Vf]:
             elif ev.fault is not None:
                 fw.inject_fault(vhca_id, ev.fault.to_fault())
     return created
+
+
+def build_firmware(
+    clock: Clock, defaults: VfConfig, *, seed: int, scenario: str | None, vfs: int | None
+) -> Firmware:
+    """The firmware a service starts with: defaults for its VFs, then the
+    scenario file's VFs and events, then `vfs` more VFs (4 without a
+    scenario).  Bad settings or scenario contents are ScenarioErrors."""
+    try:
+        defaults.validate()
+    except ValueError as e:
+        raise ScenarioError(str(e)) from None
+    doc = load_scenario_file(scenario) if scenario else None
+    fw = Firmware(clock, seed=doc.seed if doc and doc.seed is not None else seed, defaults=defaults)
+    try:
+        if doc is not None:
+            apply_scenario(fw, doc)
+        count = vfs if vfs is not None else (0 if doc else 4)
+        if count:
+            fw.create_vfs(count)
+    except FirmwareError as e:
+        raise ScenarioError(str(e)) from None
+    return fw
 
 
 def json_schema() -> str:
