@@ -1,0 +1,219 @@
+"""The demo migration: a VF with a live workload migrates to another VF the
+way QEMU 11.1 does; during precopy the guest reconfigures the device, the
+firmware reports new initial data, the driver answers REINIT, and the
+orchestrator re-arms its switchover-ack before it stops the source.
+
+By default everything runs in this process (the firmware model, the driver
+service on a loopback port it picks, the orchestrator): nothing to start.
+With `--driver HOST:PORT --scenario HOST:PORT` it runs against running
+services (`vfio-driver serve --scenario-service`, or a `vfio-driver serve
+--firmware` plus its `fwemu serve` as the scenario address).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fwemu.cli import byte_size
+from fwemu.link.base import LinkError
+from fwemu.link.grpc import GrpcLink
+from grpcsvc.runner import run
+
+from .client import VfioClient, VfioClientError
+from .orchestrator import DeviceMigration, DevicePair, MigrationError, MigrationOptions, migrate
+
+
+@dataclass
+class DemoResult:
+    report: dict[str, Any]
+    source: str
+    destination: str
+    source_digest: str = ""
+    destination_digest: str = ""
+    reconfigured: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def equal(self) -> bool:
+        return bool(self.source_digest) and self.source_digest == self.destination_digest
+
+
+@contextlib.asynccontextmanager
+async def embedded_services(
+    size: int, dirty_rate: int, seed: int
+) -> AsyncIterator[tuple[str, str]]:
+    """A firmware model and a driver service (with the firmware's Scenario
+    service) in this process, on a loopback port: (driver, scenario) addresses."""
+    from driver.registry import DeviceRegistry
+    from driver.service.server import DriverServer
+    from fwemu.link.inproc import InProcessLink
+    from fwemu.model.clock import LoopClock
+    from fwemu.model.firmware import Firmware
+    from fwemu.model.vf import VfConfig
+
+    fw = Firmware(LoopClock(), seed=seed)
+    fw.create_vfs(
+        2,
+        VfConfig(
+            size=size, dirty_bytes_per_s=dirty_rate, save_bandwidth=4 << 30, save_latency_s=0.0005
+        ),
+    )
+    server = DriverServer(DeviceRegistry(InProcessLink(fw)), scenario=fw)
+    port = await server.start("127.0.0.1:0")
+    try:
+        yield f"127.0.0.1:{port}", f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0.5)
+
+
+async def run_demo(driver: str, scenario: str, options: MigrationOptions) -> DemoResult:
+    """Migrate the first migratable VF to the second one on `driver`; the
+    firmware behind `scenario` reconfigures the source at its first
+    switchover-ack and gives the digests."""
+    fw = GrpcLink(scenario)  # its Scenario service only: no completion stream
+    src_c = await VfioClient.connect(driver)
+    dst_c = await VfioClient.connect(driver)
+    try:
+        devices = [d for d in await src_c.list_devices() if d.migratable]
+        if len(devices) < 2:
+            raise MigrationError(f"the demo needs two migratable devices on {driver}")
+        src, dst = devices[:2]
+        result = DemoResult({}, src.name, dst.name)
+        sfd = await src_c.open_device(src.name)
+        dfd = await dst_c.open_device(dst.name)
+
+        async def on_ack(d: DeviceMigration) -> None:
+            if not result.reconfigured:
+                # The guest adds a queue pair after the first ack: new initial data.
+                result.reconfigured = True
+                await fw.reconfigure(src.vhca_id)
+
+        async def on_loaded() -> None:
+            # Both VFs are suspended here: their states cannot move.
+            result.source_digest = await fw.digest(src.vhca_id)
+            result.destination_digest = await fw.digest(dst.vhca_id)
+
+        options.on_switchover_ack = on_ack
+        options.on_destinations_loaded = on_loaded
+        try:
+            report = await migrate([DevicePair(src_c, sfd, dst_c, dfd, name=src.name)], options)
+        except MigrationError as e:
+            result.report = e.report.to_dict() if e.report is not None else {}
+            result.notes.append(f"migration failed: {e}")
+            return result
+        result.report = report.to_dict()
+        return result
+    finally:
+        await src_c.aclose()
+        await dst_c.aclose()
+        await fw.close()
+
+
+def format_report(r: DemoResult) -> str:
+    rep = r.report
+    lines = [f"migrated {r.source} -> {r.destination}: {rep.get('status')}"]
+    mib = 1 << 20
+    lines.append(
+        f"  precopy {rep.get('precopy_bytes', 0) / mib:.1f} MiB in {rep.get('iterations', 0)} "
+        f"iterations, stop-copy {rep.get('stop_copy_bytes', 0) / mib:.1f} MiB"
+    )
+    downtime = rep.get("downtime_s")
+    lines.append(
+        f"  downtime {downtime * 1000:.1f} ms, total {rep.get('total_s', 0.0):.2f} s"
+        if downtime is not None
+        else f"  total {rep.get('total_s', 0.0):.2f} s"
+    )
+    for phase, secs in rep.get("phases", {}).items():
+        lines.append(f"    {phase:<12} {secs:.3f} s")
+    for ev in rep.get("reinits", []):
+        lines.append(
+            f"  REINIT on {ev['device']} at {ev['at_s']:.3f} s (iteration {ev['iteration']}, "
+            f"{ev['phase']}): initial_bytes {ev['initial_bytes']}, handled: {ev['handling']}"
+        )
+    if not rep.get("reinits"):
+        lines.append("  no REINIT seen")
+    lines.append(f"  source digest      {r.source_digest}")
+    lines.append(f"  destination digest {r.destination_digest}")
+    lines.append("  digests equal" if r.equal else "  DIGESTS DIFFER")
+    lines.extend(f"  {n}" for n in r.notes)
+    return "\n".join(lines)
+
+
+async def _main(args: argparse.Namespace) -> int:
+    options = MigrationOptions(
+        downtime_limit_s=args.downtime_limit, bandwidth_estimate=args.bandwidth
+    )
+    if not args.driver and args.size > options.threshold:
+        # mlx5vf reports the whole device state as MIG_DATA_SIZE: a QEMU-like
+        # switchover never happens while it exceeds bandwidth x downtime.
+        print(
+            f"vfioctl demo: error: a {args.size} byte VF never fits the downtime limit "
+            f"({options.threshold:.0f} bytes at --bandwidth x --downtime-limit)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.driver:
+        result = await run_demo(args.driver, args.scenario or args.driver, options)
+    else:
+        async with embedded_services(args.size, args.dirty_rate, args.seed) as (drv, scn):
+            result = await run_demo(drv, scn, options)
+    if args.json:
+        print(json.dumps({**result.__dict__, "equal": result.equal}, indent=2))
+    else:
+        print(format_report(result))
+    ok = result.equal and result.report.get("status") == "completed"
+    return 0 if ok else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vfioctl demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--driver", metavar="HOST:PORT", help="a running vfio-driver service")
+    p.add_argument(
+        "--scenario",
+        metavar="HOST:PORT",
+        help="its firmware's Scenario service (default: the --driver address)",
+    )
+    p.add_argument("--size", type=byte_size, default=64 << 20, help="VF state (embedded)")
+    p.add_argument(
+        "--dirty-rate",
+        type=byte_size,
+        default=16 << 20,
+        metavar="BYTES_PER_S",
+        help="workload while the VF runs (embedded)",
+    )
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--downtime-limit", type=float, default=0.3, metavar="SECONDS")
+    p.add_argument(
+        "--bandwidth",
+        type=byte_size,
+        default=256 << 20,
+        metavar="BYTES_PER_S",
+        help="the link bandwidth the switchover decision assumes",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return run(_main(args))
+    except (VfioClientError, LinkError, MigrationError) as e:
+        print(f"vfioctl demo: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
