@@ -27,6 +27,19 @@ Every state change names a recovery state; if the change fails the recovery
 state is tried, and if that fails too the device is reset (QEMU's
 vfio_migration_set_state).  A failed migration leaves the sources RUNNING and
 resets the destinations (aborting RESUMING).
+
+Multifd (`MigrationOptions.multifd_channels` > 0, QEMU 10.0's device-state
+transfer): precopy stays on the main stream, which gets its end marker when
+the stop-copy starts; the stop-copy data is read in buffer-size chunks, each
+a packet with a sequence index, sent over that many concurrent channels
+(tasks forwarding with a jitter, so packets arrive out of order); the
+destination keeps them in a reorder buffer and, once the main stream is
+loaded, writes them strictly in index order.  The bytes queued (sent and not
+yet written) are bounded by `multifd_max_queued_bytes`: the source waits.
+
+Progress: `MigrationOptions.progress` (a `Progress`) hears of phase changes,
+bytes moved, the cached initial/dirty counters and REINITs;
+`TerminalProgress` draws that on stderr when it is a TTY (and CI is unset).
 """
 
 from __future__ import annotations
@@ -37,10 +50,13 @@ import enum
 import errno
 import json
 import logging
+import os
+import random
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 from driver.vfio.uapi import (
     VFIO_DEVICE_FEATURE_SET,
@@ -84,6 +100,11 @@ class MigrationOptions:
     on_switchover_ack: DeviceHook | None = None  # destination, just before it approves
     on_switchover_decision: Hook | None = None  # after the decision, before the final check
     on_destinations_loaded: Hook | None = None  # every destination in STOP, before it runs
+    # Multifd stop-copy (0 = off: the stop-copy data goes on the main stream).
+    multifd_channels: int = 0
+    multifd_max_queued_bytes: int = 32 << 20  # sent, not yet written (>= one packet)
+    multifd_jitter_s: float = 0.002  # each channel delays each packet by up to this
+    progress: Progress | None = None  # None: no progress
 
     @property
     def threshold(self) -> float:
@@ -131,6 +152,13 @@ class DeviceReport:
     empty_reads: int = 0
     init_data_sent: int = 0  # INIT_DATA_SENT markers the source sent
     acks: int = 0  # approvals the destination gave
+    # multifd (stop-copy): packets sent (the last one empty), packets that arrived
+    # ahead of a lower index, the most packets held waiting for a missing one,
+    # the most bytes queued (sent, not yet written).
+    multifd_packets: int = 0
+    multifd_out_of_order: int = 0
+    multifd_max_reorder_depth: int = 0
+    multifd_max_queued_bytes: int = 0
 
 
 @dataclass
@@ -205,6 +233,240 @@ class _InitDataSent:
 _StreamItem = bytes | _InitDataSent | _Marker
 
 
+# --- progress ---------------------------------------------------------------------------
+
+
+class Progress:
+    """What the orchestrator tells about its progress; every method does
+    nothing here (override what you need).  Exceptions are logged, ignored."""
+
+    def phase(self, name: str) -> None:
+        """setup | precopy | switchover | cleanup | completed | failed"""
+
+    def devices(self, names: Sequence[str]) -> None:
+        """The devices, once, before anything else about them."""
+
+    def bytes_moved(self, device: str, phase: str, n: int) -> None:
+        """`n` more bytes read from the device's source ("precopy" | "stop-copy")."""
+
+    def pending(self, device: str, initial_bytes: int, dirty_bytes: int) -> None:
+        """The cached PRECOPY_INFO counters now."""
+
+    def reinit(self, device: str, initial_bytes: int) -> None:
+        """A REINIT: new initial bytes."""
+
+    def close(self) -> None:
+        """The migration ended (completed or failed)."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f}M"
+
+
+class TerminalProgress(Progress):
+    """One line per redraw on stderr with carriage returns: the phase, and per
+    device a bar of initial+dirty left against the most seen, and the bytes
+    moved.  Draws nothing unless the stream is a TTY and CI is unset."""
+
+    def __init__(
+        self, stream: TextIO | None = None, *, min_interval_s: float = 0.1, width: int = 12
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.enabled = bool(isatty and isatty()) and "CI" not in os.environ
+        self.min_interval_s = min_interval_s
+        self.width = width
+        self._phase = ""
+        self._names: list[str] = []
+        self._moved: dict[str, dict[str, int]] = {}
+        self._pending: dict[str, tuple[int, int]] = {}
+        self._peak: dict[str, int] = {}
+        self._reinits: dict[str, int] = {}
+        self._last = 0.0
+        self._drawn = 0
+
+    def devices(self, names: Sequence[str]) -> None:
+        self._names = list(names)
+
+    def phase(self, name: str) -> None:
+        self._phase = name
+        self._draw(force=True)
+
+    def bytes_moved(self, device: str, phase: str, n: int) -> None:
+        d = self._moved.setdefault(device, {})
+        d[phase] = d.get(phase, 0) + n
+        self._draw()
+
+    def pending(self, device: str, initial_bytes: int, dirty_bytes: int) -> None:
+        self._pending[device] = (initial_bytes, dirty_bytes)
+        left = initial_bytes + dirty_bytes
+        self._peak[device] = max(self._peak.get(device, 0), left)
+        self._draw()
+
+    def reinit(self, device: str, initial_bytes: int) -> None:
+        self._reinits[device] = self._reinits.get(device, 0) + 1
+        self._peak[device] = initial_bytes
+        self._draw(force=True)
+
+    def close(self) -> None:
+        self._draw(force=True)
+        if self.enabled and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def line(self) -> str:
+        parts = [f"[{self._phase or '-'}]"]
+        for name in self._names or sorted(self._moved):
+            init, dirty = self._pending.get(name, (0, 0))
+            peak = self._peak.get(name, 0)
+            done = 1.0 if peak == 0 else 1.0 - (init + dirty) / peak
+            fill = round(max(0.0, min(1.0, done)) * self.width)
+            moved = self._moved.get(name, {})
+            parts.append(
+                f"{name} [{'#' * fill}{'.' * (self.width - fill)}]"
+                f" init {_mib(init)} dirty {_mib(dirty)}"
+                f" pre {_mib(moved.get('precopy', 0))} stop {_mib(moved.get('stop-copy', 0))}"
+                + (f" reinit {self._reinits[name]}" if name in self._reinits else "")
+            )
+        return "  ".join(parts)
+
+    def _draw(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < self.min_interval_s:
+            return
+        self._last = now
+        self.stream.write("\r\x1b[K" + self.line())
+        self.stream.flush()
+        self._drawn += 1
+
+
+def _notify(progress: Progress | None, method: str, *args: Any) -> None:
+    if progress is None:
+        return
+    try:
+        getattr(progress, method)(*args)
+    except Exception:  # progress must never break a migration
+        log.exception("progress.%s failed", method)
+
+
+# --- multifd --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Packet:
+    idx: int
+    data: bytes
+    last: bool = False  # the end of the device's stop-copy data (empty)
+
+
+class _Multifd:
+    """One device's multifd stop-copy: channels (source -> destination) and
+    the destination's reorder buffer, bounded by the queued bytes."""
+
+    def __init__(self, name: str, options: MigrationOptions, report: DeviceReport) -> None:
+        self.name = name
+        self.channels = options.multifd_channels
+        self.max_queued = max(1, options.multifd_max_queued_bytes)
+        self.jitter_s = options.multifd_jitter_s
+        self.report = report
+        self.cond = asyncio.Condition()
+        self.reorder: dict[int, _Packet] = {}
+        self.next_idx = 0  # the next index to write
+        self.queued = 0  # bytes sent and not yet written
+        self.error: BaseException | None = None
+        self._queues: list[asyncio.Queue[_Packet | None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sent = 0
+        self._arrived = 0  # every index below has arrived
+        self._ahead: set[int] = set()  # arrived, above a missing index: held back
+
+    # source side
+
+    def start(self) -> None:
+        for i in range(self.channels):
+            q: asyncio.Queue[_Packet | None] = asyncio.Queue()
+            rng = random.Random(f"{self.name}/{i}")
+            self._queues.append(q)
+            self._tasks.append(
+                asyncio.create_task(self._channel(q, rng), name=f"multifd-{self.name}-{i}")
+            )
+
+    async def send(self, data: bytes, *, last: bool = False) -> None:
+        """Queue a packet on the next channel (round robin); waits while the
+        queued bytes would go over the bound (one packet always fits)."""
+        n = len(data)
+        async with self.cond:
+            await self.cond.wait_for(
+                lambda: (
+                    self.error is not None or self.queued == 0 or self.queued + n <= self.max_queued
+                )
+            )
+            if self.error is not None:
+                raise MigrationError(f"{self.name} destination: load failed: {self.error}")
+            self.queued += n
+            r = self.report
+            r.multifd_max_queued_bytes = max(r.multifd_max_queued_bytes, self.queued)
+        packet = _Packet(self._sent, data, last)
+        self._queues[self._sent % self.channels].put_nowait(packet)
+        self._sent += 1
+        self.report.multifd_packets += 1
+
+    async def finish(self) -> None:
+        """The last packet sent: close the channels, wait for them."""
+        for q in self._queues:
+            q.put_nowait(None)
+        await asyncio.gather(*self._tasks)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    async def _channel(self, q: asyncio.Queue[_Packet | None], rng: random.Random) -> None:
+        while (p := await q.get()) is not None:
+            if self.jitter_s > 0:
+                await asyncio.sleep(rng.uniform(0, self.jitter_s))
+            async with self.cond:
+                r = self.report
+                self.reorder[p.idx] = p
+                if p.idx != self._arrived:  # ahead of a lower index still on its way
+                    r.multifd_out_of_order += 1
+                    self._ahead.add(p.idx)
+                else:
+                    self._arrived += 1
+                    while self._arrived in self._ahead:
+                        self._ahead.discard(self._arrived)
+                        self._arrived += 1
+                r.multifd_max_reorder_depth = max(r.multifd_max_reorder_depth, len(self._ahead))
+                self.cond.notify_all()
+
+    # destination side
+
+    async def write_in_order(self, write: Callable[[bytes], Awaitable[int]]) -> None:
+        """Write the packets strictly by index until the last one."""
+        while True:
+            async with self.cond:
+                await self.cond.wait_for(lambda: self.next_idx in self.reorder)
+                p = self.reorder.pop(self.next_idx)
+            if p.data:
+                await write(p.data)  # without the lock: channels keep delivering
+            async with self.cond:
+                self.next_idx += 1
+                self.queued -= len(p.data)
+                self.cond.notify_all()
+            if p.last:
+                return
+
+    async def fail(self, exc: BaseException) -> None:
+        async with self.cond:
+            self.error = exc
+            self.cond.notify_all()
+
+
 # --- one device -------------------------------------------------------------------------
 
 
@@ -234,6 +496,9 @@ class DeviceMigration:
         self.initial_data_sent = False
         self._stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
         self._loader: asyncio.Task[None] | None = None
+        self._multifd: _Multifd | None = None
+        if options.multifd_channels > 0:
+            self._multifd = _Multifd(self.name, options, self.report)
 
     @property
     def pre_copy(self) -> bool:
@@ -320,6 +585,10 @@ class DeviceMigration:
             info = await self.src.precopy_info(self.src_data_fd)
             self.initial_bytes, self.dirty_bytes = info.initial_bytes, info.dirty_bytes
             self.ack.request(self.name)
+            self._pending_progress()
+
+    def _pending_progress(self) -> None:
+        _notify(self.options.progress, "pending", self.name, self.initial_bytes, self.dirty_bytes)
 
     # --- source: precopy ---------------------------------------------------------------
 
@@ -344,6 +613,7 @@ class DeviceMigration:
             self._send(data)
             n = len(data)
             self.report.precopy_bytes += n
+            _notify(self.options.progress, "bytes_moved", self.name, "precopy", n)
             taken = min(n, self.initial_bytes)
             self.initial_bytes -= taken
             self.dirty_bytes = max(0, self.dirty_bytes - (n - taken))
@@ -361,6 +631,7 @@ class DeviceMigration:
         if self.v2 and info.reinit:
             return info
         self.initial_bytes, self.dirty_bytes = info.initial_bytes, info.dirty_bytes
+        self._pending_progress()
         return None
 
     def rearm(self, info: PrecopyInfo) -> None:
@@ -369,6 +640,8 @@ class DeviceMigration:
         self.dirty_bytes = 0
         self.initial_data_sent = False
         self.ack.request(self.name)
+        _notify(self.options.progress, "reinit", self.name, info.initial_bytes)
+        self._pending_progress()
 
     async def exact_pending(self) -> int:
         """vfio_state_pending_exact: stop_copy_length (includes unread precopy data)."""
@@ -395,17 +668,61 @@ class DeviceMigration:
         """save_complete_precopy: read to EOF, in order, into the stream; then
         wait for the destination to have written all of it."""
         assert self.src_data_fd is not None
+        self.initial_bytes = self.dirty_bytes = 0
+        self._pending_progress()
+        if self._multifd is not None:
+            await self._drain_multifd(self._multifd)
+            return
         async for chunk in self.src.read_stream(self.src_data_fd, chunk_size=self.buffer_size):
             if chunk:
                 self._send(chunk)
-                self.report.stop_copy_bytes += len(chunk)
+                self._stop_copy_read(len(chunk))
         self._send(_Marker.END)
         await self.loaded()
+
+    def _stop_copy_read(self, n: int) -> None:
+        self.report.stop_copy_bytes += n
+        _notify(self.options.progress, "bytes_moved", self.name, "stop-copy", n)
+
+    async def _drain_multifd(self, mf: _Multifd) -> None:
+        """The main stream ends here; the stop-copy data goes as indexed
+        packets over the channels, the last one empty."""
+        assert self.src_data_fd is not None
+        self._send(_Marker.END)
+        mf.start()
+        try:
+            async for chunk in self.src.read_stream(self.src_data_fd, chunk_size=self.buffer_size):
+                if chunk:
+                    await mf.send(chunk)
+                    self._stop_copy_read(len(chunk))
+                self.check_loader()
+            await mf.send(b"", last=True)
+            await mf.finish()
+            await self.loaded()
+        finally:
+            await mf.stop()
 
     # --- destination -------------------------------------------------------------------
 
     async def _load(self) -> None:
-        """load_state: write data in stream order; approve on INIT_DATA_SENT."""
+        """load_state: write data in stream order; approve on INIT_DATA_SENT;
+        with multifd, then the stop-copy packets in index order."""
+        try:
+            await self._load_main()
+            if self._multifd is not None:
+                dst, fd = self.dst, self.dst_data_fd
+                assert fd is not None
+
+                async def write(data: bytes) -> int:
+                    return await dst.write(fd, data)
+
+                await self._multifd.write_in_order(write)
+        except BaseException as e:
+            if self._multifd is not None:
+                await self._multifd.fail(e)
+            raise
+
+    async def _load_main(self) -> None:
         while True:
             item = await self._stream.get()
             if item is _Marker.END:
@@ -476,6 +793,8 @@ class _Migration:
         self.report = MigrationReport(devices=[d.report for d in self.devices])
         self.t0 = time.monotonic()
         self._phase_start = self.t0
+        _notify(options.progress, "devices", [d.name for d in self.devices])
+        _notify(options.progress, "phase", "setup")
 
     def _now(self) -> float:
         return time.monotonic() - self.t0
@@ -484,6 +803,7 @@ class _Migration:
         t = time.monotonic()
         self.report.phases[self.report.status] = t - self._phase_start
         self.report.status, self._phase_start = name, t
+        _notify(self.options.progress, "phase", name)
 
     def _reinit(self, d: DeviceMigration, info: PrecopyInfo, phase: str, handling: str) -> None:
         log.info("%s: REINIT (%s, initial %d): %s", d.name, phase, info.initial_bytes, handling)
@@ -521,6 +841,7 @@ class _Migration:
         self.report.total_s = self._now()
         self.report.precopy_bytes = sum(d.report.precopy_bytes for d in self.devices)
         self.report.stop_copy_bytes = sum(d.report.stop_copy_bytes for d in self.devices)
+        _notify(self.options.progress, "close")
 
     async def _run(self) -> None:
         devs = self.devices

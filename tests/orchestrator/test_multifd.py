@@ -1,0 +1,276 @@
+"""Multifd stop-copy and live progress in vfioclient.orchestrator, against the
+driver service in this process over an in-process firmware with a live
+workload (the rig of test_orchestrator.py, copied).
+
+The data check: every byte the source read (precopy reads, then the stop-copy
+stream) must be what the destination wrote, in the same order, even though
+the stop-copy packets crossed four channels and arrived out of order.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from driver.registry import DeviceRegistry, pci_name
+from driver.service.server import DriverServer
+from driver.vfio.uapi import MigState
+from fwemu.link.inproc import InProcessLink
+from fwemu.model.clock import LoopClock
+from fwemu.model.firmware import Firmware
+from fwemu.model.vf import VfConfig
+from vfioclient import VfioClient
+from vfioclient.orchestrator import (
+    DeviceMigration,
+    DevicePair,
+    MigrationOptions,
+    MigrationReport,
+    Progress,
+    TerminalProgress,
+    migrate,
+)
+
+pytestmark = pytest.mark.grpc
+
+WORKLOAD = {"size": 1 << 20, "dirty_bytes_per_s": 8 << 20}
+CHUNK = 16 << 10  # small packets: many of them in the stop-copy
+
+
+@dataclass
+class Rig:
+    fw: Firmware
+    server: DriverServer
+    src: VfioClient
+    dst: VfioClient
+    digests: list[tuple[str, str]] = field(default_factory=list)
+    read: list[bytes] = field(default_factory=list)  # what the source read, in order
+    written: list[bytes] = field(default_factory=list)  # what the destination wrote
+
+    async def pair(self) -> tuple[DevicePair, int, int]:
+        vfs = self.fw.create_vfs(2, VfConfig(**WORKLOAD))  # type: ignore[arg-type]
+        await self.server.registry.refresh()
+        s, d = vfs
+        sfd = await self.src.open_device(pci_name(s.function_id))
+        dfd = await self.dst.open_device(pci_name(d.function_id))
+        return DevicePair(self.src, sfd, self.dst, dfd, name=f"vf{s.vhca_id}"), s.vhca_id, d.vhca_id
+
+    def record_data(self) -> None:
+        """Wrap the clients' read / read_stream / write (each side's client is
+        used by that side only) to record the data, in order."""
+        src_read, src_stream, dst_write = self.src.read, self.src.read_stream, self.dst.write
+
+        async def read(fd: int, count: int, **kw: Any) -> bytes:
+            data = await src_read(fd, count, **kw)
+            self.read.append(data)
+            return data
+
+        async def read_stream(fd: int, **kw: Any) -> AsyncIterator[bytes]:
+            async for chunk in src_stream(fd, **kw):
+                self.read.append(chunk)
+                yield chunk
+
+        async def write(fd: int, chunks: Any) -> int:
+            assert isinstance(chunks, bytes)
+            self.written.append(chunks)
+            return await dst_write(fd, chunks)
+
+        self.src.read = read  # type: ignore[method-assign]
+        self.src.read_stream = read_stream  # type: ignore[method-assign]
+        self.dst.write = write  # type: ignore[method-assign]
+
+
+@pytest.fixture(name="rig")
+async def rig_fixture() -> AsyncIterator[Rig]:
+    fw = Firmware(LoopClock(), seed=7)
+    server = DriverServer(DeviceRegistry(InProcessLink(fw), cmd_timeout=5.0))
+    port = await server.start("127.0.0.1:0")
+    src = await VfioClient.connect(f"127.0.0.1:{port}")
+    dst = await VfioClient.connect(f"127.0.0.1:{port}")
+    try:
+        yield Rig(fw, server, src, dst)
+    finally:
+        await src.aclose()
+        await dst.aclose()
+        await server.stop(0)
+
+
+def options(rig: Rig, s: int, d: int, **kw: Any) -> MigrationOptions:
+    """Multifd over 4 channels, small packets; a REINIT at the first ack; the
+    digests taken when both sides are suspended."""
+    reconfigured = False
+
+    async def on_ack(_: DeviceMigration) -> None:
+        nonlocal reconfigured
+        if not reconfigured:
+            reconfigured = True
+            rig.fw.reconfigure(s)
+
+    async def loaded() -> None:
+        rig.digests.append((rig.fw.digest(s), rig.fw.digest(d)))
+
+    o = MigrationOptions(
+        downtime_limit_s=0.3,
+        bandwidth_estimate=100 << 20,
+        max_precopy_iterations=2000,
+        iteration_interval_s=0.002,
+        buffer_cap=CHUNK,
+        multifd_channels=4,
+        on_switchover_ack=on_ack,
+        on_destinations_loaded=loaded,
+    )
+    for k, v in kw.items():
+        setattr(o, k, v)
+    return o
+
+
+async def check(rig: Rig, pair: DevicePair, r: MigrationReport) -> None:
+    assert r.status == "completed" and r.error is None
+    assert [(x.device, x.phase, x.handling) for x in r.reinits] == [
+        (pair.name, "precopy", "ack re-armed")
+    ]
+    (dev,) = r.devices
+    assert dev.acks == 2 and dev.precopy_bytes > 0 and dev.stop_copy_bytes > 0
+    # Several packets (plus the empty last one), all of the stop-copy data.
+    assert dev.multifd_packets >= 4
+    assert dev.multifd_packets - 1 >= -(-dev.stop_copy_bytes // CHUNK)  # chunks <= CHUNK
+    # Written strictly in order: the destination got exactly what the source read.
+    assert b"".join(rig.written) == b"".join(rig.read)
+    assert sum(map(len, rig.read)) == dev.precopy_bytes + dev.stop_copy_bytes
+    (digests,) = rig.digests
+    assert digests[0] == digests[1]
+    assert await rig.dst.get_state(pair.destination_fd) == MigState.RUNNING
+    assert await rig.src.get_state(pair.source_fd) == MigState.STOP
+
+
+async def test_multifd_out_of_order_written_in_order(rig: Rig) -> None:
+    pair, s, d = await rig.pair()
+    rig.record_data()
+    r = await migrate([pair], options(rig, s, d))
+    await check(rig, pair, r)
+    (dev,) = r.devices
+    assert dev.multifd_out_of_order > 0 and dev.multifd_max_reorder_depth > 0
+    assert 0 < dev.multifd_max_queued_bytes <= 32 << 20
+    assert '"multifd_max_reorder_depth"' in r.to_json()
+
+
+async def test_multifd_queued_bytes_bound(rig: Rig) -> None:
+    pair, s, d = await rig.pair()
+    rig.record_data()
+    bound = 3 * CHUNK
+    r = await migrate([pair], options(rig, s, d, multifd_max_queued_bytes=bound))
+    await check(rig, pair, r)
+    (dev,) = r.devices
+    assert 0 < dev.multifd_max_queued_bytes <= bound
+    # At most three packets in flight: at most two can wait for a missing one.
+    assert dev.multifd_max_reorder_depth <= 2
+
+
+async def test_multifd_bound_below_one_packet_sends_one_at_a_time(rig: Rig) -> None:
+    pair, s, d = await rig.pair()
+    rig.record_data()
+    r = await migrate([pair], options(rig, s, d, multifd_max_queued_bytes=1))
+    await check(rig, pair, r)
+    (dev,) = r.devices
+    assert dev.multifd_max_queued_bytes <= CHUNK
+    assert dev.multifd_out_of_order == 0 and dev.multifd_max_reorder_depth == 0
+
+
+class Recorder(Progress):
+    def __init__(self) -> None:
+        self.phases: list[str] = []
+        self.names: list[str] = []
+        self.moved: dict[tuple[str, str], int] = {}
+        self.pendings: list[tuple[str, int, int]] = []
+        self.reinits: list[tuple[str, int]] = []
+        self.closed = 0
+
+    def devices(self, names: Any) -> None:
+        self.names = list(names)
+
+    def phase(self, name: str) -> None:
+        self.phases.append(name)
+
+    def bytes_moved(self, device: str, phase: str, n: int) -> None:
+        assert n > 0
+        self.moved[device, phase] = self.moved.get((device, phase), 0) + n
+
+    def pending(self, device: str, initial_bytes: int, dirty_bytes: int) -> None:
+        self.pendings.append((device, initial_bytes, dirty_bytes))
+
+    def reinit(self, device: str, initial_bytes: int) -> None:
+        self.reinits.append((device, initial_bytes))
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+@pytest.mark.parametrize("channels", [0, 4])
+async def test_progress_recorder_adds_up(rig: Rig, channels: int) -> None:
+    pair, s, d = await rig.pair()
+    p = Recorder()
+    r = await migrate([pair], options(rig, s, d, multifd_channels=channels, progress=p))
+    assert r.status == "completed"
+    assert p.phases == ["setup", "precopy", "switchover", "cleanup", "completed"]
+    assert p.names == [pair.name] and p.closed == 1
+    (dev,) = r.devices
+    assert p.moved[pair.name, "precopy"] == dev.precopy_bytes == r.precopy_bytes
+    assert p.moved[pair.name, "stop-copy"] == dev.stop_copy_bytes == r.stop_copy_bytes
+    assert p.reinits == [(x.device, x.initial_bytes) for x in r.reinits] and len(p.reinits) == 1
+    assert any(i > 0 for _, i, _ in p.pendings)
+    assert p.pendings[-1] == (pair.name, 0, 0)  # drained
+
+
+async def test_a_failing_progress_does_not_break_the_migration(rig: Rig) -> None:
+    pair, s, d = await rig.pair()
+
+    class Broken(Progress):
+        def bytes_moved(self, device: str, phase: str, n: int) -> None:
+            raise RuntimeError("boom")
+
+    r = await migrate([pair], options(rig, s, d, progress=Broken()))
+    assert r.status == "completed"
+
+
+class FakeTty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def drive(p: TerminalProgress) -> None:
+    p.devices(["vf1"])
+    p.phase("precopy")
+    p.pending("vf1", 100, 20)
+    p.bytes_moved("vf1", "precopy", 1 << 20)
+    p.reinit("vf1", 50)
+    p.phase("completed")
+    p.close()
+
+
+def test_terminal_progress_draws_on_a_tty(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CI", raising=False)
+    out = FakeTty()
+    drive(TerminalProgress(out, min_interval_s=0))
+    text = out.getvalue()
+    assert "\r" in text and "[completed]" in text and "vf1 [" in text and "reinit 1" in text
+    assert text.endswith("\n")
+
+
+@pytest.mark.parametrize(
+    ("stream", "ci"), [(io.StringIO, None), (FakeTty, "true")], ids=["not-a-tty", "ci"]
+)
+def test_terminal_progress_is_silent_off_a_tty_or_in_ci(
+    monkeypatch: pytest.MonkeyPatch, stream: Callable[[], io.StringIO], ci: str | None
+) -> None:
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    out = stream()
+    p = TerminalProgress(out, min_interval_s=0)
+    assert not p.enabled
+    drive(p)
+    assert out.getvalue() == ""
