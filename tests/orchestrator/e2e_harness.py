@@ -1,0 +1,168 @@
+"""Services as real processes for the end-to-end orchestrator tests.
+
+Two topologies, each started once per test module (process start-up is the
+slow part) with VFs created per test through the firmware's Scenario service:
+
+* `ThreeProcess`: `fwemu serve` + two `vfio-driver serve --firmware <fwemu>`
+  (driver A holds the source devices, driver B the destinations); the
+  Scenario service is fwemu's.
+* `Embedded`: one `vfio-driver serve --vfs 0 --scenario-service` (the firmware
+  runs in the driver process; its Scenario service is on the driver's port).
+
+The test process is the orchestrating client (`VfioClient` for the source
+and destination "processes", `ScenarioClient` for the firmware).
+
+Digests are read in `on_destinations_loaded`: every source has been read to
+the end of its STOP_COPY stream and every destination is in STOP, both VFs
+suspended, so their states cannot change and must be equal then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+from benchmarks.procs import DRIVER, FWEMU, served
+from fwemu.model.constants import MiB
+from fwemu.model.vf import Caps, VfConfig
+from vfioclient import VfioClient
+from vfioclient.orchestrator import DeviceMigration, DevicePair, MigrationOptions
+from vfioclient.scenario import ScenarioClient
+
+WORKLOAD = {"size": 1 * MiB, "dirty_bytes_per_s": 4 * MiB}
+QUIET = ("--log-level", "error", "--loop", "asyncio")
+
+
+def pci(function_id: int) -> str:
+    return f"0000:81:{function_id >> 3:02x}.{function_id & 7}"
+
+
+def options(**kw: object) -> MigrationOptions:
+    """As tests/orchestrator/test_orchestrator.py: converges once acked."""
+    o = MigrationOptions(
+        downtime_limit_s=0.3,
+        bandwidth_estimate=100 << 20,
+        max_precopy_iterations=2000,
+        iteration_interval_s=0.002,
+    )
+    for k, v in kw.items():
+        setattr(o, k, v)
+    return o
+
+
+@dataclass(frozen=True)
+class Topology:
+    scenario: str  # the firmware's Scenario service
+    source_driver: str
+    destination_driver: str
+
+
+@contextlib.contextmanager
+def three_process() -> Iterator[Topology]:
+    with (
+        served(FWEMU, "--vfs", "0", *QUIET) as (_, fw),
+        served(DRIVER, "--firmware", fw, *QUIET) as (_, a),
+        served(DRIVER, "--firmware", fw, *QUIET) as (_, b),
+    ):
+        yield Topology(fw, a, b)
+
+
+@contextlib.contextmanager
+def embedded() -> Iterator[Topology]:
+    with served(DRIVER, "--vfs", "0", "--scenario-service", *QUIET) as (_, d):
+        yield Topology(d, d, d)
+
+
+@dataclass
+class Pair:
+    pair: DevicePair
+    src_vhca: int
+    dst_vhca: int
+
+
+@dataclass
+class Rig:
+    topo: Topology
+    scenario: ScenarioClient
+    src: VfioClient
+    dst: VfioClient
+    digests: list[tuple[str, str]] = field(default_factory=list)
+
+    async def create(self, count: int, **config: object) -> list[int]:
+        """`count` new VFs (vhca ids); both drivers probe them."""
+        vfs = await self.scenario.create_vfs(count, VfConfig(**{**WORKLOAD, **config}))  # type: ignore[arg-type]
+        await self.src.list_devices()  # ListDevices refreshes the registry
+        await self.dst.list_devices()
+        return [v.vhca_id for v in vfs]
+
+    async def pairs(self, n: int = 1, **config: object) -> list[Pair]:
+        """n source/destination pairs, opened (sources on the source driver)."""
+        ids = await self.create(2 * n, **config)
+        infos = {v.vhca_id: v for v in await self.scenario.list_vfs()}
+        out = []
+        for s, d in zip(ids[0::2], ids[1::2], strict=True):
+            sfd = await self.src.open_device(pci(infos[s].function_id))
+            dfd = await self.dst.open_device(pci(infos[d].function_id))
+            out.append(Pair(DevicePair(self.src, sfd, self.dst, dfd, name=f"vf{s}"), s, d))
+        return out
+
+    def digest_hook(self, pairs: list[Pair]) -> MigrationOptions:
+        async def loaded() -> None:
+            for p in pairs:
+                self.digests.append(
+                    (await self.scenario.digest(p.src_vhca), await self.scenario.digest(p.dst_vhca))
+                )
+
+        return options(on_destinations_loaded=loaded)
+
+    def reconfigure_on_first_ack(self, targets: dict[str, int], o: MigrationOptions) -> set[str]:
+        """Reconfigure a device's source (through the Scenario service) when
+        its destination is about to give its first switchover-ack.
+
+        The ack is held while the reconfiguration is made at the next
+        precopy iteration boundary (on_iteration), when no PRECOPY_INFO is in
+        flight: a reconfiguration landing inside a PRECOPY_INFO, between its
+        QUERY_VHCA_MIGRATION_STATE and the SAVE it issues, is captured by that
+        SAVE as dirty data and never reported as a REINIT (as in the kernel:
+        the two are separate firmware commands).  The migration is correct
+        then too, but the test wants the REINIT."""
+        done: set[str] = set()
+        waiting: list[tuple[int, asyncio.Event]] = []
+
+        async def on_ack(d: DeviceMigration) -> None:
+            if d.name in targets and d.name not in done:
+                done.add(d.name)
+                made = asyncio.Event()
+                waiting.append((targets[d.name], made))
+                await made.wait()
+
+        async def on_iteration(it: int) -> None:
+            if previous is not None:
+                await previous(it)
+            while waiting:
+                vhca, made = waiting.pop(0)
+                await self.scenario.reconfigure(vhca)
+                made.set()
+
+        previous = o.on_iteration
+        o.on_switchover_ack = on_ack
+        o.on_iteration = on_iteration
+        return done
+
+
+@contextlib.asynccontextmanager
+async def rig(topo: Topology) -> AsyncIterator[Rig]:
+    scenario = await ScenarioClient.connect(topo.scenario)
+    src = await VfioClient.connect(topo.source_driver)
+    dst = await VfioClient.connect(topo.destination_driver)
+    try:
+        yield Rig(topo, scenario, src, dst)
+    finally:
+        await src.aclose()  # the session ends: the fds close
+        await dst.aclose()
+        await scenario.aclose()
+
+
+__all__ = ["Caps", "Pair", "Rig", "Topology", "embedded", "options", "pci", "rig", "three_process"]
