@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fwemu.model import Syndrome
 from fwemu.model.constants import PAGE_SIZE, KiB
-from fwemu.model.device_state import DeviceState, page_runs
+from fwemu.model.device_state import Arena, DeviceState, page_runs
 from fwemu.model.image import (
     HEADER_SIZE,
     Cursor,
@@ -27,21 +27,25 @@ from fwemu.model.image import (
 CHAIN = 0xC0FFEE
 
 
-def full_image(state: DeviceState, *, seq: int = 0) -> bytes:
-    plan = Plan.full(state)
+def whole_image(plan: Plan, arena: Arena, kind: ImageKind, seq: int) -> bytes:
+    """`plan` written as one image (piece 0) of chain CHAIN."""
     dest = bytearray(plan.image_size())
     res = write_piece(
         memoryview(dest),
         plan,
         Cursor(),
-        state.arena,
-        kind=ImageKind.FULL,
+        arena,
+        kind=kind,
         chain_id=CHAIN,
         seq=seq,
         piece=0,
         whole=True,
     )
     return bytes(dest[: res.size])
+
+
+def full_image(state: DeviceState, *, seq: int = 0) -> bytes:
+    return whole_image(Plan.full(state), state.arena, ImageKind.FULL, seq)
 
 
 def copy_state(state: DeviceState) -> DeviceState:
@@ -159,19 +163,7 @@ def test_incremental_image_round_trip(size, dirty, seed):
         new.arena[base : base + n] = rng.randbytes(n)
     plan = Plan()
     plan.add_pages(page_runs(pages), new.size)
-    dest = bytearray(plan.image_size())
-    res = write_piece(
-        memoryview(dest),
-        plan,
-        Cursor(),
-        new.arena,
-        kind=ImageKind.INCREMENTAL,
-        chain_id=CHAIN,
-        seq=1,
-        piece=0,
-        whole=True,
-    )
-    parsed = parse_image(memoryview(dest)[: res.size])
+    parsed = parse_image(memoryview(whole_image(plan, new.arena, ImageKind.INCREMENTAL, 1)))
     assert parsed.header.kind == ImageKind.INCREMENTAL
     got = apply_image(copy_state(old), parsed, starts_chain=False)
     assert got.digest() == new.digest()
@@ -220,19 +212,7 @@ def test_refused_apply_leaves_the_target_unchanged(state):
     small = DeviceState.generate(8 * KiB, seed=3)
     plan = Plan()
     plan.add_pages([(4, 2)], state.size)  # arena bytes 16 KiB..24 KiB of the big state
-    dest = bytearray(plan.image_size())
-    res = write_piece(
-        memoryview(dest),
-        plan,
-        Cursor(),
-        state.arena,
-        kind=ImageKind.INCREMENTAL,
-        chain_id=CHAIN,
-        seq=1,
-        piece=0,
-        whole=True,
-    )
-    parsed = parse_image(memoryview(dest)[: res.size])
+    parsed = parse_image(memoryview(whole_image(plan, state.arena, ImageKind.INCREMENTAL, 1)))
     before = small.digest()
     with pytest.raises(ImageError) as e:
         apply_image(small, parsed, starts_chain=False)
@@ -244,20 +224,7 @@ def test_full_image_must_carry_the_object_table(state):
     """A full image that starts a chain without an object table is IMAGE_MALFORMED."""
     plan = Plan()
     plan.add_pages([(0, 1)], state.size)
-    dest = bytearray(plan.image_size())
-    res = write_piece(
-        memoryview(dest),
-        plan,
-        Cursor(),
-        state.arena,
-        kind=ImageKind.FULL,
-        chain_id=CHAIN,
-        seq=0,
-        piece=0,
-        whole=True,
-    )
+    image = whole_image(plan, state.arena, ImageKind.FULL, 0)
     with pytest.raises(ImageError) as e:
-        apply_image(
-            DeviceState.empty(), parse_image(memoryview(dest)[: res.size]), starts_chain=True
-        )
+        apply_image(DeviceState.empty(), parse_image(memoryview(image)), starts_chain=True)
     assert e.value.syndrome == Syndrome.IMAGE_MALFORMED
