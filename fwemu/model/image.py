@@ -379,7 +379,9 @@ def apply_image(state: DeviceState, image: ParsedImage, *, starts_chain: bool) -
     target = state
     try:
         if starts_chain:
-            target = DeviceState.empty(new_size)
+            # The old contents are discarded: its memory is reused, zeroed.
+            state.arena.clear(new_size)
+            target = DeviceState(state.arena, [], 1)
         else:
             state.arena.resize(new_size)
     except (MemoryError, OSError):

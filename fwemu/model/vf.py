@@ -9,10 +9,11 @@ from dataclasses import dataclass, field, replace
 import xxhash
 
 from .constants import PAGE_SIZE, KiB, MiB, MigState
-from .device_state import DeviceState, Workload, obj_type_index, page_runs
+from .device_state import DeviceState, Workload, obj_type_index
 from .faults import FaultQueue
 from .image import Cursor, ImageKind, Plan
 from .page_track import PageTracker
+from .pages import DIRTY, INIT, PageStates
 
 
 @dataclass(slots=True)
@@ -119,8 +120,7 @@ class Vf:
         self.responder_suspended = False
         # saving side
         self.tracking = False
-        self.dirty_pages: set[int] = set()
-        self.init_pages: set[int] = set()
+        self.pages = PageStates()  # CLEAN/DIRTY/INIT while tracking
         self.table_dirty = False
         self.chain_id = 0
         self.next_seq = 0
@@ -186,7 +186,7 @@ class Vf:
             first = self.workload.counter + 1
             pages = self.workload.run(self.state, writes)
             if self.tracking:
-                self.dirty_pages.update(pages)
+                self.pages.mark_dirty(pages)
             for tracker in self.page_trackers.values():
                 for counter, page in enumerate(pages, start=first):
                     tracker.device_wrote(page, counter)
@@ -202,7 +202,7 @@ class Vf:
         new_pages = self.state.add_objects(specs, self._reconfig_rng)
         # A partly filled last page may now hold new bytes too.
         if self.tracking:
-            self.init_pages.update(new_pages)
+            self.pages.mark_init(new_pages)
             self.table_dirty = True
         self.reconfigurations += 1
         return new_pages
@@ -216,9 +216,9 @@ class Vf:
 
     def migration_state(self) -> MigState:
         if self.tracking:
-            if self.init_pages or self.table_dirty:
+            if self.table_dirty or self.pages.has_init:
                 return MigState.OPER_MIGRATION_INIT
-            if self.dirty_pages:
+            if self.pages.has_dirty:
                 return MigState.OPER_MIGRATION_DIRTY
             return MigState.OPER_MIGRATION_IDLE
         if self.fully_suspended:
@@ -233,8 +233,8 @@ class Vf:
         if self.table_dirty:
             plan.add_table(self.state)
         size = self.state.size
-        plan.add_pages(page_runs(self.init_pages), size)
-        plan.add_pages(page_runs(self.dirty_pages - self.init_pages), size)
+        plan.add_pages(self.pages.runs(INIT), size)
+        plan.add_pages(self.pages.runs(DIRTY), size)
         return plan
 
     def full_plan(self) -> Plan:
@@ -260,24 +260,18 @@ class Vf:
             first = off // PAGE_SIZE
             end = off + length
             last = end // PAGE_SIZE if end < size else self.state.num_pages
-            pages = range(first, last)
-            if self.dirty_pages:
-                self.dirty_pages.difference_update(pages)
-            if self.init_pages:
-                self.init_pages.difference_update(pages)
+            self.pages.clean(first, last)
 
     def start_tracking_after_full(self, captured_ranges: list[tuple[int, int]]) -> None:
         """A full tracked SAVE starts a session; what it did not capture is dirty."""
         self.tracking = True
-        self.init_pages = set()
         self.table_dirty = False
-        self.dirty_pages = set(range(self.state.num_pages))
+        self.pages = PageStates(self.state.num_pages, DIRTY)
         self.captured(captured_ranges, table_written=True)
 
     def end_tracking(self) -> None:
         self.tracking = False
-        self.dirty_pages = set()
-        self.init_pages = set()
+        self.pages = PageStates()
         self.table_dirty = False
 
     def set_suspended(self, *, initiator: bool, responder: bool, now: float) -> None:

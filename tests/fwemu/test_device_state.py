@@ -13,6 +13,7 @@ from fwemu.model import Firmware, VfConfig, VirtualClock
 from fwemu.model.constants import PAGE_SIZE, KiB, MiB
 from fwemu.model.device_state import (
     OBJ_TYPES,
+    Arena,
     DeviceState,
     TableError,
     Workload,
@@ -192,3 +193,32 @@ def test_looking_at_a_vf_does_not_change_its_state():
     """How far the workload is depends only on the running time that passed, not on how often the VF
     was looked at (Workload docstring; repeatable runs)."""
     assert vf_digest_after([10.0]) == vf_digest_after([5.0, 5.0])
+
+
+@pytest.mark.parametrize("hold_a_view", [False, True])
+def test_arena_resize_keeps_the_prefix_and_zeroes_what_it_adds(hold_a_view: bool) -> None:
+    """In place (mremap) normally; into new memory while a view is held."""
+    a = Arena(data=bytes(range(256)) * 64)
+    held = a[0:16] if hold_a_view else None
+    a.resize(5 * PAGE_SIZE + 5)
+    assert bytes(a[: 256 * 64]) == bytes(range(256)) * 64
+    assert bytes(a[256 * 64 :]) == bytes(5 * PAGE_SIZE + 5 - 256 * 64)
+    a.resize(100)
+    assert bytes(a) == bytes(range(100))
+    a.resize(PAGE_SIZE)
+    assert bytes(a[100:]) == bytes(PAGE_SIZE - 100)
+    if held is not None:
+        assert bytes(held) == bytes(range(16))
+
+
+def test_arena_clear_zeroes_in_place_at_any_size() -> None:
+    a = Arena(data=b"\xff" * (3 * PAGE_SIZE + 7))
+    a.clear(2 * PAGE_SIZE + 3)
+    assert bytes(a) == bytes(2 * PAGE_SIZE + 3)
+    a[0:4] = b"abcd"
+    a.clear(5 * PAGE_SIZE)
+    assert bytes(a) == bytes(5 * PAGE_SIZE)
+    a.clear(0)
+    assert len(a) == 0
+    a.clear(PAGE_SIZE)
+    assert bytes(a) == bytes(PAGE_SIZE)
