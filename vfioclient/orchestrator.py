@@ -54,7 +54,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
@@ -92,7 +92,8 @@ class MigrationOptions:
     downtime_limit_s: float = 0.3
     bandwidth_estimate: int = 1 << 30  # bytes/s
     max_precopy_iterations: int = 10_000
-    iteration_interval_s: float = 0.005
+    iteration_interval_s: float = 0.005  # pause after an iteration that read nothing
+    stream_depth: int = 16  # chunks in flight between source reads and destination writes
     fail_on_late_reinit: bool = True  # QEMU 11.1
     buffer_cap: int = BUFFER_CAP
     # Hooks (tests, tracing): awaited at the named points.
@@ -172,6 +173,9 @@ class MigrationReport:
     stop_copy_bytes: int = 0
     reinits: list[ReinitEvent] = field(default_factory=list)
     downtime_s: float | None = None  # first source stop to the last destination RUNNING
+    # Time spent in on_destinations_loaded (verification by the caller, such as
+    # the demo's digests): inside the stop, but not counted in downtime_s.
+    hook_s: float = 0.0
     total_s: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
     devices: list[DeviceReport] = field(default_factory=list)
@@ -467,6 +471,64 @@ class _Multifd:
             self.cond.notify_all()
 
 
+async def _put(q: asyncio.Queue[Any], item: Any, consumer: asyncio.Future[Any]) -> None:
+    """Queue `item` for `consumer`, waiting for room; if the consumer ends
+    first, raise what it failed with (a bounded queue would wait forever)."""
+    if not consumer.done():
+        try:
+            q.put_nowait(item)
+            return
+        except asyncio.QueueFull:
+            pass
+        put = asyncio.ensure_future(q.put(item))
+        await asyncio.wait({put, consumer}, return_when=asyncio.FIRST_COMPLETED)
+        if put.done():
+            return
+        put.cancel()
+    consumer.result()  # raises its error
+    raise MigrationError("the destination stopped taking data")
+
+
+class _DataWriter:
+    """The destination's write(2)s on one data fd, as one Write call while
+    data flows (a call per chunk costs a round trip each): `write` queues a
+    chunk (bounded), `flush` ends the call and returns once the driver has
+    taken every chunk; the next `write` opens a new call."""
+
+    def __init__(self, client: VfioClient, fd: int, depth: int) -> None:
+        self.client, self.fd, self.depth = client, fd, max(1, depth)
+        self._q: asyncio.Queue[bytes | None] = asyncio.Queue(self.depth)
+        self._call: asyncio.Task[int] | None = None
+
+    async def write(self, data: bytes) -> int:
+        if self._call is None:
+            q = self._q = asyncio.Queue(self.depth)
+
+            async def chunks() -> AsyncIterator[bytes]:
+                while (c := await q.get()) is not None:
+                    yield c
+
+            self._call = asyncio.ensure_future(self.client.write(self.fd, chunks()))
+        await _put(self._q, data, self._call)
+        return len(data)
+
+    async def flush(self) -> int:
+        """Everything queued is written: the bytes the call took."""
+        if self._call is None:
+            return 0
+        call = self._call
+        await _put(self._q, None, call)
+        self._call = None
+        return await call
+
+    async def cancel(self) -> None:
+        if self._call is not None:
+            call, self._call = self._call, None
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await call
+
+
 # --- one device -------------------------------------------------------------------------
 
 
@@ -494,7 +556,8 @@ class DeviceMigration:
         self.initial_bytes = 0  # cached
         self.dirty_bytes = 0  # cached
         self.initial_data_sent = False
-        self._stream: asyncio.Queue[_StreamItem] = asyncio.Queue()
+        self._stream: asyncio.Queue[_StreamItem] = asyncio.Queue(max(1, options.stream_depth))
+        self._writer: _DataWriter | None = None
         self._loader: asyncio.Task[None] | None = None
         self._multifd: _Multifd | None = None
         if options.multifd_channels > 0:
@@ -592,13 +655,15 @@ class DeviceMigration:
 
     # --- source: precopy ---------------------------------------------------------------
 
-    def _send(self, item: _StreamItem) -> None:
-        self._stream.put_nowait(item)
+    async def _send(self, item: _StreamItem) -> None:
+        """Onto the migration stream (bounded: waits while the destination is behind)."""
+        assert self._loader is not None
+        await _put(self._stream, item, self._loader)
 
-    async def iterate(self) -> None:
-        """save_live_iterate: one read of up to the buffer size."""
+    async def iterate(self) -> int:
+        """save_live_iterate: one read of up to the buffer size; the bytes read."""
         if not self.in_precopy or self.src_data_fd is None:
-            return
+            return 0
         self.report.reads += 1
         try:
             data = await self.src.read(self.src_data_fd, self.buffer_size)
@@ -610,7 +675,7 @@ class DeviceMigration:
             self.report.empty_reads += 1
             self.initial_bytes = self.dirty_bytes = 0
         else:
-            self._send(data)
+            await self._send(data)
             n = len(data)
             self.report.precopy_bytes += n
             _notify(self.options.progress, "bytes_moved", self.name, "precopy", n)
@@ -618,9 +683,10 @@ class DeviceMigration:
             self.initial_bytes -= taken
             self.dirty_bytes = max(0, self.dirty_bytes - (n - taken))
         if self.initial_bytes == 0 and not self.initial_data_sent:
-            self._send(_InitDataSent(self.ack.generation(self.name)))
+            await self._send(_InitDataSent(self.ack.generation(self.name)))
             self.initial_data_sent = True
             self.report.init_data_sent += 1
+        return len(data)
 
     async def query_precopy_info(self) -> PrecopyInfo | None:
         """PRECOPY_INFO: refresh the cached counters; the answer if it is a
@@ -675,9 +741,9 @@ class DeviceMigration:
             return
         async for chunk in self.src.read_stream(self.src_data_fd, chunk_size=self.buffer_size):
             if chunk:
-                self._send(chunk)
+                await self._send(chunk)
                 self._stop_copy_read(len(chunk))
-        self._send(_Marker.END)
+        await self._send(_Marker.END)
         await self.loaded()
 
     def _stop_copy_read(self, n: int) -> None:
@@ -688,7 +754,7 @@ class DeviceMigration:
         """The main stream ends here; the stop-copy data goes as indexed
         packets over the channels, the last one empty."""
         assert self.src_data_fd is not None
-        self._send(_Marker.END)
+        await self._send(_Marker.END)
         mf.start()
         try:
             async for chunk in self.src.read_stream(self.src_data_fd, chunk_size=self.buffer_size):
@@ -707,34 +773,35 @@ class DeviceMigration:
     async def _load(self) -> None:
         """load_state: write data in stream order; approve on INIT_DATA_SENT;
         with multifd, then the stop-copy packets in index order."""
+        assert self.dst_data_fd is not None
+        writer = self._writer = _DataWriter(self.dst, self.dst_data_fd, self.options.stream_depth)
         try:
-            await self._load_main()
+            await self._load_main(writer)
             if self._multifd is not None:
-                dst, fd = self.dst, self.dst_data_fd
-                assert fd is not None
-
-                async def write(data: bytes) -> int:
-                    return await dst.write(fd, data)
-
-                await self._multifd.write_in_order(write)
+                await self._multifd.write_in_order(writer.write)
+                await writer.flush()
         except BaseException as e:
+            await writer.cancel()
             if self._multifd is not None:
                 await self._multifd.fail(e)
             raise
 
-    async def _load_main(self) -> None:
+    async def _load_main(self, writer: _DataWriter) -> None:
         while True:
             item = await self._stream.get()
             if item is _Marker.END:
+                await writer.flush()
                 return
             if isinstance(item, _InitDataSent):
+                # Approve only once everything before the marker is written.
+                await writer.flush()
                 if self.options.on_switchover_ack is not None:
                     await self.options.on_switchover_ack(self)
                 if self.ack.approve(self.name, item.generation):
                     self.report.acks += 1
                 continue
-            assert isinstance(item, bytes) and self.dst_data_fd is not None
-            await self.dst.write(self.dst_data_fd, item)
+            assert isinstance(item, bytes)
+            await writer.write(item)
 
     def check_loader(self) -> None:
         """Raise what the loader failed with, if it did."""
@@ -865,13 +932,14 @@ class _Migration:
             self.report.iterations = it
             if o.on_iteration is not None:
                 await o.on_iteration(it)
-            await asyncio.gather(*(d.iterate() for d in devs))
+            moved = await asyncio.gather(*(d.iterate() for d in devs))
             for d in devs:
                 d.check_loader()
             if await self._ready_for_switchover():
                 self.report.converged = True
                 return
-            await asyncio.sleep(o.iteration_interval_s)
+            if not any(moved):  # nothing to read for now: let the devices catch up
+                await asyncio.sleep(o.iteration_interval_s)
         if not self.ack.all_acked:
             raise MigrationError(
                 f"no switchover-ack after {o.max_precopy_iterations} iterations "
@@ -885,16 +953,19 @@ class _Migration:
             return False
         acked = self.ack.all_acked  # before the queries: an ack arriving later waits a round
         self.report.exact_queries += 1
-        exact = 0
+
+        async def exact(d: DeviceMigration) -> tuple[int, PrecopyInfo | None]:
+            return await d.exact_pending(), await d.query_precopy_info()
+
+        answers = await asyncio.gather(*(exact(d) for d in devs))
         reinit = False
-        for d in devs:
-            exact += await d.exact_pending()
-            info = await d.query_precopy_info()
+        for d, (_, info) in zip(devs, answers, strict=True):
             if info is not None:
                 d.rearm(info)
                 self._reinit(d, info, "precopy", "ack re-armed")
                 reinit = True
-        if reinit or not acked or exact > o.threshold:
+        pending = sum(n for n, _ in answers)
+        if reinit or not acked or pending > o.threshold:
             return False
         # The switchover decision; then QEMU 11.1's final save_query_pending.
         self.ack.decided = True
@@ -930,13 +1001,15 @@ class _Migration:
         for d in devs:  # RESUMING -> STOP: the driver loads and validates
             await d.set_destination(S.STOP, None)
         if self.options.on_destinations_loaded is not None:
+            t = time.monotonic()
             await self.options.on_destinations_loaded()
+            self.report.hook_s = time.monotonic() - t
         for d in devs:
             if d.p2p:
                 await d.set_destination(S.RUNNING_P2P, None)
         for d in devs:
             await d.set_destination(S.RUNNING, None)
-        self.report.downtime_s = time.monotonic() - stop
+        self.report.downtime_s = time.monotonic() - stop - self.report.hook_s
         self._phase("cleanup")
         for d in devs:  # save_cleanup, outside the downtime
             await d.set_source(S.STOP, None)

@@ -74,9 +74,15 @@ class Rig:
                 yield chunk
 
         async def write(fd: int, chunks: Any) -> int:
-            assert isinstance(chunks, bytes)
-            self.written.append(chunks)
-            return await dst_write(fd, chunks)
+            # The orchestrator streams a data fd's chunks through one call.
+            assert not isinstance(chunks, bytes)
+
+            async def recorded() -> AsyncIterator[bytes]:
+                async for c in chunks:
+                    self.written.append(c)
+                    yield c
+
+            return await dst_write(fd, recorded())
 
         self.src.read = read  # type: ignore[method-assign]
         self.src.read_stream = read_stream  # type: ignore[method-assign]
