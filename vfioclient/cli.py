@@ -144,6 +144,10 @@ class Out:
         if self.json:
             print(json.dumps(doc, indent=2, default=str), flush=True)
 
+    def note(self, text: str) -> None:
+        """A remark on stderr (stdout stays the result, JSON or text)."""
+        print(f"vfioctl: {text}", file=sys.stderr, flush=True)
+
 
 def _info_dict(i: PrecopyInfo) -> dict[str, Any]:
     return {
@@ -363,11 +367,19 @@ async def cmd_reset(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
 
 
 async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
-    from .orchestrator import DevicePair, MigrationError, MigrationOptions, migrate
+    from .orchestrator import (
+        DevicePair,
+        MigrationError,
+        MigrationOptions,
+        TerminalProgress,
+        migrate,
+    )
 
     dst = c
-    if args.dst_driver and args.dst_driver != args.driver:
-        dst = await VfioClient.connect(args.dst_driver, timeout=args.timeout)
+    dst_driver = args.dst_driver or args.driver
+    if dst_driver != args.driver:
+        dst = await VfioClient.connect(dst_driver, timeout=args.timeout)
+    scenarios: list[ScenarioClient] = []
     try:
         sfd = await c.open_device(args.src)
         dfd = await dst.open_device(args.dst)
@@ -376,7 +388,16 @@ async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None
             bandwidth_estimate=args.bandwidth,
             max_precopy_iterations=args.max_iterations,
             fail_on_late_reinit=not args.allow_late_reinit,
+            progress=TerminalProgress(),  # draws only on a TTY, never under CI
         )
+        if args.verify != "no":
+            src_fw = args.firmware or args.driver
+            dst_fw = args.dst_firmware or (args.dst_driver and args.dst_driver) or src_fw
+            verifier = await _verifier(
+                (c, args.src, src_fw), (dst, args.dst, dst_fw), args, scenarios, out
+            )
+            if verifier is not None:
+                opts.digests = verifier
         pair = DevicePair(c, sfd, dst, dfd, name=args.src)
         try:
             report = await migrate([pair], opts)
@@ -384,42 +405,114 @@ async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None
             if e.report is not None:
                 out.doc(e.report.to_dict())
                 out.line(_report_text(e.report.to_dict()))
-            raise CliError(errno.EIO, f"migration failed: {e}", "see the report above") from None
+            raise CliError(
+                errno.EIO,
+                f"migration failed: {e}",
+                "the source was left RUNNING and the destination reset; see the report above",
+            ) from None
     finally:
+        for s in scenarios:
+            await s.aclose()
         if dst is not c:
             await dst.aclose()
     out.doc(report.to_dict())
     out.line(_report_text(report.to_dict()))
 
 
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def _report_text(r: dict[str, Any]) -> str:
-    lines = [f"status: {r['status']}" + (f" ({r['error']})" if r.get("error") else "")]
-    for k in (
-        "iterations",
-        "converged",
-        "precopy_bytes",
-        "stop_copy_bytes",
-        "downtime_s",
-        "total_s",
-    ):
-        v = r.get(k)
-        if isinstance(v, float):
-            v = f"{v:.4f}"
-        lines.append(f"{k}: {v}")
-    if r.get("phases"):
-        lines.append("phases: " + ", ".join(f"{k}={v:.4f}s" for k, v in r["phases"].items()))
-    for e in r.get("reinits", []):
+    """The migration report for a person (--json prints all of it)."""
+    status = r["status"] + (f": {r['error']}" if r.get("error") else "")
+    lines = [f"migration {status}"]
+    moved = r.get("precopy_bytes", 0) + r.get("stop_copy_bytes", 0)
+    lines.append(
+        f"  moved      {_bytes(moved)}: precopy {_bytes(r.get('precopy_bytes', 0))} in "
+        f"{r.get('iterations', 0)} iterations"
+        + ("" if r.get("converged") else " (not converged)")
+        + f", stop-copy {_bytes(r.get('stop_copy_bytes', 0))}"
+    )
+    downtime = r.get("downtime_s")
+    total = f"total {r.get('total_s', 0.0):.3f} s"
+    lines.append(
+        f"  time       downtime {downtime * 1000:.1f} ms, {total}"
+        if downtime is not None
+        else f"  time       {total}"
+    )
+    if r.get("throughput_Bps"):
         lines.append(
-            f"reinit: {e['device']} at {e['at_s']:.3f}s iteration {e['iteration']} "
-            f"({e['phase']}): {e['handling']}"
+            f"  throughput {_bytes(r['throughput_Bps'])}/s overall, stop-copy "
+            f"{_bytes(r.get('stop_copy_throughput_Bps', 0.0))}/s"
         )
+    if r.get("phases"):
+        lines.append("  phases     " + ", ".join(f"{k} {v:.3f} s" for k, v in r["phases"].items()))
+    reinits = r.get("reinits", [])
+    for e in reinits:
+        lines.append(
+            f"  REINIT     {e['device']} at {e['at_s']:.3f} s, iteration {e['iteration']} "
+            f"({e['phase']}), {_bytes(e['initial_bytes'])} new initial data: {e['handling']}"
+        )
+    if not reinits:
+        lines.append("  REINIT     none seen")
     for d in r.get("devices", []):
         lines.append(
-            f"device {d['name']}: precopy {d['precopy_bytes']} B, stop-copy "
-            f"{d['stop_copy_bytes']} B, {d['reads']} reads, v2={d['precopy_info_v2']}, "
-            f"dma_logging={d['dma_logging']}"
+            f"  device     {d['name']}: precopy {_bytes(d['precopy_bytes'])}, stop-copy "
+            f"{_bytes(d['stop_copy_bytes'])}, {d['reads']} reads ({d['empty_reads']} empty), "
+            f"{d['acks']} switchover-acks, "
+            f"precopy info {'v2' if d['precopy_info_v2'] else 'v1'}, "
+            f"DMA logging {'yes' if d['dma_logging'] else 'no'}"
         )
+        if d.get("source_digest"):
+            same = d["source_digest"] == d.get("destination_digest")
+            lines.append(
+                f"  digests    {d['source_digest']} -> {d.get('destination_digest') or '(none)'}"
+                + (" equal" if same else " DIFFER")
+            )
+    if r["status"] == "completed":
+        lines.append("  verified   " + ("digests equal" if r.get("verified") else "no"))
     return "\n".join(lines)
+
+
+Side = tuple[VfioClient, str, str]  # (driver client, device name, Scenario address)
+
+
+async def _verifier(
+    src: Side, dst: Side, args: argparse.Namespace, keep: list[ScenarioClient], out: Out
+) -> Any:
+    """A MigrationOptions.digests hook from each side's firmware Scenario
+    service; None (with a note) under --verify auto when a side has none."""
+    vhcas: list[int] = []
+    clients: list[ScenarioClient] = []
+    for client, device, target in (src, dst):
+        try:
+            info = next((d for d in await client.list_devices() if d.name == device), None)
+            if info is None:
+                raise CliError(errno.ENOENT, f"no device {device}", "see vfioctl list")
+            sc = await ScenarioClient.connect(target, timeout=args.timeout)
+            keep.append(sc)
+            await sc.list_vfs()
+        except (ScenarioClientError, VfioClientError) as e:
+            if args.verify == "yes":
+                raise CliError(
+                    errno.ENOTSUP,
+                    f"cannot verify {device}: no firmware Scenario service at {target} ({e})",
+                    "give --firmware / --dst-firmware, or --verify no",
+                ) from None
+            out.note(f"not verifying: no firmware Scenario service at {target}")
+            return None
+        vhcas.append(info.vhca_id)
+        clients.append(sc)
+
+    async def digests(_: Any) -> tuple[str, str]:
+        return await clients[0].digest(vhcas[0]), await clients[1].digest(vhcas[1])
+
+    return digests
 
 
 # --- scenario -------------------------------------------------------------------------------
@@ -629,6 +722,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-late-reinit",
         action="store_true",
         help="a REINIT after the switchover decision goes back to precopy instead of failing",
+    )
+    s.add_argument(
+        "--verify",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="compare the firmware digests of source and destination while both are stopped; "
+        "a mismatch fails the migration (auto: when both firmwares have a Scenario service)",
+    )
+    s.add_argument(
+        "--firmware",
+        metavar="HOST:PORT",
+        help="the source firmware's Scenario service (default: --driver)",
+    )
+    s.add_argument(
+        "--dst-firmware",
+        metavar="HOST:PORT",
+        help="the destination firmware's Scenario service (default: --dst-driver, else --firmware)",
     )
 
     sc = sub.add_parser(

@@ -26,7 +26,14 @@ from fwemu.link.grpc import GrpcLink
 from grpcsvc.runner import run
 
 from .client import VfioClient, VfioClientError
-from .orchestrator import DeviceMigration, DevicePair, MigrationError, MigrationOptions, migrate
+from .orchestrator import (
+    DeviceMigration,
+    DevicePair,
+    MigrationError,
+    MigrationOptions,
+    TerminalProgress,
+    migrate,
+)
 
 
 @dataclass
@@ -129,6 +136,11 @@ def format_report(r: DemoResult) -> str:
         if downtime is not None
         else f"  total {rep.get('total_s', 0.0):.2f} s"
     )
+    if rep.get("throughput_Bps"):
+        lines.append(
+            f"  throughput {rep['throughput_Bps'] / mib:.0f} MiB/s overall, stop-copy "
+            f"{rep.get('stop_copy_throughput_Bps', 0.0) / mib:.0f} MiB/s"
+        )
     for phase, secs in rep.get("phases", {}).items():
         lines.append(f"    {phase:<12} {secs:.3f} s")
     for ev in rep.get("reinits", []):
@@ -147,7 +159,9 @@ def format_report(r: DemoResult) -> str:
 
 async def _main(args: argparse.Namespace) -> int:
     options = MigrationOptions(
-        downtime_limit_s=args.downtime_limit, bandwidth_estimate=args.bandwidth
+        downtime_limit_s=args.downtime_limit,
+        bandwidth_estimate=args.bandwidth,
+        progress=TerminalProgress(),  # draws only on a TTY, never under CI
     )
     if not args.driver and args.size > options.threshold:
         # mlx5vf reports the whole device state as MIG_DATA_SIZE: a QEMU-like

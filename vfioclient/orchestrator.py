@@ -77,6 +77,7 @@ BUFFER_CAP = 1 << 20  # QEMU's VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE
 Hook = Callable[[], Awaitable[None]]
 IterationHook = Callable[[int], Awaitable[None]]
 DeviceHook = Callable[["DeviceMigration"], Awaitable[None]]
+DigestHook = Callable[["DeviceMigration"], Awaitable[tuple[str, str]]]
 
 
 class MigrationError(Exception):
@@ -101,6 +102,9 @@ class MigrationOptions:
     on_switchover_ack: DeviceHook | None = None  # destination, just before it approves
     on_switchover_decision: Hook | None = None  # after the decision, before the final check
     on_destinations_loaded: Hook | None = None  # every destination in STOP, before it runs
+    # Verification: (source digest, destination digest) of a device, asked for
+    # while both are stopped (destinations loaded); unequal fails the migration.
+    digests: DigestHook | None = None
     # Multifd stop-copy (0 = off: the stop-copy data goes on the main stream).
     multifd_channels: int = 0
     multifd_max_queued_bytes: int = 32 << 20  # sent, not yet written (>= one packet)
@@ -160,6 +164,9 @@ class DeviceReport:
     multifd_out_of_order: int = 0
     multifd_max_reorder_depth: int = 0
     multifd_max_queued_bytes: int = 0
+    # verification (MigrationOptions.digests): empty when not verified
+    source_digest: str = ""
+    destination_digest: str = ""
 
 
 @dataclass
@@ -173,9 +180,13 @@ class MigrationReport:
     stop_copy_bytes: int = 0
     reinits: list[ReinitEvent] = field(default_factory=list)
     downtime_s: float | None = None  # first source stop to the last destination RUNNING
-    # Time spent in on_destinations_loaded (verification by the caller, such as
-    # the demo's digests): inside the stop, but not counted in downtime_s.
+    # Time spent verifying (MigrationOptions.digests, on_destinations_loaded):
+    # inside the stop, but not counted in downtime_s.
     hook_s: float = 0.0
+    verified: bool = False  # every device's digests compared equal
+    stop_copy_s: float = 0.0  # first STOP_COPY to the last byte written
+    throughput_Bps: float = 0.0  # all bytes moved / total_s
+    stop_copy_throughput_Bps: float = 0.0  # stop-copy bytes / stop_copy_s
     total_s: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
     devices: list[DeviceReport] = field(default_factory=list)
@@ -908,6 +919,11 @@ class _Migration:
         self.report.total_s = self._now()
         self.report.precopy_bytes = sum(d.report.precopy_bytes for d in self.devices)
         self.report.stop_copy_bytes = sum(d.report.stop_copy_bytes for d in self.devices)
+        r = self.report
+        if r.total_s > 0:
+            r.throughput_Bps = (r.precopy_bytes + r.stop_copy_bytes) / r.total_s
+        if r.stop_copy_s > 0:
+            r.stop_copy_throughput_Bps = r.stop_copy_bytes / r.stop_copy_s
         _notify(self.options.progress, "close")
 
     async def _run(self) -> None:
@@ -990,20 +1006,35 @@ class _Migration:
             return False
         return True
 
+    async def _verify(self, digests: DigestHook) -> None:
+        for d in self.devices:
+            src, dst = await digests(d)
+            d.report.source_digest, d.report.destination_digest = src, dst
+            if not src or src != dst:
+                raise MigrationError(
+                    f"{d.name}: verification failed: destination digest {dst or '(none)'} "
+                    f"!= source digest {src or '(none)'}"
+                )
+        self.report.verified = True
+
     async def _switchover(self) -> None:
         devs = self.devices
         stop = time.monotonic()
         for d in devs:  # all devices to P2P first
             await d.to_p2p()
+        t_copy = time.monotonic()
         for d in devs:
             await d.to_stop_copy()
         await asyncio.gather(*(d.drain() for d in devs))
+        self.report.stop_copy_s = time.monotonic() - t_copy
         for d in devs:  # RESUMING -> STOP: the driver loads and validates
             await d.set_destination(S.STOP, None)
+        t = time.monotonic()
         if self.options.on_destinations_loaded is not None:
-            t = time.monotonic()
             await self.options.on_destinations_loaded()
-            self.report.hook_s = time.monotonic() - t
+        if self.options.digests is not None:
+            await self._verify(self.options.digests)
+        self.report.hook_s = time.monotonic() - t
         for d in devs:
             if d.p2p:
                 await d.set_destination(S.RUNNING_P2P, None)

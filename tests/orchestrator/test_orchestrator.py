@@ -214,3 +214,36 @@ def test_switchover_ack_ignores_an_approval_from_before_a_rearm() -> None:
     g2 = ack.request("a")  # REINIT before the destination processed g1's marker
     assert not ack.approve("a", g1) and not ack.all_acked
     assert ack.approve("a", g2) and ack.all_acked
+
+
+async def test_verification_records_equal_digests(rig: Rig) -> None:
+    pair, s, d = await rig.pair()
+
+    async def digests(_: DeviceMigration) -> tuple[str, str]:
+        return rig.fw.digest(s), rig.fw.digest(d)
+
+    r = await migrate([pair], options(digests=digests))
+    check_completed(r)
+    assert r.verified
+    (dev,) = r.devices
+    assert dev.source_digest == dev.destination_digest != ""
+    assert r.throughput_Bps > 0 and r.stop_copy_throughput_Bps > 0 and r.stop_copy_s > 0
+
+
+@pytest.mark.parametrize("answer", [("a", "b"), ("", "")])
+async def test_verification_mismatch_fails_loudly_and_restores_the_source(
+    rig: Rig, answer: tuple[str, str]
+) -> None:
+    """Unequal (or missing) digests fail the migration inside the stop: the
+    source runs again and the destination is reset."""
+    pair, _, _ = await rig.pair()
+
+    async def digests(_: DeviceMigration) -> tuple[str, str]:
+        return answer
+
+    with pytest.raises(MigrationError, match="verification failed") as e:
+        await migrate([pair], options(digests=digests))
+    assert e.value.report is not None
+    assert e.value.report.status == "failed" and not e.value.report.verified
+    assert await rig.src.get_state(pair.source_fd) == MigState.RUNNING
+    assert await rig.dst.get_state(pair.destination_fd) == MigState.RUNNING

@@ -35,12 +35,14 @@ class Driver:
     target: str
 
     @classmethod
-    def start(cls, *, vfs: int = 3, dirty_rate: str = "0") -> Driver:
+    def start(cls, *, vfs: int = 3, dirty_rate: str = "0", scenario: bool = True) -> Driver:
         cmd = [
             sys.executable, "-m", "driver.cli", "serve", "--listen", "127.0.0.1:0",
             "--vfs", str(vfs), "--size", "256KiB", "--dirty-rate", dirty_rate,
-            "--scenario-service", "--loop", "asyncio", "--log-level", "warning",
+            "--loop", "asyncio", "--log-level", "warning",
         ]  # fmt: skip
+        if scenario:
+            cmd.append("--scenario-service")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         deadline = time.monotonic() + 20

@@ -112,12 +112,43 @@ def test_migrate_gives_equal_digests(driver: Driver, capsys: pytest.CaptureFixtu
         "--bandwidth",
         "100MiB",
     )
-    assert doc["status"] == "completed"
-    assert doc["devices"][0]["stop_copy_bytes"] + doc["precopy_bytes"] > 0
+    assert doc["status"] == "completed" and doc["verified"]
+    (dev,) = doc["devices"]
+    assert dev["stop_copy_bytes"] + doc["precopy_bytes"] > 0
     a, b = driver.digests(1, 3)
-    assert a == b
+    assert a == b == dev["source_digest"] == dev["destination_digest"]
     rc, out, _ = run(capsys, "--driver", driver.target, "migrate", pci(2), pci(1))
-    assert rc == 0 and "status: completed" in out
+    assert rc == 0
+    assert "migration completed" in out and "verified   digests equal" in out
+    assert "REINIT     none seen" in out and "downtime" in out and "throughput" in out
+
+
+def test_migrate_between_two_driver_services(capsys: pytest.CaptureFixture[str]) -> None:
+    """Source and destination on separate vfio-driver processes (each with its
+    own firmware): digests verified across the two firmwares."""
+    a, b = Driver.start(vfs=2), Driver.start(vfs=2)
+    try:
+        assert a.digests(1) != b.digests(2)
+        doc = jrun(capsys, a, "migrate", pci(1), pci(2), "--dst-driver", b.target)
+        assert doc["status"] == "completed" and doc["verified"]
+        assert a.digests(1) == b.digests(2)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_migrate_verify_yes_without_a_scenario_service_fails_before_migrating(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    plain = Driver.start(vfs=2, scenario=False)
+    try:
+        rc, out, err = run(capsys, "--driver", plain.target, "migrate", pci(1), pci(2),
+                           "--verify", "yes")  # fmt: skip
+        assert rc == 1 and "ENOTSUP" in err and "--verify no" in err
+        rc, out, err = run(capsys, "--driver", plain.target, "migrate", pci(1), pci(2))
+        assert rc == 0 and "not verifying" in err and "verified   no" in out
+    finally:
+        plain.stop()
 
 
 def test_scenario_subcommands(driver: Driver, capsys: pytest.CaptureFixture[str]) -> None:
