@@ -30,6 +30,7 @@ from driver.vfio.uapi import (
 )
 
 from .client import Device, PrecopyInfo, VfioClient, VfioClientError
+from .report import report_text
 from .scenario import FAULT_KINDS, ScenarioClient, ScenarioClientError
 
 PROG = "vfioctl"
@@ -404,7 +405,7 @@ async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None
         except MigrationError as e:
             if e.report is not None:
                 out.doc(e.report.to_dict())
-                out.line(_report_text(e.report.to_dict()))
+                out.line(report_text(e.report.to_dict()))
             raise CliError(
                 errno.EIO,
                 f"migration failed: {e}",
@@ -416,67 +417,7 @@ async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None
         if dst is not c:
             await dst.aclose()
     out.doc(report.to_dict())
-    out.line(_report_text(report.to_dict()))
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _report_text(r: dict[str, Any]) -> str:
-    """The migration report for a person (--json prints all of it)."""
-    status = r["status"] + (f": {r['error']}" if r.get("error") else "")
-    lines = [f"migration {status}"]
-    moved = r.get("precopy_bytes", 0) + r.get("stop_copy_bytes", 0)
-    lines.append(
-        f"  moved      {_bytes(moved)}: precopy {_bytes(r.get('precopy_bytes', 0))} in "
-        f"{r.get('iterations', 0)} iterations"
-        + ("" if r.get("converged") else " (not converged)")
-        + f", stop-copy {_bytes(r.get('stop_copy_bytes', 0))}"
-    )
-    downtime = r.get("downtime_s")
-    total = f"total {r.get('total_s', 0.0):.3f} s"
-    lines.append(
-        f"  time       downtime {downtime * 1000:.1f} ms, {total}"
-        if downtime is not None
-        else f"  time       {total}"
-    )
-    if r.get("throughput_Bps"):
-        lines.append(
-            f"  throughput {_bytes(r['throughput_Bps'])}/s overall, stop-copy "
-            f"{_bytes(r.get('stop_copy_throughput_Bps', 0.0))}/s"
-        )
-    if r.get("phases"):
-        lines.append("  phases     " + ", ".join(f"{k} {v:.3f} s" for k, v in r["phases"].items()))
-    reinits = r.get("reinits", [])
-    for e in reinits:
-        lines.append(
-            f"  REINIT     {e['device']} at {e['at_s']:.3f} s, iteration {e['iteration']} "
-            f"({e['phase']}), {_bytes(e['initial_bytes'])} new initial data: {e['handling']}"
-        )
-    if not reinits:
-        lines.append("  REINIT     none seen")
-    for d in r.get("devices", []):
-        lines.append(
-            f"  device     {d['name']}: precopy {_bytes(d['precopy_bytes'])}, stop-copy "
-            f"{_bytes(d['stop_copy_bytes'])}, {d['reads']} reads ({d['empty_reads']} empty), "
-            f"{d['acks']} switchover-acks, "
-            f"precopy info {'v2' if d['precopy_info_v2'] else 'v1'}, "
-            f"DMA logging {'yes' if d['dma_logging'] else 'no'}"
-        )
-        if d.get("source_digest"):
-            same = d["source_digest"] == d.get("destination_digest")
-            lines.append(
-                f"  digests    {d['source_digest']} -> {d.get('destination_digest') or '(none)'}"
-                + (" equal" if same else " DIFFER")
-            )
-    if r["status"] == "completed":
-        lines.append("  verified   " + ("digests equal" if r.get("verified") else "no"))
-    return "\n".join(lines)
+    out.line(report_text(report.to_dict()))
 
 
 Side = tuple[VfioClient, str, str]  # (driver client, device name, Scenario address)

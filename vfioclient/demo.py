@@ -34,6 +34,7 @@ from .orchestrator import (
     TerminalProgress,
     migrate,
 )
+from .report import report_text
 
 
 @dataclass
@@ -101,13 +102,14 @@ async def run_demo(driver: str, scenario: str, options: MigrationOptions) -> Dem
                 result.reconfigured = True
                 await fw.reconfigure(src.vhca_id)
 
-        async def on_loaded() -> None:
+        async def digests(_: DeviceMigration) -> tuple[str, str]:
             # Both VFs are suspended here: their states cannot move.
             result.source_digest = await fw.digest(src.vhca_id)
             result.destination_digest = await fw.digest(dst.vhca_id)
+            return result.source_digest, result.destination_digest
 
         options.on_switchover_ack = on_ack
-        options.on_destinations_loaded = on_loaded
+        options.digests = digests  # the orchestrator fails the migration if they differ
         try:
             report = await migrate([DevicePair(src_c, sfd, dst_c, dfd, name=src.name)], options)
         except MigrationError as e:
@@ -123,36 +125,7 @@ async def run_demo(driver: str, scenario: str, options: MigrationOptions) -> Dem
 
 
 def format_report(r: DemoResult) -> str:
-    rep = r.report
-    lines = [f"migrated {r.source} -> {r.destination}: {rep.get('status')}"]
-    mib = 1 << 20
-    lines.append(
-        f"  precopy {rep.get('precopy_bytes', 0) / mib:.1f} MiB in {rep.get('iterations', 0)} "
-        f"iterations, stop-copy {rep.get('stop_copy_bytes', 0) / mib:.1f} MiB"
-    )
-    downtime = rep.get("downtime_s")
-    lines.append(
-        f"  downtime {downtime * 1000:.1f} ms, total {rep.get('total_s', 0.0):.2f} s"
-        if downtime is not None
-        else f"  total {rep.get('total_s', 0.0):.2f} s"
-    )
-    if rep.get("throughput_Bps"):
-        lines.append(
-            f"  throughput {rep['throughput_Bps'] / mib:.0f} MiB/s overall, stop-copy "
-            f"{rep.get('stop_copy_throughput_Bps', 0.0) / mib:.0f} MiB/s"
-        )
-    for phase, secs in rep.get("phases", {}).items():
-        lines.append(f"    {phase:<12} {secs:.3f} s")
-    for ev in rep.get("reinits", []):
-        lines.append(
-            f"  REINIT on {ev['device']} at {ev['at_s']:.3f} s (iteration {ev['iteration']}, "
-            f"{ev['phase']}): initial_bytes {ev['initial_bytes']}, handled: {ev['handling']}"
-        )
-    if not rep.get("reinits"):
-        lines.append("  no REINIT seen")
-    lines.append(f"  source digest      {r.source_digest}")
-    lines.append(f"  destination digest {r.destination_digest}")
-    lines.append("  digests equal" if r.equal else "  DIGESTS DIFFER")
+    lines = [f"demo: {r.source} -> {r.destination}", report_text(r.report)]
     lines.extend(f"  {n}" for n in r.notes)
     return "\n".join(lines)
 
