@@ -27,7 +27,7 @@ from driver.api.v1 import vfio_pb2_grpc as pbg
 from fwemu.cli import byte_size
 from fwemu.model.constants import MiB
 from grpcsvc.server import CHANNEL_OPTIONS
-from vfioclient.demo import run_demo
+from vfioclient.demo import DemoResult, run_demo
 from vfioclient.orchestrator import MigrationOptions
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,17 +49,25 @@ async def _raw_stream_seconds(target: str, nbytes: int) -> float:
 
 def bench(size: int, dirty_rate: int) -> dict[str, Any]:
     options = MigrationOptions(downtime_limit_s=0.3, bandwidth_estimate=2 * size * 4)
-    with served(
-        DRIVER, "--vfs", "2", "--size", str(size), "--dirty-rate", str(dirty_rate),
-        "--scenario-service", "--log-level", "warning",
-    ) as (_, drv):  # fmt: skip
-        result = uvloop.run(run_demo(drv, drv, options))
+    with (
+        served(
+            DRIVER, "--vfs", "2", "--size", str(size), "--dirty-rate", str(dirty_rate),
+            "--scenario-service", "--log-level", "warning",
+        ) as (_, drv),
+        served(BASELINE) as (_, base),
+    ):  # fmt: skip
+
+        async def both() -> tuple[DemoResult, float]:  # one event loop for the process
+            result = await run_demo(drv, drv, options)
+            rep = result.report
+            if not result.equal or rep.get("status") != "completed":
+                raise SystemExit(f"the migration did not complete with equal digests: {rep}")
+            moved = rep["precopy_bytes"] + rep["stop_copy_bytes"]
+            return result, await _raw_stream_seconds(base, moved)
+
+        result, raw_s = uvloop.run(both())
     rep = result.report
-    if not result.equal or rep.get("status") != "completed":
-        raise SystemExit(f"the migration did not complete with equal digests: {result.notes}")
     moved = rep["precopy_bytes"] + rep["stop_copy_bytes"]
-    with served(BASELINE) as (_, base):
-        raw_s = uvloop.run(_raw_stream_seconds(base, moved))
     rate = moved / raw_s
     total_bound = raw_s
     downtime_bound = rep["stop_copy_bytes"] / rate
