@@ -10,6 +10,8 @@ from typing import Protocol
 
 from fwemu.link.base import FirmwareLink, LinkError, ScenarioLink
 
+from .audit import AuditLog
+from .events import EventBus
 from .mlx5.main import Mlx5VfDevice
 from .vfio.device import VfioDevice
 from .vfio.errors import VfioError
@@ -34,13 +36,23 @@ class Registered:
 
 
 class DeviceRegistry:
+    """The devices, and the one event bus and audit log they all report to."""
+
     def __init__(
-        self, link: Link, *, cmd_timeout: float = 60.0, max_chunk_size: int = 8 << 20
+        self,
+        link: Link,
+        *,
+        cmd_timeout: float = 60.0,
+        max_chunk_size: int = 8 << 20,
+        events: EventBus | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.link = link
         self.cmd_timeout = cmd_timeout
         self.max_chunk_size = max_chunk_size
         self.devices: dict[str, Registered] = {}
+        self.events = events if events is not None else EventBus()
+        self.audit = audit if audit is not None else AuditLog(self.events)
 
     async def refresh(self) -> list[Registered]:
         """Probe VFs that appeared; VFs that went away are detached (their
@@ -63,6 +75,8 @@ class DeviceRegistry:
                 vf.function_id,
                 cmd_timeout=self.cmd_timeout,
                 max_chunk_size=self.max_chunk_size,
+                events=self.events,
+                audit=self.audit,
             )
             await mvdev.probe()
             core = VfioDevice(name, mvdev)

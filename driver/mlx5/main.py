@@ -14,6 +14,8 @@ from fwemu.link.base import FirmwareLink
 from fwemu.model.constants import ResumeOpMod, SuspendOpMod
 from fwemu.model.firmware import SaveCompletion
 
+from ..audit import AuditLog
+from ..events import EventBus, PrecopyAnswered, SaveCompleted, SaveFailed, StateChanged
 from ..vfio.errors import VfioError
 from ..vfio.fsm import next_state
 from ..vfio.ops import MigrationFile, VfioLogOps, VfioMigrationOps
@@ -57,7 +59,10 @@ class DeviceStats:
     image_bytes_loaded: int = 0
     save_failures: int = 0
     precopy_info: int = 0
+    precopy_info_v1: int = 0  # answers without the MIG_PRECOPY_INFOv2 opt-in
+    precopy_info_v2: int = 0  # answers after it (REINITs included)
     reinits: int = 0
+    read_enomsg: int = 0  # reads answered ENOMSG
 
 
 class Mlx5VfDevice:
@@ -70,6 +75,8 @@ class Mlx5VfDevice:
         *,
         cmd_timeout: float = 60.0,
         max_chunk_size: int = MAX_CHUNK_SIZE,
+        events: EventBus | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.link = link
         self.function_id = function_id
@@ -87,6 +94,9 @@ class Mlx5VfDevice:
         self.mdev_detach = False
         self.core: VfioDevice  # set when the VFIO core registers the device
         self.stats = DeviceStats()
+        self.events = events if events is not None else EventBus()
+        self.audit = audit if audit is not None else AuditLog(self.events)
+        self.streams = 0  # migration files made so far: each one's number
         self.tracker = PageTracker(self)
 
     async def probe(self) -> None:
@@ -105,6 +115,10 @@ class Mlx5VfDevice:
     def migratable(self) -> bool:
         return self.caps.migrate_cap
 
+    @property
+    def name(self) -> str:
+        return self.core.name
+
     # --- vfio_device_ops ---------------------------------------------------------------
 
     async def open_device(self) -> None:
@@ -117,7 +131,9 @@ class Mlx5VfDevice:
         """mlx5vf_cmd_close_migratable(), then vfio_pci_core_disable()'s reset."""
         if self.caps.migrate_cap:
             async with self.state_mutex:
+                files = self._files()
                 await self.disable_fds()
+                self._streams_ended(files, "close_device")
                 await self.tracker.free()
             await self.cmds.function_level_reset()
 
@@ -126,10 +142,18 @@ class Mlx5VfDevice:
         the FSM back to RUNNING and ends the data files."""
         if not self.caps.migrate_cap:
             return
+        files = self._files()
+        self.audit.device_reset(
+            self.name, (m.stream_id for m in files), sum(m.io_in_progress for m in files)
+        )
         await self.cmds.function_level_reset()
         async with self.state_mutex:
+            files = self._files()
+            if self.mig_state != S.RUNNING and self.events.subscribers:
+                self._publish(StateChanged(self.mig_state.name, S.RUNNING.name, reset=True), None)
             self.mig_state = S.RUNNING
             await self.disable_fds()
+            self._streams_ended(files, "VFIO_DEVICE_RESET")
 
     async def device_feature(self, flags: int, data: bytes, argsz: int) -> bytes:
         raise VfioError(errno.ENOTTY, f"feature {flags & 0xFFFF} not supported")
@@ -150,18 +174,26 @@ class Mlx5VfDevice:
         """mlx5vf_pci_set_device_state(): arc by arc; a failed arc leaves the
         device at the last state reached."""
         async with self.state_mutex:
-            res: MigrationFile | None = None
+            self.audit.state_change_requested(self.name, self.mig_state.name, new_state.name)
+            res: Mlx5VfMigrationFile | None = None
             while new_state != self.mig_state:
-                nxt = next_state(self.mig_state, new_state, self.migration_flags)
-                res = await self.step_device_state_locked(nxt)
-                self.stats.transitions[(self.mig_state.name, nxt.name)] += 1
+                cur = self.mig_state
+                nxt = next_state(cur, new_state, self.migration_flags)
+                if nxt == S.STOP_COPY and cur in (S.PRE_COPY, S.PRE_COPY_P2P):
+                    self._leaving_precopy(f"{cur.name} -> {nxt.name}")
+                files = self._files()
+                try:
+                    res = await self.step_device_state_locked(nxt)
+                finally:
+                    self._streams_ended(files, f"{cur.name} -> {nxt.name}")
+                self._transitioned(cur, nxt, res or (files[0] if files else None))
                 self.mig_state = nxt
                 if res is not None and new_state != self.mig_state:
                     await res.release()
                     raise VfioError(errno.EINVAL, "a data file from a non-final arc (WARN)")
             return res
 
-    async def step_device_state_locked(self, new: MigState) -> MigrationFile | None:
+    async def step_device_state_locked(self, new: MigState) -> Mlx5VfMigrationFile | None:
         """mlx5vf_pci_step_device_state_locked(): the commands of one arc."""
         cur = self.mig_state
         cmds = self.cmds
@@ -290,25 +322,117 @@ class Mlx5VfDevice:
             await migf.clean_resources()
         return last_state
 
-    # --- observations (metrics, events) ----------------------------------------------
+    # --- observations (metrics, events, audit) --------------------------------------
+
+    def new_stream_id(self) -> int:
+        self.streams += 1
+        return self.streams
+
+    def _files(self) -> tuple[Mlx5VfMigrationFile, ...]:
+        return tuple(m for m in (self.saving_migf, self.resuming_migf) if m is not None)
+
+    def _streams_ended(self, files: tuple[Mlx5VfMigrationFile, ...], how: str) -> None:
+        """Files of `files` that are no longer the device's ended with `how`."""
+        for m in files:
+            if m is not self.saving_migf and m is not self.resuming_migf:
+                self.audit.stream_ended(self.name, m.stream_id, how)
+
+    def _publish(
+        self,
+        payload: StateChanged | PrecopyAnswered | SaveCompleted | SaveFailed,
+        migf: Mlx5VfMigrationFile | None,
+        *,
+        owner_is_client: bool = False,
+    ) -> None:
+        """An event about the device (and its file `migf`): the data fd is
+        the file's, if a client holds it; the client is the caller's, or with
+        `owner_is_client` (completions: no caller of their own) the holder's."""
+        if migf is None:
+            self.events.publish(self.name, payload)
+            return
+        owner = self.audit.owner(self.name, migf.stream_id)
+        client, fd = owner if owner is not None else (None, -1)
+        self.events.publish(
+            self.name,
+            payload,
+            client=client if owner_is_client else None,
+            data_fd=fd,
+            stream=migf.stream_id,
+        )
+
+    def _transitioned(self, cur: MigState, nxt: MigState, migf: Mlx5VfMigrationFile | None) -> None:
+        """An arc done; `migf`: the file it opened, continued or ended."""
+        self.stats.transitions[(cur.name, nxt.name)] += 1
+        if self.events.subscribers:
+            self._publish(StateChanged(cur.name, nxt.name), migf)
+
+    def _leaving_precopy(self, arc: str) -> None:
+        migf = self.saving_migf
+        if migf is not None:
+            self.audit.leaving_precopy(
+                self.name,
+                migf.stream_id,
+                arc=arc,
+                f_pos=migf.f_pos,
+                initial_end=migf.pre_copy_initial_bytes_start + migf.pre_copy_initial_bytes,
+                max_pos=migf.max_pos,
+            )
 
     def bytes_read(self, n: int) -> None:
         self.stats.bytes_read += n
 
+    def read_enomsg(self) -> None:
+        self.stats.read_enomsg += 1
+
+    def read_after_eof(self, migf: Mlx5VfMigrationFile) -> None:
+        self.audit.read_after_eof(self.name, migf.stream_id)
+
     def bytes_written(self, n: int) -> None:
         self.stats.bytes_written += n
 
-    def save_completed(self, c: SaveCompletion, buf: DataBuffer) -> None:
+    def save_completed(self, migf: Mlx5VfMigrationFile, c: SaveCompletion, buf: DataBuffer) -> None:
         self.stats.images_saved += 1
         self.stats.image_bytes_saved += c.actual_image_size
+        if self.events.subscribers:
+            self._publish(SaveCompleted(c.actual_image_size), migf, owner_is_client=True)
 
-    def save_failed(self, c: SaveCompletion, status: int) -> None:
+    def save_failed(self, migf: Mlx5VfMigrationFile, c: SaveCompletion, status: int) -> None:
         self.stats.save_failures += 1
+        if self.events.subscribers:
+            self._publish(SaveFailed(status), migf, owner_is_client=True)
 
     def image_loaded(self, n: int) -> None:
         self.stats.images_loaded += 1
         self.stats.image_bytes_loaded += n
 
-    def precopy_answered(self, info: PrecopyInfo, reinit: bool) -> None:
-        self.stats.precopy_info += 1
-        self.stats.reinits += int(reinit)
+    def precopy_answered(
+        self, migf: Mlx5VfMigrationFile, info: PrecopyInfo, reinit: bool, *, fw_init_end: int
+    ) -> None:
+        """`fw_init_end`: where the new initial data the firmware reported
+        (OPER_MIGRATION_INIT: a REINIT after the v2 opt-in) ends at most in
+        the stream, 0 if it reported none."""
+        v2 = self.core.precopy_info_v2
+        stats = self.stats
+        stats.precopy_info += 1
+        if v2:
+            stats.precopy_info_v2 += 1
+        else:
+            stats.precopy_info_v1 += 1
+        stats.reinits += int(reinit)
+        if reinit or fw_init_end or (info.flags and not v2):
+            self.audit.precopy_answered(
+                self.name,
+                migf.stream_id,
+                v2=v2,
+                flags=info.flags,
+                reinit=reinit,
+                initial_bytes=info.initial_bytes,
+                fw_init_end=fw_init_end,
+            )
+        if self.events.subscribers:
+            self._publish(
+                PrecopyAnswered(
+                    info.initial_bytes, info.dirty_bytes, info.flags, 2 if v2 else 1, reinit
+                ),
+                migf,
+            )

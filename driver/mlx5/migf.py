@@ -63,6 +63,9 @@ class Mlx5VfMigrationFile:
     def __init__(self, mvdev: Mlx5VfDevice, *, saving: bool) -> None:
         self.mvdev = mvdev
         self.saving = saving
+        self.stream_id = mvdev.new_stream_id()  # names the stream in events and the audit
+        self.io_in_progress = 0  # reads and writes in the file now
+        self.eof_returned = False  # a read returned 0: the end of a STOP_COPY stream
         self.state = MigfState.NONE
         self.f_pos = 0
         self.max_pos = 0
@@ -273,7 +276,7 @@ class Mlx5VfMigrationFile:
                     self.state = MigfState.PRE_COPY_ERROR
                 else:
                     self.state = MigfState.ERROR
-                self.mvdev.save_failed(c, status)
+                self.mvdev.save_failed(self, c, status)
         finally:
             self.inflight_save = False
             self.wake()
@@ -313,7 +316,7 @@ class Mlx5VfMigrationFile:
             buf.pre_copy_init_bytes_chunk = False
         if stop_copy_last_chunk:
             self.state = MigfState.COMPLETE
-        self.mvdev.save_completed(c, buf)
+        self.mvdev.save_completed(self, c, buf)
         self.wake()
         if next_required:
             self.set_save_work(buf.stop_copy_chunk_num % MAX_NUM_CHUNKS + 1, next_required)
@@ -369,6 +372,15 @@ class Mlx5VfMigrationFile:
         """mlx5vf_save_read()."""
         if not self.saving:
             raise VfioError(errno.EBADF, "the resuming data fd is write-only")
+        if self.eof_returned:
+            self.mvdev.read_after_eof(self)
+        self.io_in_progress += 1
+        try:
+            return await self._read(count, nonblock)
+        finally:
+            self.io_in_progress -= 1
+
+    async def _read(self, count: int, nonblock: bool) -> bytes:
         if not nonblock:
             await self.wait_event(
                 lambda: (
@@ -391,6 +403,7 @@ class Mlx5VfMigrationFile:
                         MigfState.PRE_COPY,
                         MigfState.PRE_COPY_ERROR,
                     ):
+                        self.mvdev.read_enomsg()
                         raise VfioError(errno.ENOMSG, "no precopy data for now")
                     if end_of_data and self.state != MigfState.COMPLETE and nonblock:
                         raise VfioError(errno.EAGAIN, "no data yet")
@@ -413,6 +426,8 @@ class Mlx5VfMigrationFile:
                 if self.f_pos >= buf.start_pos + buf.length:
                     self._buf_read_done(buf)
             data = bytes(out) if out is not None else first_chunk
+            if not data and count and self.state == MigfState.COMPLETE:
+                self.eof_returned = True
             self.mvdev.bytes_read(len(data))
             return data
 
@@ -437,6 +452,8 @@ class Mlx5VfMigrationFile:
             async with self.lock:
                 if self.state == MigfState.ERROR:
                     raise VfioError(errno.ENODEV, "the data stream is in error")
+                # The firmware's new initial data (v1 or not) ends at most here.
+                fw_init_end = self.max_pos + inc_length + HEADER_SIZE
                 # The MIG_PRECOPY_INFOv2 opt-in is the opt-in for REINIT too.
                 reinit = (
                     mvdev.core.precopy_info_v2 and migration_state == MigState.OPER_MIGRATION_INIT
@@ -473,7 +490,12 @@ class Mlx5VfMigrationFile:
                     info.initial_bytes += HEADER_SIZE
                 else:
                     info.dirty_bytes += HEADER_SIZE
-            mvdev.precopy_answered(info, reinit)
+            mvdev.precopy_answered(
+                self,
+                info,
+                reinit,
+                fw_init_end=fw_init_end if migration_state == MigState.OPER_MIGRATION_INIT else 0,
+            )
         return info.pack()
 
     # --- resuming: write(2) ----------------------------------------------------------
@@ -485,16 +507,20 @@ class Mlx5VfMigrationFile:
             raise VfioError(errno.EBADF, "the saving data fd is read-only")
         mvdev = self.mvdev
         src = memoryview(data).cast("B")
-        async with mvdev.state_mutex, self.lock:
-            if self.state == MigfState.ERROR:
-                raise VfioError(errno.ENODEV, "the data stream is in error")
-            try:
-                await self._resume_records(src)
-            except VfioError:
-                self.state = MigfState.ERROR
-                raise
-            mvdev.bytes_written(len(src))
-            return len(src)
+        self.io_in_progress += 1
+        try:
+            async with mvdev.state_mutex, self.lock:
+                if self.state == MigfState.ERROR:
+                    raise VfioError(errno.ENODEV, "the data stream is in error")
+                try:
+                    await self._resume_records(src)
+                except VfioError:
+                    self.state = MigfState.ERROR
+                    raise
+                mvdev.bytes_written(len(src))
+                return len(src)
+        finally:
+            self.io_in_progress -= 1
 
     async def _resume_records(self, src: memoryview) -> None:
         pos = 0
