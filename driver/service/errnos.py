@@ -54,12 +54,17 @@ def grpc_code(code: int) -> grpc.StatusCode:
     return ERRNO_CODES.get(code, grpc.StatusCode.UNKNOWN)
 
 
+def errno_of(e: VfioError) -> int:
+    """The errno the service answers `e` with."""
+    return e.errno or errno.EIO
+
+
 async def abort_errno(
     context: grpc.aio.ServicerContext[object, object],
     e: VfioError,
     extra: Mapping[str, str] | None = None,
 ) -> NoReturn:
-    code = e.errno or errno.EIO
+    code = errno_of(e)
     await abort(
         context,
         grpc_code(code),

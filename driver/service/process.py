@@ -6,6 +6,7 @@ import errno
 import logging
 from dataclasses import dataclass
 
+from ..audit import AuditLog
 from ..vfio.device import VfioDevice
 from ..vfio.errors import VfioError
 from ..vfio.ops import MigrationFile
@@ -25,14 +26,17 @@ class DeviceFd:
 class DataFd:
     file: MigrationFile
     device: VfioDevice
+    stream: int = 0  # the driver's number of the file (events, audit)
+    saving: bool = True
 
 
 class Process:
     """One client's fds.  close() mirrors close(2): the object behind the fd
     is released when its last user goes."""
 
-    def __init__(self, client: str) -> None:
+    def __init__(self, client: str, audit: AuditLog | None = None) -> None:
         self.client = client
+        self.audit = audit  # told of data fds opened and closed
         self.fds: dict[int, DeviceFd | DataFd] = {}
         self.sessions = 0
         self.exited = False
@@ -49,6 +53,14 @@ class Process:
         if fd >= RLIMIT_NOFILE:
             raise VfioError(errno.EMFILE, "too many open fds")
         self.fds[fd] = entry
+        if self.audit is not None and isinstance(entry, DataFd):
+            self.audit.fd_opened(
+                entry.device.name,
+                entry.stream,
+                saving=entry.saving,
+                client=self.client,
+                fd=fd,
+            )
         return fd
 
     def get(self, fd: int) -> DeviceFd | DataFd:
@@ -75,6 +87,8 @@ class Process:
         the kernel ignores release()'s result -- so its errors are logged."""
         entry = self.get(fd)
         del self.fds[fd]
+        if self.audit is not None and isinstance(entry, DataFd):
+            self.audit.fd_closed(entry.device.name, entry.stream)
         try:
             if isinstance(entry, DeviceFd):
                 await entry.device.close()

@@ -5,49 +5,107 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import asdict
+from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import Message
 
 from ..api.v1 import vfio_pb2 as pb
 from ..api.v1 import vfio_pb2_grpc as pbg
+from ..events import CALLER, ErrorAnswered, Event, Payload, Subscription
+from ..mlx5.migf import Mlx5VfMigrationFile
 from ..registry import DRIVER_NAME, DeviceRegistry
 from ..vfio.errors import VfioError
 from ..vfio.ops import MigrationFile
-from ..vfio.uapi import PRECOPY_INFO, VFIO_MIG_GET_PRECOPY_INFO
+from ..vfio.uapi import (
+    PRECOPY_INFO,
+    VFIO_DEVICE_FEATURE_MASK,
+    VFIO_DEVICE_FEATURE_SET,
+    VFIO_MIG_GET_PRECOPY_INFO,
+    Feature,
+)
 from ..vfio.usermem import UserMemory
-from .errnos import abort_errno
+from .errnos import abort_errno, errno_name, errno_of
 from .process import DataFd, DeviceFd, Process
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 CLIENT_KEY = "x-vfio-client"
+EVENTS_KEY = "x-vfio-events"  # initial metadata of an Events stream: "subscribed"
 MAX_READ = 16 << 20  # one message; read(2) may return less than asked anyway
 DEFAULT_CHUNK = 1 << 20
+
+# Event payload kind -> its message (the Event oneof's field of that name)
+_PAYLOAD_PB: dict[str, type[Message]] = {
+    "state_change": pb.StateChange,
+    "precopy_info": pb.PrecopyInfoAnswer,
+    "save_completed": pb.SaveCompleted,
+    "save_failed": pb.SaveFailed,
+    "error": pb.ErrorAnswer,
+    "audit": pb.Finding,
+    "dropped": pb.EventsDropped,
+}
 
 
 class VfioServicer(pbg.VfioServicer):
     def __init__(self, registry: DeviceRegistry) -> None:
         self.registry = registry
+        self.events = registry.events
+        self.audit = registry.audit
         self.processes: dict[str, Process] = {}
-        # Set when the server starts to stop: Session streams end (they are
-        # no work in progress to drain) and fds are closed once calls drained.
+        # Every errno answer the service gave, by errno name ("ENOMSG").
+        self.errors_by_errno: Counter[str] = Counter()
+        # Set when the server starts to stop: Session and Events streams end
+        # (they are no work in progress to drain) and fds are closed once
+        # calls drained.
         self.stopping = asyncio.Event()
 
     # --- callers -----------------------------------------------------------------------
 
     def process(self, context: Ctx) -> Process:
+        """The caller's descriptor table; events of the call name the caller."""
         client = None
         for key, value in context.invocation_metadata() or ():
             if key == CLIENT_KEY and isinstance(value, str):
                 client = value
         if client is None:
             client = f"peer:{context.peer()}"
+        CALLER.set(client)
         proc = self.processes.get(client)
         if proc is None:
-            proc = self.processes[client] = Process(client)
+            proc = self.processes[client] = Process(client, self.audit)
         return proc
+
+    async def _fail(
+        self,
+        context: Ctx,
+        e: VfioError,
+        operation: str,
+        *,
+        device: str = "",
+        proc: Process | None = None,
+        fd: int = -1,
+        extra: Mapping[str, str] | None = None,
+    ) -> NoReturn:
+        """Answer with e's errno: counted, and an error event (on the device
+        of `fd` in `proc`, when that is open)."""
+        code = errno_of(e)
+        name = errno_name(code)
+        self.errors_by_errno[name] += 1
+        if self.events.subscribers:
+            data_fd, stream = -1, 0
+            entry = proc.fds.get(fd) if proc is not None else None
+            if entry is not None:
+                device = entry.device.name
+                if isinstance(entry, DataFd):
+                    data_fd, stream = fd, entry.stream
+            self.events.publish(
+                device, ErrorAnswered(code, name, operation, str(e)), data_fd=data_fd, stream=stream
+            )
+        await abort_errno(context, e, extra)
 
     async def Session(
         self, request: pb.SessionRequest, context: Ctx
@@ -79,7 +137,7 @@ class VfioServicer(pbg.VfioServicer):
         try:
             regs = await self.registry.refresh()
         except VfioError as e:
-            await abort_errno(context, e)
+            await self._fail(context, e, "list_devices")
         return pb.ListDevicesResponse(
             devices=[
                 pb.DeviceInfo(
@@ -106,14 +164,15 @@ class VfioServicer(pbg.VfioServicer):
                 await reg.core.close()
                 raise
         except VfioError as e:
-            await abort_errno(context, e)
+            await self._fail(context, e, "open", device=request.name)
         return pb.OpenDeviceResponse(fd=fd)
 
     async def Close(self, request: pb.CloseRequest, context: Ctx) -> Any:
+        proc = self.process(context)
         try:
-            await self.process(context).close(request.fd)
+            await proc.close(request.fd)
         except VfioError as e:
-            await abort_errno(context, e)
+            await self._fail(context, e, "close", proc=proc, fd=request.fd)
         return pb.CloseResponse()
 
     async def DeviceFeature(self, request: pb.DeviceFeatureRequest, context: Ctx) -> Any:
@@ -125,14 +184,20 @@ class VfioServicer(pbg.VfioServicer):
 
             def install(file: MigrationFile) -> int:
                 nonlocal new_fd
-                new_fd = proc.install(DataFd(file, device))
+                stream, saving = _stream_of(file)
+                new_fd = proc.install(DataFd(file, device, stream, saving))
                 return new_fd
 
             data = await device.device_feature(
                 request.argsz, request.flags, request.data, user=user, install_fd=install
             )
         except VfioError as e:
-            await abort_errno(context, e)
+            op = "device_feature"
+            if request.flags & VFIO_DEVICE_FEATURE_MASK == Feature.MIG_DEVICE_STATE and (
+                request.flags & VFIO_DEVICE_FEATURE_SET
+            ):
+                op = "set_state"
+            await self._fail(context, e, op, proc=proc, fd=request.fd)
         return pb.DeviceFeatureResponse(
             data=data,
             user_memory=[pb.UserBuffer(addr=a, data=bytes(b)) for a, b in user.buffers.items()],
@@ -140,20 +205,22 @@ class VfioServicer(pbg.VfioServicer):
         )
 
     async def DeviceReset(self, request: pb.DeviceResetRequest, context: Ctx) -> Any:
+        proc = self.process(context)
         try:
-            await self.process(context).device(request.fd).reset()
+            await proc.device(request.fd).reset()
         except VfioError as e:
-            await abort_errno(context, e)
+            await self._fail(context, e, "reset", proc=proc, fd=request.fd)
         return pb.DeviceResetResponse()
 
     # --- data fds ------------------------------------------------------------------------
 
     async def Read(self, request: pb.ReadRequest, context: Ctx) -> Any:
+        proc = self.process(context)
         try:
-            file = self.process(context).data(request.fd)
+            file = proc.data(request.fd)
             data = await file.read(min(request.count, MAX_READ), nonblock=request.nonblock)
         except VfioError as e:
-            await abort_errno(context, e)
+            await self._fail(context, e, "read", proc=proc, fd=request.fd)
         return pb.ReadResponse(data=data)
 
     async def ReadStream(
@@ -161,8 +228,9 @@ class VfioServicer(pbg.VfioServicer):
     ) -> AsyncIterator[pb.ReadResponse]:
         chunk = min(request.chunk_size or DEFAULT_CHUNK, MAX_READ)
         left = request.limit or -1
+        proc = self.process(context)
         try:
-            file = self.process(context).data(request.fd)
+            file = proc.data(request.fd)
             while left != 0:
                 n = chunk if left < 0 else min(chunk, left)
                 data = await file.read(n, nonblock=request.nonblock)
@@ -172,24 +240,27 @@ class VfioServicer(pbg.VfioServicer):
                     left -= len(data)
                 yield pb.ReadResponse(data=data)
         except VfioError as e:
-            await abort_errno(context, e)
+            await self._fail(context, e, "read", proc=proc, fd=request.fd)
 
     async def Write(self, request_iterator: AsyncIterator[pb.WriteRequest], context: Ctx) -> Any:
         proc = self.process(context)
         written = 0
+        fd = -1
         file: MigrationFile | None = None
         try:
             async for req in request_iterator:
                 if file is None:
-                    file = proc.data(req.fd)
+                    fd = req.fd
+                    file = proc.data(fd)
                 written += await file.write(req.data)
         except VfioError as e:
-            await abort_errno(context, e, {"written": str(written)})
+            await self._fail(context, e, "write", proc=proc, fd=fd, extra={"written": str(written)})
         return pb.WriteResponse(written=written)
 
     async def PrecopyInfo(self, request: pb.PrecopyInfoRequest, context: Ctx) -> Any:
+        proc = self.process(context)
         try:
-            entry = self.process(context).get(request.fd)
+            entry = proc.get(request.fd)
             if isinstance(entry, DeviceFd):
                 raise VfioError(errno.ENOTTY, "VFIO_MIG_GET_PRECOPY_INFO is a data fd ioctl")
             arg = PRECOPY_INFO.pack(
@@ -197,11 +268,68 @@ class VfioServicer(pbg.VfioServicer):
             )
             out = await entry.file.ioctl(VFIO_MIG_GET_PRECOPY_INFO, arg)
         except VfioError as e:
-            await abort_errno(context, e)
+            await self._fail(context, e, "precopy_info", proc=proc, fd=request.fd)
         argsz, flags, initial, dirty = PRECOPY_INFO.unpack_from(out, 0)
         return pb.PrecopyInfoResponse(
             argsz=argsz, flags=flags, initial_bytes=initial, dirty_bytes=dirty
         )
+
+    # --- events and audit ------------------------------------------------------------
+
+    async def _device_filter(self, name: str, operation: str, context: Ctx) -> str | None:
+        """A request's device ("" = all): None, or a device that exists (else ENOENT)."""
+        if not name:
+            return None
+        try:
+            await self.registry.lookup(name)
+        except VfioError as e:
+            await self._fail(context, e, operation, device=name)
+        return name
+
+    async def Events(self, request: pb.EventsRequest, context: Ctx) -> AsyncIterator[pb.Event]:
+        device = await self._device_filter(request.device, "events", context)
+        sub = self.events.subscribe(device)
+        ender = asyncio.ensure_future(self._end_on_stop(sub))
+        try:
+            await context.send_initial_metadata(((EVENTS_KEY, "subscribed"),))
+            async for ev in sub:
+                yield _event_pb(ev)
+        finally:
+            ender.cancel()
+            sub.close()
+
+    async def _end_on_stop(self, sub: Subscription) -> None:
+        await self.stopping.wait()
+        sub.close()
+
+    async def Audit(self, request: pb.AuditRequest, context: Ctx) -> Any:
+        device = await self._device_filter(request.device, "audit", context)
+        return pb.AuditResponse(
+            findings=[_payload_pb(f) for f in self.audit.findings(device)],
+            counts=dict(self.audit.device_counts(device)),
+        )
+
+
+def _stream_of(file: MigrationFile) -> tuple[int, bool]:
+    """An mlx5vf file's stream number and side (saving?)."""
+    if isinstance(file, Mlx5VfMigrationFile):
+        return file.stream_id, file.saving
+    return 0, True
+
+
+def _payload_pb(p: Payload) -> Any:
+    return _PAYLOAD_PB[p.kind](**asdict(p))
+
+
+def _event_pb(ev: Event) -> pb.Event:
+    return pb.Event(
+        time=ev.time,
+        device=ev.device,
+        client=ev.client,
+        data_fd=ev.data_fd,
+        stream=ev.stream,
+        **{ev.kind: _payload_pb(ev.payload)},
+    )
 
 
 def _user_memory(buffers: Iterable[pb.UserBuffer]) -> UserMemory:
