@@ -13,6 +13,15 @@
 
 Failures raise VfioClientError, an OSError whose errno is the kernel's.  The
 client keeps a Session open, so its fds close if it goes away.
+
+Events (driver.events.Event) and the audit's findings (driver.events.Finding):
+
+    async with c.events("0000:81:00.1") as events:
+        await events.ready()  # subscribed: what happens from now on is seen
+        async for ev in events:
+            print(ev.kind, ev.to_dict())
+    for f in (await c.audit("0000:81:00.1")).findings:
+        print(f.rule, f.message, f.reference)
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import asyncio
 import errno
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -29,6 +38,7 @@ import grpc
 
 from driver.api.v1 import vfio_pb2 as pb
 from driver.api.v1 import vfio_pb2_grpc as pbg
+from driver.events import PAYLOADS, Event, Finding, Payload
 from driver.vfio.uapi import (
     MIG_DATA_SIZE,
     MIG_STATE,
@@ -45,6 +55,7 @@ from grpcsvc.server import CHANNEL_OPTIONS
 
 T = TypeVar("T")
 CLIENT_KEY = "x-vfio-client"
+EVENTS_KEY = "x-vfio-events"  # the Events stream's initial metadata once subscribed
 FEATURE_HEADER_SIZE = 8
 
 
@@ -289,6 +300,80 @@ class VfioClient:
             self.stub.PrecopyInfo, pb.PrecopyInfoRequest(fd=fd, argsz=argsz, flags=flags)
         )
         return PrecopyInfo(m.argsz, m.flags, m.initial_bytes, m.dirty_bytes)
+
+    # --- events and audit --------------------------------------------------------------
+
+    def events(self, device: str | None = None) -> EventStream:
+        """Follow a device's events (all devices' without one) until the
+        server stops or the stream is closed."""
+        call = self.stub.Events(pb.EventsRequest(device=device or ""), metadata=self._metadata)
+        return EventStream(call)
+
+    async def audit(self, device: str | None = None) -> AuditReport:
+        """The audit's findings about a device (every device's without one)."""
+        m = await self._call(self.stub.Audit, pb.AuditRequest(device=device or ""))
+        return AuditReport([_payload(Finding, f) for f in m.findings], dict(m.counts))
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    findings: list[Finding]  # oldest first (the newest few hundred per device)
+    counts: dict[str, int]  # findings by rule id, all of them
+
+
+def _payload(cls: type[Payload], m: Any) -> Any:
+    return cls(**{f.name: getattr(m, f.name) for f in fields(cls)})
+
+
+def _event(m: pb.Event) -> Event | None:
+    """None for a kind this client does not know (a newer server's)."""
+    kind = m.WhichOneof("kind")
+    if kind is None or kind not in PAYLOADS:
+        return None
+    payload = _payload(PAYLOADS[kind], getattr(m, kind))
+    return Event(m.time, m.device, payload, m.client, m.data_fd, m.stream)
+
+
+class EventStream:
+    """An Events call: iterate it for `driver.events.Event`s; it ends when the
+    server stops (or `aclose`).  `ready()` returns once the subscription is
+    live, so nothing that happens after it is missed."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall[Any, Any]) -> None:
+        self._call = call
+        self._messages = call.__aiter__()
+
+    async def ready(self) -> None:
+        try:
+            md = await self._call.initial_metadata()
+        except grpc.aio.AioRpcError as e:
+            raise _error(e) from None
+        if not any(k == EVENTS_KEY for k, _ in md or ()):
+            async for _ in self:  # it failed before subscribing (ENOENT): raises that
+                pass
+            raise VfioClientError(errno.EIO, "the Events stream ended before subscribing")
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while True:
+            try:
+                m = await self._messages.__anext__()
+            except grpc.aio.AioRpcError as e:
+                raise _error(e) from None
+            ev = _event(m)
+            if ev is not None:
+                return ev
+
+    async def aclose(self) -> None:
+        self._call.cancel()
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 async def read_all(client: VfioClient, fd: int, chunk_size: int = 1 << 20) -> bytes:

@@ -17,13 +17,30 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, AsyncIterable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
+from driver.events import Event
 from driver.vfio.uapi import MigState
 
-from .client import Device, FeatureResult, PrecopyInfo, VfioClient, VfioClientError
+from .client import (
+    AuditReport,
+    Device,
+    EventStream,
+    FeatureResult,
+    PrecopyInfo,
+    VfioClient,
+    VfioClientError,
+)
 
 T = TypeVar("T")
 
@@ -212,3 +229,38 @@ class SyncVfioClient:
 
     def precopy_info(self, fd: int, *, flags: int = 0, argsz: int = 24) -> PrecopyInfo:
         return self._run(self.client.precopy_info(fd, flags=flags, argsz=argsz))
+
+    # --- events and audit --------------------------------------------------------------
+
+    def events(self, device: str | None = None) -> Generator[Event, None, None]:
+        """A device's events (every device's without one), as they happen,
+        until the server stops.  Subscribed when this returns; close the
+        iterator to stop following."""
+
+        async def subscribe() -> EventStream:
+            stream = self.client.events(device)
+            try:
+                await stream.ready()
+            except BaseException:
+                await stream.aclose()
+                raise
+            return stream
+
+        return self._follow(self._run(subscribe()))
+
+    def _follow(self, stream: EventStream) -> Generator[Event, None, None]:
+        async def step() -> Event | None:
+            try:
+                return await stream.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while (ev := self._run(step())) is not None:
+                yield ev
+        finally:
+            if not self._runner.loop.is_closed():
+                self._run(stream.aclose())
+
+    def audit(self, device: str | None = None) -> AuditReport:
+        return self._run(self.client.audit(device))
