@@ -783,7 +783,10 @@ class DeviceMigration:
 
     async def _load(self) -> None:
         """load_state: write data in stream order; approve on INIT_DATA_SENT;
-        with multifd, then the stop-copy packets in index order."""
+        with multifd, then the stop-copy packets in index order.  Then
+        load_cleanup: the data fd is closed while the device is still
+        RESUMING (RESUMING -> STOP ends the stream, and nothing must hold it
+        after)."""
         assert self.dst_data_fd is not None
         writer = self._writer = _DataWriter(self.dst, self.dst_data_fd, self.options.stream_depth)
         try:
@@ -796,6 +799,7 @@ class DeviceMigration:
             if self._multifd is not None:
                 await self._multifd.fail(e)
             raise
+        await self._close_data_fd(self.dst, "dst_data_fd")
 
     async def _load_main(self, writer: _DataWriter) -> None:
         while True:
@@ -830,21 +834,27 @@ class DeviceMigration:
 
     # --- cleanup -----------------------------------------------------------------------
 
+    async def _close_data_fd(self, client: VfioClient, attr: str) -> None:
+        fd = getattr(self, attr)
+        if fd is not None:
+            setattr(self, attr, None)
+            with contextlib.suppress(VfioClientError):  # EBADF: the session ended
+                await client.close(fd)
+
     async def close_data_fds(self) -> None:
-        for client, attr in ((self.src, "src_data_fd"), (self.dst, "dst_data_fd")):
-            fd = getattr(self, attr)
-            if fd is not None:
-                setattr(self, attr, None)
-                with contextlib.suppress(VfioClientError):  # EBADF: the session ended
-                    await client.close(fd)
+        await self._close_data_fd(self.src, "src_data_fd")
+        await self._close_data_fd(self.dst, "dst_data_fd")
 
     async def abort(self) -> None:
-        """Migration failed: source back to RUNNING, destination reset."""
+        """Migration failed: data fds closed (nothing more moves on them, and
+        the reset below must not cut a stream under a holder), source back to
+        RUNNING, destination reset."""
         if self._loader is not None:
             if not self._loader.done():
                 self._loader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loader  # (also retrieves what it failed with)
+        await self.close_data_fds()
         self.in_precopy = False
         if self.src_state != S.RUNNING:
             try:
@@ -857,7 +867,6 @@ class DeviceMigration:
                 self.dst_state = S.RUNNING
             except VfioClientError as e:
                 log.error("%s: destination reset failed: %s", self.name, e)
-        await self.close_data_fds()
 
 
 # --- the migration ------------------------------------------------------------------------
