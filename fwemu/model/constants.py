@@ -168,3 +168,11 @@ GiB = 1 << 30
 PAGE_SIZE = 4096
 MAX_U32 = (1 << 32) - 1
 MAX_U16 = (1 << 16) - 1
+
+
+def enum_name(cls: type[enum.IntEnum], value: int) -> str:
+    """The member's name, or the number when the enum has no such member."""
+    try:
+        return cls(value).name
+    except ValueError:
+        return str(value)

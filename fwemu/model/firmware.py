@@ -8,6 +8,7 @@ Pure Python; the gRPC face (fwemu.service) and the in-process link
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -25,6 +26,7 @@ from .constants import (
     ResumeOpMod,
     SuspendOpMod,
     Syndrome,
+    enum_name,
 )
 from .faults import Fault, FaultKind
 from .image import (
@@ -39,7 +41,10 @@ from .image import (
     write_piece,
 )
 from .page_track import PageTracker, PageTrackError
+from .stats import FirmwareStats
 from .vf import ChunkedSave, LoadChain, ReconfigTrigger, Vf, VfConfig
+
+log = logging.getLogger("fwemu.firmware")
 
 
 @dataclass(slots=True)
@@ -136,11 +141,6 @@ class _Mkey:
     owner: str = ""
 
 
-@dataclass
-class FirmwareStats:
-    commands: dict[tuple[int, int], int] = field(default_factory=dict)  # (opcode, status)
-
-
 class Firmware:
     """Many VFs behind one firmware command interface."""
 
@@ -194,6 +194,7 @@ class Firmware:
         if vf.save_in_flight is not None:
             self._abort_save(vf, "VF removed")
         del self.vfs[vhca_id]
+        self.stats.reconfigurations_retired += vf.reconfigurations
 
     def vf(self, vhca_id: int) -> Vf:
         try:
@@ -239,6 +240,7 @@ class Firmware:
             vf.faults.add(fault)
         except ValueError as e:
             raise FirmwareError(str(e)) from None
+        self.stats.faults_injected[fault.kind.name.lower()] += 1
         return fault.fault_id
 
     def clear_faults(self, vhca_id: int) -> int:
@@ -417,6 +419,28 @@ class Firmware:
         if vf is not None:
             result = self._delay(vf, opcode, result)
         self._count(opcode, result)
+        if result.status != CmdStatus.OK:
+            log.info(
+                "command failed: %s",
+                result.diagnostic,
+                extra={
+                    "vhca_id": vf.vhca_id if vf is not None else None,
+                    "opcode": enum_name(Opcode, opcode),
+                    "status": enum_name(CmdStatus, result.status),
+                    "syndrome": enum_name(Syndrome, result.syndrome),
+                },
+            )
+        elif opcode in (Opcode.SUSPEND_VHCA, Opcode.RESUME_VHCA) and vf is not None:
+            log.info(
+                "function %s",
+                "running" if vf.running else "suspended",
+                extra={
+                    "vhca_id": vf.vhca_id,
+                    "opcode": enum_name(Opcode, opcode),
+                    "initiator_suspended": vf.initiator_suspended,
+                    "responder_suspended": vf.responder_suspended,
+                },
+            )
         return result
 
     # --- QUERY_HCA_CAP --------------------------------------------------------
@@ -850,6 +874,7 @@ class Firmware:
         diag: str,
     ) -> None:
         cfg = vf.config
+        issued = self.clock.now()
         duration = cfg.save_latency_s + (size / cfg.save_bandwidth if cfg.save_bandwidth else 0.0)
         drop = vf.faults.take(FaultKind.DROP_COMPLETION) is not None
         delayed = vf.faults.take(FaultKind.DELAY_COMPLETION)
@@ -862,6 +887,9 @@ class Firmware:
             if live is not vf or vf.save_in_flight != token:
                 return  # aborted (FLR, removal): the abort already completed it
             vf.save_in_flight = None
+            self.stats.save_seconds.observe(self.clock.now() - issued)
+            if status == CmdStatus.OK:
+                self.stats.image_bytes_saved += size
             if drop:
                 return
             self._deliver(
@@ -954,6 +982,7 @@ class Firmware:
             vf.load_chain = LoadChain(h.chain_id, h.seq, h.piece + 1)
         vf.loads_since_suspend += 1
         vf.loaded_bytes += size
+        self.stats.image_bytes_loaded += size
         return CmdResult()
 
     @staticmethod

@@ -80,6 +80,7 @@ class Harness:
     def __init__(self, link: Any, mode: str) -> None:
         self.link = link
         self.mode = mode
+        self.fw: Firmware | None = None
         self._helper_vf: int | None = None
 
     # --- scenario side -----------------------------------------------------
@@ -259,7 +260,9 @@ async def make_harness(
             else:
                 link = await GrpcLink.connect(f"127.0.0.1:{port}")
         closers.append(link.close)
-        return Harness(link, mode)
+        harness = Harness(link, mode)
+        harness.fw = fw  # what the link reaches, for tests of the model's own counters
+        return harness
 
     yield make
     for close in reversed(closers):
