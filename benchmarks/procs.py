@@ -34,9 +34,14 @@ def served(command: list[str], *args: str) -> Iterator[tuple[psutil.Process, str
             raise RuntimeError(f"{command} did not start: {line}{err}")
         yield psutil.Process(proc.pid), line.rsplit(" on ", 1)[1].strip()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[str], timeout: float = 10) -> None:
+    """SIGTERM (a clean shutdown), SIGKILL if that takes over `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -9,10 +9,15 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry
+
 from fwemu.cli import byte_size
 from fwemu.link.base import LinkError
 from fwemu.scenario import ScenarioError
+from grpcsvc.logs import add_log_flags, setup_logging
 from grpcsvc.memory import return_large_buffers_to_the_os
+from grpcsvc.metrics import GrpcClientMetrics
+from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_metrics
 from grpcsvc.runner import LoopName, run
 from grpcsvc.server import ListenError, stop_on_signals
 
@@ -75,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         "reconfigurations, faults) on the same port",
     )
     s.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_log_flags(s)
+    add_metrics_flags(s, per="device")
     return p
 
 
@@ -85,10 +91,13 @@ async def _serve(args: argparse.Namespace) -> int:
 
     link: Link
     fw = None
+    metrics = CollectorRegistry() if args.metrics_listen else None
     if args.firmware:
         from fwemu.link.grpc import GrpcLink
 
-        link = await GrpcLink.connect(args.firmware, memory=args.memory)
+        # The driver's calls to the firmware, as gRPC client metrics.
+        interceptors = GrpcClientMetrics(metrics).interceptors() if metrics is not None else []
+        link = await GrpcLink.connect(args.firmware, memory=args.memory, interceptors=interceptors)
     else:
         from fwemu.link.inproc import InProcessLink
 
@@ -98,15 +107,20 @@ async def _serve(args: argparse.Namespace) -> int:
         server = DriverServer(
             DeviceRegistry(link, cmd_timeout=args.cmd_timeout),
             scenario=fw if args.scenario_service else None,
+            metrics=metrics,
+            per_device_limit=args.metrics_per_device,
+            firmware=fw,
         )
         stop = stop_on_signals()
-        port = await server.start(args.listen)
-        host = args.listen.rpartition(":")[0]
-        n = len(server.registry.devices)
-        where = args.firmware or "embedded firmware"
-        log.info("vfio-driver serving %d devices on %s:%d (%s)", n, host, port, where)
-        print(f"vfio-driver: serving {n} devices on {host}:{port}", flush=True)
-        await server.serve_until(stop)
+        with serve_metrics(args.metrics_listen, metrics, "vfio-driver") as metrics_port:
+            port = await server.start(args.listen)
+            host = args.listen.rpartition(":")[0]
+            n = len(server.registry.devices)
+            where = args.firmware or "embedded firmware"
+            log.info("vfio-driver serving %d devices on %s:%d (%s)", n, host, port, where)
+            print(f"vfio-driver: serving {n} devices on {host}:{port}", flush=True)
+            announce_metrics(args.metrics_listen, metrics_port, "vfio-driver")
+            await server.serve_until(stop)
     finally:
         await link.close()
     return 0
@@ -138,8 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"{flag} is for the embedded firmware, not with --firmware")
     loop: LoopName = args.loop
     return_large_buffers_to_the_os()
-    fmt = "%(asctime)s %(name)s %(levelname)s %(message)s"
-    logging.basicConfig(level=args.log_level.upper(), format=fmt)
+    setup_logging(args.log_level, args.log_format)
     try:
         return run(_serve(args), loop)
     except ScenarioError as e:

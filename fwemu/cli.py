@@ -7,9 +7,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from prometheus_client import CollectorRegistry
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
+from grpcsvc.logs import add_log_flags, setup_logging
 from grpcsvc.memory import return_large_buffers_to_the_os
+from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_metrics
 from grpcsvc.runner import LoopName, run
 from grpcsvc.server import ListenError, stop_on_signals
 
@@ -87,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
         default=8 << 30,
         help="limit on memory held for drivers on other hosts",
     )
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_log_flags(s)
+    add_metrics_flags(s, per="vf")
 
     d = sub.add_parser(
         "demo",
@@ -121,13 +125,22 @@ async def _serve(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
     )
     fw = build_firmware(clock, defaults, seed=args.seed, scenario=args.scenario, vfs=args.vfs)
-    server = FirmwareServer(fw, shm_dir=args.shm_dir, max_remote_bytes=args.max_remote_memory)
+    registry = CollectorRegistry() if args.metrics_listen else None
+    server = FirmwareServer(
+        fw,
+        shm_dir=args.shm_dir,
+        max_remote_bytes=args.max_remote_memory,
+        metrics=registry,
+        per_vf_limit=args.metrics_per_vf,
+    )
     stop = stop_on_signals()
-    port = await server.start(args.listen)
-    host = args.listen.rpartition(":")[0]
-    log.info("fwemu serving %d VFs on %s:%d (clock %s)", len(fw.vfs), host, port, args.clock)
-    print(f"fwemu: serving {len(fw.vfs)} VFs on {host}:{port}", flush=True)
-    await server.serve_until(stop)
+    with serve_metrics(args.metrics_listen, registry, "fwemu") as metrics_port:
+        port = await server.start(args.listen)
+        host = args.listen.rpartition(":")[0]
+        log.info("fwemu serving %d VFs on %s:%d (clock %s)", len(fw.vfs), host, port, args.clock)
+        print(f"fwemu: serving {len(fw.vfs)} VFs on {host}:{port}", flush=True)
+        announce_metrics(args.metrics_listen, metrics_port, "fwemu")
+        await server.serve_until(stop)
     log.info("fwemu stopped")
     return 0
 
@@ -138,10 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return_large_buffers_to_the_os()
-            logging.basicConfig(
-                level=args.log_level.upper(),
-                format="%(asctime)s %(name)s %(levelname)s %(message)s",
-            )
+            setup_logging(args.log_level, args.log_format)
             return run(_serve(args), loop)
         return run(run_demo(args), loop)
     except ScenarioError as e:

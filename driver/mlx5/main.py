@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
     from ..vfio.device import VfioDevice
 
 S = MigState
+
+log = logging.getLogger("vfio-driver.mlx5")
 
 
 @dataclass
@@ -365,6 +368,17 @@ class Mlx5VfDevice:
         self.stats.transitions[(cur.name, nxt.name)] += 1
         if self.events.subscribers:
             self._publish(StateChanged(cur.name, nxt.name), migf)
+        log.info(
+            "state %s -> %s",
+            cur.name,
+            nxt.name,
+            extra={
+                "device": self.name,
+                "from_state": cur.name,
+                "to_state": nxt.name,
+                "stream": migf.stream_id if migf is not None else None,
+            },
+        )
 
     def _leaving_precopy(self, arc: str) -> None:
         migf = self.saving_migf

@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from fwemu.api.v1 import scenario_pb2_grpc as sgrpc
 from fwemu.model.firmware import Firmware
+from fwemu.service.metrics import FirmwareCollector
 from fwemu.service.server import SCENARIO_SERVICE
 from fwemu.service.servicers import ScenarioServicer
+from grpcsvc.metrics import GrpcServerMetrics
 from grpcsvc.server import GrpcService
 
 from ..api.v1 import vfio_pb2
 from ..api.v1 import vfio_pb2_grpc as pbg
 from ..registry import DeviceRegistry
+from .metrics import DriverCollector
 from .servicer import VfioServicer
 
 VFIO_SERVICE = vfio_pb2.DESCRIPTOR.services_by_name["Vfio"].full_name
@@ -29,7 +33,18 @@ class DriverServer:
     there is no separate fwemu process.
     """
 
-    def __init__(self, registry: DeviceRegistry, *, scenario: Firmware | None = None) -> None:
+    def __init__(
+        self,
+        registry: DeviceRegistry,
+        *,
+        scenario: Firmware | None = None,
+        metrics: CollectorRegistry | None = None,
+        per_device_limit: int = 0,
+        firmware: Firmware | None = None,
+    ) -> None:
+        """`metrics`: a registry to fill with the gRPC server metrics and the
+        driver's own, and an embedded `firmware`'s (served at /metrics by
+        whoever owns the registry)."""
         self.registry = registry
         self.servicer = VfioServicer(registry)
         names = [VFIO_SERVICE]
@@ -41,7 +56,14 @@ class DriverServer:
             if scenario is not None:
                 sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(scenario), server)
 
-        self.service = GrpcService(names, register)
+        interceptors = []
+        if metrics is not None:
+            metrics.register(DriverCollector(self.servicer, per_device_limit=per_device_limit))
+            embedded = firmware or scenario
+            if embedded is not None:
+                metrics.register(FirmwareCollector(embedded))
+            interceptors.append(GrpcServerMetrics(metrics).interceptor)
+        self.service = GrpcService(names, register, interceptors=interceptors)
 
     async def start(self, listen: str) -> int:
         await self.registry.refresh()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import asdict
@@ -31,6 +32,7 @@ from ..vfio.usermem import UserMemory
 from .errnos import abort_errno, errno_name, errno_of
 from .process import DataFd, DeviceFd, Process
 
+log = logging.getLogger("vfio-driver")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 CLIENT_KEY = "x-vfio-client"
@@ -95,15 +97,36 @@ class VfioServicer(pbg.VfioServicer):
         code = errno_of(e)
         name = errno_name(code)
         self.errors_by_errno[name] += 1
-        if self.events.subscribers:
+        # ENOMSG / EAGAIN are a data fd's "nothing now": routine, logged at debug.
+        level = logging.DEBUG if code in (errno.ENOMSG, errno.EAGAIN) else logging.INFO
+        if self.events.subscribers or log.isEnabledFor(level):
             data_fd, stream = -1, 0
             entry = proc.fds.get(fd) if proc is not None else None
             if entry is not None:
                 device = entry.device.name
                 if isinstance(entry, DataFd):
                     data_fd, stream = fd, entry.stream
-            self.events.publish(
-                device, ErrorAnswered(code, name, operation, str(e)), data_fd=data_fd, stream=stream
+            if self.events.subscribers:
+                self.events.publish(
+                    device,
+                    ErrorAnswered(code, name, operation, str(e)),
+                    data_fd=data_fd,
+                    stream=stream,
+                )
+            log.log(
+                level,
+                "%s: %s (%s)",
+                operation,
+                name,
+                e,
+                extra={
+                    "device": device or None,
+                    "operation": operation,
+                    "errno": name,
+                    "client": proc.client if proc is not None else None,
+                    "fd": fd if fd >= 0 else None,
+                    "stream": stream or None,
+                },
             )
         await abort_errno(context, e, extra)
 

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -76,13 +76,17 @@ class GrpcLink:
         memory: MemoryMode = "auto",
         shm_dir: str | None = None,
         client_id: str | None = None,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
+        """`interceptors`: for the channel (the driver's gRPC client metrics)."""
         self.target = target
         self.memory = memory
         self.shm_dir = shm_dir
         self.client_id = client_id or f"link-{secrets.token_hex(8)}"
         self._metadata = ((CLIENT_KEY, self.client_id),)
-        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(
+            target, options=CHANNEL_OPTIONS, interceptors=list(interceptors) or None
+        )
         self.fw = fgrpc.FirmwareStub(self.channel)
         self.scenario = sgrpc.ScenarioStub(self.channel)
         self._token_base = secrets.randbits(31) << 32
@@ -100,9 +104,10 @@ class GrpcLink:
         memory: MemoryMode = "auto",
         shm_dir: str | None = None,
         timeout: float = 10.0,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> GrpcLink:
         """Connect and subscribe to completions; fails if the firmware does not answer."""
-        link = cls(target, memory=memory, shm_dir=shm_dir)
+        link = cls(target, memory=memory, shm_dir=shm_dir, interceptors=interceptors)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         link._stream_task = asyncio.create_task(link._completions(ready))
         try:

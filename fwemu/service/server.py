@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+from prometheus_client import CollectorRegistry
 
+from grpcsvc.metrics import GrpcServerMetrics
 from grpcsvc.server import GrpcService
 
 from ..api.v1 import firmware_pb2, scenario_pb2
@@ -13,6 +15,7 @@ from ..api.v1 import firmware_pb2_grpc as fgrpc
 from ..api.v1 import scenario_pb2_grpc as sgrpc
 from ..model.firmware import Firmware
 from .memory import MkeyMemory
+from .metrics import FirmwareCollector
 from .servicers import FirmwareServicer, ScenarioServicer
 
 FIRMWARE_SERVICE = firmware_pb2.DESCRIPTOR.services_by_name["Firmware"].full_name
@@ -30,7 +33,11 @@ class FirmwareServer:
         *,
         shm_dir: str | None = None,
         max_remote_bytes: int = DEFAULT_MAX_REMOTE_BYTES,
+        metrics: CollectorRegistry | None = None,
+        per_vf_limit: int = 0,
     ) -> None:
+        """`metrics`: a registry to fill with the gRPC server metrics and the
+        firmware's own (served at /metrics by whoever owns the registry)."""
         self.fw = fw
         self.memory = MkeyMemory(fw, shm_dir=shm_dir, max_remote_bytes=max_remote_bytes)
 
@@ -40,7 +47,13 @@ class FirmwareServer:
             fgrpc.add_FirmwareServicer_to_server(self.firmware, server)
             sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(fw), server)
 
-        self.service = GrpcService([FIRMWARE_SERVICE, SCENARIO_SERVICE], register)
+        interceptors = []
+        if metrics is not None:
+            metrics.register(FirmwareCollector(fw, per_vf_limit=per_vf_limit))
+            interceptors.append(GrpcServerMetrics(metrics).interceptor)
+        self.service = GrpcService(
+            [FIRMWARE_SERVICE, SCENARIO_SERVICE], register, interceptors=interceptors
+        )
 
     async def start(self, listen: str) -> int:
         return await self.service.start(listen)
