@@ -1,0 +1,84 @@
+"""--log-format json: one JSON object per line, with the identifiers of what
+the line is about (device, stream, errno; vhca_id and opcode for the firmware)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from driver.vfio.uapi import MigState
+from fwemu.link.grpc import GrpcLink
+from vfioclient import VfioClient, VfioClientError
+
+pytestmark = pytest.mark.grpc
+
+
+def start(module: str, *args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "serve", "--listen", "127.0.0.1:0", "--loop", "asyncio",
+         "--log-format", "json", "--log-level", "info", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert "serving" in line, line
+    return proc, line.rsplit(" on ", 1)[1].strip()
+
+
+def stop(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
+    proc.terminate()
+    _, err = proc.communicate(timeout=10)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    docs = [json.loads(ln) for ln in lines]  # every line is JSON
+    for d in docs:
+        assert {"time", "level", "logger", "message"} <= d.keys()
+    return docs
+
+
+async def test_driver_logs_state_changes_and_errors_with_identifiers() -> None:
+    proc, target = start("driver.cli", "--vfs", "1", "--size", "64KiB", "--dirty-rate", "0")
+    try:
+        async with await VfioClient.connect(target) as c:
+            (dev,) = await c.list_devices()
+            fd = await c.open_device(dev.name)
+            await c.set_state(fd, MigState.STOP)
+            data_fd = await c.set_state(fd, MigState.STOP_COPY)
+            assert data_fd is not None
+            with pytest.raises(VfioClientError):
+                await c.device_feature(fd, 0xFFFF, b"")  # no such feature
+            await c.set_state(fd, MigState.STOP)
+    finally:
+        docs = stop(proc)
+    states = [(d["from_state"], d["to_state"]) for d in docs if "from_state" in d]
+    assert states == [  # one line per arc of the FSM
+        ("RUNNING", "RUNNING_P2P"),
+        ("RUNNING_P2P", "STOP"),
+        ("STOP", "STOP_COPY"),
+        ("STOP_COPY", "STOP"),
+    ]
+    assert all(d["device"] == dev.name for d in docs if "from_state" in d)
+    copy = next(d for d in docs if d.get("to_state") == "STOP_COPY")
+    assert copy["stream"] is not None  # the saving stream the arc opened
+    (err,) = [d for d in docs if "errno" in d]
+    assert err["device"] == dev.name and err["operation"] and err["errno"].startswith("E")
+    assert err["client"]
+
+
+async def test_firmware_logs_failed_commands_and_suspends() -> None:
+    proc, target = start("fwemu.cli", "--vfs", "1", "--size", "64KiB", "--dirty-rate", "0")
+    try:
+        link = await GrpcLink.connect(target)
+        try:
+            await link.resume_vhca(1, op_mod=0)  # not suspended: BAD_RES_STATE_ERR
+            await link.suspend_vhca(1, op_mod=0)
+        finally:
+            await link.close()
+    finally:
+        docs = stop(proc)
+    failed = [d for d in docs if d.get("status") == "BAD_RES_STATE_ERR"]
+    assert failed and failed[0]["vhca_id"] == 1 and failed[0]["opcode"] == "RESUME_VHCA"
+    assert any(d.get("opcode") == "SUSPEND_VHCA" and d["initiator_suspended"] for d in docs)

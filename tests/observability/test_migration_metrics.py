@@ -1,0 +1,115 @@
+"""Both services scraped around a real migration (fwemu, vfio-driver and the
+orchestrating client as separate processes): the counters agree with each
+other and with what the client itself counted."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from obs_harness import Served, firmware_and_driver, value
+
+from driver.mlx5.cmd import MIGRATION_HEADER, MLX5_MIGF_HEADER_TAG_FW_DATA
+from tests.orchestrator.e2e_harness import Topology, rig
+from vfioclient.orchestrator import migrate
+
+pytestmark = pytest.mark.grpc
+
+
+@pytest.fixture(name="services", scope="module")
+def services_fixture() -> Iterator[tuple[Served, Served]]:
+    with firmware_and_driver() as pair:
+        yield pair
+
+
+def records(stream: bytes) -> list[tuple[int, int]]:
+    """(tag, payload size) of each record of a saving data fd's stream."""
+    out = []
+    pos = 0
+    while pos < len(stream):
+        size, _flags, tag = MIGRATION_HEADER.unpack_from(stream, pos)
+        out.append((tag, size))
+        pos += MIGRATION_HEADER.size + size
+    assert pos == len(stream), "the stream ends inside a record"
+    return out
+
+
+async def test_counters_agree_with_each_other_and_with_the_client(
+    services: tuple[Served, Served],
+) -> None:
+    fw, drv = services
+    async with rig(Topology(fw.target, drv.target, drv.target)) as r:
+        (p,) = await r.pairs(1)
+        read: dict[int, bytearray] = defaultdict(bytearray)  # by data fd
+        calls: defaultdict[str, int] = defaultdict(int)
+        src_read, src_stream, src_info = r.src.read, r.src.read_stream, r.src.precopy_info
+
+        async def counted_read(fd: int, count: int, **kw: Any) -> bytes:
+            calls["Read"] += 1
+            data = await src_read(fd, count, **kw)
+            read[fd] += data
+            return data
+
+        async def counted_stream(fd: int, **kw: Any) -> AsyncIterator[bytes]:
+            async for chunk in src_stream(fd, **kw):
+                read[fd] += chunk
+                yield chunk
+
+        async def counted_info(fd: int, **kw: Any) -> Any:
+            calls["PrecopyInfo"] += 1
+            return await src_info(fd, **kw)
+
+        r.src.read, r.src.read_stream = counted_read, counted_stream  # type: ignore[method-assign]
+        r.src.precopy_info = counted_info  # type: ignore[method-assign]
+        o = r.digest_hook([p])
+        r.reconfigure_on_first_ack({p.pair.name: p.src_vhca}, o)
+        fw0, drv0 = await fw.ascrape(), await drv.ascrape()
+        report = await migrate([p.pair], o)
+        fw1, drv1 = await fw.ascrape(), await drv.ascrape()
+    (digests,) = r.digests
+    assert digests[0] == digests[1]
+
+    def d_fw(name: str, **labels: str) -> float:
+        return value(fw1, name, **labels) - value(fw0, name, **labels)
+
+    def d_drv(name: str, **labels: str) -> float:
+        return value(drv1, name, **labels) - value(drv0, name, **labels)
+
+    client_read = sum(len(b) for b in read.values())
+    recs = [rec for stream in read.values() for rec in records(bytes(stream))]
+    image_bytes = sum(size for tag, size in recs if tag == MLX5_MIGF_HEADER_TAG_FW_DATA)
+    other_payload = sum(size for tag, size in recs if tag != MLX5_MIGF_HEADER_TAG_FW_DATA)
+    headers = MIGRATION_HEADER.size * len(recs)
+
+    # bytes: client == driver read counter == firmware image bytes + records' headers
+    assert client_read == report.precopy_bytes + report.stop_copy_bytes > 0
+    assert d_drv("vfio_migration_read_bytes_total") == client_read
+    assert d_fw("fwemu_image_saved_bytes_total") == image_bytes
+    assert client_read == image_bytes + headers + other_payload
+    # ... and the destination took all of it: written == read, every image loaded
+    assert d_drv("vfio_migration_written_bytes_total") == client_read
+    assert d_fw("fwemu_image_loaded_bytes_total") == image_bytes
+    # one REINIT where one was triggered
+    assert len(report.reinits) == 1
+    assert d_drv("vfio_precopy_info_total", reinit="true") == 1
+    assert d_fw("fwemu_reconfigurations_total") == 1
+    # gRPC server metrics count the client's calls, the client metrics the driver's
+    vfio = {"grpc_service": "vfio.v1.Vfio"}
+    assert (
+        d_drv("grpc_server_handled_total", grpc_method="PrecopyInfo", grpc_code="OK", **vfio)
+        == (calls["PrecopyInfo"])
+    )
+    assert d_drv("grpc_server_started_total", grpc_method="Read", **vfio) == calls["Read"]
+    saves = d_fw("fwemu_commands_total", opcode="SAVE_VHCA_STATE", status="OK")
+    assert saves > 0
+    fw_calls = {"grpc_service": "fwemu.api.v1.Firmware", "grpc_method": "SaveVhcaState"}
+    assert d_drv("grpc_client_handled_total", grpc_code="OK", **fw_calls) == saves
+    assert d_fw("grpc_server_handled_total", grpc_code="OK", **fw_calls) == saves
+    # the state changes of both devices: source and destination arcs
+    assert d_drv("vfio_migration_state_transitions_total", from_state="PRE_COPY",
+                 to_state="PRE_COPY_P2P") == 1  # fmt: skip
+    assert d_drv("vfio_migration_state_transitions_total", from_state="RESUMING",
+                 to_state="STOP") == 1  # fmt: skip
+    assert value(drv1, "vfio_audit_findings_total") == value(drv0, "vfio_audit_findings_total")
