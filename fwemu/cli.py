@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -34,6 +36,29 @@ def byte_size(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a size (e.g. 4096, 64KiB, 16MiB)"
         ) from None
+
+
+MAX_SHARD = 0xFFFF  # a driver names shard k's VFs PCI domain k (driver/shards.py)
+
+
+def shard_number(text: str) -> int | str:
+    """argparse type for --shard: K, or 'auto' (from the hostname, resolved in main)."""
+    if text == "auto":
+        return text
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_SHARD:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shard number (0..{MAX_SHARD}) or auto")
+    return int(text)
+
+
+def shard_from_hostname(hostname: str) -> int:
+    """A StatefulSet's pod `<name>-K` (its hostname) is shard K."""
+    m = re.fullmatch(r".*-([0-9]+)", hostname.split(".", 1)[0])
+    if m is None or int(m.group(1)) > MAX_SHARD:
+        raise ValueError(
+            f"--shard auto: hostname {hostname!r} does not end in -K "
+            f"(K = 0..{MAX_SHARD}, as a StatefulSet's pods do)"
+        )
+    return int(m.group(1))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,6 +101,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--save-latency", type=float, default=0.0, metavar="SECONDS")
     s.add_argument("--chunk-size", type=byte_size, default=VfConfig().chunk_size)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--shard",
+        type=shard_number,
+        metavar="K|auto",
+        help="serve as shard K of a sharded firmware (auto: K from the hostname's trailing "
+        "-K, as a StatefulSet's pods); its VFs get seed --seed + K so shards differ",
+    )
     s.add_argument(
         "--clock",
         choices=["real", "virtual"],
@@ -124,7 +156,18 @@ async def _serve(args: argparse.Namespace) -> int:
         save_latency_s=args.save_latency,
         chunk_size=args.chunk_size,
     )
-    fw = build_firmware(clock, defaults, seed=args.seed, scenario=args.scenario, vfs=args.vfs)
+    shard: int | None = args.shard
+    seed = args.seed if shard is None else args.seed + shard
+    fw = build_firmware(clock, defaults, seed=seed, scenario=args.scenario, vfs=args.vfs)
+    if shard is not None and fw.seed != seed:
+        log.warning(
+            "fwemu shard %d: the scenario's seed %d overrides --seed, so every shard holds "
+            "the same VFs (drop seed: from the scenario for distinct shards)",
+            shard,
+            fw.seed,
+        )
+    elif shard is not None:
+        log.info("fwemu shard %d: VF seed %d (--seed %d + %d)", shard, seed, args.seed, shard)
     registry = CollectorRegistry() if args.metrics_listen else None
     server = FirmwareServer(
         fw,
@@ -146,7 +189,13 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "shard", None) == "auto":
+        try:
+            args.shard = shard_from_hostname(socket.gethostname())
+        except ValueError as e:
+            parser.error(str(e))
     loop: LoopName = args.loop
     try:
         if args.command == "serve":
