@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -21,23 +23,38 @@ from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_met
 from grpcsvc.runner import LoopName, run
 from grpcsvc.server import ListenError, stop_on_signals
 
+from .shards import SHARDS_ENV, ShardSpecError, shards_argument, shards_from_env
 from .vfio.errors import VfioError
 
 if TYPE_CHECKING:
+    import grpc
+
+    from fwemu.link.grpc import GrpcLink
     from fwemu.model.firmware import Firmware
 
 log = logging.getLogger("vfio-driver")
 
 
-def _seconds(text: str) -> float:
-    """argparse type: a positive number of seconds."""
+def _duration(text: str, *, zero: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    low_ok = value >= 0 if zero else value > 0
+    if not low_ok or value == math.inf:
+        what = "zero or a positive" if zero else "a positive"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what} number of seconds")
     return value
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a positive number of seconds."""
+    return _duration(text, zero=False)
+
+
+def _wait(text: str) -> float:
+    """argparse type: zero or a positive number of seconds."""
+    return _duration(text, zero=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +70,24 @@ def _parser() -> argparse.ArgumentParser:
         "(--firmware), or a firmware model embedded in this process.",
     )
     s.add_argument("--listen", default="127.0.0.1:50052", metavar="HOST:PORT")
-    s.add_argument("--firmware", metavar="HOST:PORT", help="a running `fwemu serve`")
+    fw = s.add_mutually_exclusive_group()
+    fw.add_argument("--firmware", metavar="HOST:PORT", help="a running `fwemu serve`")
+    fw.add_argument(
+        "--firmware-shards",
+        type=shards_argument,
+        metavar="SPEC",
+        help="several `fwemu serve --shard K`, shard k's VFs as PCI domain k: "
+        "HOST:PORT,HOST:PORT,... (shard i = the i-th) or TEMPLATE@N with {shard} in "
+        f"TEMPLATE (shards 0..N-1); default ${SHARDS_ENV} when neither flag is given",
+    )
+    s.add_argument(
+        "--firmware-wait",
+        type=_wait,
+        default=0.0,
+        metavar="SECONDS",
+        help="at start, retry a firmware that does not answer for up to SECONDS "
+        "(default 0: fail at once, naming it)",
+    )
     s.add_argument(
         "--memory",
         choices=["auto", "shm", "remote"],
@@ -67,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a firmware command may take (mlx5 command timeout)",
     )
-    emb = s.add_argument_group("embedded firmware (without --firmware)")
+    emb = s.add_argument_group("embedded firmware (without --firmware or --firmware-shards)")
     emb.add_argument("--scenario", metavar="FILE")
     emb.add_argument("--vfs", type=int, default=None, metavar="N")
     emb.add_argument("--size", type=byte_size, default=4 << 20)
@@ -89,23 +123,24 @@ async def _serve(args: argparse.Namespace) -> int:
     from .registry import DeviceRegistry, Link
     from .service.server import DriverServer
 
-    link: Link
+    links: list[Link]
     fw = None
     metrics = CollectorRegistry() if args.metrics_listen else None
-    if args.firmware:
-        from fwemu.link.grpc import GrpcLink
-
+    if args.firmware or args.firmware_shards:
         # The driver's calls to the firmware, as gRPC client metrics.
         interceptors = GrpcClientMetrics(metrics).interceptors() if metrics is not None else []
-        link = await GrpcLink.connect(args.firmware, memory=args.memory, interceptors=interceptors)
+        targets = [args.firmware] if args.firmware else list(args.firmware_shards.addresses)
+        links = list(await _connect_all(targets, args, interceptors))
+        where = args.firmware or f"firmware shards {args.firmware_shards.spec}"
     else:
         from fwemu.link.inproc import InProcessLink
 
         fw = _embedded_firmware(args)
-        link = InProcessLink(fw)
+        links = [InProcessLink(fw)]
+        where = "embedded firmware"
     try:
         server = DriverServer(
-            DeviceRegistry(link, cmd_timeout=args.cmd_timeout),
+            DeviceRegistry(links, cmd_timeout=args.cmd_timeout),
             scenario=fw if args.scenario_service else None,
             metrics=metrics,
             per_device_limit=args.metrics_per_device,
@@ -116,14 +151,61 @@ async def _serve(args: argparse.Namespace) -> int:
             port = await server.start(args.listen)
             host = args.listen.rpartition(":")[0]
             n = len(server.registry.devices)
-            where = args.firmware or "embedded firmware"
             log.info("vfio-driver serving %d devices on %s:%d (%s)", n, host, port, where)
             print(f"vfio-driver: serving {n} devices on {host}:{port}", flush=True)
             announce_metrics(args.metrics_listen, metrics_port, "vfio-driver")
             await server.serve_until(stop)
     finally:
-        await link.close()
+        for link in links:
+            await link.close()
     return 0
+
+
+async def _connect_all(
+    targets: list[str], args: argparse.Namespace, interceptors: list[grpc.aio.ClientInterceptor]
+) -> list[GrpcLink]:
+    """One link per firmware (shard k = targets[k]), connected concurrently.
+    If any cannot be reached the others are closed and the error names it
+    (and its shard, when there are shards)."""
+    got = await asyncio.gather(
+        *(_connect(t, args, interceptors) for t in targets), return_exceptions=True
+    )
+    links = [r for r in got if not isinstance(r, BaseException)]
+    failed = [(k, r) for k, r in enumerate(got) if isinstance(r, BaseException)]
+    if not failed:
+        return links
+    for link in links:
+        await link.close()
+    for _, e in failed:
+        if not isinstance(e, LinkError):
+            raise e
+    if args.firmware:
+        raise failed[0][1]
+    raise LinkError("; ".join(f"shard {k} ({targets[k]}): {e}" for k, e in failed))
+
+
+async def _connect(
+    target: str, args: argparse.Namespace, interceptors: list[grpc.aio.ClientInterceptor]
+) -> GrpcLink:
+    """GrpcLink.connect, retried for --firmware-wait seconds (a StatefulSet's
+    firmware pods may start after the driver)."""
+    from fwemu.link.grpc import GrpcLink
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + args.firmware_wait
+    delay = first_delay = 0.25
+    while True:
+        try:
+            return await GrpcLink.connect(target, memory=args.memory, interceptors=interceptors)
+        except LinkError as e:
+            if loop.time() + delay > deadline:
+                if args.firmware_wait:
+                    raise LinkError(f"{e} (retried for {args.firmware_wait:g} s)") from None
+                raise
+            if delay == first_delay:
+                log.info("waiting up to %g s for the firmware at %s", args.firmware_wait, target)
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 5.0)
 
 
 def _embedded_firmware(args: argparse.Namespace) -> Firmware:
@@ -141,15 +223,24 @@ def _embedded_firmware(args: argparse.Namespace) -> Firmware:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.firmware:
-        # The firmware process owns its VFs: these would be silently ignored.
+    source = "--firmware-shards"
+    if not args.firmware and args.firmware_shards is None:
+        # The manifests configure the shards this way (deploy/k8s).
+        source = SHARDS_ENV
+        try:
+            args.firmware_shards = shards_from_env(os.environ)
+        except ShardSpecError as e:
+            parser.error(str(e))
+    if args.firmware or args.firmware_shards:
+        # The firmware processes own their VFs: these would be silently ignored.
+        given_with = "--firmware" if args.firmware else source
         for flag, given in [
             ("--scenario", args.scenario is not None),
             ("--vfs", args.vfs is not None),
             ("--scenario-service", args.scenario_service),
         ]:
             if given:
-                parser.error(f"{flag} is for the embedded firmware, not with --firmware")
+                parser.error(f"{flag} is for the embedded firmware, not with {given_with}")
     loop: LoopName = args.loop
     return_large_buffers_to_the_os()
     setup_logging(args.log_level, args.log_format)

@@ -1,32 +1,34 @@
 """The devices a driver service offers: one mlx5 VF each, bound to mlx5vf and
 registered with the VFIO core.  Which VFs exist is what the PF's SR-IOV setup
-tells the kernel; here it is the emulator's VF list."""
+tells the kernel; here it is the emulator's VF list, of one firmware or of
+several (shards: shard k's VFs are PCI domain k, see driver/shards.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from fwemu.link.base import FirmwareLink, LinkError, ScenarioLink
+from fwemu.model.firmware import VfInfo
 
 from .audit import AuditLog
 from .events import EventBus
 from .mlx5.main import Mlx5VfDevice
+from .shards import pci_name, shard_of
 from .vfio.device import VfioDevice
 from .vfio.errors import VfioError
 
 DRIVER_NAME = "mlx5-vfio-pci"
-PCI_BUS = "0000:81"
+
+log = logging.getLogger("vfio-driver")
 
 
 class Link(FirmwareLink, ScenarioLink, Protocol):
     """Both sides of a firmware link (InProcessLink and GrpcLink are both)."""
-
-
-def pci_name(function_id: int) -> str:
-    """VF n of the PF at 0000:81:00.0 sits at 0000:81:<n / 8>.<n % 8>."""
-    return f"{PCI_BUS}:{function_id >> 3:02x}.{function_id & 7}"
 
 
 @dataclass(eq=False)
@@ -36,18 +38,23 @@ class Registered:
 
 
 class DeviceRegistry:
-    """The devices, and the one event bus and audit log they all report to."""
+    """The devices, and the one event bus and audit log they all report to.
+
+    `link` is one firmware, or one link per shard (shard k = links[k]): each
+    device's commands go to its own shard's link."""
 
     def __init__(
         self,
-        link: Link,
+        link: Link | Sequence[Link],
         *,
         cmd_timeout: float = 60.0,
         max_chunk_size: int = 8 << 20,
         events: EventBus | None = None,
         audit: AuditLog | None = None,
     ) -> None:
-        self.link = link
+        self.links: tuple[Link, ...] = tuple(link) if isinstance(link, Sequence) else (link,)
+        if not self.links:
+            raise ValueError("a registry needs at least one firmware link")
         self.cmd_timeout = cmd_timeout
         self.max_chunk_size = max_chunk_size
         self.devices: dict[str, Registered] = {}
@@ -56,22 +63,33 @@ class DeviceRegistry:
 
     async def refresh(self) -> list[Registered]:
         """Probe VFs that appeared; VFs that went away are detached (their
-        commands get ENOTCONN) and dropped once nobody has them open."""
-        try:
-            vfs = await self.link.list_vfs()
-        except LinkError as e:
-            raise VfioError(errno.EIO, f"firmware unreachable: {e}") from None
-        present = {pci_name(v.function_id): v for v in vfs}
+        commands get ENOTCONN) and dropped once nobody has them open.
+
+        A shard that does not answer keeps its devices as they were (their
+        commands fail on its link until it is back); only when no shard
+        answers does the refresh fail (EIO)."""
+        listed = await asyncio.gather(*(self._list_vfs(k) for k in range(len(self.links))))
+        down = {k: e for k, e in enumerate(listed) if isinstance(e, LinkError)}
+        if len(down) == len(self.links):
+            raise VfioError(errno.EIO, f"firmware unreachable: {self._why(down)}")
+        if down:
+            log.warning("firmware shards not answering: %s", self._why(down))
+        present = {
+            pci_name(vf.function_id, k): (k, vf)
+            for k, vfs in enumerate(listed)
+            if not isinstance(vfs, LinkError)
+            for vf in vfs
+        }
         for name, reg in list(self.devices.items()):
-            if name not in present:
+            if name not in present and shard_of(name) not in down:
                 reg.mvdev.mdev_detach = True
                 if reg.core.open_count == 0:
                     del self.devices[name]
-        for name, vf in present.items():
+        for name, (k, vf) in present.items():
             if name in self.devices and not self.devices[name].mvdev.mdev_detach:
                 continue
             mvdev = Mlx5VfDevice(
-                self.link,
+                self.links[k],
                 vf.function_id,
                 cmd_timeout=self.cmd_timeout,
                 max_chunk_size=self.max_chunk_size,
@@ -83,6 +101,17 @@ class DeviceRegistry:
             mvdev.core = core
             self.devices[name] = Registered(core, mvdev)
         return [self.devices[n] for n in sorted(self.devices)]
+
+    async def _list_vfs(self, shard: int) -> list[VfInfo] | LinkError:
+        try:
+            return await self.links[shard].list_vfs()
+        except LinkError as e:
+            return e
+
+    def _why(self, down: dict[int, LinkError]) -> str:
+        if len(self.links) == 1:
+            return str(down[0])
+        return "; ".join(f"shard {k}: {e}" for k, e in sorted(down.items()))
 
     async def lookup(self, name: str) -> Registered:
         if name not in self.devices:
