@@ -30,6 +30,13 @@ from driver.events import (
     SaveFailed,
     StateChanged,
 )
+from driver.shards import (
+    SHARDS_ENV,
+    ShardMap,
+    ShardSpecError,
+    shards_argument,
+    shards_from_env,
+)
 from driver.vfio.uapi import (
     VFIO_DEVICE_FEATURE_SET,
     VFIO_MIGRATION_P2P,
@@ -403,8 +410,11 @@ async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None
             progress=TerminalProgress(),  # draws only on a TTY, never under CI
         )
         if args.verify != "no":
-            src_fw = args.firmware or args.driver
-            dst_fw = args.dst_firmware or (args.dst_driver and args.dst_driver) or src_fw
+            shards = _shard_map(args)
+            src_fw = args.firmware or _shard_firmware(shards, args.src) or args.driver
+            dst_fw = (
+                args.dst_firmware or _shard_firmware(shards, args.dst) or args.dst_driver or src_fw
+            )
             verifier = await _verifier(
                 (c, args.src, src_fw), (dst, args.dst, dst_fw), args, scenarios, out
             )
@@ -431,6 +441,29 @@ async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None
     out.line(report_text(report.to_dict()))
 
 
+def _shard_map(args: argparse.Namespace) -> ShardMap | None:
+    """--firmware-shards, else VFIO_FIRMWARE_SHARDS, else None."""
+    if args.firmware_shards is not None:
+        shards: ShardMap = args.firmware_shards
+        return shards
+    try:
+        return shards_from_env(os.environ)
+    except ShardSpecError as e:
+        raise CliError(errno.EINVAL, str(e), "fix it, or unset it") from None
+
+
+def _shard_firmware(shards: ShardMap | None, device: str) -> str | None:
+    """The firmware (Scenario service) of `device`'s shard: its PCI domain."""
+    if shards is None:
+        return None
+    try:
+        return shards.address_of(device)
+    except ShardSpecError as e:
+        raise CliError(
+            errno.EINVAL, str(e), f"a device's PCI domain is its shard: see {SHARDS_ENV}"
+        ) from None
+
+
 Side = tuple[VfioClient, str, str]  # (driver client, device name, Scenario address)
 
 
@@ -454,7 +487,7 @@ async def _verifier(
                 raise CliError(
                     errno.ENOTSUP,
                     f"cannot verify {device}: no firmware Scenario service at {target} ({e})",
-                    "give --firmware / --dst-firmware, or --verify no",
+                    "give --firmware / --dst-firmware (or --firmware-shards), or --verify no",
                 ) from None
             out.note(f"not verifying: no firmware Scenario service at {target}")
             return None
@@ -765,12 +798,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--firmware",
         metavar="HOST:PORT",
-        help="the source firmware's Scenario service (default: --driver)",
+        help="the source firmware's Scenario service (default: the source's shard, else --driver)",
     )
     s.add_argument(
         "--dst-firmware",
         metavar="HOST:PORT",
-        help="the destination firmware's Scenario service (default: --dst-driver, else --firmware)",
+        help="the destination firmware's Scenario service (default: the destination's shard, "
+        "else --dst-driver, else --firmware)",
+    )
+    s.add_argument(
+        "--firmware-shards",
+        type=shards_argument,
+        metavar="SPEC",
+        help="the firmware shard map (HOST:PORT,... or TEMPLATE@N, as vfio-driver's): a "
+        "device's firmware is its PCI domain's shard (default: $" + SHARDS_ENV + ")",
     )
 
     s = sub.add_parser(
