@@ -39,6 +39,7 @@ import grpc
 from driver.api.v1 import vfio_pb2 as pb
 from driver.api.v1 import vfio_pb2_grpc as pbg
 from driver.events import PAYLOADS, Event, Finding, Payload
+from driver.service.wire import WriteChunk, encode_write_request
 from driver.vfio.uapi import (
     MIG_DATA_SIZE,
     MIG_STATE,
@@ -120,6 +121,12 @@ class VfioClient:
         self._metadata = ((CLIENT_KEY, self.client_id),)
         self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pbg.VfioStub(self.channel)
+        # Write's requests encoded with one copy of the data (driver/service/wire.py).
+        self._write = self.channel.stream_unary(
+            "/vfio.v1.Vfio/Write",
+            request_serializer=encode_write_request,
+            response_deserializer=pb.WriteResponse.FromString,
+        )
         self._session: grpc.aio.UnaryStreamCall[Any, Any] | None = None
 
     @classmethod
@@ -282,17 +289,17 @@ class VfioClient:
     async def write(self, fd: int, chunks: bytes | Iterable[bytes] | AsyncIterable[bytes]) -> int:
         """write(2) each chunk in order; the total taken."""
 
-        async def requests() -> AsyncIterator[pb.WriteRequest]:
+        async def requests() -> AsyncIterator[WriteChunk]:
             if isinstance(chunks, bytes | bytearray | memoryview):
-                yield pb.WriteRequest(fd=fd, data=bytes(chunks))
+                yield WriteChunk(fd, chunks)
             elif isinstance(chunks, AsyncIterable):
                 async for c in chunks:
-                    yield pb.WriteRequest(fd=fd, data=c)
+                    yield WriteChunk(fd, c)
             else:
                 for c in chunks:
-                    yield pb.WriteRequest(fd=fd, data=c)
+                    yield WriteChunk(fd, c)
 
-        m = await self._call(self.stub.Write, requests())
+        m = await self._call(self._write, requests())
         return int(m.written)
 
     async def precopy_info(self, fd: int, *, flags: int = 0, argsz: int = 24) -> PrecopyInfo:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -20,8 +21,38 @@ from ..api.v1 import vfio_pb2_grpc as pbg
 from ..registry import DeviceRegistry
 from .metrics import DriverCollector
 from .servicer import VfioServicer
+from .wire import decode_write_request
 
 VFIO_SERVICE = vfio_pb2.DESCRIPTOR.services_by_name["Vfio"].full_name
+
+
+class _Captured:
+    """Stands in for the server while the generated code registers the Vfio
+    handlers, so that they can be registered with Write's decoder replaced."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass  # the same handlers come again, by name, below
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.handlers.update(handlers)
+
+
+def add_vfio_servicer(servicer: VfioServicer, server: grpc.aio.Server) -> None:
+    """The generated registration, but Write's requests decoded by
+    driver/service/wire.py (the data as a view of the received message)."""
+    captured = _Captured()
+    pbg.add_VfioServicer_to_server(servicer, captured)  # type: ignore[arg-type]  # a stand-in
+    handlers = dict(captured.handlers)
+    handlers["Write"] = handlers["Write"]._replace(  # type: ignore[attr-defined]
+        request_deserializer=decode_write_request
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(VFIO_SERVICE, handlers),))
+    server.add_registered_method_handlers(VFIO_SERVICE, handlers)  # type: ignore[attr-defined]
 
 
 class DriverServer:
@@ -52,7 +83,7 @@ class DriverServer:
             names.append(SCENARIO_SERVICE)
 
         def register(server: grpc.aio.Server) -> None:
-            pbg.add_VfioServicer_to_server(self.servicer, server)
+            add_vfio_servicer(self.servicer, server)
             if scenario is not None:
                 sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(scenario), server)
 

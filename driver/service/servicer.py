@@ -31,6 +31,7 @@ from ..vfio.uapi import (
 from ..vfio.usermem import UserMemory
 from .errnos import abort_errno, errno_name, errno_of
 from .process import DataFd, DeviceFd, Process
+from .wire import WriteChunk
 
 log = logging.getLogger("vfio-driver")
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -265,13 +266,16 @@ class VfioServicer(pbg.VfioServicer):
         except VfioError as e:
             await self._fail(context, e, "read", proc=proc, fd=request.fd)
 
-    async def Write(self, request_iterator: AsyncIterator[pb.WriteRequest], context: Ctx) -> Any:
+    async def Write(self, request_iterator: Any, context: Ctx) -> Any:
+        """`request_iterator` yields WriteChunk (wire.decode_write_request, see
+        add_vfio_servicer), not the generated WriteRequest."""
+        requests: AsyncIterator[WriteChunk] = request_iterator
         proc = self.process(context)
         written = 0
         fd = -1
         file: MigrationFile | None = None
         try:
-            async for req in request_iterator:
+            async for req in requests:
                 if file is None:
                     fd = req.fd
                     file = proc.data(fd)
