@@ -1,0 +1,400 @@
+"""deploy/k8s: every kustomization renders with `kubectl kustomize`, every
+object it renders validates strictly against Kubernetes' own schemas
+(kubernetes-validate; the Prometheus Operator's ServiceMonitor, which has no
+schema there, is checked here), and the invariants the design relies on hold:
+the shard count, probes, resources, the locked-down containers, the network
+policy, the headless Services.
+
+kubectl comes from PATH (.ci/run installs it where it is missing). Locally the
+tests skip without kubectl or kubernetes-validate; under CI they fail instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from driver.cli import _parser as driver_parser
+from driver.shards import SHARDS_ENV, parse_shards
+from fwemu.cli import _parser as fwemu_parser
+from fwemu.scenario import parse_scenario
+
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+# The newest Kubernetes whose schemas kubernetes-validate ships (pyproject pins
+# kubernetes-validate>=1.37).
+KUBERNETES_VERSION = "1.37.0"
+IMAGE = "vfio-mlx5-emu"
+UID = 10001  # the image's user (deploy/Dockerfile)
+
+# kustomization -> (shards, driver replicas, has ServiceMonitors)
+KUSTOMIZATIONS = {
+    "base": (2, 2, False),
+    "overlays/small": (2, 1, False),
+    "overlays/scale": (16, 4, True),
+}
+LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/component", "app.kubernetes.io/part-of")
+FIRMWARE = {"app.kubernetes.io/name": "fwemu", "app.kubernetes.io/component": "firmware"}
+DRIVER = {"app.kubernetes.io/name": "vfio-driver", "app.kubernetes.io/component": "driver"}
+
+Obj = dict[str, Any]
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing, and CI runs these checks (.ci/run installs it)")
+    pytest.skip(f"{what} is missing")
+
+
+@functools.cache
+def _render(kustomization: str) -> tuple[Obj, ...] | str:
+    """The rendered objects, or why rendering failed."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return "kubectl"
+    done = subprocess.run(
+        [kubectl, "kustomize", str(K8S / kustomization)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        return f"error: kubectl kustomize {kustomization} failed: {done.stderr}"
+    return tuple(d for d in yaml.safe_load_all(done.stdout) if d)
+
+
+def rendered(kustomization: str) -> tuple[Obj, ...]:
+    got = _render(kustomization)
+    if got == "kubectl":
+        _missing("kubectl")
+    assert not isinstance(got, str), got
+    return got
+
+
+@pytest.fixture(name="objects", params=list(KUSTOMIZATIONS))
+def objects_fixture(request: pytest.FixtureRequest) -> Iterator[tuple[str, tuple[Obj, ...]]]:
+    yield request.param, rendered(request.param)
+
+
+def kubernetes_validate() -> Any:
+    try:
+        import kubernetes_validate as kv
+    except ImportError:
+        _missing("kubernetes-validate (pip install -e '.[test]')")
+    return kv
+
+
+def one(objects: tuple[Obj, ...], kind: str, name: str) -> Obj:
+    found = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} {kind}/{name}"
+    return found[0]
+
+
+def workloads(objects: tuple[Obj, ...]) -> list[Obj]:
+    return [o for o in objects if o["kind"] in ("StatefulSet", "Deployment")]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and selector.items() <= labels.items()
+
+
+def container_args(obj: Obj, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The container's args through the service's own command-line parser."""
+    (c,) = obj["spec"]["template"]["spec"]["containers"]
+    assert "command" not in c, "args only: the image's ENTRYPOINT (tini) stays PID 1"
+    return parser.parse_args(c["args"][1:])
+
+
+def port_of(listen: str) -> int:
+    return int(listen.rpartition(":")[2])
+
+
+def named_ports(obj: Obj) -> dict[str, int]:
+    (c,) = obj["spec"]["template"]["spec"]["containers"]
+    return {p["name"]: p["containerPort"] for p in c["ports"]}
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion of an env value ($$ is a literal $)."""
+    return re.sub(
+        r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)",
+        lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)),
+        value,
+    )
+
+
+def container_env(obj: Obj, objects: tuple[Obj, ...], namespace: str) -> dict[str, str]:
+    """The container's environment as the kubelet gives it (downward API and
+    ConfigMap references resolved, $(VAR) expanded)."""
+    (c,) = obj["spec"]["template"]["spec"]["containers"]
+    env: dict[str, str] = {}
+    for e in c.get("env", []):
+        source = e.get("valueFrom")
+        if source is None:
+            env[e["name"]] = expand(e["value"], env)
+        elif "fieldRef" in source:
+            assert source["fieldRef"]["fieldPath"] == "metadata.namespace"
+            env[e["name"]] = namespace
+        else:
+            ref = source["configMapKeyRef"]
+            env[e["name"]] = str(one(objects, "ConfigMap", ref["name"])["data"][ref["key"]])
+    return env
+
+
+# --- rendering and schemas --------------------------------------------------------------------
+
+
+def check_servicemonitor(sm: Obj) -> None:
+    """monitoring.coreos.com/v1 ServiceMonitor (no schema in kubernetes-validate):
+    the fields this project uses, with their types."""
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["kind"] == "ServiceMonitor"
+    assert set(sm) == {"apiVersion", "kind", "metadata", "spec"}
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", sm["metadata"]["name"])
+    spec = sm["spec"]
+    assert set(spec) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
+    labels = spec["selector"]["matchLabels"]
+    assert labels and all(isinstance(v, str) for v in labels.values())
+    assert spec["endpoints"]
+    for ep in spec["endpoints"]:
+        assert set(ep) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
+        assert isinstance(ep["port"], str) and ep["path"].startswith("/")
+        for key in ("interval", "scrapeTimeout"):
+            assert re.fullmatch(r"[0-9]+(ms|s|m|h)", ep.get(key, "1s")), ep
+
+
+def validate(obj: Obj) -> None:
+    if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+        check_servicemonitor(obj)
+    else:
+        kubernetes_validate().validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_every_rendered_object_validates_strictly(objects: tuple[str, tuple[Obj, ...]]) -> None:
+    _, objs = objects
+    for obj in objs:
+        validate(obj)
+
+
+def test_strict_validation_catches_a_misspelled_field() -> None:
+    """The check above is not vacuous: strict validation refuses an unknown
+    field, and the ServiceMonitor check a misnamed one."""
+    kv = kubernetes_validate()
+    objs = rendered("overlays/scale")
+    sts = one(objs, "StatefulSet", "fwemu")
+    bad = {**sts, "spec": {**sts["spec"], "replica": 3}}
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, KUBERNETES_VERSION, strict=True)
+    sm = one(objs, "ServiceMonitor", "fwemu")
+    with pytest.raises(AssertionError):
+        check_servicemonitor({**sm, "spec": {**sm["spec"], "endpoint": []}})
+
+
+def test_the_servicemonitor_component_scrapes_both_metrics_ports() -> None:
+    objs = rendered("overlays/scale")
+    for name, labels in (("fwemu", FIRMWARE), ("vfio-driver", DRIVER)):
+        sm = one(objs, "ServiceMonitor", name)
+        svc = one(objs, "Service", name)
+        assert sm["spec"]["selector"]["matchLabels"] == labels
+        assert selects(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"])
+        assert not any(
+            selects(sm["spec"]["selector"]["matchLabels"], s["metadata"]["labels"])
+            for s in objs
+            if s["kind"] == "Service" and s is not svc
+        )
+        assert [ep["port"] for ep in sm["spec"]["endpoints"]] == ["metrics"]
+        assert "metrics" in {p["name"] for p in svc["spec"]["ports"]}
+    for kustomization, (_, _, monitors) in KUSTOMIZATIONS.items():
+        has = any(o["kind"] == "ServiceMonitor" for o in rendered(kustomization))
+        assert has == monitors, kustomization
+
+
+# --- sharding ---------------------------------------------------------------------------------
+
+
+def test_the_shard_map_names_every_statefulset_pod(objects: tuple[str, tuple[Obj, ...]]) -> None:
+    """The drivers' VFIO_FIRMWARE_SHARDS, as the kubelet expands it, parses to
+    exactly the StatefulSet's pods through its headless Service on the gRPC
+    port, as many as the StatefulSet has replicas."""
+    kustomization, objs = objects
+    shards, drivers, _ = KUSTOMIZATIONS[kustomization]
+    sts = one(objs, "StatefulSet", "fwemu")
+    dep = one(objs, "Deployment", "vfio-driver")
+    namespace = dep["metadata"].get("namespace", "default")
+    assert sts["metadata"].get("namespace", "default") == namespace
+    svc = one(objs, "Service", sts["spec"]["serviceName"])
+    assert svc["spec"]["clusterIP"] == "None"
+    grpc_port = {p["name"]: p["port"] for p in svc["spec"]["ports"]}["grpc"]
+
+    env = container_env(dep, objs, namespace)
+    m = parse_shards(env[SHARDS_ENV])
+    assert m.template is not None, "the manifests use the TEMPLATE@N form"
+    assert sts["spec"]["replicas"] == m.count == shards
+    assert dep["spec"]["replicas"] == drivers
+    assert m.addresses == tuple(
+        f"{sts['metadata']['name']}-{k}.{svc['metadata']['name']}.{namespace}"
+        f".svc.cluster.local:{grpc_port}"
+        for k in range(shards)
+    )
+    fw = container_args(sts, fwemu_parser())
+    assert port_of(fw.listen) == grpc_port == named_ports(sts)["grpc"]
+
+
+def test_each_firmware_pod_is_its_own_shard(objects: tuple[str, tuple[Obj, ...]]) -> None:
+    _, objs = objects
+    sts = one(objs, "StatefulSet", "fwemu")
+    args = container_args(sts, fwemu_parser())
+    assert args.command == "serve" and args.shard == "auto"
+    assert args.listen == "0.0.0.0:50051" and args.metrics_listen == "0.0.0.0:9101"
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+
+
+def test_the_scenario_is_mounted_parses_and_leaves_the_seed_to_the_shard(
+    objects: tuple[str, tuple[Obj, ...]],
+) -> None:
+    _, objs = objects
+    sts = one(objs, "StatefulSet", "fwemu")
+    args = container_args(sts, fwemu_parser())
+    pod = sts["spec"]["template"]["spec"]
+    (mount,) = [
+        m for m in pod["containers"][0]["volumeMounts"] if args.scenario.startswith(m["mountPath"])
+    ]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    cm = one(objs, "ConfigMap", volume["configMap"]["name"])
+    key = args.scenario[len(mount["mountPath"]) :].lstrip("/")
+    doc = parse_scenario(cm["data"][key], key)
+    assert doc.seed is None, "a scenario seed would override --seed + K: identical shards"
+    assert sum(g.count for g in doc.vfs) > 0
+
+
+def test_the_driver_serves_every_shard_over_the_network(
+    objects: tuple[str, tuple[Obj, ...]],
+) -> None:
+    _, objs = objects
+    dep = one(objs, "Deployment", "vfio-driver")
+    args = container_args(dep, driver_parser())
+    assert args.command == "serve" and args.memory == "remote"
+    assert args.firmware is None and args.firmware_shards is None, f"from {SHARDS_ENV}"
+    assert args.listen == "0.0.0.0:50052" and args.metrics_listen == "0.0.0.0:9102"
+    startup = dep["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] > args.firmware_wait > 0
+
+
+# --- pods -------------------------------------------------------------------------------------
+
+
+def test_every_container_has_requests_limits_and_grpc_probes(
+    objects: tuple[str, tuple[Obj, ...]],
+) -> None:
+    """Native gRPC probes on the plaintext port the service listens on (where
+    grpc.health.v1 is served)."""
+    _, objs = objects
+    for w in workloads(objs):
+        parser = fwemu_parser() if w["kind"] == "StatefulSet" else driver_parser()
+        listen = port_of(container_args(w, parser).listen)
+        for c in w["spec"]["template"]["spec"]["containers"]:
+            for kind in ("requests", "limits"):
+                assert set(c["resources"][kind]) == {"cpu", "memory"}, (c["name"], kind)
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert set(c[probe]) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}
+                assert c[probe]["grpc"] == {"port": listen}, (c["name"], probe)
+            assert {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"] == listen
+
+
+def test_containers_run_locked_down(objects: tuple[str, tuple[Obj, ...]]) -> None:
+    _, objs = objects
+    for w in workloads(objs):
+        pod = w["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == UID
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["terminationGracePeriodSeconds"] > 5  # the services drain for 5 s
+        assert pod["automountServiceAccountToken"] is False
+        for c in pod["containers"]:
+            assert re.fullmatch(rf"{IMAGE}:[\w.-]+", c["image"]), c["image"]
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_objects_carry_the_recommended_labels(objects: tuple[str, tuple[Obj, ...]]) -> None:
+    _, objs = objects
+    for o in objs:
+        if o["kind"] in ("ConfigMap", "Namespace"):
+            continue
+        labels = o["metadata"]["labels"]
+        assert all(labels.get(k) for k in LABELS), (o["kind"], o["metadata"]["name"])
+        assert labels["app.kubernetes.io/part-of"] == "vfio-mlx5-emu"
+    for w in workloads(objs):
+        template = w["spec"]["template"]["metadata"]["labels"]
+        assert all(template.get(k) for k in LABELS)
+        assert selects(w["spec"]["selector"]["matchLabels"], template)
+
+
+def test_each_workload_has_a_disruption_budget(objects: tuple[str, tuple[Obj, ...]]) -> None:
+    _, objs = objects
+    pdbs = [o for o in objs if o["kind"] == "PodDisruptionBudget"]
+    for w in workloads(objs):
+        template = w["spec"]["template"]["metadata"]["labels"]
+        (pdb,) = [p for p in pdbs if selects(p["spec"]["selector"]["matchLabels"], template)]
+        assert pdb["spec"] == {**pdb["spec"], "maxUnavailable": 1}
+
+
+# --- network ----------------------------------------------------------------------------------
+
+
+def test_services_are_headless_with_named_ports(objects: tuple[str, tuple[Obj, ...]]) -> None:
+    _, objs = objects
+    services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
+    assert set(services) == {"fwemu", "vfio-driver"}
+    for w in workloads(objs):
+        (svc,) = [
+            s
+            for s in services.values()
+            if selects(s["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert svc["spec"]["clusterIP"] == "None"
+        ports = {p["name"]: p for p in svc["spec"]["ports"]}
+        assert set(ports) == {"grpc", "metrics"}
+        container = named_ports(w)
+        for name, p in ports.items():
+            assert p["targetPort"] == name and container[name] == p["port"]
+    # A shard has no stand-in: its name resolves while it is not ready; a
+    # driver that is not ready is not offered to clients.
+    assert services["fwemu"]["spec"]["publishNotReadyAddresses"] is True
+    assert services["vfio-driver"]["spec"]["publishNotReadyAddresses"] is False
+
+
+def test_only_drivers_reach_the_firmwares_grpc_port(objects: tuple[str, tuple[Obj, ...]]) -> None:
+    _, objs = objects
+    sts = one(objs, "StatefulSet", "fwemu")
+    dep = one(objs, "Deployment", "vfio-driver")
+    fw_labels = sts["spec"]["template"]["metadata"]["labels"]
+    driver_labels = dep["spec"]["template"]["metadata"]["labels"]
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    (np,) = [p for p in policies if selects(p["spec"]["podSelector"]["matchLabels"], fw_labels)]
+    assert not selects(np["spec"]["podSelector"]["matchLabels"], driver_labels)
+    assert np["spec"]["policyTypes"] == ["Ingress"]
+    grpc_rules = []
+    for rule in np["spec"]["ingress"]:
+        assert rule.get("ports") and rule.get("from"), "a rule without ports or peers opens all"
+        if any(p["port"] in (50051, "grpc") for p in rule["ports"]):
+            grpc_rules.append(rule)
+        else:
+            assert [p["port"] for p in rule["ports"]] == [named_ports(sts)["metrics"]]
+    (rule,) = grpc_rules
+    assert [p["port"] for p in rule["ports"]] == [50051]
+    for peer in rule["from"]:
+        assert set(peer) == {"podSelector"}, "driver pods of this namespace only"
+        assert selects(peer["podSelector"]["matchLabels"], driver_labels)
+        assert not selects(peer["podSelector"]["matchLabels"], fw_labels)
