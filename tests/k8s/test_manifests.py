@@ -114,6 +114,15 @@ def container_args(obj: Obj, parser: argparse.ArgumentParser) -> argparse.Namesp
     return parser.parse_args(c["args"][1:])
 
 
+def workload(objects: tuple[Obj, ...], name: str) -> tuple[Obj, argparse.Namespace]:
+    """The firmware's StatefulSet or the driver's Deployment, and its args."""
+    if name == "fwemu":
+        obj = one(objects, "StatefulSet", name)
+        return obj, container_args(obj, fwemu_parser())
+    obj = one(objects, "Deployment", name)
+    return obj, container_args(obj, driver_parser())
+
+
 def port_of(listen: str) -> int:
     return int(listen.rpartition(":")[2])
 
@@ -244,14 +253,12 @@ def test_the_shard_map_names_every_statefulset_pod(objects: tuple[str, tuple[Obj
         f".svc.cluster.local:{grpc_port}"
         for k in range(shards)
     )
-    fw = container_args(sts, fwemu_parser())
+    _, fw = workload(objs, "fwemu")
     assert port_of(fw.listen) == grpc_port == named_ports(sts)["grpc"]
 
 
 def test_each_firmware_pod_is_its_own_shard(objects: tuple[str, tuple[Obj, ...]]) -> None:
-    _, objs = objects
-    sts = one(objs, "StatefulSet", "fwemu")
-    args = container_args(sts, fwemu_parser())
+    sts, args = workload(objects[1], "fwemu")
     assert args.command == "serve" and args.shard == "auto"
     assert args.listen == "0.0.0.0:50051" and args.metrics_listen == "0.0.0.0:9101"
     assert sts["spec"]["podManagementPolicy"] == "Parallel"
@@ -261,8 +268,7 @@ def test_the_scenario_is_mounted_parses_and_leaves_the_seed_to_the_shard(
     objects: tuple[str, tuple[Obj, ...]],
 ) -> None:
     _, objs = objects
-    sts = one(objs, "StatefulSet", "fwemu")
-    args = container_args(sts, fwemu_parser())
+    sts, args = workload(objs, "fwemu")
     pod = sts["spec"]["template"]["spec"]
     (mount,) = [
         m for m in pod["containers"][0]["volumeMounts"] if args.scenario.startswith(m["mountPath"])
@@ -278,9 +284,7 @@ def test_the_scenario_is_mounted_parses_and_leaves_the_seed_to_the_shard(
 def test_the_driver_serves_every_shard_over_the_network(
     objects: tuple[str, tuple[Obj, ...]],
 ) -> None:
-    _, objs = objects
-    dep = one(objs, "Deployment", "vfio-driver")
-    args = container_args(dep, driver_parser())
+    dep, args = workload(objects[1], "vfio-driver")
     assert args.command == "serve" and args.memory == "remote"
     assert args.firmware is None and args.firmware_shards is None, f"from {SHARDS_ENV}"
     assert args.listen == "0.0.0.0:50052" and args.metrics_listen == "0.0.0.0:9102"
@@ -297,9 +301,9 @@ def test_every_container_has_requests_limits_and_grpc_probes(
     """Native gRPC probes on the plaintext port the service listens on (where
     grpc.health.v1 is served)."""
     _, objs = objects
-    for w in workloads(objs):
-        parser = fwemu_parser() if w["kind"] == "StatefulSet" else driver_parser()
-        listen = port_of(container_args(w, parser).listen)
+    for name in ("fwemu", "vfio-driver"):
+        w, args = workload(objs, name)
+        listen = port_of(args.listen)
         for c in w["spec"]["template"]["spec"]["containers"]:
             for kind in ("requests", "limits"):
                 assert set(c["resources"][kind]) == {"cpu", "memory"}, (c["name"], kind)
