@@ -15,7 +15,7 @@ import pytest
 def tool(name: str, source: str, *, optional: bool = False) -> str:
     """The tool's path, this venv's first. Without it the test fails; an
     `optional` one (not from PyPI) is skipped instead, except under CI (CI
-    set), which must run every check (tests/metrics/promtool.py's rule)."""
+    set), which must run every check."""
     found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if found is not None:
         return found

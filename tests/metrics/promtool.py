@@ -7,21 +7,16 @@ environment variable CI set), so that CI cannot pass without running it;
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import pytest
 
+from tests.deploy.tools import tool
+
 
 def check_metrics(exposition: str) -> None:
     """Fail the test with promtool's findings on any problem (lint included)."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        why = "promtool is not installed (Debian package prometheus)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{why}, and CI must run this check")
-        pytest.skip(why)
+    promtool = tool("promtool", "Debian package prometheus", optional=True)
     done = subprocess.run(
         [promtool, "check", "metrics"],
         input=exposition,

@@ -476,7 +476,7 @@ def test_promtool_findings_fail_the_test() -> None:
 
 
 def test_without_promtool_ci_fails_and_a_local_run_skips(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name, **kw: None)
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception):
         check_metrics("")
