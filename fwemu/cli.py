@@ -157,17 +157,12 @@ async def _serve(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
     )
     shard: int | None = args.shard
-    seed = args.seed if shard is None else args.seed + shard
-    fw = build_firmware(clock, defaults, seed=seed, scenario=args.scenario, vfs=args.vfs)
-    if shard is not None and fw.seed != seed:
-        log.warning(
-            "fwemu shard %d: the scenario's seed %d overrides --seed, so every shard holds "
-            "the same VFs (drop seed: from the scenario for distinct shards)",
-            shard,
-            fw.seed,
-        )
-    elif shard is not None:
-        log.info("fwemu shard %d: VF seed %d (--seed %d + %d)", shard, seed, args.seed, shard)
+    fw = build_firmware(
+        clock, defaults, seed=args.seed, scenario=args.scenario, vfs=args.vfs,
+        seed_offset=shard or 0,
+    )  # fmt: skip
+    if shard is not None:
+        log.info("fwemu shard %d: VF seed %d (the seed in force + %d)", shard, fw.seed, shard)
     registry = CollectorRegistry() if args.metrics_listen else None
     server = FirmwareServer(
         fw,

@@ -256,16 +256,28 @@ def apply_scenario(fw: Firmware, doc: ScenarioFile) -> list[Vf]:
 
 
 def build_firmware(
-    clock: Clock, defaults: VfConfig, *, seed: int, scenario: str | None, vfs: int | None
+    clock: Clock,
+    defaults: VfConfig,
+    *,
+    seed: int,
+    scenario: str | None,
+    vfs: int | None,
+    seed_offset: int = 0,
 ) -> Firmware:
     """The firmware a service starts with: defaults for its VFs, then the
     scenario file's VFs and events, then `vfs` more VFs (4 without a
-    scenario).  Bad settings or scenario contents are ScenarioErrors."""
+    scenario).  Bad settings or scenario contents are ScenarioErrors.
+    `seed_offset` is added to the seed in force (the scenario's, else `seed`):
+    shards of one scenario hold different VFs."""
     try:
         defaults.validate()
     except ValueError as e:
         raise ScenarioError(str(e)) from None
     doc = load_scenario_file(scenario) if scenario else None
+    if doc is not None and doc.seed is not None:
+        doc = doc.model_copy(update={"seed": (doc.seed + seed_offset) % (1 << 64)})
+    else:
+        seed += seed_offset
     fw = Firmware(clock, seed=doc.seed if doc and doc.seed is not None else seed, defaults=defaults)
     try:
         if doc is not None:

@@ -13,6 +13,7 @@ from fwemu.model.constants import KiB, MiB
 from fwemu.scenario import (
     ScenarioError,
     apply_scenario,
+    build_firmware,
     json_schema,
     load_scenario_file,
     parse_scenario,
@@ -202,3 +203,20 @@ def test_firmware_refuses_bad_scenario_requests():
         fw.configure_vf(1, size=8 * KiB)
     with pytest.raises(FirmwareError):
         fw.vf(2)
+
+
+@pytest.mark.parametrize("scenario_seed", [None, 42])
+def test_a_seed_offset_gives_shards_different_vfs(tmp_path, scenario_seed) -> None:
+    """fwemu serve --shard K: the seed in force (the scenario's, else --seed) + K."""
+    f = tmp_path / "s.yaml"
+    f.write_text(
+        ("" if scenario_seed is None else f"seed: {scenario_seed}\n") + "vfs: [{count: 2}]\n"
+    )
+    built = [
+        build_firmware(VirtualClock(), VfConfig(size=16 << 10), seed=7, scenario=str(f), vfs=0,
+                       seed_offset=k)
+        for k in (0, 1, 1)
+    ]  # fmt: skip
+    digests = [[vf.digest() for vf in fw.vfs.values()] for fw in built]
+    assert digests[0] != digests[1] and digests[1] == digests[2]
+    assert built[1].seed == (scenario_seed if scenario_seed is not None else 7) + 1
