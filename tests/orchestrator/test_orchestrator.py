@@ -11,6 +11,7 @@ workload makes it diverge).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -220,11 +221,14 @@ async def test_verification_records_equal_digests(rig: Rig) -> None:
     pair, s, d = await rig.pair()
 
     async def digests(_: DeviceMigration) -> tuple[str, str]:
+        await asyncio.sleep(0.05)  # verification time: reported, not downtime
         return rig.fw.digest(s), rig.fw.digest(d)
 
     r = await migrate([pair], options(digests=digests))
     check_completed(r)
     assert r.verified
+    assert r.hook_s >= 0.05 and r.downtime_s is not None
+    assert r.downtime_s + r.hook_s <= r.phases["switchover"] + 1e-6
     (dev,) = r.devices
     assert dev.source_digest == dev.destination_digest != ""
     assert r.throughput_Bps > 0 and r.stop_copy_throughput_Bps > 0 and r.stop_copy_s > 0
