@@ -6,8 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import CollectorRegistry
 
 from driver.registry import DeviceRegistry, pci_name
 from driver.service.server import DriverServer
@@ -17,22 +16,10 @@ from fwemu.model.clock import LoopClock
 from fwemu.model.constants import KiB
 from fwemu.model.firmware import Firmware
 from fwemu.model.vf import VfConfig
+from tests.metrics.exposition import get, samples
 from vfioclient import VfioClient, VfioClientError
 
 pytestmark = pytest.mark.grpc
-
-
-def scrape(reg: CollectorRegistry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    text = generate_latest(reg).decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
-
-
-def get(m: dict, name: str, **labels: str) -> float:
-    return m.get((name, frozenset(labels.items())), 0.0)
 
 
 @pytest.fixture(name="served")
@@ -61,7 +48,7 @@ async def test_a_stop_copy_read_and_errors_are_counted(served) -> None:
     await c.set_state(fd, MigState.STOP)
     data_fd = await c.set_state(fd, MigState.STOP_COPY)
     assert data_fd is not None
-    m = scrape(reg)
+    m = samples(reg)
     assert get(m, "vfio_open_devices") == 1 and get(m, "vfio_open_data_streams") == 1
     assert get(m, "vfio_saving_queued_bytes") > 0  # saved, not read yet
     n = 0
@@ -69,7 +56,7 @@ async def test_a_stop_copy_read_and_errors_are_counted(served) -> None:
         n += len(chunk)
     with pytest.raises(VfioClientError):
         await c.precopy_info(data_fd)  # not in PRE_COPY
-    m = scrape(reg)
+    m = samples(reg)
     assert get(m, "vfio_migration_read_bytes_total") == n
     assert get(m, "vfio_saving_queued_bytes") == 0
     assert get(m, "vfio_migration_state_transitions_total", from_state="STOP",
@@ -91,12 +78,12 @@ async def test_counters_stay_when_a_device_goes_away(served) -> None:
     fd = await c.open_device(pci_name(3))
     await c.set_state(fd, MigState.STOP)
     await c.close(fd)
-    before = get(scrape(reg), "vfio_migration_state_transitions_total",
+    before = get(samples(reg), "vfio_migration_state_transitions_total",
                  from_state="RUNNING", to_state="RUNNING_P2P")  # fmt: skip
     assert before == 1
     fw.remove_vf(3)
     await server.registry.refresh()
-    m = scrape(reg)
+    m = samples(reg)
     assert get(m, "vfio_devices") == 2
     assert get(m, "vfio_migration_state_transitions_total", from_state="RUNNING",
                to_state="RUNNING_P2P") == before  # fmt: skip

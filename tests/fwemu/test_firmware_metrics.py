@@ -4,29 +4,20 @@ model did, whichever link drove it."""
 from __future__ import annotations
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import CollectorRegistry
 
 from fwemu.model import CmdStatus
 from fwemu.model.constants import KiB, MiB
 from fwemu.model.faults import Fault, FaultKind
 from fwemu.model.stats import Histogram
 from fwemu.service.metrics import FirmwareCollector
+from tests.metrics.exposition import Samples, get, samples
 
 
-def scrape(h, per_vf_limit: int = 0) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def scrape(h, per_vf_limit: int = 0) -> Samples:
     reg = CollectorRegistry()
     reg.register(FirmwareCollector(h.fw, per_vf_limit=per_vf_limit))
-    text = generate_latest(reg).decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for fam in text_string_to_metric_families(text)
-        for s in fam.samples
-    }
-
-
-def get(m: dict, name: str, **labels: str) -> float:
-    return m.get((name, frozenset(labels.items())), 0.0)
+    return samples(reg)
 
 
 async def test_save_and_load_are_counted_with_their_bytes_and_duration(h):

@@ -9,9 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from obs_harness import Served, exported_names, firmware_and_driver, sample_names, served
+from obs_harness import Served, firmware_and_driver, served
 
 from benchmarks.procs import DRIVER
+from tests.metrics.exposition import exported_names, sample_names
 from tests.metrics.promtool import check_metrics
 from tests.orchestrator.e2e_harness import Topology, rig
 from vfioclient import VfioClient

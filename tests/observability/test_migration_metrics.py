@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from obs_harness import Served, firmware_and_driver, value
+from obs_harness import Served, firmware_and_driver
 
 from driver.mlx5.cmd import MIGRATION_HEADER, MLX5_MIGF_HEADER_TAG_FW_DATA
+from tests.metrics.exposition import value
 from tests.orchestrator.e2e_harness import Topology, rig
 from vfioclient.orchestrator import migrate
 
