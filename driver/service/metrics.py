@@ -78,6 +78,7 @@ class DriverCollector(Collector):
         self._seen: dict[int, tuple[Mlx5VfDevice, DeviceStats]] = {}
 
     def describe(self) -> Iterable[Metric]:
+        # Nothing: the registry then collects only when scraped, not at registration.
         return []
 
     def _totals(self, devices: list[Mlx5VfDevice]) -> _Totals:

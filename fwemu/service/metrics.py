@@ -42,7 +42,8 @@ class FirmwareCollector(Collector):
         self.per_vf_limit = max(0, per_vf_limit)
 
     def describe(self) -> Iterable[Metric]:
-        return []  # collect() is cheap enough for the registry to call at registration
+        # Nothing: the registry then collects only when scraped, not at registration.
+        return []
 
     def collect(self) -> Iterator[Metric]:
         fw, stats = self.fw, self.fw.stats
