@@ -5,14 +5,17 @@ migration moved, over a raw single-hop gRPC stream of the driver's own
 messages (benchmarks/baseline_server.py).
 
 Goals: total time within 2x of the bound for all bytes; downtime within 1.5x
-of the bound for the stop-copy bytes.
+of the bound for the stop-copy bytes.  Also printed: the CPU the driver
+process(es) used.  With --two-drivers the destination VF is on a second
+driver process with its own firmware, as between two hosts.
 
-    .venv/bin/python benchmarks/migration_bench.py [--size 256MiB] [--json]
+    .venv/bin/python benchmarks/migration_bench.py [--size 256MiB] [--two-drivers] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import uvloop
 
 from driver.api.v1 import vfio_pb2 as pb
@@ -47,32 +51,53 @@ async def _raw_stream_seconds(target: str, nbytes: int) -> float:
         return time.perf_counter() - t0
 
 
-def bench(size: int, dirty_rate: int) -> dict[str, Any]:
-    options = MigrationOptions(downtime_limit_s=0.3, bandwidth_estimate=2 * size * 4)
-    with (
-        served(
-            DRIVER, "--vfs", "2", "--size", str(size), "--dirty-rate", str(dirty_rate),
-            "--scenario-service", "--log-level", "warning",
-        ) as (_, drv),
-        served(BASELINE) as (_, base),
-    ):  # fmt: skip
+def _cpu_s(procs: list[psutil.Process]) -> tuple[float, float]:
+    """(user, system) CPU seconds of `procs` so far."""
+    times = [p.cpu_times() for p in procs]
+    return sum(t.user for t in times), sum(t.system for t in times)
 
-        async def both() -> tuple[DemoResult, float]:  # one event loop for the process
-            result = await run_demo(drv, drv, options)
+
+def bench(size: int, dirty_rate: int, two_drivers: bool) -> dict[str, Any]:
+    """`two_drivers`: source and destination on two driver processes, each with
+    its firmware (two hosts); else both VFs on one driver."""
+    options = MigrationOptions(downtime_limit_s=0.3, bandwidth_estimate=2 * size * 4)
+    driver_args = (
+        "--vfs", "1" if two_drivers else "2", "--size", str(size),
+        "--dirty-rate", str(dirty_rate), "--scenario-service", "--log-level", "warning",
+    )  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        drivers = [stack.enter_context(served(DRIVER, *driver_args))]
+        if two_drivers:
+            drivers.append(stack.enter_context(served(DRIVER, *driver_args)))
+        _, base = stack.enter_context(served(BASELINE))
+        procs = [p for p, _ in drivers]
+        src, dst = drivers[0][1], drivers[-1][1]
+
+        async def both() -> tuple[DemoResult, float, float, tuple[float, float]]:
+            # one event loop for the process
+            cpu0, t0 = _cpu_s(procs), time.perf_counter()
+            result = await run_demo(src, src, options, dst_driver=dst if two_drivers else None)
+            wall = time.perf_counter() - t0
+            cpu1 = _cpu_s(procs)
             rep = result.report
             if not result.equal or rep.get("status") != "completed":
                 raise SystemExit(f"the migration did not complete with equal digests: {rep}")
             moved = rep["precopy_bytes"] + rep["stop_copy_bytes"]
-            return result, await _raw_stream_seconds(base, moved)
+            raw = await _raw_stream_seconds(base, moved)
+            return result, raw, wall, (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
 
-        result, raw_s = uvloop.run(both())
+        result, raw_s, wall, (user_s, sys_s) = uvloop.run(both())
     rep = result.report
     moved = rep["precopy_bytes"] + rep["stop_copy_bytes"]
     rate = moved / raw_s
     total_bound = raw_s
     downtime_bound = rep["stop_copy_bytes"] / rate
     return {
+        "topology": "two drivers" if two_drivers else "one driver",
         "vf_bytes": size,
+        # CPU of the driver process(es), in cores, over the migration
+        "driver_cores_user": user_s / wall,
+        "driver_cores_system": sys_s / wall,
         "reinits": len(rep["reinits"]),
         "precopy_bytes": rep["precopy_bytes"],
         "stop_copy_bytes": rep["stop_copy_bytes"],
@@ -93,14 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", type=byte_size, default=256 * MiB)
     p.add_argument("--dirty-rate", type=byte_size, default=8 * MiB, metavar="BYTES_PER_S")
+    p.add_argument(
+        "--two-drivers",
+        action="store_true",
+        help="source and destination on two driver processes (two hosts)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    r = bench(args.size, args.dirty_rate)
+    r = bench(args.size, args.dirty_rate, args.two_drivers)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
     print(
-        f"migration of a {r['vf_bytes'] / MiB:.0f} MiB VF with {r['reinits']} REINIT: "
+        f"migration of a {r['vf_bytes'] / MiB:.0f} MiB VF with {r['reinits']} REINIT "
+        f"({r['topology']}): "
         f"{(r['precopy_bytes'] + r['stop_copy_bytes']) / MiB:.0f} MiB moved "
         f"(raw stream {r['raw_stream_GBps']:.2f} GB/s)"
     )
@@ -115,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  of which stop-copy data {r['stop_copy_s']:.2f} s; phases "
         + ", ".join(f"{k} {v:.2f} s" for k, v in r["phases"].items())
+    )
+    print(
+        f"  driver CPU {r['driver_cores_user'] + r['driver_cores_system']:.2f} cores "
+        f"({r['driver_cores_system']:.2f} system)"
     )
     return 0
 

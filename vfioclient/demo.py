@@ -80,17 +80,30 @@ async def embedded_services(
         await server.stop(0.5)
 
 
-async def run_demo(driver: str, scenario: str, options: MigrationOptions) -> DemoResult:
-    """Migrate the first migratable VF to the second one on `driver`; the
-    firmware behind `scenario` reconfigures the source at its first
-    switchover-ack and gives the digests."""
+async def run_demo(
+    driver: str,
+    scenario: str,
+    options: MigrationOptions,
+    *,
+    dst_driver: str | None = None,
+    dst_scenario: str | None = None,
+) -> DemoResult:
+    """Migrate the first migratable VF to the second one on `driver` (or to
+    the first one on `dst_driver`: two hosts); the firmware behind `scenario`
+    reconfigures the source at its first switchover-ack; each side's
+    firmware (`dst_scenario`, default the `dst_driver` address) gives its
+    digest."""
     fw = GrpcLink(scenario)  # its Scenario service only: no completion stream
+    dst_fw = fw if dst_driver is None else GrpcLink(dst_scenario or dst_driver)
     src_c = await VfioClient.connect(driver)
-    dst_c = await VfioClient.connect(driver)
+    dst_c = await VfioClient.connect(dst_driver or driver)
     try:
         devices = [d for d in await src_c.list_devices() if d.migratable]
+        if dst_driver is not None:
+            devices[1:] = [d for d in await dst_c.list_devices() if d.migratable][:1]
         if len(devices) < 2:
-            raise MigrationError(f"the demo needs two migratable devices on {driver}")
+            where = driver if dst_driver is None else f"{driver} and {dst_driver}"
+            raise MigrationError(f"the demo needs two migratable devices on {where}")
         src, dst = devices[:2]
         result = DemoResult({}, src.name, dst.name)
         sfd = await src_c.open_device(src.name)
@@ -105,7 +118,7 @@ async def run_demo(driver: str, scenario: str, options: MigrationOptions) -> Dem
         async def digests(_: DeviceMigration) -> tuple[str, str]:
             # Both VFs are suspended here: their states cannot move.
             result.source_digest = await fw.digest(src.vhca_id)
-            result.destination_digest = await fw.digest(dst.vhca_id)
+            result.destination_digest = await dst_fw.digest(dst.vhca_id)
             return result.source_digest, result.destination_digest
 
         options.on_switchover_ack = on_ack
@@ -122,6 +135,8 @@ async def run_demo(driver: str, scenario: str, options: MigrationOptions) -> Dem
         await src_c.aclose()
         await dst_c.aclose()
         await fw.close()
+        if dst_fw is not fw:
+            await dst_fw.close()
 
 
 def format_report(r: DemoResult) -> str:
@@ -146,7 +161,13 @@ async def _main(args: argparse.Namespace) -> int:
         )
         return 2
     if args.driver:
-        result = await run_demo(args.driver, args.scenario or args.driver, options)
+        result = await run_demo(
+            args.driver,
+            args.scenario or args.driver,
+            options,
+            dst_driver=args.dst_driver,
+            dst_scenario=args.dst_scenario,
+        )
     else:
         async with embedded_services(args.size, args.dirty_rate, args.seed) as (drv, scn):
             result = await run_demo(drv, scn, options)
@@ -170,6 +191,16 @@ def parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="its firmware's Scenario service (default: the --driver address)",
     )
+    p.add_argument(
+        "--dst-driver",
+        metavar="HOST:PORT",
+        help="migrate to the first device of this vfio-driver service (another host)",
+    )
+    p.add_argument(
+        "--dst-scenario",
+        metavar="HOST:PORT",
+        help="the destination firmware's Scenario service (default: the --dst-driver address)",
+    )
     p.add_argument("--size", type=byte_size, default=64 << 20, help="VF state (embedded)")
     p.add_argument(
         "--dirty-rate",
@@ -192,7 +223,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if (args.dst_driver or args.dst_scenario) and not args.driver:
+        p.error("--dst-driver and --dst-scenario need --driver (running services)")
+    if args.dst_scenario and not args.dst_driver:
+        p.error("--dst-scenario needs --dst-driver")
     try:
         return run(_main(args))
     except (VfioClientError, LinkError, MigrationError) as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from harness import Driver
 
 from vfioclient.demo import main
 
@@ -25,3 +26,30 @@ def test_demo_refuses_a_vf_that_can_never_switch_over(capsys: pytest.CaptureFixt
     QEMU-like switchover never comes, so the demo says so instead of hanging."""
     assert main(["--size", "64MiB", "--bandwidth", "1MiB"]) == 2
     assert "never fits the downtime limit" in capsys.readouterr().err
+
+
+def test_demo_between_two_driver_services(capsys: pytest.CaptureFixture[str]) -> None:
+    """--dst-driver: source and destination on two hosts, each with its own
+    firmware; each side's firmware gives its digest."""
+    a, b = Driver.start(vfs=1, dirty_rate="1MiB"), Driver.start(vfs=1)
+    try:
+        before = b.digests(1)
+        assert main(["--driver", a.target, "--dst-driver", b.target, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["equal"] and out["reconfigured"]
+        assert out["report"]["verified"] and len(out["report"]["reinits"]) == 1
+        assert b.digests(1) == [out["destination_digest"]] != before
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.parametrize(
+    "argv", [["--dst-driver", "127.0.0.1:1"], ["--driver", "x:1", "--dst-scenario", "y:1"]]
+)
+def test_demo_destination_flags_need_running_services(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "need" in capsys.readouterr().err
