@@ -54,3 +54,31 @@ def test_payload_is_a_view_of_the_received_buffer() -> None:
 def test_malformed_messages_fail_as_protobuf_fails(raw: bytes) -> None:
     with pytest.raises(DecodeError):
         decode_write_request(raw)
+
+
+def test_the_server_decodes_write_with_it_and_registers_every_other_rpc_as_generated() -> None:
+    from driver.api.v1 import vfio_pb2_grpc as pbg
+    from driver.service.server import VFIO_SERVICE, _Captured, add_vfio_servicer
+
+    class Server:
+        def __init__(self) -> None:
+            self.generic: list[object] = []
+            self.registered: dict[str, dict] = {}
+
+        def add_generic_rpc_handlers(self, handlers: object) -> None:
+            self.generic.append(handlers)
+
+        def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+            self.registered[service] = handlers
+
+    servicer = pbg.VfioServicer()  # the generated base: every method there
+    generated = _Captured()
+    pbg.add_VfioServicer_to_server(servicer, generated)  # type: ignore[arg-type]
+    server = Server()
+    add_vfio_servicer(servicer, server)  # type: ignore[arg-type]
+    handlers = server.registered[VFIO_SERVICE]
+    assert handlers.keys() == generated.handlers.keys() and server.generic
+    assert handlers["Write"].request_deserializer is decode_write_request
+    for name, h in handlers.items():
+        if name != "Write":
+            assert h.request_deserializer == generated.handlers[name].request_deserializer
