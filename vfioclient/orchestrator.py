@@ -669,7 +669,10 @@ class DeviceMigration:
     async def _send(self, item: _StreamItem) -> None:
         """Onto the migration stream (bounded: waits while the destination is behind)."""
         assert self._loader is not None
-        await _put(self._stream, item, self._loader)
+        try:
+            await _put(self._stream, item, self._loader)
+        except VfioClientError as e:  # what the loader failed with
+            raise MigrationError(f"{self.name} destination: load failed: {e}") from e
 
     async def iterate(self) -> int:
         """save_live_iterate: one read of up to the buffer size; the bytes read."""

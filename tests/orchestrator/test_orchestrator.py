@@ -22,6 +22,8 @@ from driver.service.server import DriverServer
 from driver.vfio.uapi import MigState
 from fwemu.link.inproc import InProcessLink
 from fwemu.model.clock import LoopClock
+from fwemu.model.constants import Opcode
+from fwemu.model.faults import Fault, FaultKind
 from fwemu.model.firmware import Firmware
 from fwemu.model.vf import Caps, VfConfig
 from vfioclient import VfioClient
@@ -251,3 +253,22 @@ async def test_verification_mismatch_fails_loudly_and_restores_the_source(
     assert e.value.report.status == "failed" and not e.value.report.verified
     assert await rig.src.get_state(pair.source_fd) == MigState.RUNNING
     assert await rig.dst.get_state(pair.destination_fd) == MigState.RUNNING
+
+
+@pytest.mark.parametrize("stream_depth", [1, 16])
+async def test_a_destination_that_fails_to_load_fails_the_migration_without_hanging(
+    rig: Rig, stream_depth: int
+) -> None:
+    """The destination's write fails (LOAD_VHCA_STATE refused): the source
+    must not wait forever on a full migration stream; it runs again and the
+    destination is reset, and the pair migrates once the fault is gone."""
+    pair, _, d = await rig.pair()
+    rig.fw.inject_fault(d, Fault(FaultKind.FAIL, opcode=Opcode.LOAD_VHCA_STATE, count=1000))
+    o = options(stream_depth=stream_depth)
+    with pytest.raises(MigrationError, match=r"load failed|destination") as e:
+        await asyncio.wait_for(migrate([pair], o), 30)
+    assert e.value.report is not None and e.value.report.status == "failed"
+    assert await rig.src.get_state(pair.source_fd) == MigState.RUNNING
+    assert await rig.dst.get_state(pair.destination_fd) == MigState.RUNNING
+    rig.fw.clear_faults(d)
+    check_completed(await migrate([pair], options()))
