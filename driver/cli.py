@@ -95,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
         help="how image bytes reach the firmware (auto: shared memory if it can)",
     )
     s.add_argument(
+        "--shm-dir",
+        metavar="DIR",
+        help="where clients' user memory segments are (MapUserMemory, the local "
+        "data path; default /dev/shm); a client whose segments are elsewhere uses gRPC",
+    )
+    s.add_argument(
         "--cmd-timeout",
         type=_seconds,
         default=60.0,
@@ -145,6 +151,7 @@ async def _serve(args: argparse.Namespace) -> int:
             metrics=metrics,
             per_device_limit=args.metrics_per_device,
             firmware=fw,
+            shm_dir=args.shm_dir,
         )
         stop = stop_on_signals()
         with serve_metrics(args.metrics_listen, metrics, "vfio-driver") as metrics_port:

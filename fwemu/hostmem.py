@@ -48,7 +48,12 @@ class Segment:
             self._mm.close()
 
 
-def create_segment(length: int, shm_dir: str | None = None, prefix: str = "fwemu") -> Segment:
+def create_segment(
+    length: int, shm_dir: str | None = None, prefix: str = "fwemu", *, reserve: bool = False
+) -> Segment:
+    """A new segment of `length` zero bytes.  `reserve`: allocate its pages
+    now, so a full tmpfs fails here (ENOSPC) rather than with SIGBUS on the
+    first touch of a page it cannot back."""
     if length <= 0:
         raise HostMemoryError("a segment needs a positive length")
     shm_dir = shm_dir or default_shm_dir()
@@ -60,6 +65,8 @@ def create_segment(length: int, shm_dir: str | None = None, prefix: str = "fwemu
         raise HostMemoryError(e.errno, f"cannot create {path}: {e.strerror}") from None
     try:
         os.ftruncate(fd, length)
+        if reserve:
+            os.posix_fallocate(fd, 0, length)
         mm = mmap.mmap(fd, length)
     except OSError as e:
         os.close(fd)

@@ -302,6 +302,34 @@ class VfioClient:
         m = await self._call(self._write, requests())
         return int(m.written)
 
+    # --- user memory: the local data path ---------------------------------------------
+
+    async def map_user_memory(self, shm_name: str, length: int) -> int:
+        """MapUserMemory: the driver maps our segment (same host); its address.
+        ENOENT when the driver cannot see it (another host)."""
+        m = await self._call(
+            self.stub.MapUserMemory, pb.MapUserMemoryRequest(shm_name=shm_name, length=length)
+        )
+        return int(m.addr)
+
+    async def unmap_user_memory(self, addr: int) -> None:
+        await self._call(self.stub.UnmapUserMemory, pb.UnmapUserMemoryRequest(addr=addr))
+
+    async def read_into(self, fd: int, addr: int, count: int, *, nonblock: bool = False) -> int:
+        """read(fd, addr, count) into mapped user memory: the bytes read (0: end of stream)."""
+        m = await self._call(
+            self.stub.ReadInto,
+            pb.ReadIntoRequest(fd=fd, addr=addr, count=count, nonblock=nonblock),
+        )
+        return int(m.count)
+
+    async def write_from(self, fd: int, addr: int, count: int) -> int:
+        """write(fd, addr, count) from mapped user memory: the bytes taken."""
+        m = await self._call(
+            self.stub.WriteFrom, pb.WriteFromRequest(fd=fd, addr=addr, count=count)
+        )
+        return int(m.count)
+
     async def precopy_info(self, fd: int, *, flags: int = 0, argsz: int = 24) -> PrecopyInfo:
         m = await self._call(
             self.stub.PrecopyInfo, pb.PrecopyInfoRequest(fd=fd, argsz=argsz, flags=flags)

@@ -68,6 +68,7 @@ from driver.vfio.uapi import (
 )
 
 from .client import PrecopyInfo, VfioClient, VfioClientError
+from .usermem import Slot, Slots, UserMemory
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,10 @@ class MigrationOptions:
     multifd_max_queued_bytes: int = 32 << 20  # sent, not yet written (>= one packet)
     multifd_jitter_s: float = 0.002  # each channel delays each packet by up to this
     progress: Progress | None = None  # None: no progress
+    # How the data moves between the drivers and us: "auto" (user memory when
+    # the driver is on this host, else gRPC), "shm" (user memory or fail),
+    # "grpc" (Read/ReadStream/Write messages).  See vfioclient/usermem.py.
+    data_path: str = "auto"
 
     @property
     def threshold(self) -> float:
@@ -151,6 +156,9 @@ class DeviceReport:
     precopy_info_v2: bool = False
     dma_logging: bool = False
     buffer_size: int = 0
+    # "shm" (user memory on both sides), "shm (source), grpc (destination)",
+    # or "grpc"
+    data_path: str = ""
     precopy_bytes: int = 0
     stop_copy_bytes: int = 0
     reads: int = 0
@@ -245,7 +253,8 @@ class _InitDataSent:
     generation: int
 
 
-_StreamItem = bytes | _InitDataSent | _Marker
+Chunk = bytes | Slot  # migration data: bytes, or a slot of user memory holding it
+_StreamItem = Chunk | _InitDataSent | _Marker
 
 
 # --- progress ---------------------------------------------------------------------------
@@ -372,7 +381,7 @@ def _notify(progress: Progress | None, method: str, *args: Any) -> None:
 @dataclass(frozen=True)
 class _Packet:
     idx: int
-    data: bytes
+    data: Chunk
     last: bool = False  # the end of the device's stop-copy data (empty)
 
 
@@ -408,7 +417,7 @@ class _Multifd:
                 asyncio.create_task(self._channel(q, rng), name=f"multifd-{self.name}-{i}")
             )
 
-    async def send(self, data: bytes, *, last: bool = False) -> None:
+    async def send(self, data: Chunk, *, last: bool = False) -> None:
         """Queue a packet on the next channel (round robin); waits while the
         queued bytes would go over the bound (one packet always fits)."""
         n = len(data)
@@ -461,7 +470,7 @@ class _Multifd:
 
     # destination side
 
-    async def write_in_order(self, write: Callable[[bytes], Awaitable[int]]) -> None:
+    async def write_in_order(self, write: Callable[[Chunk], Awaitable[int]]) -> None:
         """Write the packets strictly by index until the last one."""
         while True:
             async with self.cond:
@@ -511,7 +520,21 @@ class _DataWriter:
         self._q: asyncio.Queue[bytes | None] = asyncio.Queue(self.depth)
         self._call: asyncio.Task[int] | None = None
 
-    async def write(self, data: bytes) -> int:
+    async def write(self, data: Chunk) -> int:
+        """A chunk in a user memory slot is written from it when the driver
+        maps that memory (one WriteFrom), else copied onto the Write call;
+        either way the slot is given back."""
+        if isinstance(data, Slot):
+            addr = data.addr(self.client)
+            if addr is None:
+                buf = bytes(data.view)
+                data.release()
+                return await self.write(buf)
+            try:
+                await self.flush()  # what is queued on a Write call goes first
+                return await self.client.write_from(self.fd, addr, len(data))
+            finally:
+                data.release()
         if self._call is None:
             q = self._q = asyncio.Queue(self.depth)
 
@@ -570,6 +593,7 @@ class DeviceMigration:
         self._stream: asyncio.Queue[_StreamItem] = asyncio.Queue(max(1, options.stream_depth))
         self._writer: _DataWriter | None = None
         self._loader: asyncio.Task[None] | None = None
+        self._slots: Slots | None = None  # the local data path (user memory)
         self._multifd: _Multifd | None = None
         if options.multifd_channels > 0:
             self._multifd = _Multifd(self.name, options, self.report)
@@ -647,6 +671,7 @@ class DeviceMigration:
 
     async def setup(self) -> None:
         """Destination to RESUMING (load_setup); source to PRE_COPY (save_setup)."""
+        await self._setup_user_memory()
         self.dst_data_fd = await self.set_destination(S.RESUMING, None)
         if self.dst_data_fd is None:
             raise MigrationError(f"{self.name}: RESUMING gave no data fd")
@@ -660,6 +685,79 @@ class DeviceMigration:
             self.initial_bytes, self.dirty_bytes = info.initial_bytes, info.dirty_bytes
             self.ack.request(self.name)
             self._pending_progress()
+
+    async def _setup_user_memory(self) -> None:
+        """The local data path: one segment of stream_depth buffers, mapped
+        by the source's driver (else no use: gRPC) and, if it can, the
+        destination's (else writes copy out of it onto a Write call)."""
+        mode = self.options.data_path
+        if mode not in ("auto", "shm", "grpc"):
+            raise MigrationError(f"unknown data path {mode!r} (auto, shm or grpc)")
+        self.report.data_path = "grpc"
+        if mode == "grpc":
+            return
+        count = max(2, self.options.stream_depth)
+        try:
+            mem = UserMemory.create(self.buffer_size * count)
+        except OSError as e:
+            if mode == "shm":
+                raise MigrationError(f"{self.name}: no user memory: {e}") from e
+            log.info("%s: no user memory (%s): the data goes over gRPC", self.name, e)
+            return
+        try:
+            src, dst = await mem.attach(self.src), await mem.attach(self.dst)
+            mem.seal()
+        except BaseException:
+            await mem.close()
+            raise
+        if src is None or (mode == "shm" and dst is None):
+            await mem.close()
+            if mode == "shm":
+                raise MigrationError(f"{self.name}: a driver cannot map our user memory")
+            return
+        self._slots = Slots(mem, self.buffer_size, count)
+        self.report.data_path = "shm" if dst is not None else "shm (source), grpc (destination)"
+
+    async def close_user_memory(self) -> None:
+        if self._slots is not None:
+            slots, self._slots = self._slots, None
+            await slots.memory.close()
+
+    async def _read_slot(self, *, nonblock: bool = False) -> Slot | None:
+        """read(2) of up to a buffer into a free slot (waits for one, or for
+        the destination to fail): the slot, None at end of stream."""
+        assert self._slots is not None and self.src_data_fd is not None and self._loader
+        get = asyncio.ensure_future(self._slots.acquire())
+        await asyncio.wait({get, self._loader}, return_when=asyncio.FIRST_COMPLETED)
+        if not get.done():
+            get.cancel()
+            self.check_loader()
+            raise MigrationError(f"{self.name}: the destination stopped taking data")
+        slot = get.result()
+        addr = slot.addr(self.src)
+        assert addr is not None
+        try:
+            slot.length = await self.src.read_into(
+                self.src_data_fd, addr, self.buffer_size, nonblock=nonblock
+            )
+        except BaseException:
+            slot.release()
+            raise
+        if slot.length == 0:
+            slot.release()
+            return None
+        return slot
+
+    async def _read_chunks(self) -> AsyncIterator[Chunk]:
+        """The stop-copy data to the end of the stream, in order."""
+        assert self.src_data_fd is not None
+        if self._slots is None:
+            async for chunk in self.src.read_stream(self.src_data_fd, chunk_size=self.buffer_size):
+                if chunk:
+                    yield chunk
+            return
+        while (slot := await self._read_slot()) is not None:
+            yield slot
 
     def _pending_progress(self) -> None:
         _notify(self.options.progress, "pending", self.name, self.initial_bytes, self.dirty_bytes)
@@ -679,12 +777,16 @@ class DeviceMigration:
         if not self.in_precopy or self.src_data_fd is None:
             return 0
         self.report.reads += 1
+        data: Chunk | None
         try:
-            data = await self.src.read(self.src_data_fd, self.buffer_size)
+            if self._slots is not None:
+                data = await self._read_slot()
+            else:
+                data = await self.src.read(self.src_data_fd, self.buffer_size)
         except VfioClientError as e:
             if e.errno != errno.ENOMSG:
                 raise
-            data = b""
+            data = None
         if not data:  # empty for now
             self.report.empty_reads += 1
             self.initial_bytes = self.dirty_bytes = 0
@@ -700,7 +802,7 @@ class DeviceMigration:
             await self._send(_InitDataSent(self.ack.generation(self.name)))
             self.initial_data_sent = True
             self.report.init_data_sent += 1
-        return len(data)
+        return len(data) if data else 0
 
     async def query_precopy_info(self) -> PrecopyInfo | None:
         """PRECOPY_INFO: refresh the cached counters; the answer if it is a
@@ -753,10 +855,9 @@ class DeviceMigration:
         if self._multifd is not None:
             await self._drain_multifd(self._multifd)
             return
-        async for chunk in self.src.read_stream(self.src_data_fd, chunk_size=self.buffer_size):
-            if chunk:
-                await self._send(chunk)
-                self._stop_copy_read(len(chunk))
+        async for chunk in self._read_chunks():
+            await self._send(chunk)
+            self._stop_copy_read(len(chunk))
         await self._send(_Marker.END)
         await self.loaded()
 
@@ -771,10 +872,9 @@ class DeviceMigration:
         await self._send(_Marker.END)
         mf.start()
         try:
-            async for chunk in self.src.read_stream(self.src_data_fd, chunk_size=self.buffer_size):
-                if chunk:
-                    await mf.send(chunk)
-                    self._stop_copy_read(len(chunk))
+            async for chunk in self._read_chunks():
+                await mf.send(chunk)
+                self._stop_copy_read(len(chunk))
                 self.check_loader()
             await mf.send(b"", last=True)
             await mf.finish()
@@ -818,7 +918,7 @@ class DeviceMigration:
                 if self.ack.approve(self.name, item.generation):
                     self.report.acks += 1
                 continue
-            assert isinstance(item, bytes)
+            assert isinstance(item, bytes | Slot)
             await writer.write(item)
 
     def check_loader(self) -> None:
@@ -916,6 +1016,7 @@ class _Migration:
             self.report.error = str(e) or type(e).__name__
             for d in self.devices:
                 await d.abort()
+                await d.close_user_memory()
             self._finish("failed")
             if isinstance(e, MigrationError):
                 e.report = self.report
@@ -1057,6 +1158,7 @@ class _Migration:
         for d in devs:  # save_cleanup, outside the downtime
             await d.set_source(S.STOP, None)
             await d.close_data_fds()
+            await d.close_user_memory()
 
 
 async def migrate(pairs: Sequence[DevicePair], options: MigrationOptions) -> MigrationReport:

@@ -10,6 +10,7 @@ from ..audit import AuditLog
 from ..vfio.device import VfioDevice
 from ..vfio.errors import VfioError
 from ..vfio.ops import MigrationFile
+from .usermap import UserMappings
 
 log = logging.getLogger("vfio-driver")
 
@@ -34,9 +35,12 @@ class Process:
     """One client's fds.  close() mirrors close(2): the object behind the fd
     is released when its last user goes."""
 
-    def __init__(self, client: str, audit: AuditLog | None = None) -> None:
+    def __init__(
+        self, client: str, audit: AuditLog | None = None, shm_dir: str | None = None
+    ) -> None:
         self.client = client
         self.audit = audit  # told of data fds opened and closed
+        self.memory = UserMappings(shm_dir)  # MapUserMemory's segments
         self.fds: dict[int, DeviceFd | DataFd] = {}
         self.sessions = 0
         self.exited = False
@@ -105,3 +109,4 @@ class Process:
         self.exited = True
         while self.fds:
             await self.close(min(self.fds, key=lambda f: (isinstance(self.fds[f], DeviceFd), f)))
+        self.memory.close()

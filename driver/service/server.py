@@ -72,12 +72,14 @@ class DriverServer:
         metrics: CollectorRegistry | None = None,
         per_device_limit: int = 0,
         firmware: Firmware | None = None,
+        shm_dir: str | None = None,
     ) -> None:
         """`metrics`: a registry to fill with the gRPC server metrics and the
         driver's own, and an embedded `firmware`'s (served at /metrics by
-        whoever owns the registry)."""
+        whoever owns the registry).  `shm_dir`: where clients' user memory
+        segments are (MapUserMemory; default /dev/shm)."""
         self.registry = registry
-        self.servicer = VfioServicer(registry)
+        self.servicer = VfioServicer(registry, shm_dir=shm_dir)
         names = [VFIO_SERVICE]
         if scenario is not None:
             names.append(SCENARIO_SERVICE)

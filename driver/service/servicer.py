@@ -54,8 +54,10 @@ _PAYLOAD_PB: dict[str, type[Message]] = {
 
 
 class VfioServicer(pbg.VfioServicer):
-    def __init__(self, registry: DeviceRegistry) -> None:
+    def __init__(self, registry: DeviceRegistry, *, shm_dir: str | None = None) -> None:
+        """`shm_dir`: where MapUserMemory finds clients' segments (/dev/shm)."""
         self.registry = registry
+        self.shm_dir = shm_dir
         self.events = registry.events
         self.audit = registry.audit
         self.processes: dict[str, Process] = {}
@@ -79,7 +81,7 @@ class VfioServicer(pbg.VfioServicer):
         CALLER.set(client)
         proc = self.processes.get(client)
         if proc is None:
-            proc = self.processes[client] = Process(client, self.audit)
+            proc = self.processes[client] = Process(client, self.audit, self.shm_dir)
         return proc
 
     async def _fail(
@@ -284,6 +286,45 @@ class VfioServicer(pbg.VfioServicer):
             await self._fail(context, e, "write", proc=proc, fd=fd, extra={"written": str(written)})
         return pb.WriteResponse(written=written)
 
+    # --- user memory: read(2)/write(2) through the client's shared memory ---------------
+
+    async def MapUserMemory(self, request: pb.MapUserMemoryRequest, context: Ctx) -> Any:
+        proc = self.process(context)
+        try:
+            if proc.exited:
+                raise VfioError(errno.EBADF, f"client {proc.client} has gone away")
+            addr = proc.memory.map(request.shm_name, request.length)
+        except VfioError as e:
+            await self._fail(context, e, "map_user_memory", proc=proc)
+        return pb.MapUserMemoryResponse(addr=addr)
+
+    async def UnmapUserMemory(self, request: pb.UnmapUserMemoryRequest, context: Ctx) -> Any:
+        proc = self.process(context)
+        try:
+            proc.memory.unmap(request.addr)
+        except VfioError as e:
+            await self._fail(context, e, "unmap_user_memory", proc=proc)
+        return pb.UnmapUserMemoryResponse()
+
+    async def ReadInto(self, request: pb.ReadIntoRequest, context: Ctx) -> Any:
+        proc = self.process(context)
+        try:
+            file = _data_fd(proc, request.fd, saving=True)
+            dest = proc.memory.range(request.addr, min(request.count, MAX_READ))
+            n = await file.readinto(dest, nonblock=request.nonblock)
+        except VfioError as e:
+            await self._fail(context, e, "read", proc=proc, fd=request.fd)
+        return pb.ReadIntoResponse(count=n)
+
+    async def WriteFrom(self, request: pb.WriteFromRequest, context: Ctx) -> Any:
+        proc = self.process(context)
+        try:
+            file = _data_fd(proc, request.fd, saving=False)
+            n = await file.write(proc.memory.range(request.addr, request.count))
+        except VfioError as e:
+            await self._fail(context, e, "write", proc=proc, fd=request.fd)
+        return pb.WriteFromResponse(count=n)
+
     async def PrecopyInfo(self, request: pb.PrecopyInfoRequest, context: Ctx) -> Any:
         proc = self.process(context)
         try:
@@ -335,6 +376,17 @@ class VfioServicer(pbg.VfioServicer):
             findings=[_payload_pb(f) for f in self.audit.findings(device)],
             counts=dict(self.audit.device_counts(device)),
         )
+
+
+def _data_fd(proc: Process, fd: int, *, saving: bool) -> MigrationFile:
+    """The data fd's file for read(2) (`saving`) or write(2): vfs_read/vfs_write
+    refuse the wrong direction (EBADF) before the user range is looked at."""
+    file = proc.data(fd)
+    entry = proc.get(fd)
+    if isinstance(entry, DataFd) and entry.saving != saving:
+        which = "write-only (resuming)" if saving else "read-only (saving)"
+        raise VfioError(errno.EBADF, f"fd {fd} is {which}")
+    return file
 
 
 def _stream_of(file: MigrationFile) -> tuple[int, bool]:

@@ -34,6 +34,11 @@ class MigrationFile(Protocol):
         """read(2) on the fd: b"" at end of stream; VfioError otherwise."""
         ...
 
+    async def readinto(self, dest: memoryview, *, nonblock: bool = False) -> int:
+        """read(2) on the fd into the caller's memory: the bytes read, 0 at
+        end of stream; the errors of read()."""
+        ...
+
     async def write(self, data: bytes | memoryview) -> int:
         """write(2) on the fd: the number of bytes taken."""
         ...

@@ -79,6 +79,9 @@ class FakeFile:
     async def read(self, count: int, *, nonblock: bool = False) -> bytes:
         return b""
 
+    async def readinto(self, dest: memoryview, *, nonblock: bool = False) -> int:
+        return 0
+
     async def write(self, data: bytes | memoryview) -> int:
         return len(data)
 

@@ -14,6 +14,7 @@ from obs_harness import Served, firmware_and_driver
 from driver.mlx5.cmd import MIGRATION_HEADER, MLX5_MIGF_HEADER_TAG_FW_DATA
 from tests.metrics.exposition import value
 from tests.orchestrator.e2e_harness import Topology, rig
+from tests.orchestrator.usermem_recorder import record_user_memory
 from vfioclient.orchestrator import migrate
 
 pytestmark = pytest.mark.grpc
@@ -37,9 +38,12 @@ def records(stream: bytes) -> list[tuple[int, int]]:
     return out
 
 
+@pytest.mark.parametrize("data_path", ["shm", "grpc"])
 async def test_counters_agree_with_each_other_and_with_the_client(
-    services: tuple[Served, Served],
+    services: tuple[Served, Served], data_path: str
 ) -> None:
+    """On either data path the bytes counted agree; the gRPC counts are the
+    client's calls (ReadInto/WriteFrom on one path, Read/Write on the other)."""
     fw, drv = services
     async with rig(Topology(fw.target, drv.target, drv.target)) as r:
         (p,) = await r.pairs(1)
@@ -62,9 +66,18 @@ async def test_counters_agree_with_each_other_and_with_the_client(
             calls["PrecopyInfo"] += 1
             return await src_info(fd, **kw)
 
+        def counted_into(fd: int, data: bytes) -> None:
+            calls["ReadInto"] += 1
+            read[fd] += data
+
+        def counted_from(fd: int, data: bytes) -> None:
+            calls["WriteFrom"] += 1
+
         r.src.read, r.src.read_stream = counted_read, counted_stream  # type: ignore[method-assign]
         r.src.precopy_info = counted_info  # type: ignore[method-assign]
+        record_user_memory(r.src, r.dst, counted_into, counted_from)
         o = r.digest_hook([p])
+        o.data_path = data_path
         r.reconfigure_on_first_ack({p.pair.name: p.src_vhca}, o)
         fw0, drv0 = await fw.ascrape(), await drv.ascrape()
         report = await migrate([p.pair], o)
@@ -102,7 +115,10 @@ async def test_counters_agree_with_each_other_and_with_the_client(
         d_drv("grpc_server_handled_total", grpc_method="PrecopyInfo", grpc_code="OK", **vfio)
         == (calls["PrecopyInfo"])
     )
-    assert d_drv("grpc_server_started_total", grpc_method="Read", **vfio) == calls["Read"]
+    assert report.devices[0].data_path == data_path
+    for method in ("Read", "ReadInto", "WriteFrom"):
+        assert d_drv("grpc_server_started_total", grpc_method=method, **vfio) == calls[method]
+    assert calls["ReadInto" if data_path == "shm" else "Read"] > 0
     saves = d_fw("fwemu_commands_total", opcode="SAVE_VHCA_STATE", status="OK")
     assert saves > 0
     fw_calls = {"grpc_service": "fwemu.api.v1.Firmware", "grpc_method": "SaveVhcaState"}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from usermem_recorder import record_user_memory
 
 from driver.registry import DeviceRegistry, pci_name
 from driver.service.server import DriverServer
@@ -49,6 +50,7 @@ class Rig:
     digests: list[tuple[str, str]] = field(default_factory=list)
     read: list[bytes] = field(default_factory=list)  # what the source read, in order
     written: list[bytes] = field(default_factory=list)  # what the destination wrote
+    data_path: str = "grpc"  # MigrationOptions.data_path
 
     async def pair(self) -> tuple[DevicePair, int, int]:
         vfs = self.fw.create_vfs(2, VfConfig(**WORKLOAD))  # type: ignore[arg-type]
@@ -87,17 +89,25 @@ class Rig:
         self.src.read = read  # type: ignore[method-assign]
         self.src.read_stream = read_stream  # type: ignore[method-assign]
         self.dst.write = write  # type: ignore[method-assign]
+        record_user_memory(
+            self.src,
+            self.dst,
+            lambda _fd, b: self.read.append(b),
+            lambda _fd, b: self.written.append(b),
+        )
 
 
-@pytest.fixture(name="rig")
-async def rig_fixture() -> AsyncIterator[Rig]:
+@pytest.fixture(name="rig", params=["shm", "grpc"])
+async def rig_fixture(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+    """Each test on both data paths (the reorder buffer holds user memory
+    slots on one, bytes on the other)."""
     fw = Firmware(LoopClock(), seed=7)
     server = DriverServer(DeviceRegistry(InProcessLink(fw), cmd_timeout=5.0))
     port = await server.start("127.0.0.1:0")
     src = await VfioClient.connect(f"127.0.0.1:{port}")
     dst = await VfioClient.connect(f"127.0.0.1:{port}")
     try:
-        yield Rig(fw, server, src, dst)
+        yield Rig(fw, server, src, dst, data_path=request.param)
     finally:
         await src.aclose()
         await dst.aclose()
@@ -127,6 +137,7 @@ def options(rig: Rig, s: int, d: int, **kw: Any) -> MigrationOptions:
         multifd_channels=4,
         on_switchover_ack=on_ack,
         on_destinations_loaded=loaded,
+        data_path=rig.data_path,
     )
     for k, v in kw.items():
         setattr(o, k, v)
@@ -139,6 +150,7 @@ async def check(rig: Rig, pair: DevicePair, r: MigrationReport) -> None:
         (pair.name, "precopy", "ack re-armed")
     ]
     (dev,) = r.devices
+    assert dev.data_path == rig.data_path
     assert dev.acks == 2 and dev.precopy_bytes > 0 and dev.stop_copy_bytes > 0
     # Several packets (plus the empty last one), all of the stop-copy data.
     assert dev.multifd_packets >= 4

@@ -1,0 +1,222 @@
+"""User memory, the local data path: MapUserMemory maps a client's shared
+memory segment into its address space, and ReadInto / WriteFrom are read(2)
+and write(2) with a buffer there.  The bytes are the ones Read and Write move;
+the errnos are the syscalls': EFAULT for a range outside one mapping, EBADF
+for the wrong direction (checked before the range, as vfs_read does), ENOMSG
+in PRE_COPY; ENOENT for a segment this host does not have.  A client's
+mappings go when its session ends."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import Iterator
+
+import pytest
+from service_harness import (
+    DriverUnderTest,
+    VfioCallError,
+    VfioClient,
+    client_fixture,  # noqa: F401  (fixture)
+    drv_fixture,  # noqa: F401  (fixture)
+    fwemu_target_fixture,  # noqa: F401  (fixture)
+    inproc_fixture,  # noqa: F401  (fixture)
+    parse_records,
+)
+
+from driver.api.v1 import vfio_pb2 as pb
+from driver.service.usermap import MAX_MAPPING, MAX_MAPPINGS
+from driver.vfio.uapi import MigState
+from fwemu.hostmem import Segment, create_segment, unlink_segment
+
+S = MigState
+pytestmark = pytest.mark.grpc
+SEG = 1 << 20
+
+
+@pytest.fixture(name="segment")
+def segment_fixture() -> Iterator[Segment]:
+    seg = create_segment(SEG, prefix="test-usermem")
+    yield seg
+    unlink_segment(seg.name)
+    seg.close()
+
+
+async def map_(client: VfioClient, name: str, length: int) -> int:
+    r = await client._call(
+        client.stub.MapUserMemory, pb.MapUserMemoryRequest(shm_name=name, length=length)
+    )
+    return int(r.addr)
+
+
+async def read_into(client: VfioClient, fd: int, addr: int, count: int, **kw: bool) -> int:
+    r = await client._call(
+        client.stub.ReadInto, pb.ReadIntoRequest(fd=fd, addr=addr, count=count, **kw)
+    )
+    return int(r.count)
+
+
+async def write_from(client: VfioClient, fd: int, addr: int, count: int) -> int:
+    r = await client._call(
+        client.stub.WriteFrom, pb.WriteFromRequest(fd=fd, addr=addr, count=count)
+    )
+    return int(r.count)
+
+
+async def errno_of(coro: object) -> int:
+    with pytest.raises(VfioCallError) as info:
+        await coro  # type: ignore[misc]
+    return info.value.errno
+
+
+async def stop_copy_pair(drv: DriverUnderTest, client: VfioClient) -> tuple[int, int]:
+    """(saving fd in STOP_COPY, resuming fd) on two VFs."""
+    src, dst = await drv.create_vfs(2)
+    sfd = await client.open_device(src.name)
+    dfd = await client.open_device(dst.name)
+    await client.set_state(sfd, S.STOP)
+    saving = await client.set_state(sfd, S.STOP_COPY)
+    resuming = await client.set_state(dfd, S.RESUMING)
+    return saving, resuming
+
+
+async def test_a_migration_through_user_memory_moves_the_same_stream_as_read(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment
+) -> None:
+    """ReadInto to the end of a STOP_COPY stream gives the record stream in
+    the client's memory; WriteFrom of each piece loads it on another VF
+    (RESUMING -> STOP validates it); 0 at the end, and again after it."""
+    addr = await map_(client, segment.name, SEG)
+    assert addr > 0 and addr % 4096 == 0
+    saving, resuming = await stop_copy_pair(drv, client)
+    stream = bytearray()
+    while n := await read_into(client, saving, addr + 100, 200_000):
+        assert 0 < n <= 200_000
+        stream += segment.view[100 : 100 + n]
+        assert await write_from(client, resuming, addr + 100, n) == n
+    assert await read_into(client, saving, addr, 10) == 0
+    assert len(parse_records(bytes(stream))) >= 2
+    dst_fd = 4  # the second device fd of this client
+    await client.set_state(dst_fd, S.STOP)  # fails unless every image loaded
+
+
+async def test_ranges_outside_one_mapping_are_efault_and_lose_no_data(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment
+) -> None:
+    """Past the end, before the start, an address never mapped: EFAULT, and
+    the stream position does not move (the next good read starts at 0)."""
+    addr = await map_(client, segment.name, SEG)
+    saving, resuming = await stop_copy_pair(drv, client)
+    for bad in ((addr + SEG - 10, 11), (addr - 1, 10), (0x1000, 8)):
+        assert await errno_of(read_into(client, saving, *bad)) == errno.EFAULT
+        assert await errno_of(write_from(client, resuming, *bad)) == errno.EFAULT
+    n = await read_into(client, saving, addr, 64)
+    assert n == 64
+    full, err = await client.read_all(saving)
+    assert err is None
+    parse_records(bytes(segment.view[:64]) + b"".join(full))
+
+
+async def test_the_wrong_direction_is_ebadf_before_the_range_is_looked_at(
+    drv: DriverUnderTest, client: VfioClient
+) -> None:
+    """vfs_read on a write-only fd (and vfs_write on a read-only one) is EBADF
+    even with an unmapped buffer; a device fd is not a data fd (EINVAL, as
+    Read says); an fd never opened is EBADF."""
+    saving, resuming = await stop_copy_pair(drv, client)
+    assert await errno_of(read_into(client, resuming, 0x1000, 10)) == errno.EBADF
+    assert await errno_of(write_from(client, saving, 0x1000, 10)) == errno.EBADF
+    assert await errno_of(read_into(client, 3, 0x1000, 10)) == errno.EINVAL
+    assert await errno_of(read_into(client, 99, 0x1000, 10)) == errno.EBADF
+
+
+async def test_precopy_read_into_answers_enomsg_when_empty(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment
+) -> None:
+    """PRE_COPY: the initial bytes, then ENOMSG (empty for now), as read()."""
+    addr = await map_(client, segment.name, SEG)
+    (vf,) = await drv.create_vfs()
+    fd = await client.open_device(vf.name)
+    dfd = await client.set_state(fd, S.PRE_COPY)
+    initial = (await client.precopy_info(dfd)).initial_bytes
+    got = 0
+    with pytest.raises(VfioCallError) as info:
+        while True:
+            got += await read_into(client, dfd, addr, SEG)
+    assert info.value.errno == errno.ENOMSG
+    assert got == initial > 0
+
+
+async def test_map_refuses_what_it_cannot_map(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment
+) -> None:
+    """A segment this host has not (another host's): ENOENT; a name that is a
+    path, a length of 0, over the limit or past the file's end: EINVAL."""
+    assert await errno_of(map_(client, "no-such-segment-xyz", 4096)) == errno.ENOENT
+    assert await errno_of(map_(client, "../etc/passwd", 4096)) == errno.EINVAL
+    assert await errno_of(map_(client, segment.name, 0)) == errno.EINVAL
+    assert await errno_of(map_(client, segment.name, MAX_MAPPING + 1)) == errno.EINVAL
+    assert await errno_of(map_(client, segment.name, SEG + 1)) == errno.EINVAL
+
+
+async def test_unmap_then_the_range_is_efault_and_addresses_are_not_reused(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment
+) -> None:
+    a = await map_(client, segment.name, SEG)
+    await client._call(client.stub.UnmapUserMemory, pb.UnmapUserMemoryRequest(addr=a))
+    assert (
+        await errno_of(client._call(client.stub.UnmapUserMemory, pb.UnmapUserMemoryRequest(addr=a)))
+        == errno.EINVAL
+    )
+    saving, _ = await stop_copy_pair(drv, client)
+    assert await errno_of(read_into(client, saving, a, 10)) == errno.EFAULT
+    b = await map_(client, segment.name, SEG)
+    assert b > a
+
+
+async def test_mappings_are_per_client_limited_and_go_with_the_session(
+    inproc: DriverUnderTest, segment: Segment
+) -> None:
+    """Another client's address is not ours (EFAULT); MAX_MAPPINGS per client
+    (then ENOMEM); a session's end unmaps everything."""
+    async with (
+        await VfioClient.connect(inproc.target) as a,
+        await VfioClient.connect(inproc.target) as b,
+    ):
+        addr = await map_(a, segment.name, SEG)
+        saving, _ = await stop_copy_pair(inproc, b)
+        assert await errno_of(read_into(b, saving, addr, 10)) == errno.EFAULT
+        for _ in range(MAX_MAPPINGS - 1):
+            await map_(a, segment.name, 4096)
+        assert await errno_of(map_(a, segment.name, 4096)) == errno.ENOMEM
+        proc = inproc.server.servicer.processes[a.client_id]
+        assert len(proc.memory) == MAX_MAPPINGS
+        await a.end_session()
+        for _ in range(100):
+            if a.client_id not in inproc.server.servicer.processes:
+                break
+            await asyncio.sleep(0.02)
+        assert len(proc.memory) == 0
+
+
+async def test_a_driver_with_another_shm_dir_cannot_see_the_segment(
+    tmp_path: os.PathLike[str], segment: Segment
+) -> None:
+    """The cross-host case on one machine: the driver looks in its own
+    directory, the segment is not there: ENOENT (clients fall back to gRPC)."""
+    from driver.registry import DeviceRegistry
+    from driver.service.server import DriverServer
+    from fwemu.link.inproc import InProcessLink
+    from fwemu.model.clock import LoopClock
+    from fwemu.model.firmware import Firmware
+
+    server = DriverServer(
+        DeviceRegistry(InProcessLink(Firmware(LoopClock(), seed=1))), shm_dir=str(tmp_path)
+    )
+    port = await server.start("127.0.0.1:0")
+    try:
+        async with await VfioClient.connect(f"127.0.0.1:{port}") as c:
+            assert await errno_of(map_(c, segment.name, SEG)) == errno.ENOENT
+    finally:
+        await server.stop(0)
