@@ -5,11 +5,19 @@ migration moved, over a raw single-hop gRPC stream of the driver's own
 messages (benchmarks/baseline_server.py).
 
 Goals: total time within 2x of the bound for all bytes; downtime within 1.5x
-of the bound for the stop-copy bytes.  Also printed: the CPU the driver
-process(es) used.  With --two-drivers the destination VF is on a second
-driver process with its own firmware, as between two hosts.
+of the bound for the stop-copy bytes.  Also printed: the data path and the
+CPU the driver process(es) used.  With --two-drivers the destination VF is on
+a second driver process with its own firmware, as between two hosts.
 
-    .venv/bin/python benchmarks/migration_bench.py [--size 256MiB] [--two-drivers] [--json]
+--data-path (the orchestrator's MigrationOptions.data_path): auto, the
+default, moves the data through user memory (the drivers map the
+orchestrator's shared memory, as the kernel copies into QEMU's buffers) and
+no migration data crosses gRPC; grpc moves every byte over gRPC twice (the
+source's ReadStream, the destination's Write).  Every process runs with the
+same (default) settings, the raw stream's included.
+
+    .venv/bin/python benchmarks/migration_bench.py [--size 256MiB] [--two-drivers]
+        [--data-path auto|shm|grpc] [--json]
 """
 
 from __future__ import annotations
@@ -57,10 +65,12 @@ def _cpu_s(procs: list[psutil.Process]) -> tuple[float, float]:
     return sum(t.user for t in times), sum(t.system for t in times)
 
 
-def bench(size: int, dirty_rate: int, two_drivers: bool) -> dict[str, Any]:
+def bench(size: int, dirty_rate: int, two_drivers: bool, data_path: str) -> dict[str, Any]:
     """`two_drivers`: source and destination on two driver processes, each with
     its firmware (two hosts); else both VFs on one driver."""
-    options = MigrationOptions(downtime_limit_s=0.3, bandwidth_estimate=2 * size * 4)
+    options = MigrationOptions(
+        downtime_limit_s=0.3, bandwidth_estimate=2 * size * 4, data_path=data_path
+    )
     driver_args = (
         "--vfs", "1" if two_drivers else "2", "--size", str(size),
         "--dirty-rate", str(dirty_rate), "--scenario-service", "--log-level", "warning",
@@ -94,6 +104,7 @@ def bench(size: int, dirty_rate: int, two_drivers: bool) -> dict[str, Any]:
     downtime_bound = rep["stop_copy_bytes"] / rate
     return {
         "topology": "two drivers" if two_drivers else "one driver",
+        "data_path": rep["devices"][0]["data_path"],
         "vf_bytes": size,
         # CPU of the driver process(es), in cores, over the migration
         "driver_cores_user": user_s / wall,
@@ -123,15 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="source and destination on two driver processes (two hosts)",
     )
+    p.add_argument("--data-path", choices=["auto", "shm", "grpc"], default="auto")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    r = bench(args.size, args.dirty_rate, args.two_drivers)
+    r = bench(args.size, args.dirty_rate, args.two_drivers, args.data_path)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
     print(
         f"migration of a {r['vf_bytes'] / MiB:.0f} MiB VF with {r['reinits']} REINIT "
-        f"({r['topology']}): "
+        f"({r['topology']}, data path {r['data_path']}): "
         f"{(r['precopy_bytes'] + r['stop_copy_bytes']) / MiB:.0f} MiB moved "
         f"(raw stream {r['raw_stream_GBps']:.2f} GB/s)"
     )

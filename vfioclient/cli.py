@@ -408,6 +408,7 @@ async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None
             max_precopy_iterations=args.max_iterations,
             fail_on_late_reinit=not args.allow_late_reinit,
             progress=TerminalProgress(),  # draws only on a TTY, never under CI
+            data_path=args.data_path,
         )
         if args.verify != "no":
             shards = _shard_map(args)
@@ -787,6 +788,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-late-reinit",
         action="store_true",
         help="a REINIT after the switchover decision goes back to precopy instead of failing",
+    )
+    s.add_argument(
+        "--data-path",
+        choices=("auto", "shm", "grpc"),
+        default="auto",
+        help="how the data moves: through shared memory the drivers map (same host; no "
+        "data over gRPC), or over gRPC (auto: shared memory where a driver can map it)",
     )
     s.add_argument(
         "--verify",

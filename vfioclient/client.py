@@ -330,6 +330,16 @@ class VfioClient:
         )
         return int(m.count)
 
+    def read_into_stream(self, fd: int) -> ReadIntoCall:
+        """ReadIntoStream on a data fd: `submit` reads ahead, `result` takes
+        their counts in order; it ends after the read that returned 0."""
+        return ReadIntoCall(self.stub.ReadIntoStream(None, metadata=self._metadata), fd)
+
+    def write_from_stream(self, fd: int) -> WriteFromCall:
+        """WriteFromStream on a data fd: `submit` writes ahead, `result` takes
+        their counts in order."""
+        return WriteFromCall(self.stub.WriteFromStream(None, metadata=self._metadata), fd)
+
     async def precopy_info(self, fd: int, *, flags: int = 0, argsz: int = 24) -> PrecopyInfo:
         m = await self._call(
             self.stub.PrecopyInfo, pb.PrecopyInfoRequest(fd=fd, argsz=argsz, flags=flags)
@@ -348,6 +358,66 @@ class VfioClient:
         """The audit's findings about a device (every device's without one)."""
         m = await self._call(self.stub.Audit, pb.AuditRequest(device=device or ""))
         return AuditReport([_payload(Finding, f) for f in m.findings], dict(m.counts))
+
+
+_EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009  (the stubs do not declare it)
+
+
+class _StreamCall:
+    """A bidi call of requests answered one by one, in order."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall[Any, Any], fd: int) -> None:
+        self._call, self.fd = call, fd
+        self.pending = 0  # submitted, not yet answered
+
+    async def _submit(self, request: Any) -> None:
+        try:
+            await self._call.write(request)
+        except grpc.aio.AioRpcError as e:
+            raise _error(e) from None
+        except asyncio.InvalidStateError:  # the call has ended: raise how
+            code = await self._call.code()
+            if code != grpc.StatusCode.OK:
+                try:
+                    await self._call.read()
+                except grpc.aio.AioRpcError as e:
+                    raise _error(e) from None
+            raise VfioClientError(errno.EPIPE, f"the stream has ended ({code.name})") from None
+        self.pending += 1
+
+    async def result(self) -> int | None:
+        """The next answer's count in submission order (a failed request
+        raises its errno; those after it, ECANCELED); None once the call
+        ended OK."""
+        try:
+            m: Any = await self._call.read()
+        except grpc.aio.AioRpcError as e:
+            raise _error(e) from None
+        if m is _EOF:
+            return None
+        self.pending -= 1
+        if m.errno:
+            raise VfioClientError(m.errno, m.message)
+        return int(m.count)
+
+    async def close_writing(self) -> None:
+        """No more requests (the answers still come)."""
+        await self._call.done_writing()
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class ReadIntoCall(_StreamCall):
+    async def submit(self, addr: int, count: int, *, nonblock: bool = False) -> None:
+        await self._submit(
+            pb.ReadIntoRequest(fd=self.fd, addr=addr, count=count, nonblock=nonblock)
+        )
+
+
+class WriteFromCall(_StreamCall):
+    async def submit(self, addr: int, count: int) -> None:
+        await self._submit(pb.WriteFromRequest(fd=self.fd, addr=addr, count=count))
 
 
 @dataclass(frozen=True)

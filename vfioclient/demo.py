@@ -150,6 +150,7 @@ async def _main(args: argparse.Namespace) -> int:
         downtime_limit_s=args.downtime_limit,
         bandwidth_estimate=args.bandwidth,
         progress=TerminalProgress(),  # draws only on a TTY, never under CI
+        data_path=args.data_path,
     )
     if not args.driver and args.size > options.threshold:
         # mlx5vf reports the whole device state as MIG_DATA_SIZE: a QEMU-like
@@ -217,6 +218,12 @@ def parser() -> argparse.ArgumentParser:
         default=256 << 20,
         metavar="BYTES_PER_S",
         help="the link bandwidth the switchover decision assumes",
+    )
+    p.add_argument(
+        "--data-path",
+        choices=("auto", "shm", "grpc"),
+        default="auto",
+        help="shared memory the drivers map (auto: where they can), or gRPC messages",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     return p

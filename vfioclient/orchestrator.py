@@ -45,6 +45,7 @@ bytes moved, the cached initial/dirty counters and REINITs;
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import errno
@@ -67,7 +68,7 @@ from driver.vfio.uapi import (
     MigState,
 )
 
-from .client import PrecopyInfo, VfioClient, VfioClientError
+from .client import PrecopyInfo, VfioClient, VfioClientError, WriteFromCall
 from .usermem import Slot, Slots, UserMemory
 
 log = logging.getLogger(__name__)
@@ -510,31 +511,36 @@ async def _put(q: asyncio.Queue[Any], item: Any, consumer: asyncio.Future[Any]) 
 
 
 class _DataWriter:
-    """The destination's write(2)s on one data fd, as one Write call while
-    data flows (a call per chunk costs a round trip each): `write` queues a
-    chunk (bounded), `flush` ends the call and returns once the driver has
-    taken every chunk; the next `write` opens a new call."""
+    """The destination's write(2)s on one data fd, as one call while data
+    flows (a call per chunk costs a round trip each):
+
+    * bytes go on a Write call: `write` queues a chunk (bounded);
+    * a user memory slot the driver maps goes on a WriteFromStream call, and
+      is given back when the driver answers that write (a slot it cannot map
+      is copied onto the Write call and given back at once).
+
+    `flush` ends the open call and returns once the driver has taken every
+    chunk (the bytes taken); the next `write` opens a new call.  Switching
+    between the two kinds flushes, so the writes stay in order."""
 
     def __init__(self, client: VfioClient, fd: int, depth: int) -> None:
         self.client, self.fd, self.depth = client, fd, max(1, depth)
         self._q: asyncio.Queue[bytes | None] = asyncio.Queue(self.depth)
         self._call: asyncio.Task[int] | None = None
+        self._from: WriteFromCall | None = None
+        self._answers: asyncio.Task[int] | None = None  # reads _from's answers
+        self._in_flight: collections.deque[Slot] = collections.deque()
 
     async def write(self, data: Chunk) -> int:
-        """A chunk in a user memory slot is written from it when the driver
-        maps that memory (one WriteFrom), else copied onto the Write call;
-        either way the slot is given back."""
         if isinstance(data, Slot):
             addr = data.addr(self.client)
-            if addr is None:
-                buf = bytes(data.view)
-                data.release()
-                return await self.write(buf)
-            try:
-                await self.flush()  # what is queued on a Write call goes first
-                return await self.client.write_from(self.fd, addr, len(data))
-            finally:
-                data.release()
+            if addr is not None:
+                return await self._write_from(data, addr)
+            buf = bytes(data.view)
+            data.release()
+            data = buf
+        if self._from is not None:
+            await self._flush_from()
         if self._call is None:
             q = self._q = asyncio.Queue(self.depth)
 
@@ -546,8 +552,40 @@ class _DataWriter:
         await _put(self._q, data, self._call)
         return len(data)
 
+    async def _write_from(self, slot: Slot, addr: int) -> int:
+        if self._call is not None:
+            await self._flush_write()
+        if self._answers is not None and self._answers.done():
+            await self._flush_from()  # raises what a write failed with
+        if self._from is None or self._answers is None:
+            call = self._from = self.client.write_from_stream(self.fd)
+            self._answers = asyncio.ensure_future(self._take_answers(call))
+        self._in_flight.append(slot)
+        await self._from.submit(addr, len(slot))
+        if self._answers.done():  # it ended meanwhile: nobody else gives the slot back
+            while self._in_flight:
+                self._in_flight.popleft().release()
+        return len(slot)
+
+    async def _take_answers(self, call: WriteFromCall) -> int:
+        """Each answer gives its slot back; the bytes taken in all."""
+        total = 0
+        try:
+            while (n := await call.result()) is not None:
+                total += n
+                self._in_flight.popleft().release()
+        finally:
+            while self._in_flight:
+                self._in_flight.popleft().release()
+        return total
+
     async def flush(self) -> int:
-        """Everything queued is written: the bytes the call took."""
+        """Everything queued is written: the bytes the open call took."""
+        if self._from is not None:
+            return await self._flush_from()
+        return await self._flush_write()
+
+    async def _flush_write(self) -> int:
         if self._call is None:
             return 0
         call = self._call
@@ -555,12 +593,27 @@ class _DataWriter:
         self._call = None
         return await call
 
+    async def _flush_from(self) -> int:
+        assert self._from is not None and self._answers is not None
+        call, answers = self._from, self._answers
+        self._from = self._answers = None
+        if not answers.done():
+            with contextlib.suppress(asyncio.InvalidStateError):  # it failed: answers says how
+                await call.close_writing()
+        return await answers
+
     async def cancel(self) -> None:
         if self._call is not None:
             call, self._call = self._call, None
             call.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await call
+        if self._from is not None and self._answers is not None:
+            self._from.cancel()
+            self._answers.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._answers
+            self._from = self._answers = None
 
 
 # --- one device -------------------------------------------------------------------------
@@ -723,23 +776,29 @@ class DeviceMigration:
             slots, self._slots = self._slots, None
             await slots.memory.close()
 
-    async def _read_slot(self, *, nonblock: bool = False) -> Slot | None:
-        """read(2) of up to a buffer into a free slot (waits for one, or for
-        the destination to fail): the slot, None at end of stream."""
-        assert self._slots is not None and self.src_data_fd is not None and self._loader
+    async def _free_slot(self) -> Slot:
+        """A free slot: waits for one, or for the destination to fail."""
+        assert self._slots is not None and self._loader is not None
+        slot = self._slots.try_acquire()
+        if slot is not None:
+            return slot
         get = asyncio.ensure_future(self._slots.acquire())
         await asyncio.wait({get, self._loader}, return_when=asyncio.FIRST_COMPLETED)
         if not get.done():
             get.cancel()
             self.check_loader()
             raise MigrationError(f"{self.name}: the destination stopped taking data")
-        slot = get.result()
+        return get.result()
+
+    async def _read_slot(self) -> Slot | None:
+        """One read(2) of up to a buffer into a free slot (a precopy
+        iteration's): the slot, None when it read nothing."""
+        assert self.src_data_fd is not None
+        slot = await self._free_slot()
         addr = slot.addr(self.src)
         assert addr is not None
         try:
-            slot.length = await self.src.read_into(
-                self.src_data_fd, addr, self.buffer_size, nonblock=nonblock
-            )
+            slot.length = await self.src.read_into(self.src_data_fd, addr, self.buffer_size)
         except BaseException:
             slot.release()
             raise
@@ -756,8 +815,32 @@ class DeviceMigration:
                 if chunk:
                     yield chunk
             return
-        while (slot := await self._read_slot()) is not None:
-            yield slot
+        # read(2)s into every free slot, ahead of their answers (the driver
+        # stops after the read that returns 0); a slot is waited for only
+        # when no read is ahead.
+        call = self.src.read_into_stream(self.src_data_fd)
+        ahead: collections.deque[Slot] = collections.deque()
+        try:
+            while True:
+                while True:
+                    slot = await self._free_slot() if not ahead else self._slots.try_acquire()
+                    if slot is None:
+                        break
+                    ahead.append(slot)
+                    addr = slot.addr(self.src)
+                    assert addr is not None
+                    await call.submit(addr, self.buffer_size)
+                n = await call.result()
+                slot = ahead.popleft()
+                if not n:  # 0: the end (None: the call ended after it)
+                    slot.release()
+                    return
+                slot.length = n
+                yield slot
+        finally:
+            while ahead:
+                ahead.popleft().release()
+            call.cancel()
 
     def _pending_progress(self) -> None:
         _notify(self.options.progress, "pending", self.name, self.initial_bytes, self.dirty_bytes)

@@ -53,6 +53,7 @@ def report_text(r: dict[str, Any]) -> str:
             f"{d['acks']} switchover-acks, "
             f"precopy info {'v2' if d['precopy_info_v2'] else 'v1'}, "
             f"DMA logging {'yes' if d['dma_logging'] else 'no'}"
+            + (f", data path {d['data_path']}" if d.get("data_path") else "")
         )
         if d.get("source_digest"):
             same = d["source_digest"] == d.get("destination_digest")

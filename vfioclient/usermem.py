@@ -138,6 +138,15 @@ class Slots:
         self._out.add(i)
         return Slot(self, i, i * self.size)
 
+    def try_acquire(self) -> Slot | None:
+        """A free buffer if there is one now."""
+        try:
+            i = self._free.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        self._out.add(i)
+        return Slot(self, i, i * self.size)
+
     def release(self, slot: Slot) -> None:
         if slot.index in self._out:  # twice is harmless
             self._out.discard(slot.index)

@@ -97,6 +97,19 @@ class VfioServicer(pbg.VfioServicer):
     ) -> NoReturn:
         """Answer with e's errno: counted, and an error event (on the device
         of `fd` in `proc`, when that is open)."""
+        self._errno_answered(e, operation, device=device, proc=proc, fd=fd)
+        await abort_errno(context, e, extra)
+
+    def _errno_answered(
+        self,
+        e: VfioError,
+        operation: str,
+        *,
+        device: str = "",
+        proc: Process | None = None,
+        fd: int = -1,
+    ) -> int:
+        """Count, publish and log an errno answer; the errno."""
         code = errno_of(e)
         name = errno_name(code)
         self.errors_by_errno[name] += 1
@@ -131,7 +144,7 @@ class VfioServicer(pbg.VfioServicer):
                     "stream": stream or None,
                 },
             )
-        await abort_errno(context, e, extra)
+        return code
 
     async def Session(
         self, request: pb.SessionRequest, context: Ctx
@@ -325,6 +338,50 @@ class VfioServicer(pbg.VfioServicer):
             await self._fail(context, e, "write", proc=proc, fd=request.fd)
         return pb.WriteFromResponse(count=n)
 
+    async def ReadIntoStream(
+        self, request_iterator: AsyncIterator[pb.ReadIntoRequest], context: Ctx
+    ) -> AsyncIterator[pb.ReadIntoResponse]:
+        proc = self.process(context)
+        ended = False  # a read returned 0: the end of the data
+        failed = False
+        async for req in request_iterator:
+            if ended:  # answered without a read: nothing is read after the end
+                yield pb.ReadIntoResponse(count=0)
+                continue
+            if failed:
+                yield pb.ReadIntoResponse(errno=errno.ECANCELED, message=_NOT_DONE % "read")
+                continue
+            try:
+                file = _data_fd(proc, req.fd, saving=True)
+                dest = proc.memory.range(req.addr, min(req.count, MAX_READ))
+                n = await file.readinto(dest, nonblock=req.nonblock)
+            except VfioError as e:
+                failed = True
+                code = self._errno_answered(e, "read", proc=proc, fd=req.fd)
+                yield pb.ReadIntoResponse(errno=code, message=str(e))
+                continue
+            ended = n == 0 and len(dest) > 0
+            yield pb.ReadIntoResponse(count=n)
+
+    async def WriteFromStream(
+        self, request_iterator: AsyncIterator[pb.WriteFromRequest], context: Ctx
+    ) -> AsyncIterator[pb.WriteFromResponse]:
+        proc = self.process(context)
+        failed = False
+        async for req in request_iterator:
+            if failed:
+                yield pb.WriteFromResponse(errno=errno.ECANCELED, message=_NOT_DONE % "written")
+                continue
+            try:
+                file = _data_fd(proc, req.fd, saving=False)
+                n = await file.write(proc.memory.range(req.addr, req.count))
+            except VfioError as e:
+                failed = True
+                code = self._errno_answered(e, "write", proc=proc, fd=req.fd)
+                yield pb.WriteFromResponse(errno=code, message=str(e))
+                continue
+            yield pb.WriteFromResponse(count=n)
+
     async def PrecopyInfo(self, request: pb.PrecopyInfoRequest, context: Ctx) -> Any:
         proc = self.process(context)
         try:
@@ -376,6 +433,9 @@ class VfioServicer(pbg.VfioServicer):
             findings=[_payload_pb(f) for f in self.audit.findings(device)],
             counts=dict(self.audit.device_counts(device)),
         )
+
+
+_NOT_DONE = "not %s: an earlier request of this stream failed"
 
 
 def _data_fd(proc: Process, fd: int, *, saving: bool) -> MigrationFile:

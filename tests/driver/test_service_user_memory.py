@@ -13,6 +13,7 @@ import errno
 import os
 from collections.abc import Iterator
 
+import grpc
 import pytest
 from service_harness import (
     DriverUnderTest,
@@ -220,3 +221,111 @@ async def test_a_driver_with_another_shm_dir_cannot_see_the_segment(
             assert await errno_of(map_(c, segment.name, SEG)) == errno.ENOENT
     finally:
         await server.stop(0)
+
+
+# --- the streams: requests ahead of their answers, errors in band ------------------------
+
+
+async def stream(client: VfioClient, method: str, requests: list[object]) -> list[tuple[int, int]]:
+    """Send every request at once, half-close, then read the answers: (count,
+    errno) each.  The call must end OK."""
+    call = getattr(client.stub, method)(metadata=client.metadata)
+    for r in requests:
+        await call.write(r)
+    await call.done_writing()
+    out = [(int(m.count), int(m.errno)) async for m in call]
+    assert await call.code() == grpc.StatusCode.OK
+    return out
+
+
+async def findings(client: VfioClient) -> dict[str, int]:
+    r = await client._call(client.stub.Audit, pb.AuditRequest())
+    return dict(r.counts)
+
+
+async def test_read_into_stream_reads_ahead_and_nothing_after_the_end(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment
+) -> None:
+    """Sixteen reads of 64 KiB sent at once over a stream shorter than that:
+    answered in order, the end once (0), the requests after it 0 without a
+    read (no read-after-eof finding); the bytes are the record stream."""
+    addr = await map_(client, segment.name, SEG)
+    saving, _ = await stop_copy_pair(drv, client)
+    piece = 64 << 10
+    reqs = [pb.ReadIntoRequest(fd=saving, addr=addr + i * piece, count=piece) for i in range(16)]
+    before = await findings(client)
+    answers = await stream(client, "ReadIntoStream", reqs)
+    counts = [c for c, _ in answers]
+    assert all(e == 0 for _, e in answers)
+    end = counts.index(0)
+    assert 0 < end < 16 and all(c == piece for c in counts[: end - 1])
+    assert counts[end:] == [0] * (16 - end)
+    stream_bytes = b"".join(
+        bytes(segment.view[i * piece : i * piece + c]) for i, c in enumerate(counts)
+    )
+    parse_records(stream_bytes)
+    assert await findings(client) == before
+
+
+async def test_read_into_stream_answers_errors_in_band_then_ecanceled(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment
+) -> None:
+    """A failing read is answered with its errno and the requests after it
+    with ECANCELED (not read), the call ending OK: on a write-only fd EBADF;
+    an unmapped buffer EFAULT, after a good read; in PRE_COPY, ENOMSG once
+    the initial bytes were read."""
+    addr = await map_(client, segment.name, SEG)
+    saving, resuming = await stop_copy_pair(drv, client)
+    r = pb.ReadIntoRequest
+    assert await stream(client, "ReadIntoStream", [r(fd=resuming, addr=addr, count=10)] * 3) == [
+        (0, errno.EBADF), (0, errno.ECANCELED), (0, errno.ECANCELED),
+    ]  # fmt: skip
+    answers = await stream(
+        client,
+        "ReadIntoStream",
+        [r(fd=saving, addr=addr, count=100), r(fd=saving, addr=8, count=100),
+         r(fd=saving, addr=addr, count=100)],
+    )  # fmt: skip
+    assert answers == [(100, 0), (0, errno.EFAULT), (0, errno.ECANCELED)]
+    (vf,) = await drv.create_vfs()
+    fd = await client.open_device(vf.name)
+    pre = await client.set_state(fd, S.PRE_COPY)
+    initial = (await client.precopy_info(pre)).initial_bytes
+    reqs = [r(fd=pre, addr=addr, count=SEG)] * 40
+    answers = await stream(client, "ReadIntoStream", reqs)
+    failed = next(i for i, (_, e) in enumerate(answers) if e)
+    assert sum(c for c, _ in answers[:failed]) == initial
+    assert answers[failed] == (0, errno.ENOMSG)
+    assert {e for _, e in answers[failed + 1 :]} <= {errno.ECANCELED}
+
+
+async def test_write_from_stream_loads_and_answers_errors_in_band(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment
+) -> None:
+    """WriteFromStream takes a whole stream in pipelined writes (the
+    destination then loads: RESUMING -> STOP); a write of garbage is answered
+    with its errno, the writes after it ECANCELED, the call ending OK."""
+    addr = await map_(client, segment.name, SEG)
+    saving, resuming = await stop_copy_pair(drv, client)
+    data, err = await client.read_all(saving)
+    assert err is None
+    whole = b"".join(data)
+    assert len(whole) <= SEG
+    segment.view[: len(whole)] = whole
+    half = len(whole) // 2
+    w = pb.WriteFromRequest
+    answers = await stream(
+        client,
+        "WriteFromStream",
+        [w(fd=resuming, addr=addr, count=half), w(fd=resuming, addr=addr + half,
+                                                   count=len(whole) - half)],
+    )  # fmt: skip
+    assert answers == [(half, 0), (len(whole) - half, 0)]
+    await client.set_state(4, S.STOP)  # the destination device fd: loads and validates
+    (other,) = await drv.create_vfs(1)
+    dfd = await client.open_device(other.name)
+    resuming2 = await client.set_state(dfd, S.RESUMING)
+    segment.view[:4096] = b"\xff" * 4096
+    answers = await stream(client, "WriteFromStream", [w(fd=resuming2, addr=addr, count=4096)] * 3)
+    assert answers[0][1] not in (0, errno.ECANCELED)
+    assert answers[1:] == [(0, errno.ECANCELED)] * 2

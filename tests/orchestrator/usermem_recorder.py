@@ -1,4 +1,5 @@
-"""Record what moves through user memory (ReadInto / WriteFrom), for tests
+"""Record what moves through user memory (ReadInto / WriteFrom and their
+streams), for tests
 that check the bytes a migration moved on the shm data path as they check
 Read / ReadStream / Write on the gRPC one.
 
@@ -8,6 +9,7 @@ a ReadInto put at an address, and those a WriteFrom takes, can be read."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -51,5 +53,41 @@ def record_user_memory(
             on_write(fd, bytes_at(dst, addr, count))
         return await dst_write_from(fd, addr, count)
 
+    src_read_stream, dst_write_stream = src.read_into_stream, dst.write_from_stream
+
+    def read_into_stream(fd: int) -> Any:
+        call = src_read_stream(fd)
+        submitted: deque[int] = deque()
+        submit, result = call.submit, call.result
+
+        async def submit_(addr: int, count: int, **kw: Any) -> None:
+            submitted.append(addr)
+            await submit(addr, count, **kw)
+
+        async def result_() -> int | None:
+            n = await result()
+            if n is not None:
+                addr = submitted.popleft()
+                if n and on_read is not None:
+                    on_read(fd, bytes_at(src, addr, n))
+            return n
+
+        call.submit, call.result = submit_, result_  # type: ignore[method-assign]
+        return call
+
+    def write_from_stream(fd: int) -> Any:
+        call = dst_write_stream(fd)
+        submit = call.submit
+
+        async def submit_(addr: int, count: int) -> None:
+            if on_write is not None:
+                on_write(fd, bytes_at(dst, addr, count))
+            await submit(addr, count)
+
+        call.submit = submit_  # type: ignore[method-assign]
+        return call
+
     src.read_into = read_into  # type: ignore[method-assign]
     dst.write_from = write_from  # type: ignore[method-assign]
+    src.read_into_stream = read_into_stream  # type: ignore[method-assign]
+    dst.write_from_stream = write_from_stream  # type: ignore[method-assign]

@@ -123,6 +123,22 @@ def test_migrate_gives_equal_digests(driver: Driver, capsys: pytest.CaptureFixtu
     assert "REINIT     none seen" in out and "downtime" in out and "throughput" in out
 
 
+@pytest.mark.parametrize("data_path", ["auto", "shm", "grpc"])
+def test_migrate_data_path(
+    driver: Driver, capsys: pytest.CaptureFixture[str], data_path: str
+) -> None:
+    """--data-path: user memory on one host (auto takes it), or gRPC; the
+    report names it, and says it in its device line."""
+    doc = jrun(capsys, driver, "migrate", pci(1), pci(2), "--data-path", data_path)
+    assert doc["status"] == "completed" and doc["verified"]
+    (dev,) = doc["devices"]
+    assert dev["data_path"] == ("grpc" if data_path == "grpc" else "shm")
+    rc, out, _ = run(
+        capsys, "--driver", driver.target, "migrate", pci(2), pci(1), "--data-path", data_path
+    )
+    assert rc == 0 and f"data path {dev['data_path']}" in out
+
+
 def test_migrate_between_two_driver_services(capsys: pytest.CaptureFixture[str]) -> None:
     """Source and destination on separate vfio-driver processes (each with its
     own firmware): digests verified across the two firmwares."""

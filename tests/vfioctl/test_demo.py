@@ -12,13 +12,18 @@ from harness import Driver
 from vfioclient.demo import main
 
 
-def test_embedded_demo_sees_a_reinit_and_digests_are_equal(capsys: pytest.CaptureFixture[str]):
-    assert main(["--size", "4MiB", "--dirty-rate", "2MiB", "--json"]) == 0
+@pytest.mark.parametrize(("data_path", "used"), [("auto", "shm"), ("grpc", "grpc")])
+def test_embedded_demo_sees_a_reinit_and_digests_are_equal(
+    capsys: pytest.CaptureFixture[str], data_path: str, used: str
+) -> None:
+    args = ["--size", "4MiB", "--dirty-rate", "2MiB", "--data-path", data_path, "--json"]
+    assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["equal"] and out["source_digest"] == out["destination_digest"]
     assert out["reconfigured"]
     assert out["report"]["status"] == "completed"
     assert [e["handling"] for e in out["report"]["reinits"]] == ["ack re-armed"]
+    assert out["report"]["devices"][0]["data_path"] == used
 
 
 def test_demo_refuses_a_vf_that_can_never_switch_over(capsys: pytest.CaptureFixture[str]):
