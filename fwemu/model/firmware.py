@@ -799,6 +799,10 @@ class Firmware:
                 )
             else:
                 plan, kind, chain, seq = vf.full_plan(), ImageKind.FULL, vf.next_chain_id(), 0
+                # A new session: a final save left in pieces by an earlier,
+                # abandoned migration is dropped, else the next final SAVE
+                # would continue it (the old chain) inside the new one.
+                vf.chunked = None
             # A tracked image is complete even if not everything fit: what is
             # left stays pending (dirty) for the next one.
             res = write_piece(

@@ -159,3 +159,29 @@ async def test_smallest_accepted_chunk_size_still_saves_in_pieces(h):
     for _, img in pieces:
         assert (await h.load(dst, img)).ok
     assert await h.digest(dst) == await h.digest(src)
+
+
+async def test_a_new_session_drops_a_final_save_left_in_pieces(h):
+    """A migration abandoned in STOP_COPY leaves a chunked final save half
+    done; the function runs again and a new migration starts with a tracked
+    full SAVE (a new chain).  Its final SAVE must be a fresh image of the new
+    chain, not the rest of the old one: the destination loads the new
+    migration's images, in order, and ends with the source's state."""
+    src = await h.vf(size=512 * KiB, chunk_size=CHUNK, dirty_bytes_per_s=0)
+    dst = await h.vf(size=64 * KiB)
+    await h.suspend_fully(src)
+    q = await h.query(src, chunk=True)
+    c, _ = await h.save_done(src, q.required_umem_size)
+    assert c.status == 0 and c.next_required_umem_size > 0  # pieces are left
+    await h.resume_fully(src)  # the migration was abandoned
+    # The next migration: a tracked full image (precopy), then the final one.
+    q = await h.query(src, chunk=True)
+    img0 = await h.save_ok(src, q.required_umem_size, set_track=True)
+    await h.link.reconfigure(src, [("QP", 100 * KiB)])
+    await h.suspend_fully(src)
+    pieces = await save_in_pieces(h, src, incremental=True)
+    await h.suspend_fully(dst)
+    for img in [img0, *(img for _, img in pieces)]:
+        res = await h.load(dst, img)
+        assert res.ok, res
+    assert await h.digest(dst) == await h.digest(src)
