@@ -10,6 +10,7 @@ Each successful case compares the digests and the REINIT handling.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tempfile
@@ -140,3 +141,67 @@ async def test_unknown_data_path_is_refused(topo: tuple[Topology, Topology, Topo
         with pytest.raises(MigrationError, match="unknown data path"):
             await migrate([p.pair], options(data_path="carrier-pigeon"))
         assert await rg.src.get_state(p.pair.source_fd) == MigState.RUNNING
+
+
+@pytest.mark.parametrize("mode", ["shm", "grpc"])
+async def test_a_save_failing_in_stop_copy_fails_the_migration_cleanly(
+    topo: tuple[Topology, Topology, Topology], mode: str
+) -> None:
+    """Once the first stop-copy bytes have arrived, every further SAVE of the
+    source fails (chunk mode: one SAVE per 256 KiB piece).  The reads ahead
+    get the error (in band on the shm path, as the stream's status on the
+    gRPC one): the migration fails naming it, without hanging, the source
+    runs again and the destination is reset; without the fault the pair
+    then migrates."""
+    async with rig_of(topo[0]) as rg:
+        (p,) = await rg.pairs(1, size=32 * MiB, chunk_size=256 << 10, dirty_bytes_per_s=0)
+        armed: list[int] = []
+        inner = rg.src.read_into_stream if mode == "shm" else rg.src.read_stream
+
+        async def arm() -> None:
+            if not armed:
+                armed.append(
+                    await rg.scenario.inject_fault(
+                        p.src_vhca, "fail", opcode="SAVE_VHCA_STATE", count=1000,
+                        in_completion=True,
+                    )
+                )  # fmt: skip
+
+        if mode == "shm":
+
+            def read_into_stream(fd: int) -> object:
+                call = inner(fd)
+                result = call.result  # type: ignore[attr-defined]
+
+                async def result_() -> int | None:
+                    n: int | None = await result()
+                    await arm()
+                    return n
+
+                call.result = result_  # type: ignore[attr-defined]
+                return call
+
+            rg.src.read_into_stream = read_into_stream  # type: ignore[assignment,method-assign]
+        else:
+
+            async def read_stream(fd: int, **kw: object) -> AsyncIterator[bytes]:
+                async for chunk in inner(fd, **kw):  # type: ignore[operator]
+                    await arm()
+                    yield chunk
+
+            rg.src.read_stream = read_stream  # type: ignore[assignment,method-assign]
+        o = options(data_path=mode, bandwidth_estimate=1 << 30)
+        with pytest.raises(MigrationError) as e:
+            await asyncio.wait_for(migrate([p.pair], o), 30)
+        assert armed
+        r = e.value.report
+        assert r is not None and r.status == "failed" and r.stop_copy_bytes > 0
+        assert "ENODEV" in str(e.value) or "EIO" in str(e.value), e.value
+        assert await rg.src.get_state(p.pair.source_fd) == MigState.RUNNING
+        assert await rg.dst.get_state(p.pair.destination_fd) == MigState.RUNNING
+        await rg.scenario.clear_faults(p.src_vhca)
+        o = rg.digest_hook([p])
+        o.data_path, o.bandwidth_estimate = mode, 1 << 30  # 32 MiB fits the downtime
+        r = await migrate([p.pair], o)
+        check(r, rg, mode)
+        assert r.converged
