@@ -183,8 +183,9 @@ async def test_multifd_queued_bytes_bound(rig: Rig) -> None:
     await check(rig, pair, r)
     (dev,) = r.devices
     assert 0 < dev.multifd_max_queued_bytes <= bound
-    # At most three packets in flight: at most two can wait for a missing one.
-    assert dev.multifd_max_reorder_depth <= 2
+    # (The bound is on bytes, not packets: a read can return less than a
+    # buffer when less is ready, and the empty last packet always fits, so
+    # the count of packets waiting for a missing one has no fixed bound.)
 
 
 async def test_multifd_bound_below_one_packet_sends_one_at_a_time(rig: Rig) -> None:
