@@ -227,6 +227,20 @@ class SyncVfioClient:
             return self._run(self.client.write(fd, chunks))
         return self._run(self.client.write(fd, list(chunks)))
 
+    # --- user memory (the local data path; see vfioclient/usermem.py) -------------------
+
+    def map_user_memory(self, shm_name: str, length: int) -> int:
+        return self._run(self.client.map_user_memory(shm_name, length))
+
+    def unmap_user_memory(self, addr: int) -> None:
+        self._run(self.client.unmap_user_memory(addr))
+
+    def read_into(self, fd: int, addr: int, count: int, *, nonblock: bool = False) -> int:
+        return self._run(self.client.read_into(fd, addr, count, nonblock=nonblock))
+
+    def write_from(self, fd: int, addr: int, count: int) -> int:
+        return self._run(self.client.write_from(fd, addr, count))
+
     def precopy_info(self, fd: int, *, flags: int = 0, argsz: int = 24) -> PrecopyInfo:
         return self._run(self.client.precopy_info(fd, flags=flags, argsz=argsz))
 

@@ -11,6 +11,7 @@ from harness import Driver, driver_fixture, pci  # noqa: F401
 from driver.vfio.uapi import VFIO_MIGRATION_STOP_COPY, MigState
 from vfioclient import VfioClientError
 from vfioclient.sync import SyncVfioClient
+from vfioclient.usermem import UserMemory
 
 pytestmark = pytest.mark.grpc
 
@@ -43,6 +44,38 @@ def test_save_and_load_between_two_clients(driver: Driver) -> None:
     # Both clients closed (their loops too): the digests over a fresh loop.
     a, b = driver.digests(1, 2)
     assert a == b
+
+
+def test_save_and_load_through_user_memory(driver: Driver) -> None:
+    """The same through one segment both clients map: read_into to the end
+    (0), write_from of each piece; the digests agree."""
+    seg = UserMemory.create(8 << 20)
+    try:
+        with (
+            SyncVfioClient.connect(driver.target) as src,
+            SyncVfioClient.connect(driver.target) as dst,
+        ):
+            a = src.map_user_memory(seg.segment.name, len(seg))
+            b = dst.map_user_memory(seg.segment.name, len(seg))
+            sfd, dfd = src.open_device(pci(2)), dst.open_device(pci(3))
+            src.set_state(sfd, MigState.STOP)
+            data_fd = src.set_state(sfd, MigState.STOP_COPY)
+            resume_fd = dst.set_state(dfd, MigState.RESUMING)
+            assert data_fd is not None and resume_fd is not None
+            moved = 0
+            while n := src.read_into(data_fd, a, 1 << 20):
+                assert dst.write_from(resume_fd, b, n) == n
+                moved += n
+            assert moved > 0
+            with pytest.raises(VfioClientError) as e:
+                src.read_into(data_fd, a + len(seg) - 1, 2)
+            assert e.value.errno == errno.EFAULT
+            dst.set_state(dfd, MigState.STOP)
+            src.unmap_user_memory(a)
+        assert driver.digests(2) == driver.digests(3)
+    finally:
+        seg.seal()
+        seg.segment.close()
 
 
 def test_precopy_read_stream_ends_with_enomsg(driver: Driver) -> None:
