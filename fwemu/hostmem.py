@@ -27,6 +27,11 @@ def default_shm_dir() -> str:
     return tempfile.gettempdir()
 
 
+def segment_path(shm_dir: str, name: str) -> str:
+    """Where segment `name` is: HostMemoryError unless it is a plain file name."""
+    return _path(shm_dir, name)
+
+
 def _path(shm_dir: str, name: str) -> str:
     if not _NAME.match(name):
         raise HostMemoryError(f"shared memory name {name!r} is not a plain file name")

@@ -37,6 +37,7 @@ from .cmd import (
 )
 
 if TYPE_CHECKING:
+    from ..vfio.ops import UserBuffer
     from .main import Mlx5VfDevice
 
 HEADER_SIZE = MIGRATION_HEADER.size  # 16
@@ -375,9 +376,14 @@ class Mlx5VfMigrationFile:
         # One copy out of the buffers; a second only when a read spans buffers.
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
-    async def readinto(self, dest: memoryview, *, nonblock: bool = False) -> int:
+    async def readinto(self, dest: UserBuffer, *, nonblock: bool = False) -> int:
         """mlx5vf_save_read() into the caller's memory (its copy_to_user):
-        one copy per buffer read, straight into `dest`."""
+        one copy per buffer read, straight into `dest`.  A copy that faults
+        (EFAULT) after earlier pieces of the same read went in ends the read
+        short: those bytes count, and the position stops where they end.
+        On purpose unlike mlx5vf_save_read, which returns -EFAULT with f_pos
+        already past the pieces it copied, so the reader loses them (only user
+        memory faults here, and losing stream bytes to it helps nobody)."""
         pos = 0
 
         def put(piece: memoryview) -> None:
@@ -433,7 +439,12 @@ class Mlx5VfMigrationFile:
                     raise VfioError(errno.EINVAL, "read position is not at the stream head")
                 off = self.f_pos - buf.start_pos
                 n = min(buf.length - off, count)
-                put(buf.view[off : off + n])
+                try:
+                    put(buf.view[off : off + n])
+                except VfioError:
+                    if not done:
+                        raise
+                    break  # a short read: nothing copied is lost
                 done += n
                 self.f_pos += n
                 count -= n

@@ -39,6 +39,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 CLIENT_KEY = "x-vfio-client"
 EVENTS_KEY = "x-vfio-events"  # initial metadata of an Events stream: "subscribed"
 MAX_READ = 16 << 20  # one message; read(2) may return less than asked anyway
+MAX_WRITE = MAX_READ  # one WriteFrom; write(2) may take less (the count says)
 DEFAULT_CHUNK = 1 << 20
 
 # Event payload kind -> its message (the Event oneof's field of that name)
@@ -323,8 +324,8 @@ class VfioServicer(pbg.VfioServicer):
         proc = self.process(context)
         try:
             file = _data_fd(proc, request.fd, saving=True)
-            dest = proc.memory.range(request.addr, min(request.count, MAX_READ))
-            n = await file.readinto(dest, nonblock=request.nonblock)
+            with proc.memory.range(request.addr, min(request.count, MAX_READ)) as dest:
+                n = await file.readinto(dest, nonblock=request.nonblock)
         except VfioError as e:
             await self._fail(context, e, "read", proc=proc, fd=request.fd)
         return pb.ReadIntoResponse(count=n)
@@ -333,7 +334,8 @@ class VfioServicer(pbg.VfioServicer):
         proc = self.process(context)
         try:
             file = _data_fd(proc, request.fd, saving=False)
-            n = await file.write(proc.memory.range(request.addr, request.count))
+            with proc.memory.range(request.addr, min(request.count, MAX_WRITE)) as src:
+                n = await file.write(src.view)
         except VfioError as e:
             await self._fail(context, e, "write", proc=proc, fd=request.fd)
         return pb.WriteFromResponse(count=n)
@@ -353,14 +355,14 @@ class VfioServicer(pbg.VfioServicer):
                 continue
             try:
                 file = _data_fd(proc, req.fd, saving=True)
-                dest = proc.memory.range(req.addr, min(req.count, MAX_READ))
-                n = await file.readinto(dest, nonblock=req.nonblock)
+                with proc.memory.range(req.addr, min(req.count, MAX_READ)) as dest:
+                    n = await file.readinto(dest, nonblock=req.nonblock)
             except VfioError as e:
                 failed = True
                 code = self._errno_answered(e, "read", proc=proc, fd=req.fd)
                 yield pb.ReadIntoResponse(errno=code, message=str(e))
                 continue
-            ended = n == 0 and len(dest) > 0
+            ended = n == 0 and min(req.count, MAX_READ) > 0
             yield pb.ReadIntoResponse(count=n)
 
     async def WriteFromStream(
@@ -374,7 +376,8 @@ class VfioServicer(pbg.VfioServicer):
                 continue
             try:
                 file = _data_fd(proc, req.fd, saving=False)
-                n = await file.write(proc.memory.range(req.addr, req.count))
+                with proc.memory.range(req.addr, min(req.count, MAX_WRITE)) as src:
+                    n = await file.write(src.view)
             except VfioError as e:
                 failed = True
                 code = self._errno_answered(e, "write", proc=proc, fd=req.fd)

@@ -27,6 +27,17 @@ class IovaBitmap(Protocol):
         ...
 
 
+class UserBuffer(Protocol):
+    """The caller's memory a read(2) copies into (its copy_to_user): a
+    memoryview, or user memory the driver reaches through a file
+    (driver.service.usermap.UserRange).  Assignment may raise VfioError
+    (EFAULT)."""
+
+    def __len__(self) -> int: ...
+
+    def __setitem__(self, key: slice, value: memoryview, /) -> None: ...
+
+
 class MigrationFile(Protocol):
     """A migration data file: the saving or resuming side of a data_fd."""
 
@@ -34,7 +45,7 @@ class MigrationFile(Protocol):
         """read(2) on the fd: b"" at end of stream; VfioError otherwise."""
         ...
 
-    async def readinto(self, dest: memoryview, *, nonblock: bool = False) -> int:
+    async def readinto(self, dest: UserBuffer, *, nonblock: bool = False) -> int:
         """read(2) on the fd into the caller's memory: the bytes read, 0 at
         end of stream; the errors of read()."""
         ...

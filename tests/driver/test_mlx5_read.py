@@ -26,6 +26,7 @@ from mlx5_harness import (
 )
 
 from driver.mlx5.cmd import MigfState
+from driver.vfio.errors import VfioError
 from driver.vfio.uapi import PRECOPY_INFO, VFIO_DEVICE_FEATURE, VFIO_MIG_GET_PRECOPY_INFO
 from fwemu.model import CmdStatus, Fault, FaultKind, Opcode
 
@@ -327,3 +328,44 @@ async def test_reads_after_release_of_an_ended_file(mlx5: Factory) -> None:
     for nonblock in (True, False):
         with raises_errno(errno.ENODEV):
             await asyncio.wait_for(f.read(1, nonblock=nonblock), 2)
+
+
+class FaultingBuffer:
+    """User memory whose copy_to_user faults after `good` pieces."""
+
+    def __init__(self, size: int, good: int) -> None:
+        self.buf = bytearray(size)
+        self.good = good
+        self.pieces = 0
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    def __setitem__(self, key: slice, value: memoryview) -> None:
+        if self.pieces >= self.good:
+            raise VfioError(errno.EFAULT, "user page gone")
+        self.pieces += 1
+        self.buf[key] = value
+
+
+async def test_readinto_a_fault_after_some_pieces_is_a_short_read(mlx5: Factory) -> None:
+    """readinto spanning queued buffers (the size record, the FW_DATA header,
+    the image): a fault on the first piece is EFAULT and moves nothing; a
+    fault on a later piece ends the read short with what was copied, and the
+    next read starts right after it, so no byte of the stream is lost."""
+    env = await mlx5("virtual")
+    dev = await env.device(vf_config(64 * 1024))
+    f = await dev.set_state(S.PRE_COPY)
+    await env.settle(dev)
+    info = await precopy_info(f)
+    with raises_errno(errno.EFAULT):
+        await f.readinto(FaultingBuffer(1 << 20, good=0))
+    assert dev.saving_migf.f_pos == 0
+    dest = FaultingBuffer(1 << 20, good=1)
+    n = await f.readinto(dest)
+    assert 0 < n < info.initial_bytes and dest.pieces == 1
+    assert dev.saving_migf.f_pos == n
+    rest = await read_available(f)
+    stream = bytes(dest.buf[:n]) + rest
+    assert len(stream) == info.initial_bytes
+    parse_stream(stream)

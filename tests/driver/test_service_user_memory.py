@@ -29,7 +29,7 @@ from service_harness import (
 from driver.api.v1 import vfio_pb2 as pb
 from driver.service.usermap import MAX_MAPPING, MAX_MAPPINGS
 from driver.vfio.uapi import MigState
-from fwemu.hostmem import Segment, create_segment, unlink_segment
+from fwemu.hostmem import Segment, create_segment, default_shm_dir, unlink_segment
 
 S = MigState
 pytestmark = pytest.mark.grpc
@@ -329,3 +329,38 @@ async def test_write_from_stream_loads_and_answers_errors_in_band(
     answers = await stream(client, "WriteFromStream", [w(fd=resuming2, addr=addr, count=4096)] * 3)
     assert answers[0][1] not in (0, errno.ECANCELED)
     assert answers[1:] == [(0, errno.ECANCELED)] * 2
+
+
+async def test_a_segment_shrunk_under_the_driver_is_efault_not_a_crash(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment
+) -> None:
+    """The client owns the file and may truncate it after mapping: a copy
+    into or out of bytes the file no longer has is EFAULT (touching them
+    would have been SIGBUS), the stream loses nothing, and the driver serves
+    on; grown back, the same range works."""
+    addr = await map_(client, segment.name, SEG)
+    saving, resuming = await stop_copy_pair(drv, client)
+    path = os.path.join(default_shm_dir(), segment.name)
+    os.truncate(path, 100)
+    assert await errno_of(write_from(client, resuming, addr, 4096)) == errno.EFAULT
+    assert await errno_of(read_into(client, saving, addr, 4096)) == errno.EFAULT
+    os.truncate(path, SEG)
+    assert await read_into(client, saving, addr, 64) == 64
+    head = bytes(segment.view[:64])
+    rest, err = await client.read_all(saving)
+    assert err is None
+    parse_records(head + b"".join(rest))  # the EFAULT read took nothing from the stream
+
+
+async def test_map_allocates_every_page_first(drv: DriverUnderTest, client: VfioClient) -> None:
+    """A sparse segment is given its pages at map time (posix_fallocate), so
+    a full tmpfs is ENOMEM there and never SIGBUS at a copy."""
+    seg = create_segment(SEG, prefix="test-usermem-sparse")
+    try:
+        path = os.path.join(default_shm_dir(), seg.name)
+        before = os.stat(path).st_blocks
+        await map_(client, seg.name, SEG)
+        assert os.stat(path).st_blocks * 512 >= SEG > before * 512
+    finally:
+        unlink_segment(seg.name)
+        seg.close()

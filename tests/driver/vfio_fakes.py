@@ -18,7 +18,13 @@ import pytest
 from driver.vfio.device import VfioDevice
 from driver.vfio.errors import VfioError
 from driver.vfio.migration import vfio_mig_step_loop
-from driver.vfio.ops import IovaBitmap, MigrationFile, VfioLogOps, VfioMigrationOps
+from driver.vfio.ops import (
+    IovaBitmap,
+    MigrationFile,
+    UserBuffer,
+    VfioLogOps,
+    VfioMigrationOps,
+)
 from driver.vfio.precopy import vfio_check_precopy_ioctl
 from driver.vfio.uapi import (
     VFIO_DEVICE_FEATURE_GET,
@@ -79,7 +85,7 @@ class FakeFile:
     async def read(self, count: int, *, nonblock: bool = False) -> bytes:
         return b""
 
-    async def readinto(self, dest: memoryview, *, nonblock: bool = False) -> int:
+    async def readinto(self, dest: UserBuffer, *, nonblock: bool = False) -> int:
         return 0
 
     async def write(self, data: bytes | memoryview) -> int:
