@@ -371,10 +371,8 @@ class Mlx5VfMigrationFile:
 
     async def read(self, count: int, *, nonblock: bool = False) -> bytes:
         """mlx5vf_save_read()."""
-        pieces: list[bytes] = []
-        await self._read_locked(count, nonblock, lambda v: pieces.append(bytes(v)))
-        # One copy out of the buffers; a second only when a read spans buffers.
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        data, _ = await self._read_locked(count, nonblock, None)
+        return data
 
     async def readinto(self, dest: UserBuffer, *, nonblock: bool = False) -> int:
         """mlx5vf_save_read() into the caller's memory (its copy_to_user):
@@ -384,30 +382,25 @@ class Mlx5VfMigrationFile:
         On purpose unlike mlx5vf_save_read, which returns -EFAULT with f_pos
         already past the pieces it copied, so the reader loses them (only user
         memory faults here, and losing stream bytes to it helps nobody)."""
-        pos = 0
-
-        def put(piece: memoryview) -> None:
-            nonlocal pos
-            dest[pos : pos + len(piece)] = piece
-            pos += len(piece)
-
-        return await self._read_locked(len(dest), nonblock, put)
+        _, done = await self._read_locked(len(dest), nonblock, dest)
+        return done
 
     async def _read_locked(
-        self, count: int, nonblock: bool, put: Callable[[memoryview], None]
-    ) -> int:
+        self, count: int, nonblock: bool, dest: UserBuffer | None
+    ) -> tuple[bytes, int]:
         if not self.saving:
             raise VfioError(errno.EBADF, "the resuming data fd is write-only")
         if self.eof_returned:
             self.mvdev.read_after_eof(self)
         self.io_in_progress += 1
         try:
-            return await self._read(count, nonblock, put)
+            return await self._read(count, nonblock, dest)
         finally:
             self.io_in_progress -= 1
 
-    async def _read(self, count: int, nonblock: bool, put: Callable[[memoryview], None]) -> int:
-        """Up to `count` bytes from the stream head, each piece handed to `put`."""
+    async def _read(self, count: int, nonblock: bool, dest: UserBuffer | None) -> tuple[bytes, int]:
+        """Up to `count` bytes from the stream head: into `dest` when given
+        ((b"", bytes read)), else as bytes ((data, len(data)))."""
         if not nonblock:
             await self.wait_event(
                 lambda: (
@@ -419,6 +412,8 @@ class Mlx5VfMigrationFile:
         async with self.lock:
             if self.state == MigfState.ERROR:
                 raise VfioError(errno.ENODEV, "the data stream is in error")
+            out: bytearray | None = None
+            first_chunk = b""
             done = 0
             first = True
             while count:
@@ -439,21 +434,32 @@ class Mlx5VfMigrationFile:
                     raise VfioError(errno.EINVAL, "read position is not at the stream head")
                 off = self.f_pos - buf.start_pos
                 n = min(buf.length - off, count)
-                try:
-                    put(buf.view[off : off + n])
-                except VfioError:
-                    if not done:
-                        raise
-                    break  # a short read: nothing copied is lost
+                if dest is not None:
+                    try:
+                        dest[done : done + n] = buf.view[off : off + n]
+                    except VfioError:
+                        if not done:
+                            raise
+                        break  # a short read: nothing copied is lost
+                else:
+                    # One copy out of the buffer; a second only when a read spans buffers.
+                    piece = bytes(buf.view[off : off + n])
+                    if out is None and not first_chunk:
+                        first_chunk = piece
+                    else:
+                        if out is None:
+                            out = bytearray(first_chunk)
+                        out += piece
                 done += n
                 self.f_pos += n
                 count -= n
                 if self.f_pos >= buf.start_pos + buf.length:
                     self._buf_read_done(buf)
+            data = bytes(out) if out is not None else first_chunk
             if not done and count and self.state == MigfState.COMPLETE:
                 self.eof_returned = True
             self.mvdev.bytes_read(done)
-            return done
+            return data, done
 
     # --- saving: VFIO_MIG_GET_PRECOPY_INFO ------------------------------------------
 
