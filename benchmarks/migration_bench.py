@@ -41,6 +41,7 @@ from fwemu.model.constants import MiB
 from grpcsvc.server import CHANNEL_OPTIONS
 from vfioclient.demo import DemoResult, run_demo
 from vfioclient.orchestrator import MigrationOptions
+from vfioclient.usermem import DATA_PATHS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from procs import BASELINE, DRIVER, served
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="source and destination on two driver processes (two hosts)",
     )
-    p.add_argument("--data-path", choices=["auto", "shm", "grpc"], default="auto")
+    p.add_argument("--data-path", choices=DATA_PATHS, default="auto")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     r = bench(args.size, args.dirty_rate, args.two_drivers, args.data_path)

@@ -50,6 +50,7 @@ from driver.vfio.uapi import (
 from .client import Device, PrecopyInfo, VfioClient, VfioClientError
 from .report import report_text
 from .scenario import FAULT_KINDS, ScenarioClient, ScenarioClientError
+from .usermem import DATA_PATHS
 
 PROG = "vfioctl"
 DEFAULT_DRIVER = "127.0.0.1:50052"
@@ -791,7 +792,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--data-path",
-        choices=("auto", "shm", "grpc"),
+        choices=DATA_PATHS,
         default="auto",
         help="how the data moves: through shared memory the drivers map (same host; no "
         "data over gRPC), or over gRPC (auto: shared memory where a driver can map it)",

@@ -35,6 +35,7 @@ from .orchestrator import (
     migrate,
 )
 from .report import report_text
+from .usermem import DATA_PATHS
 
 
 @dataclass
@@ -221,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data-path",
-        choices=("auto", "shm", "grpc"),
+        choices=DATA_PATHS,
         default="auto",
         help="shared memory the drivers map (auto: where they can), or gRPC messages",
     )

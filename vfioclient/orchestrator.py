@@ -69,7 +69,7 @@ from driver.vfio.uapi import (
 )
 
 from .client import PrecopyInfo, VfioClient, VfioClientError, WriteFromCall
-from .usermem import Slot, Slots, UserMemory
+from .usermem import DATA_PATHS, Slot, Slots, UserMemory
 
 log = logging.getLogger(__name__)
 
@@ -744,7 +744,7 @@ class DeviceMigration:
         by the source's driver (else no use: gRPC) and, if it can, the
         destination's (else writes copy out of it onto a Write call)."""
         mode = self.options.data_path
-        if mode not in ("auto", "shm", "grpc"):
+        if mode not in DATA_PATHS:
             raise MigrationError(f"unknown data path {mode!r} (auto, shm or grpc)")
         self.report.data_path = "grpc"
         if mode == "grpc":

@@ -28,6 +28,10 @@ from .client import VfioClient, VfioClientError
 
 log = logging.getLogger(__name__)
 
+# MigrationOptions.data_path: user memory where a driver can map it, else gRPC
+# (auto); user memory or fail (shm); gRPC messages only (grpc).
+DATA_PATHS = ("auto", "shm", "grpc")
+
 # Answers of MapUserMemory meaning "this driver cannot use our memory" (it is
 # on another host, cannot open the file, or predates the RPC: UNIMPLEMENTED
 # arrives as EIO): use the gRPC data path.
