@@ -37,7 +37,7 @@ from driver.api.v1 import vfio_pb2 as pb
 from driver.api.v1 import vfio_pb2_grpc as pbg
 from driver.vfio.uapi import MigState
 from fwemu.cli import byte_size
-from fwemu.model.constants import GiB, MiB
+from fwemu.link.ifc import GiB, MiB
 from grpcsvc.server import CHANNEL_OPTIONS
 from vfioclient import VfioClient, VfioClientError
 

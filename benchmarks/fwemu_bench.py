@@ -28,8 +28,7 @@ import uvloop
 
 from fwemu.cli import byte_size
 from fwemu.link.grpc import GrpcLink
-from fwemu.model.constants import GiB, KiB, MiB
-from fwemu.model.firmware import SaveCompletion
+from fwemu.link.ifc import GiB, KiB, MiB, SaveCompletion
 
 sys.path.insert(0, str(Path(__file__).parent))
 from procs import FWEMU, served

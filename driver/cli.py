@@ -217,8 +217,8 @@ async def _connect(
 
 def _embedded_firmware(args: argparse.Namespace) -> Firmware:
     """The firmware model as `fwemu serve` builds it from the same options."""
+    from fwemu.link.ifc import VfConfig
     from fwemu.model.clock import LoopClock
-    from fwemu.model.vf import VfConfig
     from fwemu.scenario import build_firmware
 
     defaults = VfConfig(size=args.size, dirty_bytes_per_s=args.dirty_rate)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from fwemu.link.base import FirmwareLink, LinkError, ScenarioLink
-from fwemu.model.firmware import VfInfo
+from fwemu.link.ifc import VfInfo
 
 from .audit import AuditLog
 from .events import EventBus

@@ -20,8 +20,7 @@ from grpcsvc.server import ListenError, stop_on_signals
 
 from .demo import DemoError, run_demo
 from .link.base import LinkError
-from .model.constants import MiB
-from .model.vf import VfConfig
+from .link.ifc import MiB, VfConfig
 from .scenario import ScenarioError
 
 log = logging.getLogger("fwemu")

@@ -11,9 +11,16 @@ import time
 from dataclasses import dataclass, field
 
 from .link.base import FirmwareLink, ScenarioLink
-from .model.constants import PAGE_SIZE, CmdStatus, GiB, MigState, ResumeOpMod, SuspendOpMod
-from .model.firmware import SaveCompletion
-from .model.vf import VfConfig
+from .link.ifc import (
+    PAGE_SIZE,
+    CmdStatus,
+    GiB,
+    QueryVhcaMigState,
+    ResumeOpMod,
+    SaveCompletion,
+    SuspendOpMod,
+    VfConfig,
+)
 
 
 class DemoLink(FirmwareLink, ScenarioLink):
@@ -106,10 +113,10 @@ async def migrate_by_hand(
             rep.reconfigurations += 1
         q = await link.query_vhca_migration_state(src, incremental=True)
         _check("QUERY_VHCA_MIGRATION_STATE", q)
-        if q.migration_state == MigState.OPER_MIGRATION_INIT:
+        if q.migration_state == QueryVhcaMigState.OPER_MIGRATION_INIT:
             rep.init_seen += 1
         await save(
-            "init" if q.migration_state == MigState.OPER_MIGRATION_INIT else "dirty",
+            "init" if q.migration_state == QueryVhcaMigState.OPER_MIGRATION_INIT else "dirty",
             q.required_umem_size,
             True,
             True,

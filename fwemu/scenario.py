@@ -37,12 +37,19 @@ from pydantic import (
     model_validator,
 )
 
+from .link.ifc import (
+    CmdStatus,
+    Fault,
+    FaultKind,
+    FirmwareError,
+    Opcode,
+    VfCaps,
+    VfConfig,
+    obj_type_index,
+)
 from .model.clock import Clock
-from .model.constants import CmdStatus, Opcode
-from .model.device_state import obj_type_index
-from .model.faults import Fault, FaultKind
-from .model.firmware import Firmware, FirmwareError
-from .model.vf import Caps, Vf, VfConfig
+from .model.firmware import Firmware
+from .model.vf import Vf
 
 
 class ScenarioError(ValueError):
@@ -82,7 +89,7 @@ class CapsSpec(_Strict):
     migration_in_chunks: bool | None = None
     migration_state: bool | None = None
 
-    def overlay(self, base: Caps) -> Caps:
+    def overlay(self, base: VfCaps) -> VfCaps:
         return replace(base, **{k: v for k, v in self.model_dump().items() if v is not None})
 
 

@@ -601,7 +601,7 @@ async def run_scenario(args: argparse.Namespace, out: Out) -> None:
     try:
         if args.scenario_command == "vfs":
             if args.create:
-                from fwemu.model.vf import VfConfig
+                from fwemu.link.ifc import VfConfig
 
                 cfg = VfConfig(size=args.size) if args.size else None
                 await s.create_vfs(args.create, cfg)

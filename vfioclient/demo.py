@@ -61,10 +61,10 @@ async def embedded_services(
     service) in this process, on a loopback port: (driver, scenario) addresses."""
     from driver.registry import DeviceRegistry
     from driver.service.server import DriverServer
+    from fwemu.link.ifc import VfConfig
     from fwemu.link.inproc import InProcessLink
     from fwemu.model.clock import LoopClock
     from fwemu.model.firmware import Firmware
-    from fwemu.model.vf import VfConfig
 
     fw = Firmware(LoopClock(), seed=seed)
     fw.create_vfs(

@@ -22,10 +22,7 @@ from typing import Any
 
 from fwemu.link.base import LinkError
 from fwemu.link.grpc import GrpcLink
-from fwemu.model.constants import CmdStatus, Opcode, Syndrome
-from fwemu.model.faults import Fault, FaultKind
-from fwemu.model.firmware import VfInfo
-from fwemu.model.vf import VfConfig
+from fwemu.link.ifc import CmdStatus, Fault, FaultKind, Opcode, Syndrome, VfConfig, VfInfo
 
 __all__ = ["FAULT_KINDS", "ScenarioClient", "ScenarioClientError", "make_fault"]
 

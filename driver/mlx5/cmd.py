@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fwemu.link.base import FirmwareLink, HostBuffer, LinkError
-from fwemu.model.constants import (
+from fwemu.link.ifc import (
     HCA_CAP_OPMOD_GET_CUR,
+    PAGE_SIZE,
     CapType,
+    CmdResult,
     CmdStatus,
+    SaveCompletion,
     Syndrome,
-    status_to_errno,
 )
-from fwemu.model.firmware import CmdResult, SaveCompletion
 
 from ..vfio.errors import VfioError
 
@@ -29,7 +30,35 @@ if TYPE_CHECKING:
     from .main import Mlx5VfDevice
     from .migf import Mlx5VfMigrationFile
 
-PAGE_SIZE = 4096
+# mlx5_cmd_check(): the errno a synchronous command returns for a status.
+_CMD_STATUS_ERRNO = {
+    CmdStatus.OK: 0,
+    CmdStatus.INT_ERR: errno.EIO,
+    CmdStatus.BAD_OP_ERR: errno.EINVAL,
+    CmdStatus.BAD_PARAM_ERR: errno.EINVAL,
+    CmdStatus.BAD_SYS_STATE_ERR: errno.EIO,
+    CmdStatus.BAD_RES_ERR: errno.EINVAL,
+    CmdStatus.RES_BUSY: errno.EBUSY,
+    CmdStatus.NOT_READY: errno.EAGAIN,
+    CmdStatus.LIM_ERR: errno.ENOMEM,
+    CmdStatus.BAD_RES_STATE_ERR: errno.EINVAL,
+    CmdStatus.IX_ERR: errno.EINVAL,
+    CmdStatus.NO_RES_ERR: errno.EAGAIN,
+    CmdStatus.BAD_QP_STATE_ERR: errno.EINVAL,
+    CmdStatus.BAD_PKT_ERR: errno.EINVAL,
+    CmdStatus.BAD_SIZE_OUTS_CQES_ERR: errno.EINVAL,
+    CmdStatus.BAD_INP_LEN_ERR: errno.EIO,
+    CmdStatus.BAD_OUTP_LEN_ERR: errno.EIO,
+}
+
+
+def cmd_status_to_err(status: int) -> int:
+    """cmd_status_to_err() (mlx5 cmd.c): the errno for a firmware status (unknown -> EIO)."""
+    try:
+        return _CMD_STATUS_ERRNO[CmdStatus(status)]
+    except ValueError:
+        return errno.EIO
+
 
 # enum mlx5vf query flags (cmd.h)
 MLX5VF_QUERY_INC = 1 << 0
@@ -67,7 +96,7 @@ def check(r: CmdResult, what: str) -> None:
     """mlx5_cmd_check(): a failed command is the status's errno."""
     if r.status != CmdStatus.OK:
         raise VfioError(
-            status_to_errno(r.status),
+            cmd_status_to_err(r.status),
             f"{what} failed: status {r.status:#x} syndrome {r.syndrome:#x} {r.diagnostic}".strip(),
         )
 
@@ -262,7 +291,7 @@ class Commands:
                 raise link_errno(e) from None
             if not res.ok:
                 raise VfioError(
-                    status_to_errno(res.status),
+                    cmd_status_to_err(res.status),
                     f"SAVE_VHCA_STATE refused: status {res.status:#x} "
                     f"syndrome {res.syndrome:#x} {res.diagnostic}".strip(),
                 )

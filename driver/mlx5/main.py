@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fwemu.link.base import FirmwareLink
-from fwemu.model.constants import ResumeOpMod, SuspendOpMod
-from fwemu.model.firmware import SaveCompletion
+from fwemu.link.ifc import ResumeOpMod, SaveCompletion, SuspendOpMod
 
 from ..audit import AuditLog
 from ..events import EventBus, PrecopyAnswered, SaveCompleted, SaveFailed, StateChanged

@@ -14,8 +14,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from fwemu.link.base import LinkError
-from fwemu.model.constants import CmdStatus, MigState
-from fwemu.model.firmware import SaveCompletion
+from fwemu.link.ifc import PAGE_SIZE, CmdStatus, QueryVhcaMigState, SaveCompletion
 
 from ..vfio.errors import VfioError
 from ..vfio.precopy import vfio_check_precopy_ioctl
@@ -29,7 +28,6 @@ from .cmd import (
     MLX5_MIGF_HEADER_TAG_FW_DATA,
     MLX5_MIGF_HEADER_TAG_STOP_COPY_SIZE,
     MLX5VF_QUERY_INC,
-    PAGE_SIZE,
     STOP_COPY_DATA,
     DataBuffer,
     MigfState,
@@ -486,7 +484,8 @@ class Mlx5VfMigrationFile:
                 fw_init_end = self.max_pos + inc_length + HEADER_SIZE
                 # The MIG_PRECOPY_INFOv2 opt-in is the opt-in for REINIT too.
                 reinit = (
-                    mvdev.core.precopy_info_v2 and migration_state == MigState.OPER_MIGRATION_INIT
+                    mvdev.core.precopy_info_v2
+                    and migration_state == QueryVhcaMigState.OPER_MIGRATION_INIT
                 )
                 end_of_data = self.max_pos == self.f_pos
                 if reinit:
@@ -524,7 +523,9 @@ class Mlx5VfMigrationFile:
                 self,
                 info,
                 reinit,
-                fw_init_end=fw_init_end if migration_state == MigState.OPER_MIGRATION_INIT else 0,
+                fw_init_end=fw_init_end
+                if migration_state == QueryVhcaMigState.OPER_MIGRATION_INIT
+                else 0,
             )
         return info.pack()
 

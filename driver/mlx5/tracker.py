@@ -8,7 +8,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from fwemu.link.base import LinkError
-from fwemu.model.page_track import (
+from fwemu.link.ifc import (
     LOG_MAX_ADDR_SPACE,
     LOG_MAX_PAGE_SIZE,
     LOG_MIN_ADDR_SPACE,

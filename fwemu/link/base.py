@@ -22,17 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..model.faults import Fault
-from ..model.firmware import (
+from .ifc import (
     CmdResult,
+    Fault,
     HcaCapResult,
     PageTrackResult,
     QueryResult,
     SaveAccepted,
     SaveCompletion,
+    VfConfig,
     VfInfo,
 )
-from ..model.vf import VfConfig
 
 CompletionCallback = Callable[[SaveCompletion], None]
 

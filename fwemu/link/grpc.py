@@ -31,21 +31,23 @@ from ..api.v1 import firmware_pb2_grpc as fgrpc
 from ..api.v1 import scenario_pb2 as spb
 from ..api.v1 import scenario_pb2_grpc as sgrpc
 from ..hostmem import HostMemoryError, Segment, create_segment, unlink_segment
-from ..model.constants import CmdStatus, MiB, Syndrome
-from ..model.faults import Fault
-from ..model.firmware import (
+from ..service import convert
+from ..service.servicers import CLIENT_KEY
+from .base import ByteBuffer, CompletionCallback, LinkError
+from .ifc import (
     CmdResult,
+    CmdStatus,
+    Fault,
     HcaCapResult,
+    MiB,
     PageTrackResult,
     QueryResult,
     SaveAccepted,
     SaveCompletion,
+    Syndrome,
+    VfConfig,
     VfInfo,
 )
-from ..model.vf import VfConfig
-from ..service import convert
-from ..service.servicers import CLIENT_KEY
-from .base import ByteBuffer, CompletionCallback, LinkError
 
 T = TypeVar("T")
 MemoryMode = Literal["auto", "shm", "remote"]

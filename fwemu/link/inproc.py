@@ -12,22 +12,22 @@ import itertools
 from typing import Any, TypeVar
 
 from ..model.clock import VirtualClock, sleep
-from ..model.device_state import obj_type_index
-from ..model.faults import Fault
-from ..model.firmware import (
+from ..model.firmware import Firmware, vf_info
+from ..scenario import ScenarioError, apply_scenario, parse_scenario
+from .base import ByteBuffer, CompletionCallback, LinkError
+from .ifc import (
     CmdResult,
-    Firmware,
+    Fault,
     FirmwareError,
     HcaCapResult,
     PageTrackResult,
     QueryResult,
     SaveAccepted,
     SaveCompletion,
+    VfConfig,
     VfInfo,
+    obj_type_index,
 )
-from ..model.vf import VfConfig
-from ..scenario import ScenarioError, apply_scenario, parse_scenario
-from .base import ByteBuffer, CompletionCallback, LinkError
 
 R = TypeVar("R", bound=CmdResult)
 
@@ -159,19 +159,19 @@ class InProcessLink:
             raise LinkError(str(e)) from None
 
     async def create_vfs(self, count: int = 1, config: VfConfig | None = None) -> list[VfInfo]:
-        return [VfInfo.of(v) for v in self._guard(self.fw.create_vfs, count, config)]
+        return [vf_info(v) for v in self._guard(self.fw.create_vfs, count, config)]
 
     async def remove_vf(self, vhca_id: int) -> None:
         self._guard(self.fw.remove_vf, vhca_id)
 
     async def configure_vf(self, vhca_id: int, **changes: Any) -> VfInfo:
-        return VfInfo.of(self._guard(self.fw.configure_vf, vhca_id, **changes))
+        return vf_info(self._guard(self.fw.configure_vf, vhca_id, **changes))
 
     async def get_vf(self, vhca_id: int) -> VfInfo:
-        return VfInfo.of(self._guard(self.fw.touch, vhca_id))
+        return vf_info(self._guard(self.fw.touch, vhca_id))
 
     async def list_vfs(self) -> list[VfInfo]:
-        return [VfInfo.of(self.fw.touch(v)) for v in sorted(self.fw.vfs)]
+        return [vf_info(self.fw.touch(v)) for v in sorted(self.fw.vfs)]
 
     async def reconfigure(
         self,
@@ -201,7 +201,7 @@ class InProcessLink:
 
     async def apply_scenario(self, text: str) -> list[VfInfo]:
         try:
-            return [VfInfo.of(v) for v in apply_scenario(self.fw, parse_scenario(text))]
+            return [vf_info(v) for v in apply_scenario(self.fw, parse_scenario(text))]
         except ScenarioError as e:
             raise LinkError(str(e)) from None
 

@@ -16,9 +16,7 @@ from typing import overload
 
 import xxhash
 
-from .constants import PAGE_SIZE
-
-OBJ_TYPES: tuple[str, ...] = ("QP", "CQ", "MKEY", "EQ", "SRQ", "RQ", "SQ", "TIR", "TIS")
+from ..link.ifc import OBJ_TYPES, PAGE_SIZE
 
 # Object table serialization: arena size, next object id, count, then entries.
 _TABLE_HEAD = struct.Struct("<QII")
@@ -134,13 +132,6 @@ class DeviceObject:
     @property
     def type_name(self) -> str:
         return OBJ_TYPES[self.obj_type]
-
-
-def obj_type_index(name: str) -> int:
-    try:
-        return OBJ_TYPES.index(name.upper() if name else "QP")
-    except ValueError:
-        raise ValueError(f"unknown object type {name!r}; one of {', '.join(OBJ_TYPES)}") from None
 
 
 _POOL_SIZE = 1 << 20

@@ -12,23 +12,35 @@ import logging
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from .clock import Clock
-from .constants import (
+from ..link.ifc import (
     MAX_U16,
     MAX_U32,
     CapType,
+    CmdResult,
     CmdStatus,
-    MigState,
+    CompletionCallback,
+    Fault,
+    FaultKind,
+    FirmwareError,
+    HcaCapResult,
+    MkeyResult,
+    NoSuchVf,
     Opcode,
+    PageTrackResult,
+    QueryResult,
     ResumeOpMod,
+    SaveAccepted,
+    SaveCompletion,
     SuspendOpMod,
     Syndrome,
+    VfConfig,
+    VfInfo,
     enum_name,
 )
-from .faults import Fault, FaultKind
+from .clock import Clock
 from .image import (
     HEADER_SIZE,
     Cursor,
@@ -42,87 +54,11 @@ from .image import (
 )
 from .page_track import PageTracker, PageTrackError
 from .stats import FirmwareStats
-from .vf import ChunkedSave, LoadChain, ReconfigTrigger, Vf, VfConfig
+from .vf import ChunkedSave, LoadChain, ReconfigTrigger, Vf
+
+R = TypeVar("R", bound=CmdResult)
 
 log = logging.getLogger("fwemu.firmware")
-
-
-@dataclass(slots=True)
-class CmdResult:
-    """The outbox head: status and syndrome (0 = success)."""
-
-    status: int = CmdStatus.OK
-    syndrome: int = Syndrome.NONE
-    diagnostic: str = ""
-    # Emulator extension: an injected DELAY fault asks the adapter to answer later.
-    delay_s: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.status == CmdStatus.OK
-
-
-R = TypeVar("R", bound="CmdResult")
-
-
-@dataclass(slots=True)
-class HcaCapResult(CmdResult):
-    vhca_id: int = 0
-    migration: bool = False
-    adv_virtualization: bool = False
-    migratable: bool = False
-    migration_multi_load: bool = False
-    migration_tracking_state: bool = False
-    migration_in_chunks: bool = False
-    migration_state: bool = False
-    cap_type: int = CapType.GENERAL_DEVICE
-
-
-@dataclass(slots=True)
-class QueryResult(CmdResult):
-    migration_state: int = MigState.UNINITIALIZED
-    required_umem_size: int = 0
-    remaining_total_size: int = 0
-
-
-@dataclass(slots=True)
-class SaveAccepted(CmdResult):
-    token: int = 0
-
-
-@dataclass(slots=True)
-class MkeyResult(CmdResult):
-    mkey: int = 0
-
-
-@dataclass(slots=True)
-class PageTrackResult(CmdResult):
-    obj_id: int = 0
-    dirty: list[int] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class SaveCompletion:
-    token: int
-    vhca_id: int
-    status: int
-    syndrome: int
-    actual_image_size: int
-    next_required_umem_size: int
-    timestamp: float
-    diagnostic: str = ""
-    opcode: int = Opcode.SAVE_VHCA_STATE
-
-
-CompletionCallback = Callable[[SaveCompletion], None]
-
-
-class FirmwareError(Exception):
-    """A scenario request the firmware cannot honour (not a command failure)."""
-
-
-class NoSuchVf(FirmwareError):
-    """No VF has that vhca_id."""
 
 
 @dataclass(slots=True)
@@ -1089,40 +1025,21 @@ def _as(cls: type[R], r: CmdResult) -> R:
     return cls(status=r.status, syndrome=r.syndrome, diagnostic=r.diagnostic, delay_s=r.delay_s)
 
 
-@dataclass(frozen=True, slots=True)
-class VfInfo:
+def vf_info(vf: Vf) -> VfInfo:
     """A snapshot of one VF for scenario clients."""
-
-    vf_id: int
-    vhca_id: int
-    function_id: int
-    config: VfConfig
-    initiator_suspended: bool
-    responder_suspended: bool
-    tracking: bool
-    migration_state: int
-    num_objects: int
-    saved_bytes: int
-    loaded_bytes: int
-    reconfigurations: int
-    save_in_flight: bool
-    seed: int
-
-    @classmethod
-    def of(cls, vf: Vf) -> VfInfo:
-        return cls(
-            vf_id=vf.vf_id,
-            vhca_id=vf.vhca_id,
-            function_id=vf.function_id,
-            config=replace(vf.config, seed=vf.seed),  # the seed in effect
-            initiator_suspended=vf.initiator_suspended,
-            responder_suspended=vf.responder_suspended,
-            tracking=vf.tracking,
-            migration_state=int(vf.migration_state()),
-            num_objects=len(vf.state.objects),
-            saved_bytes=vf.saved_bytes,
-            loaded_bytes=vf.loaded_bytes,
-            reconfigurations=vf.reconfigurations,
-            save_in_flight=vf.save_in_flight is not None,
-            seed=vf.seed,
-        )
+    return VfInfo(
+        vf_id=vf.vf_id,
+        vhca_id=vf.vhca_id,
+        function_id=vf.function_id,
+        config=replace(vf.config, seed=vf.seed),  # the seed in effect
+        initiator_suspended=vf.initiator_suspended,
+        responder_suspended=vf.responder_suspended,
+        tracking=vf.tracking,
+        migration_state=int(vf.migration_state()),
+        num_objects=len(vf.state.objects),
+        saved_bytes=vf.saved_bytes,
+        loaded_bytes=vf.loaded_bytes,
+        reconfigurations=vf.reconfigurations,
+        save_in_flight=vf.save_in_flight is not None,
+        seed=vf.seed,
+    )

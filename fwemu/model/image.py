@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from .constants import PAGE_SIZE, Syndrome
+from ..link.ifc import PAGE_SIZE, Syndrome
 from .device_state import Arena, DeviceObject, DeviceState, TableError
 
 MAGIC = b"VHCA"

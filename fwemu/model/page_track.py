@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Capabilities (cmd_hca_cap adv_virtualization: pg_track_*)
-LOG_MIN_PAGE_SIZE = 12
-LOG_MAX_PAGE_SIZE = 30
-MAX_NUM_RANGES = 32
-LOG_MIN_ADDR_SPACE = 12
-LOG_MAX_ADDR_SPACE = 56
+from ..link.ifc import (
+    LOG_MAX_ADDR_SPACE,
+    LOG_MAX_PAGE_SIZE,
+    LOG_MIN_ADDR_SPACE,
+    LOG_MIN_PAGE_SIZE,
+    MAX_NUM_RANGES,
+)
 
 
 class PageTrackError(ValueError):

@@ -4,64 +4,16 @@ migration context (dirty tracking, image chains, chunked saves, loads)."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import xxhash
 
-from .constants import PAGE_SIZE, KiB, MiB, MigState
-from .device_state import DeviceState, Workload, obj_type_index
+from ..link.ifc import PAGE_SIZE, QueryVhcaMigState, VfConfig, obj_type_index
+from .device_state import DeviceState, Workload
 from .faults import FaultQueue
 from .image import Cursor, ImageKind, Plan
 from .page_track import PageTracker
 from .pages import DIRTY, INIT, PageStates
-
-
-@dataclass(slots=True)
-class Caps:
-    """Migration capability bits of the VF's firmware (all set = current firmware)."""
-
-    migration: bool = True  # cmd_hca_cap.migration
-    adv_virtualization: bool = True  # cmd_hca_cap.adv_virtualization
-    migratable: bool = True  # cmd_hca_cap_2.migratable
-    migration_multi_load: bool = True
-    migration_tracking_state: bool = True
-    migration_in_chunks: bool = True
-    migration_state: bool = True  # the 2026 REINIT series
-
-    def migration_capable(self) -> bool:
-        """Whether the firmware does migration commands for this function at all.
-        (mlx5vf asks for more before it enables migration: multi_load and
-        tracking_state too; that is the driver's rule, not the firmware's.)"""
-        return self.migration and self.migratable
-
-
-@dataclass(slots=True)
-class VfConfig:
-    size: int = 4 * MiB
-    seed: int | None = None  # None: derived from the firmware seed and the VF number
-    dirty_bytes_per_s: int = 1 * MiB
-    save_bandwidth: int = 0  # bytes/s; 0 = unlimited
-    save_latency_s: float = 0.0
-    chunk_size: int = 8 * MiB
-    reconfig_bytes: int = 256 * KiB
-    caps: Caps = field(default_factory=Caps)
-
-    MIN_SIZE = 1 * KiB
-    MAX_SIZE = 16 << 30
-
-    def validate(self) -> None:
-        if not self.MIN_SIZE <= self.size <= self.MAX_SIZE:
-            raise ValueError(f"size must be between {self.MIN_SIZE} and {self.MAX_SIZE} bytes")
-        if self.seed is not None and not 0 <= self.seed < 1 << 64:
-            raise ValueError("seed must be a 64-bit unsigned value")
-        if self.dirty_bytes_per_s < 0 or self.save_bandwidth < 0:
-            raise ValueError("rates cannot be negative")
-        if not 0 <= self.save_latency_s <= 3600:
-            raise ValueError("save_latency_s must be between 0 and 3600 seconds")
-        if not PAGE_SIZE <= self.chunk_size <= (1 << 32) - PAGE_SIZE:
-            raise ValueError("chunk_size must be between 4 KiB and 4 GiB - 4 KiB")
-        if not 1 <= self.reconfig_bytes <= self.MAX_SIZE:
-            raise ValueError("reconfig_bytes must be positive")
 
 
 @dataclass(slots=True)
@@ -214,16 +166,16 @@ class Vf:
 
     # --- migration_state ---------------------------------------------------
 
-    def migration_state(self) -> MigState:
+    def migration_state(self) -> QueryVhcaMigState:
         if self.tracking:
             if self.table_dirty or self.pages.has_init:
-                return MigState.OPER_MIGRATION_INIT
+                return QueryVhcaMigState.OPER_MIGRATION_INIT
             if self.pages.has_dirty:
-                return MigState.OPER_MIGRATION_DIRTY
-            return MigState.OPER_MIGRATION_IDLE
+                return QueryVhcaMigState.OPER_MIGRATION_DIRTY
+            return QueryVhcaMigState.OPER_MIGRATION_IDLE
         if self.fully_suspended:
-            return MigState.OPER_MIGRATION_READY
-        return MigState.UNINITIALIZED
+            return QueryVhcaMigState.OPER_MIGRATION_READY
+        return QueryVhcaMigState.UNINITIALIZED
 
     # --- saving-side plans --------------------------------------------------
 

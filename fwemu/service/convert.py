@@ -7,19 +7,21 @@ from typing import Any
 
 from ..api.v1 import firmware_pb2 as fpb
 from ..api.v1 import scenario_pb2 as spb
-from ..model.faults import Fault, FaultKind
-from ..model.firmware import (
+from ..link.ifc import (
     CmdResult,
+    Fault,
+    FaultKind,
     HcaCapResult,
     PageTrackResult,
     QueryResult,
     SaveAccepted,
     SaveCompletion,
+    VfCaps,
+    VfConfig,
     VfInfo,
 )
-from ..model.vf import Caps, VfConfig
 
-_CAP_FIELDS = [f.name for f in fields(Caps)]
+_CAP_FIELDS = [f.name for f in fields(VfCaps)]
 _CONFIG_FIELDS = [f.name for f in fields(VfConfig) if f.name != "caps"]
 
 
@@ -155,11 +157,11 @@ def page_track_from_pb(m: fpb.PageTrackerResponse) -> PageTrackResult:
 # --- scenario values -----------------------------------------------------------
 
 
-def caps_to_pb(c: Caps) -> spb.Caps:
+def caps_to_pb(c: VfCaps) -> spb.Caps:
     return spb.Caps(**{n: getattr(c, n) for n in _CAP_FIELDS})
 
 
-def caps_overlay(base: Caps, m: spb.Caps) -> Caps:
+def caps_overlay(base: VfCaps, m: spb.Caps) -> VfCaps:
     return replace(base, **{n: getattr(m, n) for n in _CAP_FIELDS if m.HasField(n)})  # type: ignore[arg-type]
 
 
@@ -209,7 +211,7 @@ def vf_info_to_pb(v: VfInfo) -> spb.VfInfo:
 
 
 def vf_info_from_pb(m: spb.VfInfo) -> VfInfo:
-    caps = Caps(**{n: getattr(m.caps, n) for n in _CAP_FIELDS})
+    caps = VfCaps(**{n: getattr(m.caps, n) for n in _CAP_FIELDS})
     config = VfConfig(
         size=m.size,
         seed=m.seed,

@@ -8,8 +8,8 @@ import collections
 from dataclasses import dataclass
 
 from ..hostmem import HostMemoryError, Segment, open_segment
-from ..model.constants import MAX_U32, CmdStatus, Syndrome
-from ..model.firmware import CmdResult, Firmware, MkeyResult
+from ..link.ifc import MAX_U32, CmdResult, CmdStatus, MkeyResult, Syndrome
+from ..model.firmware import Firmware
 
 
 @dataclass

@@ -18,8 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from ..model.constants import CmdStatus, MigState, Opcode, enum_name
-from ..model.faults import FaultKind
+from ..link.ifc import CmdStatus, FaultKind, Opcode, QueryVhcaMigState, enum_name
 from ..model.firmware import Firmware
 from ..model.vf import Vf
 
@@ -74,7 +73,7 @@ class FirmwareCollector(Collector):
             SAVES_IN_FLIGHT, "SAVE_VHCA_STATE commands not yet completed.",
             value=sum(vf.save_in_flight is not None for vf in vfs),
         )  # fmt: skip
-        by_state = dict.fromkeys(MigState, 0)
+        by_state = dict.fromkeys(QueryVhcaMigState, 0)
         states = [(vf, vf.migration_state()) for vf in vfs]
         for _, st in states:
             by_state[st] += 1
@@ -96,7 +95,7 @@ class FirmwareCollector(Collector):
             yield from self._per_vf(states[: self.per_vf_limit])
 
     @staticmethod
-    def _per_vf(states: list[tuple[Vf, MigState]]) -> Iterator[Metric]:
+    def _per_vf(states: list[tuple[Vf, QueryVhcaMigState]]) -> Iterator[Metric]:
         saved = CounterMetricFamily(
             VF_SAVED_BYTES, "Image bytes saved, per VF (capped).", labels=["vhca_id"]
         )

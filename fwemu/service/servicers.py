@@ -14,10 +14,16 @@ from ..api.v1 import firmware_pb2 as fpb
 from ..api.v1 import firmware_pb2_grpc as fgrpc
 from ..api.v1 import scenario_pb2 as spb
 from ..api.v1 import scenario_pb2_grpc as sgrpc
+from ..link.ifc import (
+    CmdResult,
+    FirmwareError,
+    MiB,
+    NoSuchVf,
+    SaveCompletion,
+    obj_type_index,
+)
 from ..model.clock import Clock, VirtualClock, sleep
-from ..model.constants import MiB
-from ..model.device_state import obj_type_index
-from ..model.firmware import CmdResult, Firmware, FirmwareError, NoSuchVf, SaveCompletion, VfInfo
+from ..model.firmware import Firmware, vf_info
 from ..scenario import ScenarioError, apply_scenario, parse_scenario
 from . import convert
 from .memory import MkeyMemory
@@ -218,7 +224,7 @@ class ScenarioServicer(sgrpc.ScenarioServicer):
         await abort(context, code, str(e), reason=reason, domain=DOMAIN)
 
     def _info(self, vhca_id: int) -> spb.VfInfo:
-        return convert.vf_info_to_pb(VfInfo.of(self.fw.touch(vhca_id)))
+        return convert.vf_info_to_pb(vf_info(self.fw.touch(vhca_id)))
 
     async def CreateVfs(self, request: spb.CreateVfsRequest, context: Ctx) -> Any:
         try:
@@ -226,7 +232,7 @@ class ScenarioServicer(sgrpc.ScenarioServicer):
             vfs = self.fw.create_vfs(request.count or 1, config)
         except (FirmwareError, ValueError) as e:
             await self._fail(context, e)
-        return spb.CreateVfsResponse(vfs=[convert.vf_info_to_pb(VfInfo.of(v)) for v in vfs])
+        return spb.CreateVfsResponse(vfs=[convert.vf_info_to_pb(vf_info(v)) for v in vfs])
 
     async def RemoveVf(self, request: spb.RemoveVfRequest, context: Ctx) -> Any:
         try:
@@ -298,7 +304,7 @@ class ScenarioServicer(sgrpc.ScenarioServicer):
             vfs = apply_scenario(self.fw, parse_scenario(request.text))
         except ScenarioError as e:
             await self._fail(context, e)
-        return spb.ApplyScenarioResponse(vfs=[convert.vf_info_to_pb(VfInfo.of(v)) for v in vfs])
+        return spb.ApplyScenarioResponse(vfs=[convert.vf_info_to_pb(vf_info(v)) for v in vfs])
 
     async def GetClock(self, request: spb.ClockRequest, context: Ctx) -> Any:
         return spb.ClockResponse(now=self.fw.clock.now(), virtual=self.fw.clock.virtual)

@@ -69,10 +69,9 @@ from driver.vfio.uapi import (
     MigState,
 )
 from driver.vfio.usermem import UserMemory
+from fwemu.link.ifc import Fault, KiB, MiB, SaveCompletion, VfCaps, VfConfig
 from fwemu.link.inproc import InProcessLink
-from fwemu.model import Caps, Fault, Firmware, LoopClock, VfConfig, VirtualClock
-from fwemu.model.constants import KiB, MiB
-from fwemu.model.firmware import SaveCompletion
+from fwemu.model import Firmware, LoopClock, VirtualClock
 
 S = MigState
 T = TypeVar("T")
@@ -139,7 +138,7 @@ def vf_config(
         save_latency_s=latency,
         chunk_size=chunk_size,
         reconfig_bytes=reconfig_bytes,
-        caps=Caps(migration_in_chunks=chunks, migration_state=mig_state, **caps),
+        caps=VfCaps(migration_in_chunks=chunks, migration_state=mig_state, **caps),
     )
 
 

@@ -37,10 +37,10 @@ from driver.vfio.uapi import (
     MigState,
 )
 from fwemu.link.grpc import GrpcLink
+from fwemu.link.ifc import VfConfig
 from fwemu.link.inproc import InProcessLink
 from fwemu.model.clock import LoopClock
 from fwemu.model.firmware import Firmware
-from fwemu.model.vf import VfConfig
 from grpcsvc.errors import ErrorInfo, error_info
 from grpcsvc.server import CHANNEL_OPTIONS
 

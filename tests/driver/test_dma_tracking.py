@@ -22,9 +22,9 @@ from driver.vfio.uapi import (
 )
 from driver.vfio.usermem import UserMemory
 from fwemu.link.grpc import GrpcLink
+from fwemu.link.ifc import KiB, MiB, VfCaps, VfConfig
 from fwemu.link.inproc import InProcessLink
-from fwemu.model import Caps, Firmware, VfConfig, VirtualClock
-from fwemu.model.constants import KiB, MiB
+from fwemu.model import Firmware, VirtualClock
 from fwemu.service.server import FirmwareServer
 
 GiB = 1 << 30
@@ -40,7 +40,7 @@ def no_fd(file: object) -> int:
 async def fw_and_dev(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Firmware, Registered]]:
     fw = Firmware(VirtualClock(), seed=4)
     fw.create_vfs(1, VfConfig(size=256 * KiB, dirty_bytes_per_s=1 * MiB))
-    fw.create_vfs(1, VfConfig(size=64 * KiB, caps=Caps(adv_virtualization=False)))
+    fw.create_vfs(1, VfConfig(size=64 * KiB, caps=VfCaps(adv_virtualization=False)))
     server = None
     if request.param == "inproc":
         link = InProcessLink(fw)
@@ -147,7 +147,7 @@ async def test_many_ranges_are_combined(fw_and_dev):
 async def test_devices_without_adv_virtualization_have_no_log_ops():
     """log_ops only with cmd_hca_cap.adv_virtualization: PROBE of DMA logging is ENOTTY."""
     fw = Firmware(VirtualClock())
-    fw.create_vfs(1, VfConfig(size=64 * KiB, caps=Caps(adv_virtualization=False)))
+    fw.create_vfs(1, VfConfig(size=64 * KiB, caps=VfCaps(adv_virtualization=False)))
     (dev,) = await DeviceRegistry(InProcessLink(fw)).refresh()
     await dev.core.open()
     with pytest.raises(VfioError) as e:

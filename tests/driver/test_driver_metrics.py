@@ -11,11 +11,10 @@ from prometheus_client import CollectorRegistry
 from driver.registry import DeviceRegistry, pci_name
 from driver.service.server import DriverServer
 from driver.vfio.uapi import MigState
+from fwemu.link.ifc import KiB, VfConfig
 from fwemu.link.inproc import InProcessLink
 from fwemu.model.clock import LoopClock
-from fwemu.model.constants import KiB
 from fwemu.model.firmware import Firmware
-from fwemu.model.vf import VfConfig
 from tests.metrics.exposition import get, samples
 from vfioclient import VfioClient, VfioClientError
 

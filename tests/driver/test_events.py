@@ -35,11 +35,9 @@ from driver.events import (
     StateChanged,
 )
 from driver.vfio.uapi import VFIO_DEVICE_FEATURE_GET, VFIO_PRECOPY_INFO_REINIT, MigState
+from fwemu.link.ifc import CmdStatus, Fault, FaultKind, Opcode
 from fwemu.link.inproc import InProcessLink
-from fwemu.model import Fault
 from fwemu.model.clock import LoopClock
-from fwemu.model.constants import CmdStatus, Opcode
-from fwemu.model.faults import FaultKind
 from fwemu.model.firmware import Firmware
 from vfioclient import VfioClient, VfioClientError
 from vfioclient.client import EventStream

@@ -22,8 +22,7 @@ from mlx5_harness import (
     write_all,
 )
 
-from fwemu.model import CmdStatus, Fault, FaultKind, Opcode
-from fwemu.model.constants import KiB
+from fwemu.link.ifc import CmdStatus, Fault, FaultKind, KiB, Opcode
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -29,8 +29,7 @@ from mlx5_harness import (
 
 from driver.mlx5.cmd import MigfState
 from driver.vfio.uapi import MIG_DATA_SIZE, MIG_STATE, Feature
-from fwemu.model import CmdStatus, Fault, FaultKind, Opcode
-from fwemu.model.constants import KiB
+from fwemu.link.ifc import CmdStatus, Fault, FaultKind, KiB, Opcode
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -25,7 +25,7 @@ from mlx5_harness import (
 )
 
 from driver.vfio.uapi import VFIO_PRECOPY_INFO_REINIT
-from fwemu.model.constants import KiB, MiB
+from fwemu.link.ifc import KiB, MiB
 
 pytestmark = pytest.mark.timeout(60)
 

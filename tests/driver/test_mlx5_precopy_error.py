@@ -28,7 +28,7 @@ from mlx5_harness import (
 
 from driver.mlx5.cmd import MigfState
 from driver.vfio.uapi import VFIO_PRECOPY_INFO_REINIT
-from fwemu.model import CmdStatus, Fault, FaultKind, Syndrome
+from fwemu.link.ifc import CmdStatus, Fault, FaultKind, Syndrome
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -36,8 +36,7 @@ from driver.vfio.uapi import (
     VFIO_PRECOPY_INFO_REINIT,
     Feature,
 )
-from fwemu.model import CmdStatus, Fault, FaultKind, MigState, Opcode
-from fwemu.model.constants import KiB
+from fwemu.link.ifc import CmdStatus, Fault, FaultKind, KiB, Opcode, QueryVhcaMigState
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -190,11 +189,11 @@ async def test_v1_echoes_flags_and_never_reports_reinit(mlx5: Factory) -> None:
     await read_available(f)
 
     await env.reconfigure(dev)
-    assert (await dev.vf()).migration_state == MigState.OPER_MIGRATION_INIT
+    assert (await dev.vf()).migration_state == QueryVhcaMigState.OPER_MIGRATION_INIT
     mark = dev.mark()
     info = await precopy_info(f, flags=ECHO)
     inc = last_inc_query(dev, mark)
-    assert dev.cmds(mark)[0].result.migration_state == MigState.OPER_MIGRATION_INIT
+    assert dev.cmds(mark)[0].result.migration_state == QueryVhcaMigState.OPER_MIGRATION_INIT
     assert info.flags == ECHO
     assert (info.initial_bytes, info.dirty_bytes) == (0, inc + 16)
     await env.settle(dev)
@@ -239,7 +238,7 @@ async def test_v2_reinit_with_unread_bytes_queued(mlx5: Factory) -> None:
     assert dev.mvdev.stats.reinits == 1
 
     await env.settle(dev)
-    assert (await dev.vf()).migration_state != MigState.OPER_MIGRATION_INIT
+    assert (await dev.vf()).migration_state != QueryVhcaMigState.OPER_MIGRATION_INIT
     again = await precopy_info(f, flags=ECHO)
     assert again.flags == 0
     assert (again.initial_bytes, again.dirty_bytes) == (info.initial_bytes, 0)
@@ -311,7 +310,7 @@ async def test_no_reinit_in_pre_copy_p2p_where_the_firmware_is_not_queried(
     await f.read(10)
     await env.reconfigure(dev)
     await dev.set_state(S.PRE_COPY_P2P)
-    assert (await dev.vf()).migration_state == MigState.OPER_MIGRATION_INIT
+    assert (await dev.vf()).migration_state == QueryVhcaMigState.OPER_MIGRATION_INIT
 
     mark = dev.mark()
     info = await precopy_info(f, flags=ECHO)

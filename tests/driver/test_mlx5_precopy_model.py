@@ -25,7 +25,7 @@ from mlx5_harness import (
 
 from driver.vfio.errors import VfioError
 from driver.vfio.uapi import VFIO_PRECOPY_INFO_REINIT
-from fwemu.model.constants import KiB
+from fwemu.link.ifc import KiB
 
 pytestmark = pytest.mark.timeout(90)
 

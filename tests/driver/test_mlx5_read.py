@@ -28,7 +28,7 @@ from mlx5_harness import (
 from driver.mlx5.cmd import MigfState
 from driver.vfio.errors import VfioError
 from driver.vfio.uapi import PRECOPY_INFO, VFIO_DEVICE_FEATURE, VFIO_MIG_GET_PRECOPY_INFO
-from fwemu.model import CmdStatus, Fault, FaultKind, Opcode
+from fwemu.link.ifc import CmdStatus, Fault, FaultKind, Opcode
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -36,9 +36,9 @@ from mlx5_harness import (
 
 from driver.mlx5.cmd import MigfState
 from driver.registry import DeviceRegistry
+from fwemu.link.ifc import CmdStatus, KiB, Syndrome
 from fwemu.link.inproc import InProcessLink
-from fwemu.model import CmdStatus, Firmware, Syndrome, VirtualClock
-from fwemu.model.constants import KiB
+from fwemu.model import Firmware, VirtualClock
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -27,7 +27,7 @@ from mlx5_harness import (
     vf_config,
 )
 
-from fwemu.model.constants import KiB
+from fwemu.link.ifc import KiB
 
 pytestmark = pytest.mark.timeout(60)
 

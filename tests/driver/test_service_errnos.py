@@ -36,9 +36,7 @@ from driver.vfio.uapi import (
     Feature,
     MigState,
 )
-from fwemu.model.constants import CmdStatus, Opcode
-from fwemu.model.faults import Fault, FaultKind
-from fwemu.model.vf import Caps
+from fwemu.link.ifc import CmdStatus, Fault, FaultKind, Opcode, VfCaps
 
 S = MigState
 pytestmark = pytest.mark.grpc
@@ -82,7 +80,7 @@ async def test_migration_features_without_migration_are_enotty(
 ) -> None:
     """MIGRATION / MIG_DEVICE_STATE on a device without mig_ops -> -ENOTTY
     (mlx5vf enables migration only with every capability it needs)."""
-    (vf,) = await drv.create_vfs(caps=Caps(migration_tracking_state=False))
+    (vf,) = await drv.create_vfs(caps=VfCaps(migration_tracking_state=False))
     assert not (await client.device_info(vf.name)).migratable
     fd = await client.open_device(vf.name)
     await fails_with(client.device_feature(fd, 16, GET | Feature.MIGRATION, bytes(8)), errno.ENOTTY)

@@ -39,7 +39,7 @@ from driver.registry import pci_name
 from driver.vfio.uapi import VFIO_PRECOPY_INFO_REINIT, Feature, MigState
 from fwemu.link.base import ScenarioLink
 from fwemu.link.grpc import GrpcLink
-from fwemu.model.vf import VfConfig
+from fwemu.link.ifc import VfConfig
 
 S = MigState
 pytestmark = pytest.mark.grpc

@@ -42,7 +42,7 @@ from driver.vfio.uapi import (
     Feature,
     MigState,
 )
-from fwemu.model.vf import Caps
+from fwemu.link.ifc import VfCaps
 
 S = MigState
 PROBE = VFIO_DEVICE_FEATURE_PROBE
@@ -194,7 +194,7 @@ async def test_probe_shows_what_the_device_offers(drv: DriverUnderTest, client: 
     data for every feature the device has (DMA logging only with
     adv_virtualization: without it, ENOTTY)."""
     tracked, untracked = await drv.create_vfs(1) + await drv.create_vfs(
-        1, caps=Caps(adv_virtualization=False)
+        1, caps=VfCaps(adv_virtualization=False)
     )
     for vf, logging in [(tracked, True), (untracked, False)]:
         fd = await client.open_device(vf.name)

@@ -23,19 +23,18 @@ from typing import Any
 
 import pytest
 
-from fwemu.link.inproc import InProcessLink
-from fwemu.model import (
+from fwemu.link.ifc import (
     CmdResult,
-    Firmware,
+    KiB,
     QueryResult,
     ResumeOpMod,
     SaveAccepted,
     SaveCompletion,
     SuspendOpMod,
     VfConfig,
-    VirtualClock,
 )
-from fwemu.model.constants import KiB
+from fwemu.link.inproc import InProcessLink
+from fwemu.model import Firmware, VirtualClock
 
 # How long a test waits for something the firmware must deliver (real seconds).
 DELIVERY_TIMEOUT_S = 5.0

@@ -8,8 +8,7 @@ import asyncio
 
 import pytest
 
-from fwemu.model import Caps, CmdStatus, Syndrome
-from fwemu.model.constants import KiB
+from fwemu.link.ifc import CmdStatus, KiB, Syndrome, VfCaps
 
 BAD_PARAM = CmdStatus.BAD_PARAM_ERR
 UNKNOWN = 9  # no VF has this vhca_id
@@ -118,7 +117,7 @@ async def test_load_of_garbage_bytes_is_refused_not_raised(h):
 
 @pytest.mark.parametrize(
     "caps",
-    [Caps(migration=False), Caps(migratable=False)],
+    [VfCaps(migration=False), VfCaps(migratable=False)],
     ids=["migration", "migratable"],
 )
 @pytest.mark.parametrize("name", COMMANDS)
@@ -135,7 +134,7 @@ async def test_vf_without_tracking_cap_refuses_set_track_only(h):
     """Without cap_2.migration_tracking_state a SAVE with set_track is BAD_PARAM /
     CAP_MISSING; the firmware still saves without tracking (mlx5vf itself would
     not enable migration on such a function: that is the driver's rule)."""
-    vhca = await h.vf(size=64 * KiB, caps=Caps(migration_tracking_state=False))
+    vhca = await h.vf(size=64 * KiB, caps=VfCaps(migration_tracking_state=False))
     res = await command(h, "save", vhca)
     assert (res.status, res.syndrome) == (BAD_PARAM, Syndrome.CAP_MISSING), res
     await h.suspend_fully(vhca)

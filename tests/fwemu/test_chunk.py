@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fwemu.model import CmdStatus, Syndrome
-from fwemu.model.constants import KiB, MiB
+from fwemu.link.ifc import CmdStatus, KiB, MiB, Syndrome
 from fwemu.model.image import HEADER_SIZE
 
 # These tests move image bytes: run them with firmware-held memory too.

@@ -9,17 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fwemu.model import Firmware, VfConfig, VirtualClock
-from fwemu.model.constants import PAGE_SIZE, KiB, MiB
-from fwemu.model.device_state import (
-    OBJ_TYPES,
-    Arena,
-    DeviceState,
-    TableError,
-    Workload,
-    obj_type_index,
-    page_runs,
-)
+from fwemu.link.ifc import OBJ_TYPES, PAGE_SIZE, KiB, MiB, VfConfig, obj_type_index
+from fwemu.model import Firmware, VirtualClock
+from fwemu.model.device_state import Arena, DeviceState, TableError, Workload, page_runs
 
 sizes = st.integers(1 * KiB, 256 * KiB)
 seeds = st.integers(0, 2**64 - 1)

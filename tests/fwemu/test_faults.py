@@ -7,8 +7,7 @@ import asyncio
 import pytest
 
 from fwemu.link import LinkError
-from fwemu.model import CmdStatus, Fault, FaultKind, MigState, Opcode, Syndrome
-from fwemu.model.constants import KiB
+from fwemu.link.ifc import CmdStatus, Fault, FaultKind, KiB, Opcode, QueryVhcaMigState, Syndrome
 
 BAD_SYS_STATE = CmdStatus.BAD_SYS_STATE_ERR
 ODD_SYNDROME = 0x1234_5678
@@ -197,7 +196,7 @@ async def test_tracking_lost_fails_the_next_incremental_save_in_its_completion(h
     assert (await h.query(vhca)).ok
     await h.advance(0.3)
     q = await h.query(vhca, incremental=True)
-    assert q.migration_state == MigState.OPER_MIGRATION_DIRTY
+    assert q.migration_state == QueryVhcaMigState.OPER_MIGRATION_DIRTY
     pending = await h.save(vhca, q.required_umem_size, incremental=True, set_track=True)
     assert pending.accepted.status == CmdStatus.OK
     await h.advance(0)
@@ -209,7 +208,7 @@ async def test_tracking_lost_fails_the_next_incremental_save_in_its_completion(h
         assert refused.accepted.status == CmdStatus.BAD_RES_STATE_ERR, refused.accepted
     q = await h.query(vhca, incremental=True)
     assert q.required_umem_size == (await h.query(vhca)).required_umem_size
-    assert q.migration_state == MigState.UNINITIALIZED
+    assert q.migration_state == QueryVhcaMigState.UNINITIALIZED
     await h.suspend_fully(vhca)
     refused = await h.save(vhca, full, incremental=True)
     assert refused.accepted.status == CmdStatus.BAD_RES_STATE_ERR

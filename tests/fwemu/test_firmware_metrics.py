@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from fwemu.model import CmdStatus
-from fwemu.model.constants import KiB, MiB
-from fwemu.model.faults import Fault, FaultKind
+from fwemu.link.ifc import CmdStatus, Fault, FaultKind, KiB, MiB
 from fwemu.model.stats import Histogram
 from fwemu.service.metrics import FirmwareCollector
 from tests.metrics.exposition import Samples, get, samples

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from fwemu.model import CmdStatus, MigState, Syndrome
-from fwemu.model.constants import KiB
+from fwemu.link.ifc import CmdStatus, KiB, QueryVhcaMigState, Syndrome
 
 
 async def test_flr_resumes_a_suspended_vf(h):
@@ -22,10 +21,10 @@ async def test_flr_ends_tracking(h):
     vhca = await h.vf(size=64 * KiB, dirty_bytes_per_s=64 * KiB)
     await h.save_ok(vhca, (await h.query(vhca)).required_umem_size, set_track=True)
     await h.advance(0.5)
-    assert await h.mig_state(vhca) == MigState.OPER_MIGRATION_DIRTY
+    assert await h.mig_state(vhca) == QueryVhcaMigState.OPER_MIGRATION_DIRTY
     assert (await h.link.function_level_reset(vhca)).ok
     assert (await h.info(vhca)).tracking is False
-    assert await h.mig_state(vhca) == MigState.UNINITIALIZED
+    assert await h.mig_state(vhca) == QueryVhcaMigState.UNINITIALIZED
     pending = await h.save(vhca, 64 * KiB, incremental=True, set_track=True)
     assert pending.accepted.syndrome == Syndrome.NO_TRACKING
 

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from fwemu.model import Caps, CmdStatus, Syndrome
-from fwemu.model.constants import HCA_CAP_OPMOD_GET_CUR, HCA_CAP_OPMOD_GET_MAX, CapType, KiB
+from fwemu.link.ifc import (
+    HCA_CAP_OPMOD_GET_CUR,
+    HCA_CAP_OPMOD_GET_MAX,
+    CapType,
+    CmdStatus,
+    KiB,
+    Syndrome,
+    VfCaps,
+)
 
 GENERAL_DEVICE_CUR = (CapType.GENERAL_DEVICE << 1) | HCA_CAP_OPMOD_GET_CUR
 GENERAL_DEVICE_2_CUR = (CapType.GENERAL_DEVICE_2 << 1) | HCA_CAP_OPMOD_GET_CUR
@@ -60,9 +67,9 @@ async def test_get_max_op_mod_is_accepted_too(h):
 
 
 async def test_caps_are_settable_per_vf(h):
-    """A VF created with Caps(migration_state=False) is older firmware: it says so
+    """A VF created with VfCaps(migration_state=False) is older firmware: it says so
     in cap_2 while a sibling VF still has every bit."""
-    old = await h.vf(size=64 * KiB, caps=Caps(migration_state=False))
+    old = await h.vf(size=64 * KiB, caps=VfCaps(migration_state=False))
     new = await h.vf(size=64 * KiB)
     r_old = await h.link.query_hca_cap(op_mod=GENERAL_DEVICE_2_CUR, function_id=old)
     r_new = await h.link.query_hca_cap(op_mod=GENERAL_DEVICE_2_CUR, function_id=new)
@@ -75,11 +82,11 @@ async def test_caps_are_settable_per_vf(h):
 
 async def test_caps_without_chunks_or_migratable_are_reported(h):
     """Every capability bit is per VF, in cmd_hca_cap or cmd_hca_cap_2."""
-    vhca = await h.vf(size=64 * KiB, caps=Caps(migration_in_chunks=False, migratable=False))
+    vhca = await h.vf(size=64 * KiB, caps=VfCaps(migration_in_chunks=False, migratable=False))
     r2 = await h.link.query_hca_cap(op_mod=GENERAL_DEVICE_2_CUR, function_id=vhca)
     assert r2.ok, r2
     assert (r2.migration_in_chunks, r2.migratable) == (False, False)
-    vhca2 = await h.vf(size=64 * KiB, caps=Caps(migration=False))
+    vhca2 = await h.vf(size=64 * KiB, caps=VfCaps(migration=False))
     r = await h.link.query_hca_cap(op_mod=GENERAL_DEVICE_CUR, function_id=vhca2)
     assert r.ok, r
     assert r.migration is False

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fwemu.model import Syndrome
-from fwemu.model.constants import PAGE_SIZE, KiB
+from fwemu.link.ifc import PAGE_SIZE, KiB, Syndrome
 from fwemu.model.device_state import Arena, DeviceState, page_runs
 from fwemu.model.image import (
     HEADER_SIZE,

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import pytest
 import xxhash
 
-from fwemu.model import Caps, CmdStatus, Syndrome
-from fwemu.model.constants import KiB
+from fwemu.link.ifc import CmdStatus, KiB, Syndrome, VfCaps
 from fwemu.model.image import HEADER_SIZE
 
 # These tests move image bytes: run them with firmware-held memory too.
@@ -242,7 +241,7 @@ async def test_resuming_the_responder_ends_the_load_chain(h):
 async def test_vf_without_multi_load_accepts_exactly_one_load_per_suspension(h):
     """README: without migration_multi_load only one LOAD is accepted per suspension."""
     src = await h.vf(size=64 * KiB)
-    dst = await h.vf(size=64 * KiB, caps=Caps(migration_multi_load=False))
+    dst = await h.vf(size=64 * KiB, caps=VfCaps(migration_multi_load=False))
     await h.suspend_fully(src)
     img = await h.save_ok(src, (await h.query(src)).required_umem_size)
     await h.suspend(dst, 0)

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from fwemu.model import CmdStatus, Fault, FaultKind, MigState, Syndrome
-from fwemu.model.constants import PAGE_SIZE, KiB
+from fwemu.link.ifc import PAGE_SIZE, CmdStatus, Fault, FaultKind, KiB, QueryVhcaMigState, Syndrome
 
 # These tests move image bytes: run them with firmware-held memory too.
 pytestmark = pytest.mark.remote_memory
 
 CHUNK = 64 * KiB
-INIT = MigState.OPER_MIGRATION_INIT
+INIT = QueryVhcaMigState.OPER_MIGRATION_INIT
 
 
 def pages(n: int) -> int:
@@ -93,7 +92,7 @@ async def test_live_migration_by_hand_reproduces_the_source(h, chunk, trigger):
     if chunk:
         assert len(finals) >= 1
     images += finals
-    assert await h.mig_state(src) == MigState.OPER_MIGRATION_READY
+    assert await h.mig_state(src) == QueryVhcaMigState.OPER_MIGRATION_READY
 
     # Target: RUNNING -> RUNNING_P2P -> STOP -> RESUMING: LOAD each image.
     await h.advance(0.1)

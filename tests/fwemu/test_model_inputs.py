@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from fwemu.model import CmdStatus, Firmware, SaveCompletion, Syndrome, VfConfig, VirtualClock
-from fwemu.model.constants import KiB
+from fwemu.link.ifc import CmdStatus, KiB, SaveCompletion, Syndrome, VfConfig
+from fwemu.model import Firmware, VirtualClock
 
 BAD_PARAM = CmdStatus.BAD_PARAM_ERR
 

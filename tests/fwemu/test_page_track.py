@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fwemu.model import CmdStatus, Firmware, VfConfig, VirtualClock
-from fwemu.model.constants import KiB, MiB
+from fwemu.link.ifc import CmdStatus, KiB, MiB, VfConfig
+from fwemu.model import Firmware, VirtualClock
 from fwemu.model.page_track import PageTracker, PageTrackError
 
 GiB = 1 << 30
@@ -80,7 +80,7 @@ def test_one_tracker_per_function_and_destroy():
 
 
 def test_tracking_needs_adv_virtualization():
-    from fwemu.model import Caps
+    from fwemu.link.ifc import VfCaps as Caps
 
     fw = Firmware(VirtualClock())
     (vf,) = fw.create_vfs(1, VfConfig(size=64 * KiB, caps=Caps(adv_virtualization=False)))

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from fwemu.model import Caps, CmdStatus, MigState, Syndrome
-from fwemu.model.constants import PAGE_SIZE, KiB, MiB
+from fwemu.link.ifc import PAGE_SIZE, CmdStatus, KiB, MiB, QueryVhcaMigState, Syndrome, VfCaps
 from fwemu.model.image import HEADER_SIZE
 
-UNINITIALIZED = MigState.UNINITIALIZED
-IDLE = MigState.OPER_MIGRATION_IDLE
-READY = MigState.OPER_MIGRATION_READY
-DIRTY = MigState.OPER_MIGRATION_DIRTY
-INIT = MigState.OPER_MIGRATION_INIT
+UNINITIALIZED = QueryVhcaMigState.UNINITIALIZED
+IDLE = QueryVhcaMigState.OPER_MIGRATION_IDLE
+READY = QueryVhcaMigState.OPER_MIGRATION_READY
+DIRTY = QueryVhcaMigState.OPER_MIGRATION_DIRTY
+INIT = QueryVhcaMigState.OPER_MIGRATION_INIT
 
 
 async def start_tracking(h, vhca: int) -> bytes:
@@ -156,7 +155,9 @@ async def test_vf_without_the_migration_state_cap_always_reports_0(h):
     """A VF without cap_2.migration_state always reports 0, so it never causes a
     REINIT: running, tracking clean or dirty, after a reconfiguration, fully
     suspended."""
-    vhca = await h.vf(size=256 * KiB, dirty_bytes_per_s=128 * KiB, caps=Caps(migration_state=False))
+    vhca = await h.vf(
+        size=256 * KiB, dirty_bytes_per_s=128 * KiB, caps=VfCaps(migration_state=False)
+    )
     seen = [await h.mig_state(vhca)]
     await start_tracking(h, vhca)
     seen.append(await h.mig_state(vhca))
@@ -201,7 +202,7 @@ async def test_chunk_query_of_an_image_smaller_than_a_chunk(h):
 
 async def test_chunk_query_without_the_cap_is_chunks_unsupported(h):
     """QUERY(chunk=1) without cap_2.migration_in_chunks is BAD_PARAM / CHUNKS_UNSUPPORTED."""
-    vhca = await h.vf(size=64 * KiB, caps=Caps(migration_in_chunks=False))
+    vhca = await h.vf(size=64 * KiB, caps=VfCaps(migration_in_chunks=False))
     q = await h.query(vhca, chunk=True)
     assert (q.status, q.syndrome) == (CmdStatus.BAD_PARAM_ERR, Syndrome.CHUNKS_UNSUPPORTED)
     # The plain query still works.

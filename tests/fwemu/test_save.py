@@ -6,8 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fwemu.model import CmdStatus, MigState, Syndrome
-from fwemu.model.constants import PAGE_SIZE, KiB, MiB
+from fwemu.link.ifc import PAGE_SIZE, CmdStatus, KiB, MiB, QueryVhcaMigState, Syndrome
 from fwemu.model.image import HEADER_SIZE
 
 # These tests move image bytes: run them with firmware-held memory too.
@@ -175,13 +174,13 @@ async def test_tracked_partial_save_succeeds_and_leaves_the_rest_pending(h):
     assert c.status == 0, c
     assert HEADER_SIZE < c.actual_image_size <= small
     q = await h.query(src, incremental=True)
-    assert q.ok and q.migration_state == MigState.OPER_MIGRATION_DIRTY
+    assert q.ok and q.migration_state == QueryVhcaMigState.OPER_MIGRATION_DIRTY
     # The rest: about what did not fit (a header and a record header more).
     assert c.actual_image_size + q.required_umem_size >= full - PAGE_SIZE
     assert q.required_umem_size > full - small - PAGE_SIZE
     img1 = await h.save_ok(src, q.required_umem_size, incremental=True, set_track=True)
     q = await h.query(src, incremental=True)
-    assert (q.required_umem_size, q.migration_state) == (0, MigState.OPER_MIGRATION_IDLE)
+    assert (q.required_umem_size, q.migration_state) == (0, QueryVhcaMigState.OPER_MIGRATION_IDLE)
     await h.suspend_fully(src)
     q = await h.query(src, incremental=True)
     assert q.required_umem_size == 0  # nothing left: the final image is empty
@@ -207,7 +206,7 @@ async def test_final_full_image_too_small_is_buffer_too_small(h):
     await h.link.dma_sync_for_cpu(pending.buf, 0, full - 1)
     assert bytes(pending.buf.view[: full - 1]) == bytes(full - 1)
     # The VF is still ready for a final SAVE that fits.
-    assert await h.mig_state(vhca) == MigState.OPER_MIGRATION_READY
+    assert await h.mig_state(vhca) == QueryVhcaMigState.OPER_MIGRATION_READY
     assert len(await h.save_ok(vhca, full)) <= full
 
 
@@ -234,10 +233,10 @@ async def test_refused_final_incremental_save_keeps_the_tracking_session(h):
     await h.advance(0.5)
     await h.suspend_fully(vhca)
     q = await h.query(vhca, incremental=True)
-    assert q.migration_state == MigState.OPER_MIGRATION_DIRTY
+    assert q.migration_state == QueryVhcaMigState.OPER_MIGRATION_DIRTY
     refused = await h.save(vhca, q.required_umem_size - 1, incremental=True)
     assert refused.accepted.syndrome == Syndrome.BUFFER_TOO_SMALL
-    assert await h.mig_state(vhca) == MigState.OPER_MIGRATION_DIRTY
+    assert await h.mig_state(vhca) == QueryVhcaMigState.OPER_MIGRATION_DIRTY
     retry = await h.save(vhca, q.required_umem_size, incremental=True)
     assert retry.accepted.ok, retry.accepted
 
@@ -326,7 +325,7 @@ async def test_untracked_full_save_on_a_running_vf_is_the_precopy_cleanup(h, wit
     vhca = await h.vf(size=64 * KiB, dirty_bytes_per_s=64 * KiB)
     await h.save_ok(vhca, (await h.query(vhca)).required_umem_size, set_track=True)
     await h.advance(0.5)
-    assert await h.mig_state(vhca) == MigState.OPER_MIGRATION_DIRTY
+    assert await h.mig_state(vhca) == QueryVhcaMigState.OPER_MIGRATION_DIRTY
     assert (await h.info(vhca)).tracking is True
     if with_buffer:
         size = (await h.query(vhca, incremental=True)).required_umem_size
@@ -341,7 +340,7 @@ async def test_untracked_full_save_on_a_running_vf_is_the_precopy_cleanup(h, wit
         await h.link.dma_sync_for_cpu(pending.buf, 0, pending.buf.length)
         assert bytes(pending.buf.view) == bytes(pending.buf.length)
     assert (await h.info(vhca)).tracking is False
-    assert await h.mig_state(vhca) == MigState.UNINITIALIZED
+    assert await h.mig_state(vhca) == QueryVhcaMigState.UNINITIALIZED
     pending = await h.save(vhca, 4096, incremental=True, set_track=True)
     assert pending.accepted.syndrome == Syndrome.NO_TRACKING
 
@@ -408,7 +407,7 @@ async def test_tracked_save_sized_by_an_earlier_query_survives_new_dirty_pages(h
     c = await h.completion(pending)
     assert c.status == 0
     assert 0 < c.actual_image_size <= size
-    assert await h.mig_state(vhca) == MigState.OPER_MIGRATION_DIRTY
+    assert await h.mig_state(vhca) == QueryVhcaMigState.OPER_MIGRATION_DIRTY
     assert (await h.query(vhca, incremental=True)).required_umem_size > 0
 
 
@@ -443,12 +442,12 @@ async def test_incremental_save_takes_new_initial_data_before_dirty_pages(h):
     vhca = await h.vf(size=256 * KiB, dirty_bytes_per_s=8 * KiB)
     await h.save_ok(vhca, (await h.query(vhca)).required_umem_size, set_track=True)
     await h.advance(0.5)  # one page write
-    assert await h.mig_state(vhca) == MigState.OPER_MIGRATION_DIRTY
+    assert await h.mig_state(vhca) == QueryVhcaMigState.OPER_MIGRATION_DIRTY
     await h.link.reconfigure(vhca, [("QP", 64 * KiB)])
     q = await h.query(vhca, incremental=True)
-    assert q.migration_state == MigState.OPER_MIGRATION_INIT
+    assert q.migration_state == QueryVhcaMigState.OPER_MIGRATION_INIT
     c, _ = await h.save_done(vhca, q.required_umem_size - 1, incremental=True, set_track=True)
     assert c.status == 0, c
-    assert await h.mig_state(vhca) == MigState.OPER_MIGRATION_DIRTY
+    assert await h.mig_state(vhca) == QueryVhcaMigState.OPER_MIGRATION_DIRTY
     rest = await h.query(vhca, incremental=True)
     assert rest.required_umem_size == HEADER_SIZE + 16 + PAGE_SIZE

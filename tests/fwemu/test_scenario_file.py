@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fwemu.model import CmdStatus, Firmware, FirmwareError, Opcode, VfConfig, VirtualClock
-from fwemu.model.constants import KiB, MiB
+from fwemu.link.ifc import CmdStatus, FirmwareError, KiB, MiB, Opcode, VfConfig
+from fwemu.model import Firmware, VirtualClock
 from fwemu.scenario import (
     ScenarioError,
     apply_scenario,

@@ -8,8 +8,7 @@ from dataclasses import replace
 import pytest
 
 from fwemu.link import LinkError
-from fwemu.model import Caps, Fault, FaultKind, Opcode, VfConfig
-from fwemu.model.constants import KiB, MiB
+from fwemu.link.ifc import Fault, FaultKind, KiB, MiB, Opcode, VfCaps, VfConfig
 
 SCENARIO = """
 seed: 42
@@ -235,7 +234,7 @@ events:
 async def test_create_configure_remove(h):
     """VFs are created with their config, reconfigured (not in size) and removed; a removed VF is
     unknown to scenario requests and commands."""
-    [a, b] = await h.link.create_vfs(2, VfConfig(size=64 * KiB, caps=Caps(migration_state=False)))
+    [a, b] = await h.link.create_vfs(2, VfConfig(size=64 * KiB, caps=VfCaps(migration_state=False)))
     assert (a.vhca_id, b.vhca_id) == (1, 2)
     assert (a.function_id, a.vf_id) == (1, 0)
     info = await h.link.configure_vf(1, dirty_bytes_per_s=2 * MiB, save_latency_s=0.25)
@@ -310,7 +309,7 @@ async def test_fault_from_scenario_and_link_agree(h):
 async def test_vf_info_reports_the_config_as_given(h, request):
     """Both links return the same VfInfo for the same request: the VfConfig as
     given, with the seed in effect filled in (derived when given as None)."""
-    config = VfConfig(size=64 * KiB, caps=Caps(migration_state=False))
+    config = VfConfig(size=64 * KiB, caps=VfCaps(migration_state=False))
     [info] = await h.link.create_vfs(1, config)
     assert info.seed != 0
     assert info.config == replace(config, seed=info.seed)

@@ -6,8 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fwemu.model import CmdStatus, ResumeOpMod, SuspendOpMod, Syndrome
-from fwemu.model.constants import KiB
+from fwemu.link.ifc import CmdStatus, KiB, ResumeOpMod, SuspendOpMod, Syndrome
 
 SUSPEND_INITIATOR = SuspendOpMod.SUSPEND_INITIATOR
 SUSPEND_RESPONDER = SuspendOpMod.SUSPEND_RESPONDER

@@ -27,11 +27,10 @@ from driver.vfio.errors import VfioError
 from driver.vfio.uapi import MigState
 from fwemu.cli import shard_from_hostname
 from fwemu.link.base import LinkError
+from fwemu.link.ifc import KiB, VfConfig, VfInfo
 from fwemu.link.inproc import InProcessLink
 from fwemu.model.clock import LoopClock
-from fwemu.model.constants import KiB
-from fwemu.model.firmware import Firmware, VfInfo
-from fwemu.model.vf import VfConfig
+from fwemu.model.firmware import Firmware
 
 # --- SPEC parsing ---------------------------------------------------------------------------
 

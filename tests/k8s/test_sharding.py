@@ -23,7 +23,7 @@ import pytest
 from benchmarks.procs import DRIVER, FWEMU, served
 from driver.shards import SHARDS_ENV, parse_shards, pci_name
 from driver.vfio.uapi import MigState
-from fwemu.model.firmware import VfInfo
+from fwemu.link.ifc import VfInfo
 from vfioclient import VfioClient
 from vfioclient.cli import main as vfioctl
 from vfioclient.scenario import ScenarioClient

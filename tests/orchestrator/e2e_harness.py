@@ -25,8 +25,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from benchmarks.procs import DRIVER, FWEMU, served
-from fwemu.model.constants import MiB
-from fwemu.model.vf import Caps, VfConfig
+from fwemu.link.ifc import MiB, VfCaps, VfConfig
 from vfioclient import VfioClient
 from vfioclient.orchestrator import DeviceMigration, DevicePair, MigrationOptions
 from vfioclient.scenario import ScenarioClient
@@ -165,4 +164,14 @@ async def rig(topo: Topology) -> AsyncIterator[Rig]:
         await scenario.aclose()
 
 
-__all__ = ["Caps", "Pair", "Rig", "Topology", "embedded", "options", "pci", "rig", "three_process"]
+__all__ = [
+    "Pair",
+    "Rig",
+    "Topology",
+    "VfCaps",
+    "embedded",
+    "options",
+    "pci",
+    "rig",
+    "three_process",
+]

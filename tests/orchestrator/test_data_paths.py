@@ -21,7 +21,7 @@ from e2e_harness import QUIET, Rig, Topology, options, rig
 
 from benchmarks.procs import DRIVER, FWEMU, served
 from driver.vfio.uapi import MigState
-from fwemu.model.constants import MiB
+from fwemu.link.ifc import MiB
 from vfioclient.orchestrator import MigrationError, MigrationReport, migrate
 
 pytestmark = pytest.mark.grpc

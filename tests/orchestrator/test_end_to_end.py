@@ -15,8 +15,7 @@ import pytest
 from e2e_harness import Rig, Topology, embedded, options, pci, rig, three_process
 
 from driver.vfio.uapi import MigState
-from fwemu.model.constants import MiB
-from fwemu.model.vf import Caps
+from fwemu.link.ifc import MiB, VfCaps
 from vfioclient.orchestrator import DevicePair, MigrationError, MigrationReport, migrate
 
 pytestmark = pytest.mark.grpc
@@ -176,7 +175,7 @@ async def test_reinit_after_the_switchover_decision_fails(re: Rig) -> None:
 @pytest.mark.parametrize("mode", ["embedded", "three-process"])
 async def test_no_migration_state_cap_never_reinits(mode: str, re: Rig, r3: Rig) -> None:
     rg = re if mode == "embedded" else r3
-    (p,) = await rg.pairs(1, caps=Caps(migration_state=False))
+    (p,) = await rg.pairs(1, caps=VfCaps(migration_state=False))
     o = rg.digest_hook([p])
 
     async def early(it: int) -> None:  # a reconfiguration before the ack too
@@ -200,7 +199,7 @@ async def test_no_migration_state_cap_never_reinits(mode: str, re: Rig, r3: Rig)
 
 @pytest.mark.parametrize("cap", ["migration", "migratable"])
 async def test_unmigratable_vf_is_listed_and_refused(cap: str, re: Rig) -> None:
-    (bad,) = await re.create(1, caps=Caps(**{cap: False}))
+    (bad,) = await re.create(1, caps=VfCaps(**{cap: False}))
     (good,) = await re.create(1)
     infos = {v.vhca_id: v for v in await re.scenario.list_vfs()}
     devs = {d.vhca_id: d for d in await re.src.list_devices()}

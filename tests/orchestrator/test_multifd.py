@@ -20,10 +20,10 @@ from usermem_recorder import record_user_memory
 from driver.registry import DeviceRegistry, pci_name
 from driver.service.server import DriverServer
 from driver.vfio.uapi import MigState
+from fwemu.link.ifc import VfConfig
 from fwemu.link.inproc import InProcessLink
 from fwemu.model.clock import LoopClock
 from fwemu.model.firmware import Firmware
-from fwemu.model.vf import VfConfig
 from vfioclient import VfioClient
 from vfioclient.orchestrator import (
     DeviceMigration,

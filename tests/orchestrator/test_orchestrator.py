@@ -20,12 +20,10 @@ import pytest
 from driver.registry import DeviceRegistry, pci_name
 from driver.service.server import DriverServer
 from driver.vfio.uapi import MigState
+from fwemu.link.ifc import Fault, FaultKind, Opcode, VfCaps, VfConfig
 from fwemu.link.inproc import InProcessLink
 from fwemu.model.clock import LoopClock
-from fwemu.model.constants import Opcode
-from fwemu.model.faults import Fault, FaultKind
 from fwemu.model.firmware import Firmware
-from fwemu.model.vf import Caps, VfConfig
 from vfioclient import VfioClient
 from vfioclient.orchestrator import (
     DeviceMigration,
@@ -142,7 +140,7 @@ async def test_reinit_during_precopy_rearms_the_ack(rig: Rig) -> None:
 
 
 async def test_no_migration_state_cap_never_reinits(rig: Rig) -> None:
-    pair, s, d = await rig.pair(caps=Caps(migration_state=False))
+    pair, s, d = await rig.pair(caps=VfCaps(migration_state=False))
     o = reconfigure_on_first_ack(rig.fw, {pair.name: s})
     o.on_destinations_loaded = rig.digest_hook([(s, d)]).on_destinations_loaded
     r = await migrate([pair], o)

@@ -13,10 +13,9 @@ from fwemu.api.v1 import scenario_pb2, scenario_pb2_grpc
 from fwemu.demo import migrate_by_hand
 from fwemu.link.base import ByteBuffer, LinkError
 from fwemu.link.grpc import GrpcLink, ShmBuffer
-from fwemu.model import CmdStatus, Firmware, Syndrome, VfConfig, VirtualClock
+from fwemu.link.ifc import CmdStatus, MiB, SaveCompletion, Syndrome, VfConfig
+from fwemu.model import Firmware, VirtualClock
 from fwemu.model.clock import LoopClock
-from fwemu.model.constants import MiB
-from fwemu.model.firmware import SaveCompletion
 from fwemu.service.server import FirmwareServer
 from grpcsvc.errors import error_info
 

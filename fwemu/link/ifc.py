@@ -1,0 +1,385 @@
+"""The firmware interface: the counterpart of include/linux/mlx5/mlx5_ifc.h.
+
+Everything a driver, a link adapter or a scenario client needs to know about the
+emulated firmware, and nothing of how the model keeps its state: opcodes,
+statuses, syndromes, op_mods, capability limits, the command results (the
+outbox fields), the asynchronous SAVE completion, and the scenario's value types
+(VF configuration, faults, VF snapshots).  The device model (fwemu.model)
+implements this interface; the driver (driver/) and both link adapters
+(fwemu.link.grpc, fwemu.link.inproc) only ever import it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+MiB = 1 << 20
+KiB = 1 << 10
+GiB = 1 << 30
+
+# MLX5_ADAPTER_PAGE_SIZE: the unit of page-granular sizes and of dirty tracking.
+PAGE_SIZE = 4096
+MAX_U32 = (1 << 32) - 1
+MAX_U16 = (1 << 16) - 1
+
+
+class Opcode(enum.IntEnum):
+    """MLX5_CMD_OP_*."""
+
+    QUERY_HCA_CAP = 0x100
+    CREATE_MKEY = 0x200
+    DESTROY_MKEY = 0x202
+    SUSPEND_VHCA = 0x115
+    RESUME_VHCA = 0x116
+    QUERY_VHCA_MIGRATION_STATE = 0x117
+    SAVE_VHCA_STATE = 0x118
+    LOAD_VHCA_STATE = 0x119
+    CREATE_GENERAL_OBJECT = 0xA00
+    MODIFY_GENERAL_OBJECT = 0xA01
+    DESTROY_GENERAL_OBJECT = 0xA03
+
+
+class CmdStatus(enum.IntEnum):
+    """MLX5_CMD_STAT_*: the outbox status byte."""
+
+    OK = 0x0
+    INT_ERR = 0x1
+    BAD_OP_ERR = 0x2
+    BAD_PARAM_ERR = 0x3
+    BAD_SYS_STATE_ERR = 0x4
+    BAD_RES_ERR = 0x5
+    RES_BUSY = 0x6
+    NOT_READY = 0x7
+    LIM_ERR = 0x8
+    BAD_RES_STATE_ERR = 0x9
+    IX_ERR = 0xA
+    NO_RES_ERR = 0xF
+    BAD_QP_STATE_ERR = 0x10
+    BAD_PKT_ERR = 0x30
+    BAD_SIZE_OUTS_CQES_ERR = 0x40
+    BAD_INP_LEN_ERR = 0x50
+    BAD_OUTP_LEN_ERR = 0x51
+
+
+class SuspendOpMod(enum.IntEnum):
+    """MLX5_SUSPEND_VHCA_IN_OP_MOD_*."""
+
+    SUSPEND_INITIATOR = 0
+    SUSPEND_RESPONDER = 1
+
+
+class ResumeOpMod(enum.IntEnum):
+    """MLX5_RESUME_VHCA_IN_OP_MOD_* (note the numbering is swapped w.r.t. SUSPEND)."""
+
+    RESUME_RESPONDER = 0
+    RESUME_INITIATOR = 1
+
+
+class QueryVhcaMigState(enum.IntEnum):
+    """MLX5_QUERY_VHCA_MIG_STATE_* (query_vhca_migration_state_out.migration_state).
+
+    The kernel names these and only tests for OPER_MIGRATION_INIT; the meaning of
+    the others is this emulator's choice (README, "migration_state"):
+
+    * UNINITIALIZED: no tracking session and the VF is not fully suspended.
+    * OPER_MIGRATION_IDLE: tracking, nothing changed since the last tracked SAVE.
+    * OPER_MIGRATION_READY: no tracking session and the VF is fully suspended:
+      its state is frozen and a final SAVE captures all of it.
+    * OPER_MIGRATION_DIRTY: tracking, state dirtied since the last tracked SAVE.
+    * OPER_MIGRATION_INIT: tracking, and a reconfiguration added initial data
+      that no tracked SAVE has captured yet (takes precedence over DIRTY).
+    """
+
+    UNINITIALIZED = 0x0
+    OPER_MIGRATION_IDLE = 0x1
+    OPER_MIGRATION_READY = 0x2
+    OPER_MIGRATION_DIRTY = 0x3
+    OPER_MIGRATION_INIT = 0x4
+
+
+class CapType(enum.IntEnum):
+    """MLX5_SET_HCA_CAP_OP_MOD_*: QUERY_HCA_CAP op_mod = (type << 1) | cur."""
+
+    GENERAL_DEVICE = 0x0
+    GENERAL_DEVICE_2 = 0x20
+
+
+HCA_CAP_OPMOD_GET_MAX = 0
+HCA_CAP_OPMOD_GET_CUR = 1
+
+
+class Syndrome(enum.IntEnum):
+    """The emulator's syndromes.  Real syndromes are opaque 32-bit values from
+    the PRM; these name the rule a command broke so that tests and users can
+    tell failures apart.  The high half spells 'FW'."""
+
+    NONE = 0
+    UNKNOWN_VHCA = 0x46570001
+    BAD_OP_MOD = 0x46570002
+    BAD_SIZE = 0x46570003
+    UNKNOWN_MKEY = 0x46570004
+    MKEY_RANGE = 0x46570005
+    FIELD_RANGE = 0x46570006
+    SAVE_IN_FLIGHT = 0x46570010
+    NO_TRACKING = 0x46570011
+    TRACKING_LOST = 0x46570012
+    NOT_SUSPENDED = 0x46570013
+    BUFFER_TOO_SMALL = 0x46570014
+    IMAGE_TOO_LARGE = 0x46570015
+    NOT_MIGRATABLE = 0x46570016
+    CHUNKS_UNSUPPORTED = 0x46570017
+    NOT_RUNNING = 0x46570018
+    ALREADY_SUSPENDED = 0x46570019
+    INITIATOR_RUNNING = 0x4657001A
+    RESPONDER_SUSPENDED = 0x4657001B
+    MIGRATION_BUSY = 0x4657001C
+    IMAGE_BAD_MAGIC = 0x46570020
+    IMAGE_TRUNCATED = 0x46570021
+    IMAGE_CHECKSUM = 0x46570022
+    IMAGE_FOREIGN = 0x46570023
+    IMAGE_OUT_OF_ORDER = 0x46570024
+    IMAGE_MALFORMED = 0x46570025
+    NO_MEMORY = 0x46570026
+    CAP_MISSING = 0x46570027
+    ABORTED = 0x46570028
+    IMAGE_TRAILING = 0x46570029
+    TOO_MANY_MKEYS = 0x4657002A
+    INJECTED = 0x465700FF
+
+
+def enum_name(cls: type[enum.IntEnum], value: int) -> str:
+    """The member's name, or the number when the enum has no such member."""
+    try:
+        return cls(value).name
+    except ValueError:
+        return str(value)
+
+
+# Capabilities (cmd_hca_cap adv_virtualization: pg_track_*)
+LOG_MIN_PAGE_SIZE = 12
+LOG_MAX_PAGE_SIZE = 30
+MAX_NUM_RANGES = 32
+LOG_MIN_ADDR_SPACE = 12
+LOG_MAX_ADDR_SPACE = 56
+
+
+# The object kinds of a VF's object table (what a reconfiguration adds).
+OBJ_TYPES: tuple[str, ...] = ("QP", "CQ", "MKEY", "EQ", "SRQ", "RQ", "SQ", "TIR", "TIS")
+
+
+def obj_type_index(name: str) -> int:
+    try:
+        return OBJ_TYPES.index(name.upper() if name else "QP")
+    except ValueError:
+        raise ValueError(f"unknown object type {name!r}; one of {', '.join(OBJ_TYPES)}") from None
+
+
+# ---------------------------------------------------------------------------
+# Command results: the outbox of each command
+# ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class CmdResult:
+    """The outbox head: status and syndrome (0 = success)."""
+
+    status: int = CmdStatus.OK
+    syndrome: int = Syndrome.NONE
+    diagnostic: str = ""
+    # Emulator extension: an injected DELAY fault asks the adapter to answer later.
+    delay_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == CmdStatus.OK
+
+
+R = TypeVar("R", bound="CmdResult")
+
+
+@dataclass(slots=True)
+class HcaCapResult(CmdResult):
+    vhca_id: int = 0
+    migration: bool = False
+    adv_virtualization: bool = False
+    migratable: bool = False
+    migration_multi_load: bool = False
+    migration_tracking_state: bool = False
+    migration_in_chunks: bool = False
+    migration_state: bool = False
+    cap_type: int = CapType.GENERAL_DEVICE
+
+
+@dataclass(slots=True)
+class QueryResult(CmdResult):
+    migration_state: int = QueryVhcaMigState.UNINITIALIZED
+    required_umem_size: int = 0
+    remaining_total_size: int = 0
+
+
+@dataclass(slots=True)
+class SaveAccepted(CmdResult):
+    token: int = 0
+
+
+@dataclass(slots=True)
+class MkeyResult(CmdResult):
+    mkey: int = 0
+
+
+@dataclass(slots=True)
+class PageTrackResult(CmdResult):
+    obj_id: int = 0
+    dirty: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SaveCompletion:
+    token: int
+    vhca_id: int
+    status: int
+    syndrome: int
+    actual_image_size: int
+    next_required_umem_size: int
+    timestamp: float
+    diagnostic: str = ""
+    opcode: int = Opcode.SAVE_VHCA_STATE
+
+
+CompletionCallback = Callable[[SaveCompletion], None]
+
+
+# ---------------------------------------------------------------------------
+# Scenario value types
+# ---------------------------------------------------------------------------
+
+
+class FirmwareError(Exception):
+    """A scenario request the firmware cannot honour (not a command failure)."""
+
+
+class NoSuchVf(FirmwareError):
+    """No VF has that vhca_id."""
+
+
+@dataclass(slots=True)
+class VfCaps:
+    """Migration capability bits of the VF's firmware (all set = current firmware)."""
+
+    migration: bool = True  # cmd_hca_cap.migration
+    adv_virtualization: bool = True  # cmd_hca_cap.adv_virtualization
+    migratable: bool = True  # cmd_hca_cap_2.migratable
+    migration_multi_load: bool = True
+    migration_tracking_state: bool = True
+    migration_in_chunks: bool = True
+    migration_state: bool = True  # the 2026 REINIT series
+
+    def migration_capable(self) -> bool:
+        """Whether the firmware does migration commands for this function at all.
+        (mlx5vf asks for more before it enables migration: multi_load and
+        tracking_state too; that is the driver's rule, not the firmware's.)"""
+        return self.migration and self.migratable
+
+
+@dataclass(slots=True)
+class VfConfig:
+    size: int = 4 * MiB
+    seed: int | None = None  # None: derived from the firmware seed and the VF number
+    dirty_bytes_per_s: int = 1 * MiB
+    save_bandwidth: int = 0  # bytes/s; 0 = unlimited
+    save_latency_s: float = 0.0
+    chunk_size: int = 8 * MiB
+    reconfig_bytes: int = 256 * KiB
+    caps: VfCaps = field(default_factory=VfCaps)
+
+    MIN_SIZE = 1 * KiB
+    MAX_SIZE = 16 << 30
+
+    def validate(self) -> None:
+        if not self.MIN_SIZE <= self.size <= self.MAX_SIZE:
+            raise ValueError(f"size must be between {self.MIN_SIZE} and {self.MAX_SIZE} bytes")
+        if self.seed is not None and not 0 <= self.seed < 1 << 64:
+            raise ValueError("seed must be a 64-bit unsigned value")
+        if self.dirty_bytes_per_s < 0 or self.save_bandwidth < 0:
+            raise ValueError("rates cannot be negative")
+        if not 0 <= self.save_latency_s <= 3600:
+            raise ValueError("save_latency_s must be between 0 and 3600 seconds")
+        if not PAGE_SIZE <= self.chunk_size <= (1 << 32) - PAGE_SIZE:
+            raise ValueError("chunk_size must be between 4 KiB and 4 GiB - 4 KiB")
+        if not 1 <= self.reconfig_bytes <= self.MAX_SIZE:
+            raise ValueError("reconfig_bytes must be positive")
+
+
+class FaultKind(enum.IntEnum):
+    FAIL = 1  # the command fails with status/syndrome
+    DELAY = 2  # the command answers delay_s later
+    DROP_COMPLETION = 3  # a SAVE's completion never arrives
+    DELAY_COMPLETION = 4  # a SAVE's completion arrives delay_s later
+    TRACKING_LOST = 5  # the tracking session is lost: the next incremental SAVE fails
+
+
+COMMAND_OPCODES = frozenset(
+    {
+        Opcode.SUSPEND_VHCA,
+        Opcode.RESUME_VHCA,
+        Opcode.QUERY_VHCA_MIGRATION_STATE,
+        Opcode.SAVE_VHCA_STATE,
+        Opcode.LOAD_VHCA_STATE,
+    }
+)
+
+
+@dataclass(slots=True)
+class Fault:
+    kind: FaultKind
+    opcode: int = Opcode.SAVE_VHCA_STATE
+    status: int = CmdStatus.INT_ERR
+    syndrome: int = Syndrome.INJECTED
+    delay_s: float = 0.0
+    count: int = 1
+    in_completion: bool = False
+    fault_id: int = 0
+
+    def validate(self) -> None:
+        if self.count < 1:
+            raise ValueError("a fault must hit at least one command")
+        if self.kind in (FaultKind.FAIL, FaultKind.DELAY) and self.opcode not in COMMAND_OPCODES:
+            raise ValueError(
+                f"opcode {self.opcode:#x} is not a migration command "
+                f"(one of {', '.join(f'{o:#x}' for o in sorted(COMMAND_OPCODES))})"
+            )
+        if self.kind == FaultKind.FAIL and not 0 < self.status <= 0xFF:
+            raise ValueError("a FAIL fault needs a non-zero 8-bit firmware status")
+        if not 0 <= self.syndrome <= 0xFFFFFFFF:
+            raise ValueError("syndrome is a 32-bit value")
+        if self.kind in (FaultKind.DELAY, FaultKind.DELAY_COMPLETION) and self.delay_s <= 0:
+            raise ValueError("a delay fault needs delay_s > 0")
+        if self.in_completion and not (
+            self.kind == FaultKind.FAIL and self.opcode == Opcode.SAVE_VHCA_STATE
+        ):
+            raise ValueError("in_completion applies to SAVE_VHCA_STATE FAIL faults only")
+        if self.kind in (FaultKind.DROP_COMPLETION, FaultKind.DELAY_COMPLETION):
+            self.opcode = Opcode.SAVE_VHCA_STATE
+
+
+@dataclass(frozen=True, slots=True)
+class VfInfo:
+    """A snapshot of one VF for scenario clients."""
+
+    vf_id: int
+    vhca_id: int
+    function_id: int
+    config: VfConfig
+    initiator_suspended: bool
+    responder_suspended: bool
+    tracking: bool
+    migration_state: int
+    num_objects: int
+    saved_bytes: int
+    loaded_bytes: int
+    reconfigurations: int
+    save_in_flight: bool
+    seed: int
