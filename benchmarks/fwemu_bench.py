@@ -26,9 +26,9 @@ from typing import Any
 import psutil
 import uvloop
 
-from fwemu.cli import byte_size
 from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import GiB, KiB, MiB, SaveCompletion
+from grpcsvc.units import byte_size
 
 sys.path.insert(0, str(Path(__file__).parent))
 from procs import FWEMU, served

@@ -36,9 +36,9 @@ import uvloop
 
 from driver.api.v1 import vfio_pb2 as pb
 from driver.api.v1 import vfio_pb2_grpc as pbg
-from fwemu.cli import byte_size
 from fwemu.link.ifc import MiB
 from grpcsvc.server import CHANNEL_OPTIONS
+from grpcsvc.units import byte_size
 from vfioclient.demo import DemoResult, run_demo
 from vfioclient.orchestrator import MigrationOptions
 from vfioclient.usermem import DATA_PATHS

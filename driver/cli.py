@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
-from fwemu.cli import byte_size
 from fwemu.link.base import LinkError
 from fwemu.scenario import ScenarioError
 from grpcsvc.logs import add_log_flags, setup_logging
@@ -22,6 +21,7 @@ from grpcsvc.metrics import GrpcClientMetrics
 from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_metrics
 from grpcsvc.runner import LoopName, run
 from grpcsvc.server import ListenError, stop_on_signals
+from grpcsvc.units import byte_size
 
 from .shards import SHARDS_ENV, ShardSpecError, shards_argument, shards_from_env
 from .vfio.errors import VfioError
@@ -126,10 +126,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from .registry import DeviceRegistry, Link
+    from fwemu.link.base import FirmwareLink
+
+    from .registry import DeviceRegistry
     from .service.server import DriverServer
 
-    links: list[Link]
+    links: list[FirmwareLink]
     fw = None
     metrics = CollectorRegistry() if args.metrics_listen else None
     if args.firmware or args.firmware_shards:

@@ -10,9 +10,8 @@ import errno
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
-from fwemu.link.base import FirmwareLink, LinkError, ScenarioLink
+from fwemu.link.base import FirmwareLink, LinkError
 from fwemu.link.ifc import VfInfo
 
 from .audit import AuditLog
@@ -25,10 +24,6 @@ from .vfio.errors import VfioError
 DRIVER_NAME = "mlx5-vfio-pci"
 
 log = logging.getLogger("vfio-driver")
-
-
-class Link(FirmwareLink, ScenarioLink, Protocol):
-    """Both sides of a firmware link (InProcessLink and GrpcLink are both)."""
 
 
 @dataclass(eq=False)
@@ -45,14 +40,16 @@ class DeviceRegistry:
 
     def __init__(
         self,
-        link: Link | Sequence[Link],
+        link: FirmwareLink | Sequence[FirmwareLink],
         *,
         cmd_timeout: float = 60.0,
         max_chunk_size: int = 8 << 20,
         events: EventBus | None = None,
         audit: AuditLog | None = None,
     ) -> None:
-        self.links: tuple[Link, ...] = tuple(link) if isinstance(link, Sequence) else (link,)
+        self.links: tuple[FirmwareLink, ...] = (
+            tuple(link) if isinstance(link, Sequence) else (link,)
+        )
         if not self.links:
             raise ValueError("a registry needs at least one firmware link")
         self.cmd_timeout = cmd_timeout

@@ -10,13 +10,13 @@ import sys
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
-from pydantic import ByteSize, TypeAdapter, ValidationError
 
 from grpcsvc.logs import add_log_flags, setup_logging
 from grpcsvc.memory import return_large_buffers_to_the_os
 from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_metrics
 from grpcsvc.runner import LoopName, run
 from grpcsvc.server import ListenError, stop_on_signals
+from grpcsvc.units import byte_size
 
 from .demo import DemoError, run_demo
 from .link.base import LinkError
@@ -24,17 +24,6 @@ from .link.ifc import MiB, VfConfig
 from .scenario import ScenarioError
 
 log = logging.getLogger("fwemu")
-_bytes = TypeAdapter(ByteSize)
-
-
-def byte_size(text: str) -> int:
-    """argparse type: '16MiB', '1.5GiB', '4096'."""
-    try:
-        return int(_bytes.validate_python(text))
-    except ValidationError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size (e.g. 4096, 64KiB, 16MiB)"
-        ) from None
 
 
 MAX_SHARD = 0xFFFF  # a driver names shard k's VFs PCI domain k (driver/shards.py)

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from driver.events import (
+from driver.api.events import (
     Dropped,
     ErrorAnswered,
     Event,
@@ -110,7 +110,7 @@ def _positive(text: str) -> int:
 
 
 def _size(text: str) -> int:
-    from fwemu.cli import byte_size
+    from grpcsvc.units import byte_size
 
     return byte_size(text)
 

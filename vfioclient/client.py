@@ -36,10 +36,10 @@ from typing import Any, TypeVar
 
 import grpc
 
+from driver.api.events import PAYLOADS, Event, Finding, Payload
 from driver.api.v1 import vfio_pb2 as pb
 from driver.api.v1 import vfio_pb2_grpc as pbg
-from driver.events import PAYLOADS, Event, Finding, Payload
-from driver.service.wire import WriteChunk, encode_write_request
+from driver.api.wire import WriteChunk, encode_write_request
 from driver.vfio.uapi import (
     MIG_DATA_SIZE,
     MIG_STATE,

@@ -20,10 +20,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fwemu.cli import byte_size
 from fwemu.link.base import LinkError
 from fwemu.link.grpc import GrpcLink
 from grpcsvc.runner import run
+from grpcsvc.units import byte_size
 
 from .client import VfioClient, VfioClientError
 from .orchestrator import (

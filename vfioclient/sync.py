@@ -29,7 +29,7 @@ from collections.abc import (
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
-from driver.events import Event
+from driver.api.events import Event
 from driver.vfio.uapi import MigState
 
 from .client import (

@@ -18,10 +18,10 @@ from grpcsvc.server import GrpcService
 
 from ..api.v1 import vfio_pb2
 from ..api.v1 import vfio_pb2_grpc as pbg
+from ..api.wire import decode_write_request
 from ..registry import DeviceRegistry
 from .metrics import DriverCollector
 from .servicer import VfioServicer
-from .wire import decode_write_request
 
 VFIO_SERVICE = vfio_pb2.DESCRIPTOR.services_by_name["Vfio"].full_name
 

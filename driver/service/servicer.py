@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 
 from ..api.v1 import vfio_pb2 as pb
 from ..api.v1 import vfio_pb2_grpc as pbg
+from ..api.wire import WriteChunk
 from ..events import CALLER, ErrorAnswered, Event, Payload, Subscription
 from ..mlx5.migf import Mlx5VfMigrationFile
 from ..registry import DRIVER_NAME, DeviceRegistry
@@ -31,7 +32,6 @@ from ..vfio.uapi import (
 from ..vfio.usermem import UserMemory
 from .errnos import abort_errno, errno_name, errno_of
 from .process import DataFd, DeviceFd, Process
-from .wire import WriteChunk
 
 log = logging.getLogger("vfio-driver")
 Ctx = grpc.aio.ServicerContext[Any, Any]

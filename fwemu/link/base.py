@@ -121,6 +121,10 @@ class FirmwareLink(Protocol):
 
     async def dma_sync_for_device(self, buf: HostBuffer, offset: int, length: int) -> None: ...
 
+    async def list_vfs(self) -> list[VfInfo]:
+        """The VFs the PF has (what SR-IOV tells the kernel): a driver probes these."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -136,8 +140,6 @@ class ScenarioLink(Protocol):
         ...
 
     async def get_vf(self, vhca_id: int) -> VfInfo: ...
-
-    async def list_vfs(self) -> list[VfInfo]: ...
 
     async def reconfigure(
         self,

@@ -24,7 +24,7 @@ import pytest
 from driver.api.v1 import vfio_pb2 as pb
 from driver.api.v1 import vfio_pb2_grpc as pbg
 from driver.mlx5.cmd import MIGRATION_HEADER
-from driver.registry import DeviceRegistry, Link, Registered, pci_name
+from driver.registry import DeviceRegistry, Registered, pci_name
 from driver.service.errnos import DOMAIN
 from driver.service.server import DriverServer
 from driver.service.servicer import CLIENT_KEY
@@ -36,6 +36,7 @@ from driver.vfio.uapi import (
     Feature,
     MigState,
 )
+from fwemu.link.base import FirmwareLink as Link
 from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import VfConfig
 from fwemu.link.inproc import InProcessLink

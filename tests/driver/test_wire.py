@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from driver.api.v1 import vfio_pb2 as pb
-from driver.service.wire import (
+from driver.api.wire import (
     WriteChunk,
     _put_varint,
     decode_write_request,

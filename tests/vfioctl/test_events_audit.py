@@ -20,8 +20,8 @@ from typing import IO, Any
 import pytest
 from harness import Driver, driver_fixture, pci  # noqa: F401
 
+from driver.api.events import StateChanged
 from driver.audit import RESET_WITH_OPEN_STREAM, RULES
-from driver.events import StateChanged
 from driver.vfio.uapi import MigState
 from vfioclient.cli import main
 from vfioclient.sync import SyncVfioClient
