@@ -24,7 +24,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from benchmarks.procs import served
+from grpcsvc.spawn import served
 
 from .dockerfile import DOCKERFILE, ROOT, Stage, copy_context, parse
 from .tools import passes, tool

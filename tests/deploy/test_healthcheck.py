@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 from grpc_health.v1 import health_pb2
 
-from benchmarks.procs import FWEMU, served
 from grpcsvc.server import GrpcService
+from grpcsvc.spawn import FWEMU, served
 
 pytestmark = pytest.mark.grpc
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from benchmarks.procs import DRIVER, FWEMU, served
 from driver.shards import SHARDS_ENV, parse_shards, pci_name
 from driver.vfio.uapi import MigState
 from fwemu.link.ifc import VfInfo
+from grpcsvc.spawn import DRIVER, FWEMU, served
 from vfioclient import VfioClient
 from vfioclient.cli import main as vfioctl
 from vfioclient.scenario import ScenarioClient

@@ -10,7 +10,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from benchmarks.procs import DRIVER, FWEMU, stop
+from grpcsvc.spawn import DRIVER, FWEMU, stop
 
 QUIET = ("--log-level", "error", "--loop", "asyncio")
 SERVING = re.compile(r"serving .* on (\S+:\d+)")

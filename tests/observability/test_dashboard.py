@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from obs_harness import Served, firmware_and_driver, served
 
-from benchmarks.procs import DRIVER
+from grpcsvc.spawn import DRIVER
 from tests.metrics.exposition import exported_names, sample_names
 from tests.metrics.promtool import check_metrics
 from tests.orchestrator.e2e_harness import Topology, rig

@@ -24,8 +24,8 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
-from benchmarks.procs import DRIVER, FWEMU, served
 from fwemu.link.ifc import MiB, VfCaps, VfConfig
+from grpcsvc.spawn import DRIVER, FWEMU, served
 from vfioclient import VfioClient
 from vfioclient.orchestrator import DeviceMigration, DevicePair, MigrationOptions
 from vfioclient.scenario import ScenarioClient

@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from e2e_harness import QUIET, Rig, Topology, options, rig
 
-from benchmarks.procs import DRIVER, FWEMU, served
 from driver.vfio.uapi import MigState
 from fwemu.link.ifc import MiB
+from grpcsvc.spawn import DRIVER, FWEMU, served
 from vfioclient.orchestrator import MigrationError, MigrationReport, migrate
 
 pytestmark = pytest.mark.grpc

@@ -1,0 +1,57 @@
+"""The project's services as child processes: start one, learn the address it
+announced ('serving ... on HOST:PORT'), stop it the way an operator does
+(SIGTERM, then SIGKILL if it hangs).  Used by the tests and the benchmarks, so
+that every harness starts services one way."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+
+FWEMU = [sys.executable, "-m", "fwemu.cli", "serve"]
+DRIVER = [sys.executable, "-m", "driver.cli", "serve"]
+
+
+def start(argv: Sequence[str], what: str = "") -> tuple[subprocess.Popen[str], str]:
+    """Start `argv`, a server that prints '...serving ... on HOST:PORT' once it
+    is up; (the process, HOST:PORT).  A server that exits or prints anything
+    else first is killed and reported with what it wrote to stderr."""
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+        raise RuntimeError(f"{what or argv[0]} did not start: {line}{err}")
+    return proc, line.rsplit(" on ", 1)[1].strip()
+
+
+def stop(
+    proc: subprocess.Popen[str], timeout: float = 15, *, signal_it: bool = True
+) -> tuple[int, str]:
+    """SIGTERM (unless it was sent already); the exit code and what it wrote to
+    stderr.  A process still running after `timeout` seconds is killed and
+    TimeoutExpired raised."""
+    if signal_it and proc.poll() is None:
+        proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc.returncode, err
+
+
+@contextlib.contextmanager
+def served(command: Sequence[str], *args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Run a service on a free port of 127.0.0.1 (later `args` may override
+    --listen); yields (process, HOST:PORT) and stops it on the way out."""
+    proc, target = start([*command, "--listen", "127.0.0.1:0", *args], command[-1])
+    try:
+        yield proc, target
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            stop(proc, 10)
