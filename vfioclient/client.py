@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from driver.api import CLIENT_KEY
 from driver.api.events import PAYLOADS, Event, Finding, Payload
 from driver.api.v1 import vfio_pb2 as pb
 from driver.api.v1 import vfio_pb2_grpc as pbg
@@ -55,7 +56,6 @@ from grpcsvc.errors import error_info
 from grpcsvc.server import CHANNEL_OPTIONS
 
 T = TypeVar("T")
-CLIENT_KEY = "x-vfio-client"
 EVENTS_KEY = "x-vfio-events"  # the Events stream's initial metadata once subscribed
 FEATURE_HEADER_SIZE = 8
 

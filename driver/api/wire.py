@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..api.v1 import vfio_pb2 as pb
+from .v1 import vfio_pb2 as pb
 
 _FD_TAG = 0x08  # field 1, varint
 _DATA_TAG = 0x12  # field 2, length-delimited

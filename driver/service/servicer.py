@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf.message import Message
 
+from ..api import CLIENT_KEY
 from ..api.v1 import vfio_pb2 as pb
 from ..api.v1 import vfio_pb2_grpc as pbg
 from ..api.wire import WriteChunk
@@ -36,7 +37,6 @@ from .process import DataFd, DeviceFd, Process
 log = logging.getLogger("vfio-driver")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-CLIENT_KEY = "x-vfio-client"
 EVENTS_KEY = "x-vfio-events"  # initial metadata of an Events stream: "subscribed"
 MAX_READ = 16 << 20  # one message; read(2) may return less than asked anyway
 MAX_WRITE = MAX_READ  # one WriteFrom; write(2) may take less (the count says)

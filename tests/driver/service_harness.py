@@ -21,13 +21,13 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
+from driver.api import CLIENT_KEY
 from driver.api.v1 import vfio_pb2 as pb
 from driver.api.v1 import vfio_pb2_grpc as pbg
 from driver.mlx5.cmd import MIGRATION_HEADER
 from driver.registry import DeviceRegistry, Registered, pci_name
 from driver.service.errnos import DOMAIN
 from driver.service.server import DriverServer
-from driver.service.servicer import CLIENT_KEY
 from driver.vfio.uapi import (
     FEATURE_HEADER,
     MIG_STATE,
