@@ -18,15 +18,13 @@ Every service runs in its own process: fwemu, vfio-driver, and the baseline
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import statistics
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ from vfioclient import VfioClient, VfioClientError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from procs import BASELINE, DRIVER, FWEMU, served
+from report import Results, add_output_flag, parser, print_results, selected
 
 CHUNK = 1 << 20
 
@@ -254,27 +253,10 @@ def bench_memory(size: int) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", type=byte_size, default=1 * GiB, help="VF size for (a) and (c)")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=2.0, help="duration of each rate in (b)")
-    p.add_argument("--only", choices=["stop-copy", "precopy-info", "memory"])
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    out: dict[str, Any] = {}
-    if args.only in (None, "stop-copy"):
-        out["stop_copy"] = bench_stop_copy(args.size, args.repeat)
-    if args.only in (None, "precopy-info"):
-        out["precopy_info"] = bench_precopy_info(args.seconds)
-    if args.only in (None, "memory"):
-        out["memory"] = bench_memory(args.size)
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
+def text(out: Results) -> Iterator[str]:
     if "stop_copy" in out:
         s = out["stop_copy"]
-        print(
+        yield (
             f"(a) STOP_COPY read of a {s['vf_bytes'] / MiB:.0f} MiB VF: driver "
             f"{s['driver_GBps']:.2f} GB/s, baseline stream {s['baseline_GBps']:.2f} GB/s, "
             f"ratio {s['ratio']:.2f} (goal >= 0.8)"
@@ -282,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if "precopy_info" in out:
         for n in (1, 16):
             r = out["precopy_info"][f"in_flight_{n}"]
-            print(
+            yield (
                 f"(b) precopy info, {n:>2} in flight: baseline {r['baseline_calls_per_s']:.0f}/s; "
                 f"embedded firmware {r['embedded_calls_per_s']:.0f}/s "
                 f"(ratio {r['embedded_ratio']:.2f}); firmware process "
@@ -291,13 +273,31 @@ def main(argv: list[str] | None = None) -> int:
             )
     if "memory" in out:
         m = out["memory"]
-        print(
+        yield (
             f"(c) driver RSS migrating a {m['vf_bytes'] / MiB:.0f} MiB VF in chunk mode: peak "
             f"{m['peak_rss_bytes'] / MiB:.0f} MiB, idle {m['idle_rss_bytes'] / MiB:.0f} MiB, "
             f"{m['above_idle_bytes'] / MiB:.1f} MiB above idle (goal < 64 MiB: "
             f"{'met' if m['met'] else 'MISSED'})"
         )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--size", type=byte_size, default=1 * GiB, help="VF size for (a) and (c)")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=2.0, help="duration of each rate in (b)")
+    p.add_argument("--only", choices=["stop-copy", "precopy-info", "memory"])
+    add_output_flag(p)
+    args = p.parse_args(argv)
+    out = selected(
+        args.only,
+        {
+            "stop-copy": lambda: bench_stop_copy(args.size, args.repeat),
+            "precopy-info": lambda: bench_precopy_info(args.seconds),
+            "memory": lambda: bench_memory(args.size),
+        },
+    )
+    return print_results(out, args.json, text)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from grpcsvc.units import byte_size
 
 sys.path.insert(0, str(Path(__file__).parent))
 from procs import FWEMU, served
+from report import Results, add_output_flag, parser, print_results, selected
 
 
 def fwemu_process(*args: str) -> contextlib.AbstractContextManager[tuple[psutil.Process, str]]:
@@ -116,39 +116,41 @@ def bench_memory(vfs: int, vf_size: int) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", type=byte_size, default=256 * MiB, help="VF size for (a)")
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--vfs", type=int, default=1000, help="VFs for (b)")
-    p.add_argument("--vf-size", type=byte_size, default=1 * MiB, help="VF size for (b)")
-    p.add_argument("--only", choices=["save", "memory"])
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    out: dict[str, Any] = {}
-    if args.only in (None, "save"):
-        out["save"] = bench_save(args.size, args.repeat)
-    if args.only in (None, "memory"):
-        out["memory"] = bench_memory(args.vfs, args.vf_size)
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
+def text(out: Results) -> Iterator[str]:
     if "save" in out:
         s = out["save"]
-        print(
+        yield (
             f"(a) SAVE of a {s['vf_bytes'] / MiB:.0f} MiB VF into shared memory: "
             f"{s['save_GBps']:.2f} GB/s; memcpy {s['memcpy_GBps']:.2f} GB/s; "
             f"ratio {s['ratio']:.2f} (goal >= 0.25)"
         )
     if "memory" in out:
         m = out["memory"]
-        print(
+        yield (
             f"(b) fwemu with {m['vfs']} VFs of {m['vf_bytes'] / KiB:.0f} KiB: RSS "
             f"{m['rss_bytes'] / GiB:.2f} GiB (state {m['state_bytes'] / GiB:.2f} GiB, idle "
             f"{m['idle_rss_bytes'] / MiB:.0f} MiB, {m['overhead_over_state']:.2f}x state); "
             f"goal < 1.50 GiB: {'met' if m['met'] else 'MISSED'}"
         )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--size", type=byte_size, default=256 * MiB, help="VF size for (a)")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--vfs", type=int, default=1000, help="VFs for (b)")
+    p.add_argument("--vf-size", type=byte_size, default=1 * MiB, help="VF size for (b)")
+    p.add_argument("--only", choices=["save", "memory"])
+    add_output_flag(p)
+    args = p.parse_args(argv)
+    out = selected(
+        args.only,
+        {
+            "save": lambda: bench_save(args.size, args.repeat),
+            "memory": lambda: bench_memory(args.vfs, args.vf_size),
+        },
+    )
+    return print_results(out, args.json, text)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,9 @@ medians of the rounds.  Goal: on / off >= 0.9.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).parent))
 from driver_bench import _driver_precopy_rates
 from procs import DRIVER, FWEMU, served
+from report import Results, add_output_flag, parser, print_results
 
 METRICS = ["--metrics-listen", "127.0.0.1:0"]
 IN_FLIGHT = (1, 16)
@@ -66,24 +66,23 @@ async def bench(seconds: float, rounds: int) -> dict[str, Any]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--seconds", type=float, default=2.0, help="per measurement")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    r = uvloop.run(bench(args.seconds, args.rounds))
-    if args.json:
-        print(json.dumps(r, indent=2))
-        return 0
+def text(r: Results) -> Iterator[str]:
     for key, v in r.items():
         if key == "goal":
             continue
-        print(
+        yield (
             f"{key}: off {v['off_calls_per_s']:.0f}/s, on {v['on_calls_per_s']:.0f}/s, "
             f"on/off {v['ratio']:.2f} (goal >= 0.9)"
         )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__)
+    p.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    p.add_argument("--rounds", type=int, default=3)
+    add_output_flag(p)
+    args = p.parse_args(argv)
+    return print_results(uvloop.run(bench(args.seconds, args.rounds)), args.json, text)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,10 @@ same (default) settings, the raw stream's included.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +38,13 @@ from driver.api.v1 import vfio_pb2_grpc as pbg
 from fwemu.link.ifc import MiB
 from grpcsvc.server import CHANNEL_OPTIONS
 from grpcsvc.units import byte_size
-from vfioclient.demo import DemoResult, run_demo
-from vfioclient.orchestrator import MigrationOptions
+from vfioclient.cli.demo import DemoResult, run_demo
+from vfioclient.migration import MigrationOptions
 from vfioclient.usermem import DATA_PATHS
 
 sys.path.insert(0, str(Path(__file__).parent))
 from procs import BASELINE, DRIVER, served
+from report import Results, add_output_flag, parser, print_results
 
 CHUNK = 1 << 20
 
@@ -126,8 +126,33 @@ def bench(size: int, dirty_rate: int, two_drivers: bool, data_path: str) -> dict
     }
 
 
+def text(r: Results) -> Iterator[str]:
+    yield (
+        f"migration of a {r['vf_bytes'] / MiB:.0f} MiB VF with {r['reinits']} REINIT "
+        f"({r['topology']}, data path {r['data_path']}): "
+        f"{(r['precopy_bytes'] + r['stop_copy_bytes']) / MiB:.0f} MiB moved "
+        f"(raw stream {r['raw_stream_GBps']:.2f} GB/s)"
+    )
+    yield (
+        f"  total    {r['total_s']:.2f} s, bound {r['total_bound_s']:.2f} s: "
+        f"{r['total_ratio']:.2f}x (goal <= 2)"
+    )
+    yield (
+        f"  downtime {r['downtime_s']:.2f} s, bound {r['downtime_bound_s']:.2f} s: "
+        f"{r['downtime_ratio']:.2f}x (goal <= 1.5)"
+    )
+    yield (
+        f"  of which stop-copy data {r['stop_copy_s']:.2f} s; phases "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in r["phases"].items())
+    )
+    yield (
+        f"  driver CPU {r['driver_cores_user'] + r['driver_cores_system']:.2f} cores "
+        f"({r['driver_cores_system']:.2f} system)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--size", type=byte_size, default=256 * MiB)
     p.add_argument("--dirty-rate", type=byte_size, default=8 * MiB, metavar="BYTES_PER_S")
     p.add_argument(
@@ -136,35 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         help="source and destination on two driver processes (two hosts)",
     )
     p.add_argument("--data-path", choices=DATA_PATHS, default="auto")
-    p.add_argument("--json", action="store_true")
+    add_output_flag(p)
     args = p.parse_args(argv)
     r = bench(args.size, args.dirty_rate, args.two_drivers, args.data_path)
-    if args.json:
-        print(json.dumps(r, indent=2))
-        return 0
-    print(
-        f"migration of a {r['vf_bytes'] / MiB:.0f} MiB VF with {r['reinits']} REINIT "
-        f"({r['topology']}, data path {r['data_path']}): "
-        f"{(r['precopy_bytes'] + r['stop_copy_bytes']) / MiB:.0f} MiB moved "
-        f"(raw stream {r['raw_stream_GBps']:.2f} GB/s)"
-    )
-    print(
-        f"  total    {r['total_s']:.2f} s, bound {r['total_bound_s']:.2f} s: "
-        f"{r['total_ratio']:.2f}x (goal <= 2)"
-    )
-    print(
-        f"  downtime {r['downtime_s']:.2f} s, bound {r['downtime_bound_s']:.2f} s: "
-        f"{r['downtime_ratio']:.2f}x (goal <= 1.5)"
-    )
-    print(
-        f"  of which stop-copy data {r['stop_copy_s']:.2f} s; phases "
-        + ", ".join(f"{k} {v:.2f} s" for k, v in r["phases"].items())
-    )
-    print(
-        f"  driver CPU {r['driver_cores_user'] + r['driver_cores_system']:.2f} cores "
-        f"({r['driver_cores_system']:.2f} system)"
-    )
-    return 0
+    return print_results(r, args.json, text)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """A grpc.aio server with what every service of this project registers: the
 health service, server reflection, a clear error when the address is taken,
-and a graceful stop on SIGTERM/SIGINT."""
+and a graceful stop on SIGTERM/SIGINT; and the `serve` command that runs one."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import signal
@@ -20,6 +21,19 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
 ]
+
+
+def add_serve_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    *,
+    help: str,
+    description: str,
+    listen: str,
+) -> argparse.ArgumentParser:
+    """A service's `serve` command, its first option --listen (default `listen`)."""
+    s = sub.add_parser("serve", help=help, description=description)
+    s.add_argument("--listen", default=listen, metavar="HOST:PORT")
+    return s
 
 
 class ListenError(RuntimeError):
@@ -83,12 +97,22 @@ class GrpcService:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
-    async def serve_until(self, stop: asyncio.Event, grace: float = 5.0) -> None:
-        """Serve until `stop` is set (see stop_on_signals) or the server ends."""
+    async def serve_until(
+        self,
+        stop: asyncio.Event,
+        grace: float = 5.0,
+        *,
+        on_stop: Callable[[], None] | None = None,
+    ) -> None:
+        """Serve until `stop` is set (see stop_on_signals) or the server ends.
+        `on_stop` runs once `stop` is set, before the graceful stop: it ends the
+        service's long-lived streams, which the grace would otherwise wait for."""
         waiter = asyncio.ensure_future(self.server.wait_for_termination())
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
+        if on_stop is not None and stop.is_set():
+            on_stop()
         await self.stop(grace)
         waiter.cancel()
 

@@ -20,11 +20,10 @@ import yaml
 from driver.cli import _parser as driver_parser
 from fwemu.cli import _parser as fwemu_parser
 from fwemu.scenario import load_scenario_file
+from tests.support.dockerfile import DOCKERFILE, ROOT
+from tests.support.tools import passes, tool
 from vfioclient.cli import build_parser as vfioctl_parser
-from vfioclient.demo import parser as demo_parser
-
-from .dockerfile import DOCKERFILE, ROOT
-from .tools import passes, tool
+from vfioclient.cli.demo import parser as demo_parser
 
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "compose.yaml"

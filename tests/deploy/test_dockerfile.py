@@ -25,9 +25,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from grpcsvc.spawn import served
-
-from .dockerfile import DOCKERFILE, ROOT, Stage, copy_context, parse
-from .tools import passes, tool
+from tests.support.dockerfile import DOCKERFILE, ROOT, Stage, copy_context, parse
+from tests.support.tools import passes, tool
 
 LOCK = ROOT / "deploy" / "requirements.lock"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

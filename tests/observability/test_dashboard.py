@@ -9,14 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from obs_harness import Served, firmware_and_driver, served
 
 from grpcsvc.spawn import DRIVER
-from tests.metrics.exposition import exported_names, sample_names
-from tests.metrics.promtool import check_metrics
-from tests.orchestrator.e2e_harness import Topology, rig
+from tests.support.exposition import exported_names, sample_names
+from tests.support.promtool import check_metrics
+from tests.support.scrape import Served, firmware_and_driver, served
+from tests.support.vfioclient_e2e import Topology, rig
 from vfioclient import VfioClient
-from vfioclient.orchestrator import migrate
+from vfioclient.migration import migrate
 
 pytestmark = pytest.mark.grpc
 

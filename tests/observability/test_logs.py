@@ -5,42 +5,36 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from typing import Any
 
 import pytest
 
 from driver.vfio.uapi import MigState
 from fwemu.link.grpc import GrpcLink
+from grpcsvc import spawn
+from grpcsvc.spawn import DRIVER, FWEMU
 from vfioclient import VfioClient, VfioClientError
 
 pytestmark = pytest.mark.grpc
 
+JSON_LOGS = ("--listen", "127.0.0.1:0", "--loop", "asyncio", "--log-format", "json")
 
-def start(module: str, *args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, "serve", "--listen", "127.0.0.1:0", "--loop", "asyncio",
-         "--log-format", "json", "--log-level", "info", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "serving" in line, line
-    return proc, line.rsplit(" on ", 1)[1].strip()
+
+def start(command: list[str], *args: str) -> tuple[subprocess.Popen[str], str]:
+    return spawn.start([*command, *JSON_LOGS, "--log-level", "info", *args])
 
 
 def stop(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
-    proc.terminate()
-    _, err = proc.communicate(timeout=10)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    docs = [json.loads(ln) for ln in lines]  # every line is JSON
+    """The service's log lines, each of which must be JSON."""
+    _, err = spawn.stop(proc)
+    docs = [json.loads(ln) for ln in err.splitlines() if ln.strip()]
     for d in docs:
         assert {"time", "level", "logger", "message"} <= d.keys()
     return docs
 
 
 async def test_driver_logs_state_changes_and_errors_with_identifiers() -> None:
-    proc, target = start("driver.cli", "--vfs", "1", "--size", "64KiB", "--dirty-rate", "0")
+    proc, target = start(DRIVER, "--vfs", "1", "--size", "64KiB", "--dirty-rate", "0")
     try:
         async with await VfioClient.connect(target) as c:
             (dev,) = await c.list_devices()
@@ -69,7 +63,7 @@ async def test_driver_logs_state_changes_and_errors_with_identifiers() -> None:
 
 
 async def test_firmware_logs_failed_commands_and_suspends() -> None:
-    proc, target = start("fwemu.cli", "--vfs", "1", "--size", "64KiB", "--dirty-rate", "0")
+    proc, target = start(FWEMU, "--vfs", "1", "--size", "64KiB", "--dirty-rate", "0")
     try:
         link = await GrpcLink.connect(target)
         try:

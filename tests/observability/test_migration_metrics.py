@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from obs_harness import Served, firmware_and_driver
 
 from driver.mlx5.cmd import MIGRATION_HEADER, MLX5_MIGF_HEADER_TAG_FW_DATA
-from tests.metrics.exposition import value
-from tests.orchestrator.e2e_harness import Topology, rig
-from tests.orchestrator.usermem_recorder import record_user_memory
-from vfioclient.orchestrator import migrate
+from tests.support.exposition import value
+from tests.support.scrape import Served, firmware_and_driver
+from tests.support.vfioclient_e2e import Topology, rig
+from tests.support.vfioclient_usermem import record_user_memory
+from vfioclient.migration import migrate
 
 pytestmark = pytest.mark.grpc
 

@@ -1,4 +1,5 @@
-"""fwemu + vfio-driver as processes with --metrics-listen, and scraping."""
+"""fwemu and vfio-driver as processes (grpcsvc.spawn) with --metrics-listen,
+and their /metrics scraped."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from grpcsvc.spawn import DRIVER, FWEMU, stop
+from grpcsvc import spawn
+from grpcsvc.spawn import DRIVER, FWEMU
 
 QUIET = ("--log-level", "error", "--loop", "asyncio")
-SERVING = re.compile(r"serving .* on (\S+:\d+)")
 METRICS = re.compile(r"metrics on (http://\S+/metrics)")
 
 
@@ -33,22 +34,15 @@ class Served:
 
 @contextlib.contextmanager
 def served(command: list[str], *args: str) -> Iterator[Served]:
-    proc = subprocess.Popen(
-        [*command, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", *QUIET, *args],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    """The service on free ports of 127.0.0.1, its metrics included; the line
+    after 'serving ...' says where the metrics are."""
+    with spawn.served(command, "--metrics-listen", "127.0.0.1:0", *QUIET, *args) as (proc, target):
         assert proc.stdout is not None
-        first, second = proc.stdout.readline(), proc.stdout.readline()
-        serving, metrics = SERVING.search(first), METRICS.search(second)
-        if serving is None or metrics is None:
-            raise RuntimeError(f"{command} did not start: {first!r} {second!r}")
-        yield Served(proc, serving.group(1), metrics.group(1))
-    finally:
-        stop(proc)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        line = proc.stdout.readline()
+        metrics = METRICS.search(line)
+        if metrics is None:
+            raise RuntimeError(f"{command[-1]} did not say where its metrics are: {line!r}")
+        yield Served(proc, target, metrics.group(1))
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from driver.shards import SHARDS_ENV, parse_shards
 from fwemu.cli import _parser as fwemu_parser
 from fwemu.scenario import parse_scenario
 
-K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+K8S = Path(__file__).resolve().parents[3] / "deploy" / "k8s"
 # The newest Kubernetes whose schemas kubernetes-validate ships (pyproject pins
 # kubernetes-validate>=1.37).
 KUBERNETES_VERSION = "1.37.0"

@@ -29,6 +29,7 @@ from grpcsvc.metrics import (
     start_metrics_http,
 )
 from grpcsvc.server import ListenError
+from tests.support.promtool import check_metrics
 
 from .conftest import (
     BIDI_STREAM,
@@ -46,7 +47,6 @@ from .conftest import (
     request,
     serve,
 )
-from .promtool import check_metrics
 
 pytestmark = pytest.mark.grpc
 

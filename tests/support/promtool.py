@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from tests.deploy.tools import tool
+from tests.support.tools import tool
 
 
 def check_metrics(exposition: str) -> None:

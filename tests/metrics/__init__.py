@@ -1,2 +1,0 @@
-"""gRPC metrics tests (a package: their helpers import by package, not by a
-top-level name another tests folder could also take)."""
