@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 from grpcsvc.logs import add_log_flags, setup_logging
 from grpcsvc.memory import return_large_buffers_to_the_os
 from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_metrics
-from grpcsvc.runner import LoopName, run
-from grpcsvc.server import ListenError, stop_on_signals
+from grpcsvc.runner import LoopName, add_loop_flag, run_main
+from grpcsvc.server import ListenError, add_serve_command, stop_on_signals
 from grpcsvc.units import byte_size
 
 from .demo import DemoError, run_demo
@@ -56,13 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser(
-        "serve",
+    s = add_serve_command(
+        sub,
         help="serve VFs over gRPC",
         description="Serve emulated VFs over gRPC (Firmware and Scenario services, health, "
         "reflection). SIGTERM drains calls in progress and stops.",
+        listen="127.0.0.1:50051",
     )
-    s.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT")
     s.add_argument("--scenario", metavar="FILE", help="YAML or JSON scenario to apply at start")
     s.add_argument(
         "--vfs",
@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         default="real",
         help="virtual: time moves only through the AdvanceClock RPC",
     )
-    s.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    add_loop_flag(s)
     s.add_argument("--shm-dir", default=None, help="where drivers' shared memory lives")
     s.add_argument(
         "--max-remote-memory",
@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--dirty-rate", type=byte_size, default=32 * MiB, metavar="BYTES_PER_S")
     d.add_argument("--seed", type=int, default=1)
     d.add_argument("--json", action="store_true", help="print the report as JSON")
-    d.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    add_loop_flag(d)
     return p
 
 
@@ -180,20 +180,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:
             parser.error(str(e))
     loop: LoopName = args.loop
-    try:
-        if args.command == "serve":
-            return_large_buffers_to_the_os()
-            setup_logging(args.log_level, args.log_format)
-            return run(_serve(args), loop)
-        return run(run_demo(args), loop)
-    except ScenarioError as e:
-        print(f"fwemu: error: {e}", file=sys.stderr)
-        return 2
-    except (ListenError, LinkError, DemoError) as e:
-        print(f"fwemu: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    if args.command == "serve":
+        return_large_buffers_to_the_os()
+        setup_logging(args.log_level, args.log_format)
+        main = _serve(args)
+    else:
+        main = run_demo(args)
+    return run_main("fwemu", main, {ScenarioError: 2, (ListenError, LinkError, DemoError): 1}, loop)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Two implementations: `InProcessLink` calls a `Firmware` model in this process
 (embedded mode, unit tests); `GrpcLink` talks to a `fwemu serve` process.  Both
-pass the same behaviour tests (tests/fwemu).
+pass the same behaviour tests (tests/fwemu).  Each provides one command path,
+`exec`, which runs a command's in-struct (fwemu.link.ifc); the command methods
+here build the in-structs, once for both.
 
 Commands mirror the mailbox: they take vhca_id, op_mod, mkey, size... and
 answer with the outbox status/syndrome as data.  SAVE_VHCA_STATE is
@@ -18,23 +20,37 @@ shared memory on one host) those are no-ops; across hosts they move bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import abc
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .ifc import (
     CmdResult,
+    CmdStatus,
+    Command,
+    CompletionCallback,
+    CreatePageTrackIn,
+    DestroyPageTrackIn,
     Fault,
+    FunctionLevelResetIn,
     HcaCapResult,
+    LoadVhcaStateIn,
+    ModifyPageTrackIn,
     PageTrackResult,
+    QueryHcaCapIn,
     QueryResult,
+    QueryVhcaMigrationStateIn,
+    ResumeVhcaIn,
     SaveAccepted,
     SaveCompletion,
+    SaveVhcaStateIn,
+    SuspendVhcaIn,
+    Syndrome,
     VfConfig,
     VfInfo,
 )
 
-CompletionCallback = Callable[[SaveCompletion], None]
+R = TypeVar("R", bound=CmdResult)
 
 
 class HostBuffer(Protocol):
@@ -69,16 +85,35 @@ class ByteBuffer:
         return memoryview(self.data)
 
 
-class FirmwareLink(Protocol):
-    """Firmware commands as the mlx5 core exposes them to mlx5vf."""
+class FirmwareLink(abc.ABC):
+    """Firmware commands as the mlx5 core exposes them to mlx5vf.
+
+    Each command method builds the command's in-struct (fwemu.link.ifc) and
+    sends it through `exec`, the one command path an implementation provides
+    (mlx5_cmd_exec()).  SAVE completions come back through `_complete`.
+    """
+
+    def __init__(self) -> None:
+        # SAVEs waiting for their completion: token -> (vhca_id, callback)
+        self._waiting: dict[int, tuple[int, CompletionCallback]] = {}
+
+    @abc.abstractmethod
+    async def exec(self, cmd: Command[R]) -> R:
+        """Run one command: its outbox (after an injected DELAY, if any)."""
+
+    @abc.abstractmethod
+    def _save_token(self) -> int:
+        """A token no other SAVE in flight on this firmware has."""
 
     async def query_hca_cap(
         self, *, op_mod: int, other_function: bool = True, function_id: int = 0
-    ) -> HcaCapResult: ...
+    ) -> HcaCapResult:
+        return await self.exec(QueryHcaCapIn(op_mod, other_function, function_id))
 
     async def query_vhca_migration_state(
         self, vhca_id: int, *, op_mod: int = 0, incremental: bool = False, chunk: bool = False
-    ) -> QueryResult: ...
+    ) -> QueryResult:
+        return await self.exec(QueryVhcaMigrationStateIn(vhca_id, op_mod, incremental, chunk))
 
     async def save_vhca_state(
         self,
@@ -91,40 +126,76 @@ class FirmwareLink(Protocol):
         va: int = 0,
         op_mod: int = 0,
         callback: CompletionCallback,
-    ) -> SaveAccepted: ...
+    ) -> SaveAccepted:
+        """Like mlx5_cmd_exec_cb(): `callback` gets the completion of an accepted SAVE."""
+        token = self._save_token()
+        self._waiting[token] = (vhca_id, callback)
+        cmd = SaveVhcaStateIn(vhca_id, op_mod, incremental, set_track, va, mkey, size, token)
+        try:
+            res = await self.exec(cmd)
+        except BaseException:
+            self._waiting.pop(token, None)
+            raise
+        if not res.ok:
+            self._waiting.pop(token, None)
+        return res
+
+    def _complete(self, c: SaveCompletion) -> None:
+        entry = self._waiting.get(c.token)
+        if entry is not None and entry[0] == c.vhca_id:
+            del self._waiting[c.token]
+            entry[1](c)
+
+    def _abort_waiting(self, why: str, now: float) -> None:
+        """Complete every waiting SAVE with INT_ERR/ABORTED: no caller waits forever."""
+        waiting, self._waiting = self._waiting, {}
+        for token, (vhca_id, cb) in waiting.items():
+            cb(SaveCompletion(token, vhca_id, CmdStatus.INT_ERR, Syndrome.ABORTED, 0, 0, now, why))
 
     async def load_vhca_state(
         self, vhca_id: int, *, mkey: int, size: int, va: int = 0, op_mod: int = 0
-    ) -> CmdResult: ...
+    ) -> CmdResult:
+        return await self.exec(LoadVhcaStateIn(vhca_id, op_mod, va, mkey, size))
 
-    async def suspend_vhca(self, vhca_id: int, *, op_mod: int) -> CmdResult: ...
+    async def suspend_vhca(self, vhca_id: int, *, op_mod: int) -> CmdResult:
+        return await self.exec(SuspendVhcaIn(vhca_id, op_mod))
 
-    async def resume_vhca(self, vhca_id: int, *, op_mod: int) -> CmdResult: ...
+    async def resume_vhca(self, vhca_id: int, *, op_mod: int) -> CmdResult:
+        return await self.exec(ResumeVhcaIn(vhca_id, op_mod))
 
-    async def function_level_reset(self, vhca_id: int) -> CmdResult: ...
+    async def function_level_reset(self, vhca_id: int) -> CmdResult:
+        return await self.exec(FunctionLevelResetIn(vhca_id))
 
     async def create_page_tracker(
         self, vhca_id: int, ranges: list[tuple[int, int]], log_page_size: int
-    ) -> PageTrackResult: ...
+    ) -> PageTrackResult:
+        return await self.exec(CreatePageTrackIn(vhca_id, tuple(ranges), log_page_size))
 
     async def report_page_tracker(
         self, vhca_id: int, obj_id: int, iova: int, length: int
-    ) -> PageTrackResult: ...
+    ) -> PageTrackResult:
+        return await self.exec(ModifyPageTrackIn(vhca_id, obj_id, iova, length))
 
-    async def destroy_page_tracker(self, vhca_id: int, obj_id: int) -> CmdResult: ...
+    async def destroy_page_tracker(self, vhca_id: int, obj_id: int) -> CmdResult:
+        return await self.exec(DestroyPageTrackIn(vhca_id, obj_id))
 
+    @abc.abstractmethod
     async def alloc_buffer(self, length: int) -> HostBuffer: ...
 
+    @abc.abstractmethod
     async def free_buffer(self, buf: HostBuffer) -> None: ...
 
+    @abc.abstractmethod
     async def dma_sync_for_cpu(self, buf: HostBuffer, offset: int, length: int) -> None: ...
 
+    @abc.abstractmethod
     async def dma_sync_for_device(self, buf: HostBuffer, offset: int, length: int) -> None: ...
 
+    @abc.abstractmethod
     async def list_vfs(self) -> list[VfInfo]:
         """The VFs the PF has (what SR-IOV tells the kernel): a driver probes these."""
-        ...
 
+    @abc.abstractmethod
     async def close(self) -> None: ...
 
 

@@ -31,25 +31,12 @@ from ..api.v1 import firmware_pb2_grpc as fgrpc
 from ..api.v1 import scenario_pb2 as spb
 from ..api.v1 import scenario_pb2_grpc as sgrpc
 from ..hostmem import HostMemoryError, Segment, create_segment, unlink_segment
-from ..service import convert
-from ..service.servicers import CLIENT_KEY
-from .base import ByteBuffer, CompletionCallback, LinkError
-from .ifc import (
-    CmdResult,
-    CmdStatus,
-    Fault,
-    HcaCapResult,
-    MiB,
-    PageTrackResult,
-    QueryResult,
-    SaveAccepted,
-    SaveCompletion,
-    Syndrome,
-    VfConfig,
-    VfInfo,
-)
+from .base import ByteBuffer, FirmwareLink, LinkError
+from .ifc import CmdResult, Command, Fault, MiB, SaveCompletion, VfConfig, VfInfo
+from .wire import CLIENT_KEY, RPCS, command_to_pb, from_pb, result_from_pb, to_pb
 
 T = TypeVar("T")
+R = TypeVar("R", bound=CmdResult)
 MemoryMode = Literal["auto", "shm", "remote"]
 DMA_CHUNK = 1 * MiB
 
@@ -68,7 +55,7 @@ class ShmBuffer:
         return self.segment.view
 
 
-class GrpcLink:
+class GrpcLink(FirmwareLink):
     """FirmwareLink and ScenarioLink over a gRPC channel."""
 
     def __init__(
@@ -81,6 +68,7 @@ class GrpcLink:
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         """`interceptors`: for the channel (the driver's gRPC client metrics)."""
+        super().__init__()
         self.target = target
         self.memory = memory
         self.shm_dir = shm_dir
@@ -93,7 +81,6 @@ class GrpcLink:
         self.scenario = sgrpc.ScenarioStub(self.channel)
         self._token_base = secrets.randbits(31) << 32
         self._tokens = itertools.count(1)
-        self._callbacks: dict[int, tuple[int, CompletionCallback]] = {}
         self._buffers: dict[int, ShmBuffer | ByteBuffer] = {}
         self._stream_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -130,10 +117,7 @@ class GrpcLink:
                     if not ready.done():
                         ready.set_result(None)
                     continue
-                entry = self._callbacks.get(msg.token)
-                if entry is not None and entry[0] == msg.vhca_id:
-                    del self._callbacks[msg.token]
-                    entry[1](convert.completion_from_pb(msg))
+                self._complete(from_pb(SaveCompletion, msg))
         except grpc.aio.AioRpcError as e:
             why = f"firmware connection lost: {e.code().name} {e.details()}"
             if not ready.done():
@@ -144,16 +128,7 @@ class GrpcLink:
         finally:
             if not ready.done():
                 ready.set_exception(LinkError(why))
-            self._abort_pending(why)
-
-    def _abort_pending(self, why: str) -> None:
-        pending, self._callbacks = self._callbacks, {}
-        loop = asyncio.get_event_loop()
-        for token, (vhca_id, cb) in pending.items():
-            c = SaveCompletion(
-                token, vhca_id, CmdStatus.INT_ERR, Syndrome.ABORTED, 0, 0, loop.time(), why
-            )
-            cb(c)
+            self._abort_waiting(why, asyncio.get_event_loop().time())
 
     # --- calls -------------------------------------------------------------------
 
@@ -166,121 +141,13 @@ class GrpcLink:
 
     # --- FirmwareLink --------------------------------------------------------------
 
-    async def query_hca_cap(
-        self, *, op_mod: int, other_function: bool = True, function_id: int = 0
-    ) -> HcaCapResult:
-        m = await self._call(
-            self.fw.QueryHcaCap,
-            fpb.QueryHcaCapRequest(
-                op_mod=op_mod, other_function=other_function, function_id=function_id
-            ),
-        )
-        return convert.hca_cap_from_pb(m, op_mod)
+    async def exec(self, cmd: Command[R]) -> R:
+        m = await self._call(getattr(self.fw, RPCS[type(cmd)].name), command_to_pb(cmd))
+        return result_from_pb(cmd, m)
 
-    async def query_vhca_migration_state(
-        self, vhca_id: int, *, op_mod: int = 0, incremental: bool = False, chunk: bool = False
-    ) -> QueryResult:
-        m = await self._call(
-            self.fw.QueryVhcaMigrationState,
-            fpb.QueryVhcaMigrationStateRequest(
-                vhca_id=vhca_id, op_mod=op_mod, incremental=incremental, chunk=chunk
-            ),
-        )
-        return convert.query_from_pb(m)
-
-    async def save_vhca_state(
-        self,
-        vhca_id: int,
-        *,
-        mkey: int,
-        size: int,
-        incremental: bool = False,
-        set_track: bool = False,
-        va: int = 0,
-        op_mod: int = 0,
-        callback: CompletionCallback,
-    ) -> SaveAccepted:
-        token = self._token_base | next(self._tokens)
-        self._callbacks[token] = (vhca_id, callback)
-        try:
-            m = await self._call(
-                self.fw.SaveVhcaState,
-                fpb.SaveVhcaStateRequest(
-                    vhca_id=vhca_id,
-                    op_mod=op_mod,
-                    incremental=incremental,
-                    set_track=set_track,
-                    va=va,
-                    mkey=mkey,
-                    size=size,
-                    token=token,
-                ),
-            )
-        except BaseException:
-            self._callbacks.pop(token, None)
-            raise
-        res = convert.save_from_pb(m)
-        if not res.ok:
-            self._callbacks.pop(token, None)
-        return res
-
-    async def load_vhca_state(
-        self, vhca_id: int, *, mkey: int, size: int, va: int = 0, op_mod: int = 0
-    ) -> CmdResult:
-        m = await self._call(
-            self.fw.LoadVhcaState,
-            fpb.LoadVhcaStateRequest(vhca_id=vhca_id, op_mod=op_mod, va=va, mkey=mkey, size=size),
-        )
-        return convert.cmd_from_pb(m)
-
-    async def suspend_vhca(self, vhca_id: int, *, op_mod: int) -> CmdResult:
-        m = await self._call(
-            self.fw.SuspendVhca, fpb.SuspendVhcaRequest(vhca_id=vhca_id, op_mod=op_mod)
-        )
-        return convert.cmd_from_pb(m)
-
-    async def resume_vhca(self, vhca_id: int, *, op_mod: int) -> CmdResult:
-        m = await self._call(
-            self.fw.ResumeVhca, fpb.ResumeVhcaRequest(vhca_id=vhca_id, op_mod=op_mod)
-        )
-        return convert.cmd_from_pb(m)
-
-    async def function_level_reset(self, vhca_id: int) -> CmdResult:
-        m = await self._call(
-            self.fw.FunctionLevelReset, fpb.FunctionLevelResetRequest(vhca_id=vhca_id)
-        )
-        return convert.cmd_from_pb(m)
-
-    async def create_page_tracker(
-        self, vhca_id: int, ranges: list[tuple[int, int]], log_page_size: int
-    ) -> PageTrackResult:
-        m = await self._call(
-            self.fw.CreatePageTracker,
-            fpb.CreatePageTrackerRequest(
-                vhca_id=vhca_id,
-                log_page_size=log_page_size,
-                ranges=[fpb.PageTrackRange(start_address=a, length=n) for a, n in ranges],
-            ),
-        )
-        return convert.page_track_from_pb(m)
-
-    async def report_page_tracker(
-        self, vhca_id: int, obj_id: int, iova: int, length: int
-    ) -> PageTrackResult:
-        m = await self._call(
-            self.fw.ReportPageTracker,
-            fpb.ReportPageTrackerRequest(
-                vhca_id=vhca_id, obj_id=obj_id, range_start_address=iova, length=length
-            ),
-        )
-        return convert.page_track_from_pb(m)
-
-    async def destroy_page_tracker(self, vhca_id: int, obj_id: int) -> CmdResult:
-        m = await self._call(
-            self.fw.DestroyPageTracker,
-            fpb.DestroyPageTrackerRequest(vhca_id=vhca_id, obj_id=obj_id),
-        )
-        return convert.cmd_from_pb(m)
+    def _save_token(self) -> int:
+        # This client's own token space: a completion never races its command's answer.
+        return self._token_base | next(self._tokens)
 
     async def alloc_buffer(self, length: int) -> ShmBuffer | ByteBuffer:
         if length <= 0:
@@ -374,9 +241,9 @@ class GrpcLink:
     async def create_vfs(self, count: int = 1, config: VfConfig | None = None) -> list[VfInfo]:
         req = spb.CreateVfsRequest(count=count)
         if config is not None:
-            req.config.CopyFrom(convert.config_to_pb(config))
+            req.config.CopyFrom(to_pb(config, spb.VfConfig))
         m = await self._call(self.scenario.CreateVfs, req)
-        return [convert.vf_info_from_pb(v) for v in m.vfs]
+        return [from_pb(VfInfo, v) for v in m.vfs]
 
     async def remove_vf(self, vhca_id: int) -> None:
         await self._call(self.scenario.RemoveVf, spb.RemoveVfRequest(vhca_id=vhca_id))
@@ -385,19 +252,19 @@ class GrpcLink:
         caps = changes.pop("caps", None)
         cfg = spb.VfConfig(**changes)
         if caps is not None:
-            cfg.caps.CopyFrom(convert.caps_to_pb(caps))
+            cfg.caps.CopyFrom(to_pb(caps, spb.Caps))
         m = await self._call(
             self.scenario.ConfigureVf, spb.ConfigureVfRequest(vhca_id=vhca_id, config=cfg)
         )
-        return convert.vf_info_from_pb(m)
+        return from_pb(VfInfo, m)
 
     async def get_vf(self, vhca_id: int) -> VfInfo:
         m = await self._call(self.scenario.GetVf, spb.GetVfRequest(vhca_id=vhca_id))
-        return convert.vf_info_from_pb(m)
+        return from_pb(VfInfo, m)
 
     async def list_vfs(self) -> list[VfInfo]:
         m = await self._call(self.scenario.ListVfs, spb.ListVfsRequest())
-        return [convert.vf_info_from_pb(v) for v in m.vfs]
+        return [from_pb(VfInfo, v) for v in m.vfs]
 
     async def reconfigure(
         self,
@@ -424,7 +291,7 @@ class GrpcLink:
     async def inject_fault(self, vhca_id: int, fault: Fault) -> int:
         m = await self._call(
             self.scenario.InjectFault,
-            spb.InjectFaultRequest(vhca_id=vhca_id, fault=convert.fault_to_pb(fault)),
+            spb.InjectFaultRequest(vhca_id=vhca_id, fault=to_pb(fault, spb.Fault)),
         )
         return m.fault_id
 
@@ -438,7 +305,7 @@ class GrpcLink:
 
     async def apply_scenario(self, text: str) -> list[VfInfo]:
         m = await self._call(self.scenario.ApplyScenario, spb.ApplyScenarioRequest(text=text))
-        return [convert.vf_info_from_pb(v) for v in m.vfs]
+        return [from_pb(VfInfo, v) for v in m.vfs]
 
     async def now(self) -> float:
         m = await self._call(self.scenario.GetClock, spb.ClockRequest())

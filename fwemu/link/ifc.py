@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, ClassVar, Generic, TypeVar, cast, get_args
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -150,12 +150,22 @@ class Syndrome(enum.IntEnum):
     INJECTED = 0x465700FF
 
 
+# A PCI function level reset is no firmware command; the emulator runs it through
+# the command path (lookup, stats, logs) under this number, above every 16-bit opcode.
+FLR_OPCODE = 0x1_0000
+
+
 def enum_name(cls: type[enum.IntEnum], value: int) -> str:
     """The member's name, or the number when the enum has no such member."""
     try:
         return cls(value).name
     except ValueError:
         return str(value)
+
+
+def opcode_name(opcode: int) -> str:
+    """An opcode's name for stats and logs (FLR_OPCODE included)."""
+    return "FUNCTION_LEVEL_RESET" if opcode == FLR_OPCODE else enum_name(Opcode, opcode)
 
 
 # Capabilities (cmd_hca_cap adv_virtualization: pg_track_*)
@@ -250,6 +260,125 @@ class SaveCompletion:
 
 
 CompletionCallback = Callable[[SaveCompletion], None]
+
+
+# ---------------------------------------------------------------------------
+# Commands: the inbox of each command (mlx5_ifc's *_in structs)
+# ---------------------------------------------------------------------------
+
+R_co = TypeVar("R_co", bound=CmdResult, covariant=True)
+
+
+class Command(Generic[R_co]):
+    """An inbox: its fields, the opcode and the outbox type it answers with
+    (`class XIn(Command[XResult], opcode=...)`)."""
+
+    __slots__ = ()
+    opcode: ClassVar[int]
+    out: ClassVar[type[CmdResult]]
+
+    def __init_subclass__(cls, opcode: int | None = None, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if opcode is not None:
+            cls.opcode = opcode
+            cls.out = next(
+                get_args(b)[0] for b in getattr(cls, "__orig_bases__", ()) if get_args(b)
+            )
+
+    def result(self, status: int, syndrome: int, diagnostic: str) -> R_co:
+        """This command's outbox with a failure in its head."""
+        return cast(R_co, self.out(status=status, syndrome=syndrome, diagnostic=diagnostic))
+
+
+@dataclass(frozen=True, slots=True)
+class VhcaCommand(Command[R_co]):
+    """A command addressed to one function by vhca_id."""
+
+    vhca_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueryHcaCapIn(Command[HcaCapResult], opcode=Opcode.QUERY_HCA_CAP):
+    op_mod: int
+    other_function: bool = True
+    function_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SuspendVhcaIn(VhcaCommand[CmdResult], opcode=Opcode.SUSPEND_VHCA):
+    op_mod: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeVhcaIn(VhcaCommand[CmdResult], opcode=Opcode.RESUME_VHCA):
+    op_mod: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QueryVhcaMigrationStateIn(VhcaCommand[QueryResult], opcode=Opcode.QUERY_VHCA_MIGRATION_STATE):
+    op_mod: int = 0
+    incremental: bool = False
+    chunk: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SaveVhcaStateIn(VhcaCommand[SaveAccepted], opcode=Opcode.SAVE_VHCA_STATE):
+    op_mod: int = 0
+    incremental: bool = False
+    set_track: bool = False
+    va: int = 0
+    mkey: int = 0
+    size: int = 0
+    token: int = 0  # 0: the firmware picks one
+
+
+@dataclass(frozen=True, slots=True)
+class LoadVhcaStateIn(VhcaCommand[CmdResult], opcode=Opcode.LOAD_VHCA_STATE):
+    op_mod: int = 0
+    va: int = 0
+    mkey: int = 0
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CreateMkeyIn(Command[MkeyResult], opcode=Opcode.CREATE_MKEY):
+    """The memory itself stands for the PRM's translation entries."""
+
+    view: memoryview
+    owner: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyMkeyIn(Command[CmdResult], opcode=Opcode.DESTROY_MKEY):
+    mkey: int
+
+
+@dataclass(frozen=True, slots=True)
+class CreatePageTrackIn(VhcaCommand[PageTrackResult], opcode=Opcode.CREATE_GENERAL_OBJECT):
+    """CREATE_GENERAL_OBJECT of a page_track object."""
+
+    ranges: tuple[tuple[int, int], ...] = ()  # (start address, length)
+    log_page_size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ModifyPageTrackIn(VhcaCommand[PageTrackResult], opcode=Opcode.MODIFY_GENERAL_OBJECT):
+    """MODIFY_GENERAL_OBJECT of a page_track object to report (and clear) its
+    dirty pages in [range_start_address, + length)."""
+
+    obj_id: int = 0
+    range_start_address: int = 0
+    length: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyPageTrackIn(VhcaCommand[CmdResult], opcode=Opcode.DESTROY_GENERAL_OBJECT):
+    obj_id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionLevelResetIn(VhcaCommand[CmdResult], opcode=FLR_OPCODE):
+    """A PCI function level reset (no firmware command: see FLR_OPCODE)."""
 
 
 # ---------------------------------------------------------------------------

@@ -39,7 +39,7 @@ VERSION = 1
 PROFILE = 0x4D4C5835  # "MLX5"
 
 _HEADER = struct.Struct("<4sHBBIQIIQQ")  # without the trailing header checksum
-HEADER_SIZE = _HEADER.size + 8
+IMAGE_HEADER_SIZE = _HEADER.size + 8
 _HCSUM = struct.Struct("<Q")
 _REC = struct.Struct("<IIQ")  # type, length, offset
 REC_HEADER_SIZE = _REC.size
@@ -149,11 +149,11 @@ class Plan:
     def min_piece(self, cur: Cursor) -> int:
         """The smallest buffer the next piece fits in (its first record, or a page of it)."""
         if self.finished(cur):
-            return HEADER_SIZE
+            return IMAGE_HEADER_SIZE
         it = self.items[cur.item]
         if it.rec_type == REC_TABLE:
-            return HEADER_SIZE + REC_HEADER_SIZE + len(it.table)
-        return HEADER_SIZE + REC_HEADER_SIZE + min(PAGE_SIZE, it.length - cur.done)
+            return IMAGE_HEADER_SIZE + REC_HEADER_SIZE + len(it.table)
+        return IMAGE_HEADER_SIZE + REC_HEADER_SIZE + min(PAGE_SIZE, it.length - cur.done)
 
 
 UNBOUNDED = 1 << 62
@@ -174,7 +174,7 @@ def _cut(
     the arena and host buffers are page aligned): memcpy between buffers whose
     page offsets differ by a few hundred bytes runs at a third of its speed.
     """
-    pos = HEADER_SIZE
+    pos = IMAGE_HEADER_SIZE
     cur = Cursor(start.item, start.done)
     ops: list[_Op] = []
     while cur.item < len(plan.items):
@@ -240,12 +240,12 @@ def write_piece(
     (BUFFER_TOO_SMALL) when not even the first record fits.
     """
     capacity = len(dest)
-    if capacity < HEADER_SIZE:
+    if capacity < IMAGE_HEADER_SIZE:
         raise ImageError(Syndrome.BUFFER_TOO_SMALL, "buffer smaller than an image header")
     size, cur, ops = _cut(plan, start, capacity, allow_empty=allow_empty)
     if whole and not plan.finished(cur):
         raise ImageError(Syndrome.BUFFER_TOO_SMALL, "buffer too small for the image")
-    pos = HEADER_SIZE
+    pos = IMAGE_HEADER_SIZE
     ranges: list[tuple[int, int]] = []
     table_written = False
     src = arena.view
@@ -271,7 +271,7 @@ def write_piece(
             ranges.append((off, take))
     assert pos == size
     flags = FLAG_LAST_PIECE if standalone or plan.finished(cur) else 0
-    checksum = xxhash.xxh3_64_intdigest(dest[HEADER_SIZE:pos])
+    checksum = xxhash.xxh3_64_intdigest(dest[IMAGE_HEADER_SIZE:pos])
     _HEADER.pack_into(
         dest,
         0,
@@ -283,7 +283,7 @@ def write_piece(
         chain_id,
         seq,
         piece,
-        pos - HEADER_SIZE,
+        pos - IMAGE_HEADER_SIZE,
         checksum,
     )
     _HCSUM.pack_into(dest, _HEADER.size, xxhash.xxh3_64_intdigest(dest[: _HEADER.size]))
@@ -302,7 +302,7 @@ class ParsedImage:
 
 def parse_image(buf: memoryview) -> ParsedImage:
     """Check an image completely (layout and checksums) without applying it."""
-    if len(buf) < HEADER_SIZE:
+    if len(buf) < IMAGE_HEADER_SIZE:
         raise ImageError(Syndrome.IMAGE_TRUNCATED, "image shorter than its header")
     magic, version, kind, flags, profile, chain_id, seq, piece, payload_len, checksum = (
         _HEADER.unpack_from(buf, 0)
@@ -321,12 +321,12 @@ def parse_image(buf: memoryview) -> ParsedImage:
         ikind = ImageKind(kind)
     except ValueError:
         raise ImageError(Syndrome.IMAGE_MALFORMED, f"unknown image kind {kind}") from None
-    if HEADER_SIZE + payload_len > len(buf):
+    if IMAGE_HEADER_SIZE + payload_len > len(buf):
         raise ImageError(
             Syndrome.IMAGE_TRUNCATED,
-            f"image needs {HEADER_SIZE + payload_len} bytes, LOAD gave {len(buf)}",
+            f"image needs {IMAGE_HEADER_SIZE + payload_len} bytes, LOAD gave {len(buf)}",
         )
-    payload = buf[HEADER_SIZE : HEADER_SIZE + payload_len]
+    payload = buf[IMAGE_HEADER_SIZE : IMAGE_HEADER_SIZE + payload_len]
     if xxhash.xxh3_64_intdigest(payload) != checksum:
         raise ImageError(Syndrome.IMAGE_CHECKSUM, "image payload checksum mismatch")
     table = None

@@ -12,7 +12,7 @@ from ..link.ifc import PAGE_SIZE, QueryVhcaMigState, VfConfig, obj_type_index
 from .device_state import DeviceState, Workload
 from .faults import FaultQueue
 from .image import Cursor, ImageKind, Plan
-from .page_track import PageTracker
+from .page_track import PageTrackObject
 from .pages import DIRTY, INIT, PageStates
 
 
@@ -84,7 +84,7 @@ class Vf:
         self.load_chain: LoadChain | None = None
         self.loads_since_suspend = 0
         # DMA dirty tracking objects (PAGE_TRACK)
-        self.page_trackers: dict[int, PageTracker] = {}
+        self.page_trackers: dict[int, PageTrackObject] = {}
         # counters
         self.saved_bytes = 0
         self.loaded_bytes = 0
@@ -191,6 +191,16 @@ class Vf:
 
     def full_plan(self) -> Plan:
         return Plan.full(self.state)
+
+    def plan_for(self, incremental: bool) -> Plan:
+        # Without a tracking session everything would have to be sent.
+        return self.incremental_plan() if incremental and self.tracking else self.full_plan()
+
+    def next_piece_size(self, plan: Plan, cur: Cursor) -> int:
+        """The buffer the next piece needs: a chunk, less at the end, more if
+        its first record (the object table) is larger."""
+        chunk = self.config.chunk_size
+        return max(min(plan.pieces_size(chunk, cur), chunk), plan.min_piece(cur))
 
     def next_chain_id(self) -> int:
         """The id the next full image's chain will have (unique per firmware instance)."""

@@ -8,7 +8,7 @@ per-VF series exist only when asked for, for at most `per_vf_limit` VFs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -16,9 +16,10 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.registry import Collector
 
-from ..link.ifc import CmdStatus, FaultKind, Opcode, QueryVhcaMigState, enum_name
+from grpcsvc.collector import ScrapeCollector, per_item_series
+
+from ..link.ifc import CmdStatus, FaultKind, QueryVhcaMigState, enum_name, opcode_name
 from ..model.firmware import Firmware
 from ..model.vf import Vf
 
@@ -35,14 +36,10 @@ VF_SAVED_BYTES = "fwemu_vf_image_saved_bytes"
 VF_MIGRATION_STATE = "fwemu_vf_migration_state"
 
 
-class FirmwareCollector(Collector):
+class FirmwareCollector(ScrapeCollector):
     def __init__(self, fw: Firmware, *, per_vf_limit: int = 0) -> None:
         self.fw = fw
         self.per_vf_limit = max(0, per_vf_limit)
-
-    def describe(self) -> Iterable[Metric]:
-        # Nothing: the registry then collects only when scraped, not at registration.
-        return []
 
     def collect(self) -> Iterator[Metric]:
         fw, stats = self.fw, self.fw.stats
@@ -51,7 +48,7 @@ class FirmwareCollector(Collector):
             labels=["opcode", "status"],
         )  # fmt: skip
         for (op, status), n in sorted(stats.commands.items()):
-            commands.add_metric([enum_name(Opcode, op), enum_name(CmdStatus, status)], n)
+            commands.add_metric([opcode_name(op), enum_name(CmdStatus, status)], n)
         yield commands
 
         h = stats.save_seconds
@@ -96,19 +93,12 @@ class FirmwareCollector(Collector):
 
     @staticmethod
     def _per_vf(states: list[tuple[Vf, QueryVhcaMigState]]) -> Iterator[Metric]:
-        saved = CounterMetricFamily(
-            VF_SAVED_BYTES, "Image bytes saved, per VF (capped).", labels=["vhca_id"]
+        return per_item_series(
+            "vhca_id",
+            (VF_SAVED_BYTES, "Image bytes saved, per VF (capped)."),
+            (VF_MIGRATION_STATE, "migration_state per VF (capped), as its number."),
+            ((str(vf.vhca_id), vf.saved_bytes, int(st)) for vf, st in states),
         )
-        state = GaugeMetricFamily(
-            VF_MIGRATION_STATE, "migration_state per VF (capped), as its number.",
-            labels=["vhca_id"],
-        )  # fmt: skip
-        for vf, st in states:
-            vhca = str(vf.vhca_id)
-            saved.add_metric([vhca], vf.saved_bytes)
-            state.add_metric([vhca], int(st))
-        yield saved
-        yield state
 
 
 def _le(bound: float) -> str:

@@ -64,13 +64,5 @@ class FirmwareServer:
         self.memory.close()
 
     async def serve_until(self, stop: asyncio.Event, grace: float = 5.0) -> None:
-        async def end_streams() -> None:
-            await stop.wait()
-            self.firmware.stopping.set()
-
-        ender = asyncio.ensure_future(end_streams())
-        try:
-            await self.service.serve_until(stop, grace)
-        finally:
-            ender.cancel()
+        await self.service.serve_until(stop, grace, on_stop=self.firmware.stopping.set)
         self.memory.close()

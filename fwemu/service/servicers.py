@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any, NoReturn, TypeVar
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -16,22 +17,40 @@ from ..api.v1 import scenario_pb2 as spb
 from ..api.v1 import scenario_pb2_grpc as sgrpc
 from ..link.ifc import (
     CmdResult,
+    Command,
+    CreatePageTrackIn,
+    DestroyPageTrackIn,
     FirmwareError,
+    FunctionLevelResetIn,
+    LoadVhcaStateIn,
     MiB,
+    ModifyPageTrackIn,
     NoSuchVf,
+    QueryHcaCapIn,
+    QueryVhcaMigrationStateIn,
+    ResumeVhcaIn,
     SaveCompletion,
+    SaveVhcaStateIn,
+    SuspendVhcaIn,
     obj_type_index,
 )
-from ..model.clock import Clock, VirtualClock, sleep
+from ..link.wire import (
+    CLIENT_KEY,
+    RPCS,
+    changes,
+    command_from_pb,
+    fault_from_pb,
+    overlay,
+    to_pb,
+)
 from ..model.firmware import Firmware, vf_info
-from ..scenario import ScenarioError, apply_scenario, parse_scenario
-from . import convert
+from ..scenario import ScenarioError
 from .memory import MkeyMemory
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
-R = TypeVar("R", bound=CmdResult)
+S = TypeVar("S")
+Rpc = Callable[[S, Any, Ctx], Awaitable[Any]]
 
-CLIENT_KEY = "x-fwemu-client"
 DOMAIN = "fwemu.emulator"
 _MAX_READ_CHUNK = 4 * MiB
 
@@ -44,9 +63,17 @@ def client_of(context: Ctx) -> str:
     return str(context.peer())
 
 
-async def _answer(clock: Clock, result: R) -> R:
-    await sleep(clock, result.delay_s)  # an injected DELAY fault
-    return result
+def _command(cls: type[Command[Any]]) -> Any:
+    """The RPC of one command: the request's in-struct through the model's
+    command path, the outbox back.  (Any: it stands for the typed stub method.)"""
+
+    async def rpc(self: FirmwareServicer, request: Any, context: Ctx) -> Any:
+        r = self.fw.exec(command_from_pb(cls, request))
+        await self.fw.sleep(r.delay_s)  # an injected DELAY fault
+        return to_pb(r, RPCS[cls].response)
+
+    rpc.__name__ = RPCS[cls].name
+    return rpc
 
 
 class FirmwareServicer(fgrpc.FirmwareServicer):
@@ -55,80 +82,16 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
         self.memory = memory
         self.stopping = asyncio.Event()  # set when the server starts shutting down
 
-    async def QueryHcaCap(self, request: fpb.QueryHcaCapRequest, context: Ctx) -> Any:
-        r = await _answer(
-            self.fw.clock,
-            self.fw.query_hca_cap(request.op_mod, request.other_function, request.function_id),
-        )
-        return convert.hca_cap_to_pb(r)
-
-    async def QueryVhcaMigrationState(
-        self, request: fpb.QueryVhcaMigrationStateRequest, context: Ctx
-    ) -> Any:
-        r = await _answer(
-            self.fw.clock,
-            self.fw.query_vhca_migration_state(
-                request.vhca_id,
-                op_mod=request.op_mod,
-                incremental=request.incremental,
-                chunk=request.chunk,
-            ),
-        )
-        return convert.query_to_pb(r)
-
-    async def SaveVhcaState(self, request: fpb.SaveVhcaStateRequest, context: Ctx) -> Any:
-        r = await _answer(
-            self.fw.clock,
-            self.fw.save_vhca_state(
-                request.vhca_id,
-                op_mod=request.op_mod,
-                incremental=request.incremental,
-                set_track=request.set_track,
-                va=request.va,
-                mkey=request.mkey,
-                size=request.size,
-                token=request.token,
-            ),
-        )
-        return convert.save_to_pb(r)
-
-    async def LoadVhcaState(self, request: fpb.LoadVhcaStateRequest, context: Ctx) -> Any:
-        r = await _answer(
-            self.fw.clock,
-            self.fw.load_vhca_state(
-                request.vhca_id,
-                op_mod=request.op_mod,
-                va=request.va,
-                mkey=request.mkey,
-                size=request.size,
-            ),
-        )
-        return convert.cmd_to_pb(r)
-
-    async def SuspendVhca(self, request: fpb.SuspendVhcaRequest, context: Ctx) -> Any:
-        r = await _answer(self.fw.clock, self.fw.suspend_vhca(request.vhca_id, request.op_mod))
-        return convert.cmd_to_pb(r)
-
-    async def ResumeVhca(self, request: fpb.ResumeVhcaRequest, context: Ctx) -> Any:
-        r = await _answer(self.fw.clock, self.fw.resume_vhca(request.vhca_id, request.op_mod))
-        return convert.cmd_to_pb(r)
-
-    async def FunctionLevelReset(self, request: fpb.FunctionLevelResetRequest, context: Ctx) -> Any:
-        return convert.cmd_to_pb(self.fw.function_level_reset(request.vhca_id))
-
-    async def CreatePageTracker(self, request: fpb.CreatePageTrackerRequest, context: Ctx) -> Any:
-        ranges = [(r.start_address, r.length) for r in request.ranges]
-        r = self.fw.create_page_tracker(request.vhca_id, ranges, request.log_page_size)
-        return convert.page_track_to_pb(r)
-
-    async def ReportPageTracker(self, request: fpb.ReportPageTrackerRequest, context: Ctx) -> Any:
-        r = self.fw.report_page_tracker(
-            request.vhca_id, request.obj_id, request.range_start_address, request.length
-        )
-        return convert.page_track_to_pb(r)
-
-    async def DestroyPageTracker(self, request: fpb.DestroyPageTrackerRequest, context: Ctx) -> Any:
-        return convert.cmd_to_pb(self.fw.destroy_page_tracker(request.vhca_id, request.obj_id))
+    QueryHcaCap = _command(QueryHcaCapIn)
+    QueryVhcaMigrationState = _command(QueryVhcaMigrationStateIn)
+    SaveVhcaState = _command(SaveVhcaStateIn)
+    LoadVhcaState = _command(LoadVhcaStateIn)
+    SuspendVhca = _command(SuspendVhcaIn)
+    ResumeVhca = _command(ResumeVhcaIn)
+    FunctionLevelReset = _command(FunctionLevelResetIn)
+    CreatePageTracker = _command(CreatePageTrackIn)
+    ReportPageTracker = _command(ModifyPageTrackIn)
+    DestroyPageTracker = _command(DestroyPageTrackIn)
 
     async def Completions(
         self, request: fpb.CompletionsRequest, context: Ctx
@@ -149,7 +112,7 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
                     if not get.done():
                         get.cancel()
                         return  # the server is shutting down: end the stream (OK)
-                    yield convert.completion_to_pb(get.result())
+                    yield to_pb(get.result(), fpb.Completion)
             finally:
                 stopping.cancel()
         finally:
@@ -164,12 +127,10 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
             shm_name=request.shm_name if backing == "shm_name" else None,
             remote=backing == "remote" and request.remote,
         )
-        return fpb.CreateMkeyResponse(
-            status=r.status, syndrome=r.syndrome, mkey=r.mkey, diagnostic=r.diagnostic
-        )
+        return to_pb(r, fpb.CreateMkeyResponse)
 
     async def DestroyMkey(self, request: fpb.DestroyMkeyRequest, context: Ctx) -> Any:
-        return convert.cmd_to_pb(self.memory.destroy(request.mkey))
+        return to_pb(self.memory.destroy(request.mkey), fpb.CommandResponse)
 
     async def ReadMkey(
         self, request: fpb.ReadMkeyRequest, context: Ctx
@@ -210,108 +171,97 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
         return fpb.WriteMkeyResponse(bytes_written=written)
 
 
+def _refusal(*errors: type[Exception]) -> Callable[[Rpc[S]], Rpc[S]]:
+    """A Scenario RPC whose refused request (one of `errors`) aborts the call
+    with a google.rpc.Status naming why."""
+
+    def wrap(rpc: Rpc[S]) -> Rpc[S]:
+        @functools.wraps(rpc)
+        async def answer(self: S, request: Any, context: Ctx) -> Any:
+            try:
+                return await rpc(self, request, context)
+            except errors as e:
+                if isinstance(e, NoSuchVf):
+                    code, reason = grpc.StatusCode.NOT_FOUND, "NO_SUCH_VF"
+                elif isinstance(e, ScenarioError):
+                    code, reason = grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SCENARIO"
+                else:
+                    code, reason = grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST"
+                await abort(context, code, str(e), reason=reason, domain=DOMAIN)
+
+        return answer
+
+    return wrap
+
+
 class ScenarioServicer(sgrpc.ScenarioServicer):
     def __init__(self, fw: Firmware) -> None:
         self.fw = fw
 
-    async def _fail(self, context: Ctx, e: Exception) -> NoReturn:
-        if isinstance(e, NoSuchVf):
-            code, reason = grpc.StatusCode.NOT_FOUND, "NO_SUCH_VF"
-        elif isinstance(e, ScenarioError):
-            code, reason = grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SCENARIO"
-        else:
-            code, reason = grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST"
-        await abort(context, code, str(e), reason=reason, domain=DOMAIN)
-
     def _info(self, vhca_id: int) -> spb.VfInfo:
-        return convert.vf_info_to_pb(vf_info(self.fw.touch(vhca_id)))
+        return to_pb(self.fw.info(vhca_id), spb.VfInfo)
 
+    @_refusal(FirmwareError, ValueError)
     async def CreateVfs(self, request: spb.CreateVfsRequest, context: Ctx) -> Any:
-        try:
-            config = convert.config_overlay(self.fw.defaults, request.config)
-            vfs = self.fw.create_vfs(request.count or 1, config)
-        except (FirmwareError, ValueError) as e:
-            await self._fail(context, e)
-        return spb.CreateVfsResponse(vfs=[convert.vf_info_to_pb(vf_info(v)) for v in vfs])
+        vfs = self.fw.create_vfs(request.count or 1, overlay(self.fw.defaults, request.config))
+        return spb.CreateVfsResponse(vfs=[to_pb(vf_info(v), spb.VfInfo) for v in vfs])
 
+    @_refusal(FirmwareError)
     async def RemoveVf(self, request: spb.RemoveVfRequest, context: Ctx) -> Any:
-        try:
-            self.fw.remove_vf(request.vhca_id)
-        except FirmwareError as e:
-            await self._fail(context, e)
+        self.fw.remove_vf(request.vhca_id)
         return spb.RemoveVfResponse()
 
+    @_refusal(FirmwareError, ValueError)
     async def ConfigureVf(self, request: spb.ConfigureVfRequest, context: Ctx) -> Any:
-        try:
-            vf = self.fw.vf(request.vhca_id)
-            changes = convert.config_changes(request.config)
-            changes["caps"] = convert.caps_overlay(vf.config.caps, request.config.caps)
-            self.fw.configure_vf(request.vhca_id, **changes)
-            return self._info(request.vhca_id)
-        except (FirmwareError, ValueError) as e:
-            await self._fail(context, e)
+        vf = self.fw.vf(request.vhca_id)
+        self.fw.configure_vf(request.vhca_id, **changes(vf.config, request.config))
+        return self._info(request.vhca_id)
 
+    @_refusal(FirmwareError)
     async def GetVf(self, request: spb.GetVfRequest, context: Ctx) -> Any:
-        try:
-            return self._info(request.vhca_id)
-        except FirmwareError as e:
-            await self._fail(context, e)
+        return self._info(request.vhca_id)
 
     async def ListVfs(self, request: spb.ListVfsRequest, context: Ctx) -> Any:
-        return spb.ListVfsResponse(vfs=[self._info(v) for v in sorted(self.fw.vfs)])
+        return spb.ListVfsResponse(vfs=[to_pb(v, spb.VfInfo) for v in self.fw.list_vfs()])
 
+    @_refusal(FirmwareError, ValueError)
     async def Reconfigure(self, request: spb.ReconfigureRequest, context: Ctx) -> Any:
         when = request.WhichOneof("when")
-        try:
-            objects = [(obj_type_index(o.type), o.size) for o in request.objects]
-            tid = self.fw.reconfigure(
-                request.vhca_id,
-                objects,
-                at_time=request.at_time if when == "at_time" else None,
-                after_saved_bytes=request.after_saved_bytes
-                if when == "after_saved_bytes"
-                else None,
-            )
-        except (FirmwareError, ValueError) as e:
-            await self._fail(context, e)
+        objects = [(obj_type_index(o.type), o.size) for o in request.objects]
+        tid = self.fw.reconfigure(
+            request.vhca_id,
+            objects,
+            at_time=request.at_time if when == "at_time" else None,
+            after_saved_bytes=request.after_saved_bytes if when == "after_saved_bytes" else None,
+        )
         return spb.ReconfigureResponse(trigger_id=tid)
 
+    @_refusal(FirmwareError, ValueError)
     async def InjectFault(self, request: spb.InjectFaultRequest, context: Ctx) -> Any:
-        try:
-            fid = self.fw.inject_fault(request.vhca_id, convert.fault_from_pb(request.fault))
-        except (FirmwareError, ValueError) as e:
-            await self._fail(context, e)
+        fid = self.fw.inject_fault(request.vhca_id, fault_from_pb(request.fault))
         return spb.InjectFaultResponse(fault_id=fid)
 
+    @_refusal(FirmwareError)
     async def ClearFaults(self, request: spb.ClearFaultsRequest, context: Ctx) -> Any:
-        try:
-            n = self.fw.clear_faults(request.vhca_id)
-        except FirmwareError as e:
-            await self._fail(context, e)
-        return spb.ClearFaultsResponse(cleared=n)
+        return spb.ClearFaultsResponse(cleared=self.fw.clear_faults(request.vhca_id))
 
+    @_refusal(FirmwareError)
     async def GetDigest(self, request: spb.GetDigestRequest, context: Ctx) -> Any:
-        try:
-            vf = self.fw.touch(request.vhca_id)
-        except FirmwareError as e:
-            await self._fail(context, e)
+        vf = self.fw.touch(request.vhca_id)
         return spb.GetDigestResponse(
             digest=vf.digest(), size=vf.state.size, num_objects=len(vf.state.objects)
         )
 
+    @_refusal(ScenarioError)
     async def ApplyScenario(self, request: spb.ApplyScenarioRequest, context: Ctx) -> Any:
-        try:
-            vfs = apply_scenario(self.fw, parse_scenario(request.text))
-        except ScenarioError as e:
-            await self._fail(context, e)
-        return spb.ApplyScenarioResponse(vfs=[convert.vf_info_to_pb(vf_info(v)) for v in vfs])
+        vfs = self.fw.apply_scenario(request.text)
+        return spb.ApplyScenarioResponse(vfs=[to_pb(vf_info(v), spb.VfInfo) for v in vfs])
 
     async def GetClock(self, request: spb.ClockRequest, context: Ctx) -> Any:
-        return spb.ClockResponse(now=self.fw.clock.now(), virtual=self.fw.clock.virtual)
+        return spb.ClockResponse(now=self.fw.now(), virtual=self.fw.clock.virtual)
 
     async def AdvanceClock(self, request: spb.AdvanceClockRequest, context: Ctx) -> Any:
-        clock = self.fw.clock
-        if not isinstance(clock, VirtualClock):
+        if not self.fw.clock.virtual:
             await abort(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -327,5 +277,4 @@ class ScenarioServicer(sgrpc.ScenarioServicer):
                 reason="INVALID_REQUEST",
                 domain=DOMAIN,
             )
-        clock.advance(request.seconds)
-        return spb.ClockResponse(now=clock.now(), virtual=True)
+        return spb.ClockResponse(now=self.fw.advance_clock(request.seconds), virtual=True)

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from fwemu.link.ifc import CmdStatus, Fault, FaultKind, KiB, MiB
 from fwemu.model.stats import Histogram
 from fwemu.service.metrics import FirmwareCollector
-from tests.metrics.exposition import Samples, get, samples
+from tests.support.exposition import Samples, get, samples
 
 
 def scrape(h, per_vf_limit: int = 0) -> Samples:

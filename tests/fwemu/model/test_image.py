@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fwemu.link.ifc import PAGE_SIZE, KiB, Syndrome
 from fwemu.model.device_state import Arena, DeviceState, page_runs
 from fwemu.model.image import (
-    HEADER_SIZE,
+    IMAGE_HEADER_SIZE,
     Cursor,
     ImageError,
     ImageKind,
@@ -73,7 +73,7 @@ def test_full_image_round_trip(state, image):
         0,
         True,
     )
-    assert h.payload_len == len(image) - HEADER_SIZE
+    assert h.payload_len == len(image) - IMAGE_HEADER_SIZE
     assert image[:4] == b"VHCA"
     rebuilt = apply_image(DeviceState.empty(), parsed, starts_chain=True)
     assert rebuilt.digest() == state.digest()
@@ -82,7 +82,7 @@ def test_full_image_round_trip(state, image):
 
 def test_header_is_52_bytes():
     """README: an image is a 52-byte header and records."""
-    assert HEADER_SIZE == 52
+    assert IMAGE_HEADER_SIZE == 52
 
 
 def test_whole_image_that_does_not_fit_writes_nothing(state):
@@ -129,7 +129,7 @@ def test_pieces_round_trip(capacity, size):
             piece=piece,
             whole=False,
         )
-        assert HEADER_SIZE < res.size <= capacity
+        assert IMAGE_HEADER_SIZE < res.size <= capacity
         parsed = parse_image(memoryview(dest)[: res.size])
         assert parsed.header.piece == piece
         done = plan.finished(res.cursor)
@@ -189,7 +189,7 @@ def test_any_single_byte_corruption_is_refused(image, data):
 
 def test_every_header_byte_is_covered(image):
     """Every one of the 52 header bytes is checked (magic or header checksum)."""
-    for at in range(HEADER_SIZE):
+    for at in range(IMAGE_HEADER_SIZE):
         bad = bytearray(image)
         bad[at] ^= 0x01
         with pytest.raises(ImageError):

@@ -107,13 +107,13 @@ async def test_a_client_going_away_frees_its_mkeys(server: tuple[Firmware, str])
         await link.alloc_buffer(4096)
         await link.alloc_buffer(8192)
         kept = await other.alloc_buffer(4096)
-        assert len(fw._mkeys) == 3
+        assert len(fw.mkeys) == 3
         await link.close()
         for _ in range(100):
-            if len(fw._mkeys) == 1:
+            if len(fw.mkeys) == 1:
                 break
             await asyncio.sleep(0.01)
-        assert list(fw._mkeys) == [kept.mkey]
+        assert list(fw.mkeys) == [kept.mkey]
     finally:
         await other.close()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fwemu.link.ifc import PAGE_SIZE, CmdStatus, KiB, MiB, QueryVhcaMigState, Syndrome, VfCaps
-from fwemu.model.image import HEADER_SIZE
+from fwemu.model.image import IMAGE_HEADER_SIZE
 
 UNINITIALIZED = QueryVhcaMigState.UNINITIALIZED
 IDLE = QueryVhcaMigState.OPER_MIGRATION_IDLE
@@ -34,7 +34,7 @@ async def test_non_incremental_query_is_the_full_image_size(h):
     assert q.ok, q
     assert q.remaining_total_size == 0  # chunk mode only
     img = await h.save_ok(vhca, q.required_umem_size)
-    assert 512 * KiB + HEADER_SIZE < len(img) <= q.required_umem_size
+    assert 512 * KiB + IMAGE_HEADER_SIZE < len(img) <= q.required_umem_size
     assert q.required_umem_size - len(img) <= 4 * KiB + 16
 
 
@@ -78,11 +78,11 @@ async def test_incremental_query_grows_with_the_workload(h):
         q = await h.query(vhca, incremental=True)
         assert q.ok and q.migration_state == DIRTY, q
         sizes.append(q.required_umem_size)
-    assert HEADER_SIZE < sizes[0] < sizes[1] < sizes[2]
+    assert IMAGE_HEADER_SIZE < sizes[0] < sizes[1] < sizes[2]
     # 0.75 s at 64 KiB/s is 12 page writes: at most 12 pages plus record headers.
-    assert sizes[2] <= HEADER_SIZE + 12 * (4 * KiB + 16)
+    assert sizes[2] <= IMAGE_HEADER_SIZE + 12 * (4 * KiB + 16)
     img = await h.save_ok(vhca, sizes[2], incremental=True, set_track=True)
-    assert HEADER_SIZE < len(img) <= sizes[2]
+    assert IMAGE_HEADER_SIZE < len(img) <= sizes[2]
     q = await h.query(vhca, incremental=True)
     assert (q.required_umem_size, q.migration_state) == (0, IDLE)
 
@@ -148,7 +148,7 @@ async def test_reconfiguration_during_tracking_adds_its_bytes_to_the_incremental
     await h.link.reconfigure(vhca, [("QP", 40 * KiB)])
     q = await h.query(vhca, incremental=True)
     assert q.migration_state == INIT
-    assert q.required_umem_size >= HEADER_SIZE + 40 * KiB
+    assert q.required_umem_size >= IMAGE_HEADER_SIZE + 40 * KiB
 
 
 async def test_vf_without_the_migration_state_cap_always_reports_0(h):
@@ -187,7 +187,7 @@ async def test_chunk_query_caps_required_size_at_chunk_size(h):
     assert q.required_umem_size == 64 * KiB
     # Pieces carry their own headers, the one image an alignment PAD record
     # (up to a page): the two sizes are close.
-    assert abs(q.remaining_total_size - full) < 16 * (HEADER_SIZE + 16) + PAGE_SIZE + 16
+    assert abs(q.remaining_total_size - full) < 16 * (IMAGE_HEADER_SIZE + 16) + PAGE_SIZE + 16
 
 
 async def test_chunk_query_of_an_image_smaller_than_a_chunk(h):

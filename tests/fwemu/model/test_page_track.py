@@ -7,7 +7,7 @@ import pytest
 
 from fwemu.link.ifc import CmdStatus, KiB, MiB, VfConfig
 from fwemu.model import Firmware, VirtualClock
-from fwemu.model.page_track import PageTracker, PageTrackError
+from fwemu.model.page_track import PageTrackError, PageTrackObject
 
 GiB = 1 << 30
 
@@ -67,7 +67,7 @@ def test_bad_tracker_parameters_are_refused(ranges, log_page):
     r = fw.create_page_tracker(vhca, ranges, log_page)
     assert r.status == CmdStatus.BAD_PARAM_ERR
     with pytest.raises(PageTrackError):
-        PageTracker.create(1, ranges, log_page)
+        PageTrackObject.create(1, ranges, log_page)
 
 
 def test_one_tracker_per_function_and_destroy():

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fwemu.link.ifc import PAGE_SIZE, CmdStatus, KiB, MiB, QueryVhcaMigState, Syndrome
-from fwemu.model.image import HEADER_SIZE
+from fwemu.model.image import IMAGE_HEADER_SIZE
 
 # These tests move image bytes: run them with firmware-held memory too.
 pytestmark = pytest.mark.remote_memory
@@ -150,7 +150,7 @@ async def test_actual_image_size_never_exceeds_size(h, fraction, extra):
         await h.advance(0)
         c = await h.completion(pending)
         assert c.status == 0, c
-        assert HEADER_SIZE < c.actual_image_size <= size
+        assert IMAGE_HEADER_SIZE < c.actual_image_size <= size
         if size >= full:
             assert (await h.query(vhca, incremental=True)).required_umem_size == 0
     else:
@@ -172,7 +172,7 @@ async def test_tracked_partial_save_succeeds_and_leaves_the_rest_pending(h):
     small = full // 3
     c, img0 = await h.save_done(src, small, set_track=True)
     assert c.status == 0, c
-    assert HEADER_SIZE < c.actual_image_size <= small
+    assert IMAGE_HEADER_SIZE < c.actual_image_size <= small
     q = await h.query(src, incremental=True)
     assert q.ok and q.migration_state == QueryVhcaMigState.OPER_MIGRATION_DIRTY
     # The rest: about what did not fit (a header and a record header more).
@@ -217,7 +217,7 @@ async def test_final_incremental_image_too_small_is_buffer_too_small(h):
     await h.advance(0.5)
     await h.suspend_fully(vhca)
     q = await h.query(vhca, incremental=True)
-    assert q.required_umem_size > HEADER_SIZE + PAGE_SIZE
+    assert q.required_umem_size > IMAGE_HEADER_SIZE + PAGE_SIZE
     pending = await h.save(vhca, q.required_umem_size - 1, incremental=True)
     assert (pending.accepted.status, pending.accepted.syndrome) == (
         BAD_PARAM,
@@ -450,4 +450,4 @@ async def test_incremental_save_takes_new_initial_data_before_dirty_pages(h):
     assert c.status == 0, c
     assert await h.mig_state(vhca) == QueryVhcaMigState.OPER_MIGRATION_DIRTY
     rest = await h.query(vhca, incremental=True)
-    assert rest.required_umem_size == HEADER_SIZE + 16 + PAGE_SIZE
+    assert rest.required_umem_size == IMAGE_HEADER_SIZE + 16 + PAGE_SIZE

@@ -9,7 +9,7 @@ import pytest
 import xxhash
 
 from fwemu.link.ifc import CmdStatus, KiB, Syndrome, VfCaps
-from fwemu.model.image import HEADER_SIZE
+from fwemu.model.image import IMAGE_HEADER_SIZE
 
 # These tests move image bytes: run them with firmware-held memory too.
 pytestmark = pytest.mark.remote_memory
@@ -28,10 +28,10 @@ HEADER_SUM_AT = 44
 def reseal(img: bytearray) -> bytes:
     """Recompute both checksums, as a firmware that wrote these bytes would."""
     n = int.from_bytes(img[PAYLOAD_LEN_AT : PAYLOAD_LEN_AT + 8], "little")
-    payload_sum = xxhash.xxh3_64_intdigest(bytes(img[HEADER_SIZE : HEADER_SIZE + n]))
+    payload_sum = xxhash.xxh3_64_intdigest(bytes(img[IMAGE_HEADER_SIZE : IMAGE_HEADER_SIZE + n]))
     img[PAYLOAD_SUM_AT:HEADER_SUM_AT] = payload_sum.to_bytes(8, "little")
     header_sum = xxhash.xxh3_64_intdigest(bytes(img[:HEADER_SUM_AT]))
-    img[HEADER_SUM_AT:HEADER_SIZE] = header_sum.to_bytes(8, "little")
+    img[HEADER_SUM_AT:IMAGE_HEADER_SIZE] = header_sum.to_bytes(8, "little")
     return bytes(img)
 
 
@@ -61,7 +61,7 @@ async def make_chain(h) -> Chain:
     await h.suspend_fully(src)
     q = await h.query(src, incremental=True)
     images.append(await h.save_ok(src, q.required_umem_size, incremental=True))
-    assert all(len(i) > HEADER_SIZE for i in images)
+    assert all(len(i) > IMAGE_HEADER_SIZE for i in images)
     await h.advance(0.3)  # the target's workload changes it before it stops
     await h.suspend_fully(dst)
     return Chain(src, dst, images, await h.digest(src))
@@ -120,7 +120,7 @@ async def test_corrupted_payload_byte_is_image_checksum(h, which):
     for img in c.images[:which]:
         assert (await h.load(c.dst, img)).ok
     img = c.images[which]
-    for at in (HEADER_SIZE, HEADER_SIZE + 17, len(img) // 2, len(img) - 1):
+    for at in (IMAGE_HEADER_SIZE, IMAGE_HEADER_SIZE + 17, len(img) // 2, len(img) - 1):
         await assert_refused(h, c.dst, flip(img, at), Syndrome.IMAGE_CHECKSUM)
     await finish(h, c, which)
 
@@ -152,9 +152,9 @@ async def test_truncated_image_is_image_truncated(h, cut):
     img = c.images[0]
     keep = {
         "half": len(img) // 2,
-        "header-1": HEADER_SIZE - 1,
-        "header": HEADER_SIZE,
-        "header+1": HEADER_SIZE + 1,
+        "header-1": IMAGE_HEADER_SIZE - 1,
+        "header": IMAGE_HEADER_SIZE,
+        "header+1": IMAGE_HEADER_SIZE + 1,
     }.get(cut, len(img) - cut if isinstance(cut, int) else 0)
     await assert_refused(h, c.dst, img[:keep], Syndrome.IMAGE_TRUNCATED)
     # The size field alone short of the bytes in the buffer is the same thing.
@@ -215,7 +215,7 @@ async def test_malformed_record_is_image_malformed(h):
     """A correctly checksummed image whose first record has an unknown type."""
     c = await make_chain(h)
     img = bytearray(c.images[0])
-    img[HEADER_SIZE : HEADER_SIZE + 4] = (0x77).to_bytes(4, "little")
+    img[IMAGE_HEADER_SIZE : IMAGE_HEADER_SIZE + 4] = (0x77).to_bytes(4, "little")
     await assert_refused(h, c.dst, reseal(img), Syndrome.IMAGE_MALFORMED)
     await finish(h, c, 0)
 
@@ -258,7 +258,9 @@ async def test_a_refused_load_keeps_the_chain_position(h):
     """Refusals in the middle of a chain: the correct next image still loads."""
     c = await make_chain(h)
     assert (await h.load(c.dst, c.images[0])).ok
-    await assert_refused(h, c.dst, flip(c.images[1], HEADER_SIZE + 3), Syndrome.IMAGE_CHECKSUM)
+    await assert_refused(
+        h, c.dst, flip(c.images[1], IMAGE_HEADER_SIZE + 3), Syndrome.IMAGE_CHECKSUM
+    )
     await assert_refused(h, c.dst, c.images[1][:-1], Syndrome.IMAGE_TRUNCATED)
     await assert_refused(h, c.dst, c.images[1] + b"\0", Syndrome.IMAGE_TRAILING)
     await finish(h, c, 1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,29 +12,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-FWEMU = [sys.executable, "-m", "fwemu.cli"]
-
-
-def start(*args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [*FWEMU, "serve", "--listen", "127.0.0.1:0", "--log-level", "warning", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "serving" in line, line + (proc.stderr.read() if proc.stderr else "")
-    return proc, line.rsplit(" on ", 1)[1].strip()
+from grpcsvc import spawn
 
 
 @pytest.fixture
 def served() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    proc, target = start("--vfs", "3", "--size", "64KiB")
-    yield proc, target
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    with spawn.served(spawn.FWEMU, "--log-level", "warning", "--vfs", "3", "--size", "64KiB") as s:
+        yield s
 
 
 def test_health_reports_serving_for_both_services(
@@ -68,7 +51,7 @@ def test_sigterm_stops_cleanly(served: tuple[subprocess.Popen[str], str]) -> Non
 def test_port_in_use_is_a_clear_error(served: tuple[subprocess.Popen[str], str]) -> None:
     _, target = served
     r = subprocess.run(
-        [*FWEMU, "serve", "--listen", target, "--vfs", "1", "--size", "4KiB"],
+        [*spawn.FWEMU, "--listen", target, "--vfs", "1", "--size", "4KiB"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -95,7 +78,7 @@ def test_bad_scenario_file_is_refused_with_the_field(
     f = tmp_path / "scenario.yaml"
     f.write_text(content)
     r = subprocess.run(
-        [*FWEMU, "serve", "--scenario", str(f)], capture_output=True, text=True, timeout=30
+        [*spawn.FWEMU, "--scenario", str(f)], capture_output=True, text=True, timeout=30
     )
     assert r.returncode == 2
     assert expect in r.stderr
@@ -106,14 +89,14 @@ def test_binary_scenario_file_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "junk.bin"
     f.write_bytes(bytes(range(256)) * 4)
     r = subprocess.run(
-        [*FWEMU, "serve", "--scenario", str(f)], capture_output=True, text=True, timeout=30
+        [*spawn.FWEMU, "--scenario", str(f)], capture_output=True, text=True, timeout=30
     )
     assert r.returncode == 2 and "junk.bin" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_missing_scenario_file_is_refused() -> None:
     r = subprocess.run(
-        [*FWEMU, "serve", "--scenario", "/nonexistent/s.yaml"],
+        [*spawn.FWEMU, "--scenario", "/nonexistent/s.yaml"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -122,7 +105,5 @@ def test_missing_scenario_file_is_refused() -> None:
 
 
 def test_bad_size_flag_is_refused() -> None:
-    r = subprocess.run(
-        [*FWEMU, "serve", "--size", "lots"], capture_output=True, text=True, timeout=30
-    )
+    r = subprocess.run([*spawn.FWEMU, "--size", "lots"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "is not a size" in r.stderr

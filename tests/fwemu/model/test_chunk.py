@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fwemu.link.ifc import CmdStatus, KiB, MiB, Syndrome
-from fwemu.model.image import HEADER_SIZE
+from fwemu.model.image import IMAGE_HEADER_SIZE
 
 # These tests move image bytes: run them with firmware-held memory too.
 pytestmark = pytest.mark.remote_memory
@@ -62,7 +62,7 @@ async def test_remaining_total_size_falls_as_pieces_are_saved(h):
     q2 = await h.query(vhca, chunk=True, incremental=True)
     assert q2.ok, q2
     assert q2.required_umem_size == min(CHUNK, q2.remaining_total_size)
-    assert total - len(img) - HEADER_SIZE * 2 <= q2.remaining_total_size < total
+    assert total - len(img) - IMAGE_HEADER_SIZE * 2 <= q2.remaining_total_size < total
 
 
 @pytest.mark.parametrize(("size", "chunk"), [(512 * KiB, CHUNK), (64 * KiB, 1 * MiB)])

@@ -1,0 +1,56 @@
+"""The embedded mode's composition root: a firmware model in the driver's
+process, the link the driver reaches it through, and what a driver server adds
+for it (the Scenario service on its port, the firmware's metrics).
+
+The driver uses this and the link's interface only, never the model's types.
+"""
+
+from __future__ import annotations
+
+import grpc
+from prometheus_client.registry import Collector
+
+from .api.v1 import scenario_pb2_grpc as sgrpc
+from .link.ifc import VfConfig
+from .link.inproc import InProcessLink
+from .model import Firmware, LoopClock
+from .scenario import ScenarioError, build_firmware
+from .service.metrics import FirmwareCollector
+from .service.server import SCENARIO_SERVICE
+from .service.servicers import ScenarioServicer
+
+__all__ = ["SCENARIO_SERVICE", "EmbeddedFirmware", "ScenarioError"]
+
+
+class EmbeddedFirmware:
+    """One firmware model served to a driver in the same process."""
+
+    scenario_service = SCENARIO_SERVICE  # its name, for health and reflection
+
+    def __init__(self, fw: Firmware) -> None:
+        self._fw = fw
+        self.link = InProcessLink(fw)
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        size: int,
+        dirty_rate: int,
+        seed: int,
+        scenario: str | None,
+        vfs: int | None,
+    ) -> EmbeddedFirmware:
+        """The firmware `fwemu serve` builds from the same options (bad ones
+        raise ScenarioError)."""
+        defaults = VfConfig(size=size, dirty_bytes_per_s=dirty_rate)
+        return cls(build_firmware(LoopClock(), defaults, seed=seed, scenario=scenario, vfs=vfs))
+
+    def add_scenario_servicer(self, server: grpc.aio.Server) -> None:
+        """Serve the firmware's Scenario service (digests, reconfigurations,
+        faults) on `server`, as `fwemu serve` does."""
+        sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(self._fw), server)
+
+    def collector(self) -> Collector:
+        """The firmware's metrics, for the driver's registry."""
+        return FirmwareCollector(self._fw)

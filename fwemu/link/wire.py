@@ -1,0 +1,215 @@
+"""The fwemu wire format: interface values (fwemu.link.ifc) <-> protobuf
+messages, for GrpcLink and for the servicers (fwemu.service).
+
+Conversion goes by field name: a dataclass field travels in the message field
+of the same name.  The rules where the two differ:
+
+* a dataclass-valued field the message lacks is spread into the message
+  (VfInfo.config: the VfInfo message carries the configuration's fields);
+* `_GROUPS`: message fields that group the value's own fields, as the PRM lays
+  out capabilities (QueryHcaCapResponse.cmd_hca_cap, .cmd_hca_cap_2);
+* `_RENAMED`: fields whose names differ;
+* what is said explicitly below (page track ranges, fault kinds, the
+  capability type of a QUERY_HCA_CAP answer).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any, TypeVar, cast, get_type_hints
+
+from google.protobuf.message import Message
+
+from ..api.v1 import firmware_pb2 as fpb
+from ..api.v1 import scenario_pb2 as spb
+from .ifc import (
+    CmdResult,
+    Command,
+    CreatePageTrackIn,
+    DestroyPageTrackIn,
+    Fault,
+    FaultKind,
+    FunctionLevelResetIn,
+    LoadVhcaStateIn,
+    ModifyPageTrackIn,
+    PageTrackResult,
+    QueryHcaCapIn,
+    QueryVhcaMigrationStateIn,
+    ResumeVhcaIn,
+    SaveVhcaStateIn,
+    SuspendVhcaIn,
+)
+
+# The metadata key naming a firmware client (GrpcLink sends it; a client's mkeys
+# live as long as its completion stream).
+CLIENT_KEY = "x-fwemu-client"
+
+T = TypeVar("T")
+R = TypeVar("R", bound=CmdResult)
+M = TypeVar("M", bound=Message)
+
+_GROUPS = frozenset({"cmd_hca_cap", "cmd_hca_cap_2"})
+_RENAMED: dict[type, dict[str, str]] = {PageTrackResult: {"dirty": "dirty_addresses"}}
+
+
+@dataclass(frozen=True, slots=True)
+class Rpc:
+    """A command's Firmware RPC: its method name and messages."""
+
+    name: str
+    request: type[Message]
+    response: type[Message]
+
+
+RPCS: dict[type[Command[Any]], Rpc] = {
+    QueryHcaCapIn: Rpc("QueryHcaCap", fpb.QueryHcaCapRequest, fpb.QueryHcaCapResponse),
+    QueryVhcaMigrationStateIn: Rpc(
+        "QueryVhcaMigrationState",
+        fpb.QueryVhcaMigrationStateRequest,
+        fpb.QueryVhcaMigrationStateResponse,
+    ),
+    SaveVhcaStateIn: Rpc("SaveVhcaState", fpb.SaveVhcaStateRequest, fpb.SaveVhcaStateResponse),
+    LoadVhcaStateIn: Rpc("LoadVhcaState", fpb.LoadVhcaStateRequest, fpb.CommandResponse),
+    SuspendVhcaIn: Rpc("SuspendVhca", fpb.SuspendVhcaRequest, fpb.CommandResponse),
+    ResumeVhcaIn: Rpc("ResumeVhca", fpb.ResumeVhcaRequest, fpb.CommandResponse),
+    FunctionLevelResetIn: Rpc(
+        "FunctionLevelReset", fpb.FunctionLevelResetRequest, fpb.CommandResponse
+    ),
+    CreatePageTrackIn: Rpc(
+        "CreatePageTracker", fpb.CreatePageTrackerRequest, fpb.PageTrackerResponse
+    ),
+    ModifyPageTrackIn: Rpc(
+        "ReportPageTracker", fpb.ReportPageTrackerRequest, fpb.PageTrackerResponse
+    ),
+    DestroyPageTrackIn: Rpc(
+        "DestroyPageTracker", fpb.DestroyPageTrackerRequest, fpb.CommandResponse
+    ),
+}
+
+
+# --- generic conversion ----------------------------------------------------------
+
+
+@functools.cache
+def _hints(cls: Any) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _is_message(fd: Any) -> bool:
+    return fd.message_type is not None
+
+
+def _repeated(fd: Any) -> bool:
+    return bool(fd.is_repeated)
+
+
+def to_pb(value: Any, msg_cls: type[M]) -> M:
+    """The message of `msg_cls` carrying `value`'s fields."""
+    msg = msg_cls()
+    _fill(msg, value)
+    return msg
+
+
+def _fill(msg: Message, value: Any) -> None:
+    by_name = msg.DESCRIPTOR.fields_by_name
+    for group in _GROUPS.intersection(by_name):
+        sub = getattr(msg, group)
+        sub.SetInParent()
+        _fill(sub, value)
+    own = [(f.name, getattr(value, f.name)) for f in fields(value)]
+    for name, v in own:  # spread first: the value's own fields win
+        if is_dataclass(v) and name not in by_name:
+            _fill(msg, v)
+    renamed = _RENAMED.get(type(value), {})
+    for name, v in own:
+        fd = by_name.get(renamed.get(name, name))
+        if fd is None or v is None:
+            continue
+        if _is_message(fd):
+            if not _repeated(fd):  # repeated messages: said explicitly
+                getattr(msg, fd.name).CopyFrom(to_pb(v, type(getattr(msg, fd.name))))
+        elif _repeated(fd):
+            getattr(msg, fd.name).extend(v)
+        else:
+            setattr(msg, fd.name, v)
+
+
+def _scalars(msg: Message) -> dict[str, Any]:
+    """The message's scalar fields by name, grouped ones included."""
+    out: dict[str, Any] = {}
+    for fd in msg.DESCRIPTOR.fields:
+        if fd.name in _GROUPS:
+            out.update(_scalars(getattr(msg, fd.name)))
+        elif not _is_message(fd):
+            v = getattr(msg, fd.name)
+            out[fd.name] = list(v) if _repeated(fd) else v
+    return out
+
+
+def from_pb(cls: type[T], msg: Message, **given: Any) -> T:
+    """A `cls` from the message's fields; `given` fields are not on the wire."""
+    scalars = _scalars(msg)
+    by_name = msg.DESCRIPTOR.fields_by_name
+    renamed = _RENAMED.get(cls, {})
+    hints = _hints(cast(Any, cls))
+    values: dict[str, Any] = {}
+    for f in fields(cast(Any, cls)):
+        if f.name in given:
+            continue
+        wire = renamed.get(f.name, f.name)
+        t = hints[f.name]
+        if is_dataclass(t):
+            sub = getattr(msg, wire) if wire in by_name else msg
+            values[f.name] = from_pb(cast(Any, t), sub)
+        elif wire in scalars:
+            values[f.name] = scalars[wire]
+    return cls(**values, **given)
+
+
+def changes(base: Any, msg: Message) -> dict[str, Any]:
+    """The fields a message of optional fields sets, nested values overlaid on `base`'s."""
+    out: dict[str, Any] = {}
+    for fd in msg.DESCRIPTOR.fields:
+        if _is_message(fd):
+            out[fd.name] = overlay(getattr(base, fd.name), getattr(msg, fd.name))
+        elif msg.HasField(fd.name):
+            out[fd.name] = getattr(msg, fd.name)
+    return out
+
+
+def overlay(base: T, msg: Message) -> T:
+    """`base` with the fields the message sets."""
+    return replace(base, **changes(base, msg))  # type: ignore[type-var]
+
+
+# --- what differs --------------------------------------------------------------------
+
+
+def command_to_pb(cmd: Command[Any]) -> Message:
+    msg = to_pb(cmd, RPCS[type(cmd)].request)
+    if isinstance(cmd, CreatePageTrackIn):
+        assert isinstance(msg, fpb.CreatePageTrackerRequest)
+        msg.ranges.extend(fpb.PageTrackRange(start_address=a, length=n) for a, n in cmd.ranges)
+    return msg
+
+
+def command_from_pb(cls: type[Command[Any]], msg: Any) -> Command[Any]:
+    if cls is CreatePageTrackIn:
+        return from_pb(cls, msg, ranges=tuple((r.start_address, r.length) for r in msg.ranges))
+    return from_pb(cls, msg)
+
+
+def result_from_pb(cmd: Command[R], msg: Message) -> R:
+    """The outbox a command's response carries."""
+    # Not on the wire: the capability type is what QUERY_HCA_CAP asked for.
+    given = {"cap_type": cmd.op_mod >> 1} if isinstance(cmd, QueryHcaCapIn) else {}
+    return cast(R, from_pb(cmd.out, msg, **given))
+
+
+def fault_from_pb(m: spb.Fault) -> Fault:
+    try:
+        kind = FaultKind(m.kind)
+    except ValueError:
+        raise ValueError(f"unknown fault kind {m.kind}") from None
+    return from_pb(Fault, m, kind=kind, count=m.count or 1)

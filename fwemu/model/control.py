@@ -1,0 +1,115 @@
+"""The scenario side: what a test or an operator does to the emulated VFs
+(create, remove, configure, reconfigure, arm faults, read digests).  These are
+no firmware commands: they fail with FirmwareError, not with a syndrome."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from ..link.ifc import Fault, FirmwareError, VfConfig, VfInfo
+from .save import abort_save
+from .vf import ReconfigTrigger, Vf
+
+if TYPE_CHECKING:
+    from .state import FirmwareState
+
+
+def create_vfs(fw: FirmwareState, count: int, config: VfConfig | None) -> list[Vf]:
+    cfg = config or fw.defaults
+    cfg.validate()
+    if count < 1:
+        raise FirmwareError("count must be at least 1")
+    if len(fw.vfs) + count > fw.MAX_VFS:
+        raise FirmwareError(f"at most {fw.MAX_VFS} VFs per firmware")
+    created = []
+    now = fw.clock.now()
+    for _ in range(count):
+        vf_id = next(i for i in itertools.count() if i + 1 not in fw.vfs)
+        seed = cfg.seed if cfg.seed is not None else (fw.seed * 1_000_003 + vf_id) % (1 << 64)
+        try:
+            uid = f"{fw.instance:016x}-{next(fw.vf_serial)}"
+            vf = Vf(vf_id, cfg, seed, uid=uid, now=now)
+        except MemoryError:
+            raise FirmwareError(f"not enough memory for a {cfg.size}-byte VF") from None
+        fw.vfs[vf.vhca_id] = vf
+        created.append(vf)
+    return created
+
+
+def remove_vf(fw: FirmwareState, vhca_id: int) -> None:
+    vf = fw.vf(vhca_id)
+    abort_save(fw, vf, "VF removed")
+    del fw.vfs[vhca_id]
+    fw.stats.reconfigurations_retired += vf.reconfigurations
+
+
+def configure_vf(fw: FirmwareState, vhca_id: int, changes: dict[str, object]) -> Vf:
+    vf = fw.vf(vhca_id)
+    if "size" in changes and changes["size"] != vf.config.size:
+        raise FirmwareError("a VF's size is fixed at creation; remove and create it again")
+    cfg = vf.with_config(**changes)
+    cfg.validate()
+    now = fw.clock.now()
+    vf.advance(now)
+    vf.config = cfg
+    vf.workload.set_rate(cfg.dirty_bytes_per_s, now)
+    return vf
+
+
+def reconfigure(
+    fw: FirmwareState,
+    vhca_id: int,
+    objects: list[tuple[int, int]],
+    at_time: float | None,
+    after_saved_bytes: int | None,
+) -> int:
+    """Schedule (or run now) a reconfiguration; returns its trigger id."""
+    vf = fw.vf(vhca_id)
+    for _, size in objects:
+        if not 1 <= size <= VfConfig.MAX_SIZE:
+            raise FirmwareError("object size out of range")
+    if at_time is not None and after_saved_bytes is not None:
+        raise FirmwareError("give a time or a byte count, not both")
+    trig = ReconfigTrigger(next(fw.ids), list(objects), at_time, after_saved_bytes)
+    vf.add_trigger(trig, fw.clock.now())
+    return trig.trigger_id
+
+
+def inject_fault(fw: FirmwareState, vhca_id: int, fault: Fault) -> int:
+    vf = fw.vf(vhca_id)
+    fault.fault_id = next(fw.ids)
+    try:
+        vf.faults.add(fault)
+    except ValueError as e:
+        raise FirmwareError(str(e)) from None
+    fw.stats.faults_injected[fault.kind.name.lower()] += 1
+    return fault.fault_id
+
+
+def touch(fw: FirmwareState, vhca_id: int) -> Vf:
+    """The VF brought up to the current time (for inspection)."""
+    vf = fw.vf(vhca_id)
+    vf.advance(fw.clock.now())
+    return vf
+
+
+def vf_info(vf: Vf) -> VfInfo:
+    """A snapshot of one VF for scenario clients."""
+    return VfInfo(
+        vf_id=vf.vf_id,
+        vhca_id=vf.vhca_id,
+        function_id=vf.function_id,
+        config=replace(vf.config, seed=vf.seed),  # the seed in effect
+        initiator_suspended=vf.initiator_suspended,
+        responder_suspended=vf.responder_suspended,
+        tracking=vf.tracking,
+        migration_state=int(vf.migration_state()),
+        num_objects=len(vf.state.objects),
+        saved_bytes=vf.saved_bytes,
+        loaded_bytes=vf.loaded_bytes,
+        reconfigurations=vf.reconfigurations,
+        save_in_flight=vf.save_in_flight is not None,
+        seed=vf.seed,
+    )

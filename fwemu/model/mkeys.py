@@ -1,0 +1,98 @@
+"""Host memory the firmware reaches through mkeys: CREATE_MKEY, DESTROY_MKEY and
+the bounds checks of a command's (mkey, va, size) range."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..link.ifc import (
+    MAX_U32,
+    CmdResult,
+    CmdStatus,
+    CreateMkeyIn,
+    DestroyMkeyIn,
+    MkeyResult,
+    Syndrome,
+)
+
+if TYPE_CHECKING:
+    from .state import FirmwareState
+
+
+@dataclass(slots=True)
+class _Mkey:
+    view: memoryview
+    owner: str = ""
+
+
+class MkeyTable:
+    MAX_MKEYS = 65536
+
+    def __init__(self) -> None:
+        self._mkeys: dict[int, _Mkey] = {}
+        self._ids = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._mkeys)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._mkeys)
+
+    def view(self, mkey: int) -> memoryview | None:
+        m = self._mkeys.get(mkey)
+        return m.view if m else None
+
+    def add(self, view: memoryview, owner: str) -> int:
+        mkey = (next(self._ids) << 8) & MAX_U32 | 0x42
+        self._mkeys[mkey] = _Mkey(view.cast("B"), owner)
+        return mkey
+
+    def remove(self, mkey: int) -> bool:
+        return self._mkeys.pop(mkey, None) is not None
+
+    def destroy_owned(self, owner: str) -> int:
+        gone = [k for k, m in self._mkeys.items() if m.owner == owner]
+        for k in gone:
+            del self._mkeys[k]
+        return len(gone)
+
+    def host_range(self, mkey: int, va: int, size: int) -> memoryview | CmdResult:
+        """The bytes [va, va + size) of an mkey, or the command's failure."""
+        m = self._mkeys.get(mkey)
+        if m is None:
+            return _unknown(mkey)
+        if va < 0 or size < 0:
+            return CmdResult(CmdStatus.BAD_PARAM_ERR, Syndrome.FIELD_RANGE, "negative va or size")
+        if va + size > len(m.view):
+            return CmdResult(
+                CmdStatus.BAD_PARAM_ERR,
+                Syndrome.MKEY_RANGE,
+                f"va {va} + size {size} exceeds mkey {mkey:#x} of {len(m.view)} bytes",
+            )
+        return m.view[va : va + size]
+
+
+def _unknown(mkey: int) -> CmdResult:
+    return CmdResult(CmdStatus.BAD_RES_ERR, Syndrome.UNKNOWN_MKEY, f"no mkey {mkey:#x}")
+
+
+def create_mkey(fw: FirmwareState, cmd: CreateMkeyIn) -> MkeyResult:
+    table = fw.mkeys
+    if cmd.view.readonly:
+        return cmd.result(
+            CmdStatus.BAD_PARAM_ERR, Syndrome.FIELD_RANGE, "host memory must be writable"
+        )
+    if len(table) >= table.MAX_MKEYS:
+        return cmd.result(
+            CmdStatus.LIM_ERR, Syndrome.TOO_MANY_MKEYS, f"at most {table.MAX_MKEYS} mkeys"
+        )
+    return MkeyResult(mkey=table.add(cmd.view, cmd.owner))
+
+
+def destroy_mkey(fw: FirmwareState, cmd: DestroyMkeyIn) -> CmdResult:
+    if not fw.mkeys.remove(cmd.mkey):
+        return _unknown(cmd.mkey)
+    return CmdResult()
