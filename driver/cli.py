@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+from fwemu.embedded import ScenarioError
 from fwemu.link.base import LinkError
-from fwemu.scenario import ScenarioError
 from grpcsvc.logs import add_log_flags, setup_logging
 from grpcsvc.memory import return_large_buffers_to_the_os
 from grpcsvc.metrics import GrpcClientMetrics
 from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_metrics
-from grpcsvc.runner import LoopName, run
-from grpcsvc.server import ListenError, stop_on_signals
+from grpcsvc.runner import LoopName, add_loop_flag, run_main
+from grpcsvc.server import ListenError, add_serve_command, stop_on_signals
 from grpcsvc.units import byte_size
 
 from .shards import SHARDS_ENV, ShardSpecError, shards_argument, shards_from_env
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     import grpc
 
     from fwemu.link.grpc import GrpcLink
-    from fwemu.model.firmware import Firmware
 
 log = logging.getLogger("vfio-driver")
 
@@ -63,13 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         description="The VFIO migration driver (VFIO core + mlx5vf) over emulated mlx5 VFs.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    s = sub.add_parser(
-        "serve",
+    s = add_serve_command(
+        sub,
         help="serve VFIO devices over gRPC",
         description="Serve one VFIO device per VF of a firmware: a running fwemu "
         "(--firmware), or a firmware model embedded in this process.",
+        listen="127.0.0.1:50052",
     )
-    s.add_argument("--listen", default="127.0.0.1:50052", metavar="HOST:PORT")
     fw = s.add_mutually_exclusive_group()
     fw.add_argument("--firmware", metavar="HOST:PORT", help="a running `fwemu serve`")
     fw.add_argument(
@@ -119,13 +118,14 @@ def _parser() -> argparse.ArgumentParser:
         help="also serve the firmware's fwemu.api.v1.Scenario service (digests, "
         "reconfigurations, faults) on the same port",
     )
-    s.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    add_loop_flag(s)
     add_log_flags(s)
     add_metrics_flags(s, per="device")
     return p
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from fwemu.embedded import EmbeddedFirmware
     from fwemu.link.base import FirmwareLink
 
     from .registry import DeviceRegistry
@@ -141,18 +141,22 @@ async def _serve(args: argparse.Namespace) -> int:
         links = list(await _connect_all(targets, args, interceptors))
         where = args.firmware or f"firmware shards {args.firmware_shards.spec}"
     else:
-        from fwemu.link.inproc import InProcessLink
-
-        fw = _embedded_firmware(args)
-        links = [InProcessLink(fw)]
+        fw = EmbeddedFirmware.build(
+            size=args.size,
+            dirty_rate=args.dirty_rate,
+            seed=args.seed,
+            scenario=args.scenario,
+            vfs=args.vfs,
+        )
+        links = [fw.link]
         where = "embedded firmware"
     try:
         server = DriverServer(
             DeviceRegistry(links, cmd_timeout=args.cmd_timeout),
-            scenario=fw if args.scenario_service else None,
+            firmware=fw,
+            scenario_service=args.scenario_service,
             metrics=metrics,
             per_device_limit=args.metrics_per_device,
-            firmware=fw,
             shm_dir=args.shm_dir,
         )
         stop = stop_on_signals()
@@ -217,18 +221,6 @@ async def _connect(
         delay = min(2 * delay, 5.0)
 
 
-def _embedded_firmware(args: argparse.Namespace) -> Firmware:
-    """The firmware model as `fwemu serve` builds it from the same options."""
-    from fwemu.link.ifc import VfConfig
-    from fwemu.model.clock import LoopClock
-    from fwemu.scenario import build_firmware
-
-    defaults = VfConfig(size=args.size, dirty_bytes_per_s=args.dirty_rate)
-    return build_firmware(
-        LoopClock(), defaults, seed=args.seed, scenario=args.scenario, vfs=args.vfs
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -253,16 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     loop: LoopName = args.loop
     return_large_buffers_to_the_os()
     setup_logging(args.log_level, args.log_format)
-    try:
-        return run(_serve(args), loop)
-    except ScenarioError as e:
-        print(f"vfio-driver: error: {e}", file=sys.stderr)
-        return 2
-    except (ListenError, LinkError, VfioError) as e:
-        print(f"vfio-driver: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_main(
+        "vfio-driver",
+        _serve(args),
+        {ScenarioError: 2, (ListenError, LinkError, VfioError): 1},
+        loop,
+    )
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ import asyncio
 import enum
 import errno
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from fwemu.link.base import FirmwareLink, HostBuffer, LinkError
 from fwemu.link.ifc import (
@@ -20,6 +20,7 @@ from fwemu.link.ifc import (
     CapType,
     CmdResult,
     CmdStatus,
+    HcaCapResult,
     SaveCompletion,
     Syndrome,
 )
@@ -28,7 +29,10 @@ from ..vfio.errors import VfioError
 
 if TYPE_CHECKING:
     from .main import Mlx5VfDevice
-    from .migf import Mlx5VfMigrationFile
+    from .save import SaveFile
+
+T = TypeVar("T")
+R = TypeVar("R", bound=CmdResult)
 
 # mlx5_cmd_check(): the errno a synchronous command returns for a status.
 _CMD_STATUS_ERRNO = {
@@ -85,6 +89,7 @@ class MigfState(enum.IntEnum):
 
 # struct mlx5_vf_migration_header: le64 record_size, le32 flags, le32 tag
 MIGRATION_HEADER = struct.Struct("<QII")
+SIZEOF_MIGRATION_HEADER = MIGRATION_HEADER.size  # sizeof(struct mlx5_vf_migration_header): 16
 MLX5_MIGF_HEADER_FLAGS_TAG_MANDATORY = 0
 MLX5_MIGF_HEADER_FLAGS_TAG_OPTIONAL = 1 << 0
 MLX5_MIGF_HEADER_TAG_FW_DATA = 0
@@ -92,18 +97,35 @@ MLX5_MIGF_HEADER_TAG_STOP_COPY_SIZE = 1 << 0
 STOP_COPY_DATA = struct.Struct("<Q")  # struct mlx5_vf_migration_tag_stop_copy_data
 
 
-def check(r: CmdResult, what: str) -> None:
-    """mlx5_cmd_check(): a failed command is the status's errno."""
-    if r.status != CmdStatus.OK:
-        raise VfioError(
-            cmd_status_to_err(r.status),
-            f"{what} failed: status {r.status:#x} syndrome {r.syndrome:#x} {r.diagnostic}".strip(),
-        )
-
-
 def link_errno(e: LinkError) -> VfioError:
     """The firmware is unreachable: what the kernel sees when commands time out."""
     return VfioError(errno.EIO, f"firmware unreachable: {e}")
+
+
+async def link_call(call: Callable[[], Awaitable[T]]) -> T:
+    """A call on the firmware link (a command, or host memory the firmware
+    reaches): an unreachable firmware is EIO."""
+    try:
+        return await call()
+    except LinkError as e:
+        raise link_errno(e) from None
+
+
+class CmdError(VfioError):
+    """A firmware command answered with a failed status: the errno is
+    cmd_status_to_err's; the outbox status and syndrome stay as numbers."""
+
+    def __init__(self, what: str, r: CmdResult, verb: str = "failed") -> None:
+        super().__init__(
+            cmd_status_to_err(r.status),
+            f"{what} {verb}: status {r.status:#x} syndrome {r.syndrome:#x} {r.diagnostic}".strip(),
+        )
+        self.status = r.status
+        self.syndrome = r.syndrome
+
+    @property
+    def details(self) -> dict[str, str]:
+        return {"status": str(self.status), "syndrome": str(self.syndrome)}
 
 
 @dataclass(eq=False)
@@ -137,46 +159,15 @@ class DataBuffer:
 
 
 @dataclass
-class Caps:
-    """What mlx5vf_cmd_set_migratable() learns from QUERY_HCA_CAP."""
+class MigrationCaps:
+    """What mlx5vf_cmd_set_migratable() learns from QUERY_HCA_CAP (the kernel
+    keeps these in struct mlx5vf_pci_core_device)."""
 
     vhca_id: int = 0
     migrate_cap: bool = False
     chunk_mode: bool = False
     mig_state_cap: bool = False
     log_cap: bool = False  # adv_virtualization: dirty page tracking
-
-
-async def query_caps(link: FirmwareLink, function_id: int) -> Caps:
-    """mlx5vf_cmd_set_migratable(): migration needs cmd_hca_cap.migration, and in
-    cap_2 migration_multi_load, migration_tracking_state (PRE_COPY is mandatory
-    since 6.9) and migratable.  The kernel reads all but `migratable` from the
-    PF; the emulated firmware sets them per VF, so the VF's own are read."""
-    try:
-        gen = await link.query_hca_cap(
-            op_mod=(CapType.GENERAL_DEVICE << 1) | HCA_CAP_OPMOD_GET_CUR,
-            other_function=True,
-            function_id=function_id,
-        )
-        gen2 = await link.query_hca_cap(
-            op_mod=(CapType.GENERAL_DEVICE_2 << 1) | HCA_CAP_OPMOD_GET_CUR,
-            other_function=True,
-            function_id=function_id,
-        )
-    except LinkError as e:
-        raise link_errno(e) from None
-    if not gen.ok or not gen2.ok:
-        return Caps()
-    return Caps(
-        vhca_id=gen.vhca_id,
-        migrate_cap=gen.migration
-        and gen2.migration_multi_load
-        and gen2.migration_tracking_state
-        and gen2.migratable,
-        chunk_mode=gen2.migration_in_chunks,
-        mig_state_cap=gen2.migration_state,
-        log_cap=gen.adv_virtualization,
-    )
 
 
 class Commands:
@@ -195,9 +186,64 @@ class Commands:
     def vhca_id(self) -> int:
         return self.mvdev.caps.vhca_id
 
+    async def exec(
+        self,
+        what: str,
+        call: Callable[[], Awaitable[R]],
+        *,
+        locked: bool = True,
+        check: bool = True,
+        verb: str = "failed",
+    ) -> R:
+        """mlx5_cmd_exec(): every firmware command of the driver goes here.
+        state_mutex is held (the mlx5vf_cmd_*() helpers' lockdep_assert_held;
+        `locked=False` for the two that run without it); an unreachable
+        firmware is EIO; a failed status is its errno (cmd_status_to_err) as
+        a CmdError, unless the caller checks the status itself (`check=False`)."""
+        assert not locked or self.mvdev.state_mutex.locked(), f"{what} without state_mutex"
+        r = await link_call(call)
+        if check and r.status != CmdStatus.OK:
+            raise CmdError(what, r, verb)
+        return r
+
     def _attached(self) -> None:
         if self.mvdev.mdev_detach:
             raise VfioError(errno.ENOTCONN, "the VF is detached from its PF")
+
+    async def query_migration_caps(self, function_id: int) -> MigrationCaps:
+        """mlx5vf_cmd_set_migratable(): migration needs cmd_hca_cap.migration, and in
+        cap_2 migration_multi_load, migration_tracking_state (PRE_COPY is mandatory
+        since 6.9) and migratable.  The kernel reads all but `migratable` from the
+        PF; the emulated firmware sets them per VF, so the VF's own are read.
+        Runs at probe, before the device has users: no state_mutex, and a
+        failed status means "not migratable", not an error."""
+        link = self.link
+
+        async def query_hca_cap(cap_type: CapType) -> HcaCapResult:
+            op_mod = (cap_type << 1) | HCA_CAP_OPMOD_GET_CUR
+            return await self.exec(
+                "QUERY_HCA_CAP",
+                lambda: link.query_hca_cap(
+                    op_mod=op_mod, other_function=True, function_id=function_id
+                ),
+                locked=False,
+                check=False,
+            )
+
+        gen = await query_hca_cap(CapType.GENERAL_DEVICE)
+        gen2 = await query_hca_cap(CapType.GENERAL_DEVICE_2)
+        if not gen.ok or not gen2.ok:
+            return MigrationCaps()
+        return MigrationCaps(
+            vhca_id=gen.vhca_id,
+            migrate_cap=gen.migration
+            and gen2.migration_multi_load
+            and gen2.migration_tracking_state
+            and gen2.migratable,
+            chunk_mode=gen2.migration_in_chunks,
+            mig_state_cap=gen2.migration_state,
+            log_cap=gen.adv_virtualization,
+        )
 
     async def suspend_vhca(self, op_mod: int) -> None:
         self._attached()
@@ -207,21 +253,16 @@ class Commands:
         if migf is not None:
             await migf.save_comp.acquire()
         try:
-            r = await self.link.suspend_vhca(self.vhca_id, op_mod=op_mod)
-        except LinkError as e:
-            raise link_errno(e) from None
+            await self.exec(
+                "SUSPEND_VHCA", lambda: self.link.suspend_vhca(self.vhca_id, op_mod=op_mod)
+            )
         finally:
             if migf is not None:
                 migf.save_comp.release()
-        check(r, "SUSPEND_VHCA")
 
     async def resume_vhca(self, op_mod: int) -> None:
         self._attached()
-        try:
-            r = await self.link.resume_vhca(self.vhca_id, op_mod=op_mod)
-        except LinkError as e:
-            raise link_errno(e) from None
-        check(r, "RESUME_VHCA")
+        await self.exec("RESUME_VHCA", lambda: self.link.resume_vhca(self.vhca_id, op_mod=op_mod))
 
     async def query_vhca_migration_state(self, query_flags: int) -> tuple[int, int, int]:
         """(state_size, total_size, migration_state) as the kernel helper reports them."""
@@ -238,20 +279,20 @@ class Commands:
                 inc = False  # the final image is a full one
             elif migf.state == MigfState.ERROR:
                 raise VfioError(errno.ENODEV, "saving file in error: incremental query blocked")
-        try:
-            q = await self.link.query_vhca_migration_state(
-                self.vhca_id, op_mod=0, incremental=inc, chunk=self.mvdev.caps.chunk_mode
-            )
-        except LinkError as e:
-            raise link_errno(e) from None
-        check(q, "QUERY_VHCA_MIGRATION_STATE")
+        chunk_mode = self.mvdev.caps.chunk_mode
+        q = await self.exec(
+            "QUERY_VHCA_MIGRATION_STATE",
+            lambda: self.link.query_vhca_migration_state(
+                self.vhca_id, op_mod=0, incremental=inc, chunk=chunk_mode
+            ),
+        )
         state_size = q.required_umem_size
-        total = q.remaining_total_size if self.mvdev.caps.chunk_mode else state_size
+        total = q.remaining_total_size if chunk_mode else state_size
         mig_state = q.migration_state if self.mvdev.caps.mig_state_cap else 0
         return state_size, total, mig_state
 
     async def save_vhca_state(
-        self, migf: Mlx5VfMigrationFile, buf: DataBuffer, inc: bool, track: bool
+        self, migf: SaveFile, buf: DataBuffer, inc: bool, track: bool
     ) -> None:
         """mlx5vf_cmd_save_vhca_state(): issue an asynchronous SAVE; its
         completion is handled by migf.save_callback."""
@@ -275,26 +316,19 @@ class Commands:
             if stop_copy_chunk:
                 migf.state = MigfState.SAVE_STOP_COPY_CHUNK
             migf.inflight_save = True
-            save = _SaveCommand(
-                lambda c: migf.on_save_completion(c, buf, header_buf, stop_copy_chunk)
-            )
-            try:
-                res = await self.link.save_vhca_state(
+            save = _SaveCommand(lambda c: migf.save_callback(c, buf, header_buf, stop_copy_chunk))
+            res = await self.exec(
+                "SAVE_VHCA_STATE",
+                lambda: self.link.save_vhca_state(
                     self.vhca_id,
                     mkey=buf.mkey,
                     size=buf.allocated_length,
                     incremental=inc,
                     set_track=track,
                     callback=save.complete,
-                )
-            except LinkError as e:
-                raise link_errno(e) from None
-            if not res.ok:
-                raise VfioError(
-                    cmd_status_to_err(res.status),
-                    f"SAVE_VHCA_STATE refused: status {res.status:#x} "
-                    f"syndrome {res.syndrome:#x} {res.diagnostic}".strip(),
-                )
+                ),
+                verb="refused",
+            )
             save.arm_timeout(self.mvdev.cmd_timeout, res.token, self.vhca_id)
         except BaseException:
             # Submission failed: no completion will come.
@@ -305,25 +339,27 @@ class Commands:
             migf.save_comp.release()
             raise
 
-    async def load_vhca_state(self, migf: Mlx5VfMigrationFile, buf: DataBuffer) -> None:
+    async def load_vhca_state(self, buf: DataBuffer) -> None:
         self._attached()
         if buf.allocated_length == 0:
             # mlx5vf_dma_data_buffer(): nothing to map
             raise VfioError(errno.EINVAL, "zero-length image with no buffer")
         assert buf.host is not None
-        try:
-            await self.link.dma_sync_for_device(buf.host, 0, buf.length)
-            r = await self.link.load_vhca_state(self.vhca_id, mkey=buf.mkey, size=buf.length)
-        except LinkError as e:
-            raise link_errno(e) from None
-        check(r, "LOAD_VHCA_STATE")
+        host = buf.host
+        await link_call(lambda: self.link.dma_sync_for_device(host, 0, buf.length))
+        await self.exec(
+            "LOAD_VHCA_STATE",
+            lambda: self.link.load_vhca_state(self.vhca_id, mkey=buf.mkey, size=buf.length),
+        )
 
     async def function_level_reset(self) -> None:
-        try:
-            r = await self.link.function_level_reset(self.vhca_id)
-        except LinkError as e:
-            raise link_errno(e) from None
-        check(r, "function level reset")
+        """The PCI core's FLR (vfio_pci_core_enable, VFIO_DEVICE_RESET): not
+        an mlx5vf command, so it runs without state_mutex as in the kernel."""
+        await self.exec(
+            "function level reset",
+            lambda: self.link.function_level_reset(self.vhca_id),
+            locked=False,
+        )
 
 
 class _SaveCommand:

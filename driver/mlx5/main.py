@@ -1,6 +1,7 @@
 """The mlx5vf variant driver's device (drivers/vfio/pci/mlx5/main.c): probe,
-open/close, reset, the migration FSM arcs and the firmware commands each one
-issues (mlx5vf_pci_step_device_state_locked), MIG_DATA_SIZE."""
+open/close, reset, the migration FSM arcs (the VFIO core's arc loop over
+mlx5vf_pci_step_device_state_locked, whose table is driver/mlx5/arcs.py),
+MIG_DATA_SIZE."""
 
 from __future__ import annotations
 
@@ -12,33 +13,35 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fwemu.link.base import FirmwareLink
-from fwemu.link.ifc import ResumeOpMod, SaveCompletion, SuspendOpMod
+from fwemu.link.ifc import PAGE_SIZE, ResumeOpMod, SaveCompletion, SuspendOpMod
 
 from ..audit import AuditLog
 from ..events import EventBus, PrecopyAnswered, SaveCompleted, SaveFailed, StateChanged
 from ..vfio.errors import VfioError
-from ..vfio.fsm import next_state
+from ..vfio.migration import vfio_mig_step_loop
 from ..vfio.ops import MigrationFile, VfioLogOps, VfioMigrationOps
-from ..vfio.precopy import PrecopyInfo
+from ..vfio.precopy import VfioPrecopyInfo
 from ..vfio.uapi import (
     VFIO_MIGRATION_P2P,
     VFIO_MIGRATION_PRE_COPY,
     VFIO_MIGRATION_STOP_COPY,
     MigState,
 )
+from .arcs import MLX5VF_ARCS, ArcStep
 from .cmd import (
     MAX_CHUNK_SIZE,
     MLX5VF_QUERY_CLEANUP,
     MLX5VF_QUERY_FINAL,
     MLX5VF_QUERY_INC,
-    Caps,
     Commands,
     DataBuffer,
     MigfState,
-    query_caps,
+    MigrationCaps,
 )
 from .migf import Mlx5VfMigrationFile
-from .tracker import PageTracker
+from .resume import ResumeFile
+from .save import SaveFile
+from .tracker import VhcaPageTracker
 
 if TYPE_CHECKING:
     from ..vfio.device import VfioDevice
@@ -84,27 +87,29 @@ class Mlx5VfDevice:
         self.function_id = function_id
         self.cmd_timeout = cmd_timeout
         self.max_chunk_size = max_chunk_size
-        self.caps = Caps()
+        self.caps = MigrationCaps()
         self.migration_flags = 0
         self.mig_ops: VfioMigrationOps | None = None
         self.log_ops: VfioLogOps | None = None
         self.cmds = Commands(self)
         self.state_mutex = asyncio.Lock()
         self.mig_state = S.RUNNING
-        self.saving_migf: Mlx5VfMigrationFile | None = None
-        self.resuming_migf: Mlx5VfMigrationFile | None = None
+        self.saving_migf: SaveFile | None = None
+        self.resuming_migf: ResumeFile | None = None
         self.mdev_detach = False
         self.core: VfioDevice  # set when the VFIO core registers the device
         self.stats = DeviceStats()
         self.events = events if events is not None else EventBus()
         self.audit = audit if audit is not None else AuditLog(self.events)
         self.streams = 0  # migration files made so far: each one's number
-        self.tracker = PageTracker(self)
+        self.tracker = VhcaPageTracker(self)
+        # The device's files when the arc in progress started (ArcHooks).
+        self._arc_files: tuple[Mlx5VfMigrationFile, ...] = ()
 
     async def probe(self) -> None:
         """mlx5vf_cmd_set_migratable(): migration is offered only when the
         firmware has every capability mlx5vf requires."""
-        self.caps = await query_caps(self.link, self.function_id)
+        self.caps = await self.cmds.query_migration_caps(self.function_id)
         if self.caps.migrate_cap:
             self.migration_flags = (
                 VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY
@@ -141,7 +146,10 @@ class Mlx5VfDevice:
 
     async def reset(self) -> None:
         """VFIO_DEVICE_RESET: the function is reset (FLR), then reset_done puts
-        the FSM back to RUNNING and ends the data files."""
+        the FSM back to RUNNING and ends the data files.  The kernel's
+        reset_done cannot take state_mutex (lock order against mm locks) and
+        defers the work to its holder (deferred_reset); with no such lock
+        order here, reset_done takes the mutex and does it itself."""
         if not self.caps.migrate_cap:
             return
         files = self._files()
@@ -173,71 +181,68 @@ class Mlx5VfDevice:
             return total
 
     async def migration_set_state(self, new_state: MigState) -> MigrationFile | None:
-        """mlx5vf_pci_set_device_state(): arc by arc; a failed arc leaves the
-        device at the last state reached."""
+        """mlx5vf_pci_set_device_state(): the VFIO core's arc loop over
+        step_device_state_locked; a failed arc leaves the device at the last
+        state reached."""
         async with self.state_mutex:
             self.audit.state_change_requested(self.name, self.mig_state.name, new_state.name)
-            res: Mlx5VfMigrationFile | None = None
-            while new_state != self.mig_state:
-                cur = self.mig_state
-                nxt = next_state(cur, new_state, self.migration_flags)
-                if nxt == S.STOP_COPY and cur in (S.PRE_COPY, S.PRE_COPY_P2P):
-                    self._leaving_precopy(f"{cur.name} -> {nxt.name}")
-                files = self._files()
-                try:
-                    res = await self.step_device_state_locked(nxt)
-                finally:
-                    self._streams_ended(files, f"{cur.name} -> {nxt.name}")
-                self._transitioned(cur, nxt, res or (files[0] if files else None))
-                self.mig_state = nxt
-                if res is not None and new_state != self.mig_state:
-                    await res.release()
-                    raise VfioError(errno.EINVAL, "a data file from a non-final arc (WARN)")
-            return res
+            _, file = await vfio_mig_step_loop(
+                self.mig_state, new_state, self.migration_flags, self.step_device_state_locked, self
+            )
+            return file
 
-    async def step_device_state_locked(self, new: MigState) -> Mlx5VfMigrationFile | None:
-        """mlx5vf_pci_step_device_state_locked(): the commands of one arc."""
+    # ArcHooks: what mlx5vf does around each arc.
+
+    def arc_starting(self, cur: MigState, nxt: MigState) -> None:
+        if nxt == S.STOP_COPY and cur in (S.PRE_COPY, S.PRE_COPY_P2P):
+            self._leaving_precopy(f"{cur.name} -> {nxt.name}")
+        self._arc_files = self._files()
+
+    def arc_ended(self, cur: MigState, nxt: MigState, file: MigrationFile | None) -> None:
+        self._streams_ended(self._arc_files, f"{cur.name} -> {nxt.name}")
+
+    def arc_done(self, cur: MigState, nxt: MigState, file: MigrationFile | None) -> None:
+        files, self._arc_files = self._arc_files, ()
+        migf = file if isinstance(file, Mlx5VfMigrationFile) else None
+        self._transitioned(cur, nxt, migf or (files[0] if files else None))
+        self.mig_state = nxt
+
+    async def step_device_state_locked(self, new: MigState) -> SaveFile | ResumeFile | None:
+        """mlx5vf_pci_step_device_state_locked(): the steps of one arc (MLX5VF_ARCS)."""
         cur = self.mig_state
+        steps = MLX5VF_ARCS.get((cur, new))
+        if steps is None:
+            # vfio_mig_get_next_state() hands out no other arc.
+            raise VfioError(errno.EINVAL, f"arc {cur.name} -> {new.name} (WARN)")
+        file: SaveFile | ResumeFile | None = None
+        for step in steps:
+            file = await self._arc_step(step)
+        return file
+
+    async def _arc_step(self, step: ArcStep) -> SaveFile | ResumeFile | None:
         cmds = self.cmds
-        if (cur, new) == (S.RUNNING_P2P, S.STOP):
-            await cmds.suspend_vhca(SuspendOpMod.SUSPEND_RESPONDER)
-            return None
-        if (cur, new) == (S.STOP, S.RUNNING_P2P):
-            await cmds.resume_vhca(ResumeOpMod.RESUME_RESPONDER)
-            return None
-        if (cur, new) in ((S.RUNNING, S.RUNNING_P2P), (S.PRE_COPY, S.PRE_COPY_P2P)):
-            await cmds.suspend_vhca(SuspendOpMod.SUSPEND_INITIATOR)
-            return None
-        if (cur, new) in ((S.RUNNING_P2P, S.RUNNING), (S.PRE_COPY_P2P, S.PRE_COPY)):
-            await cmds.resume_vhca(ResumeOpMod.RESUME_INITIATOR)
-            return None
-        if (cur, new) == (S.STOP, S.STOP_COPY):
-            migf = await self.save_device_data(track=False)
-            self.saving_migf = migf
-            return migf
-        if (cur, new) == (S.STOP_COPY, S.STOP):
-            await self.disable_fds()
-            return None
-        if (cur, new) in ((S.PRE_COPY, S.RUNNING), (S.PRE_COPY_P2P, S.RUNNING_P2P)):
-            await self._pre_copy_cleanup()
-            return None
-        if (cur, new) == (S.STOP, S.RESUMING):
-            migf = Mlx5VfMigrationFile(self, saving=False)
-            self.resuming_migf = migf
-            return migf
-        if (cur, new) == (S.RESUMING, S.STOP):
-            await self.disable_fds()
-            return None
-        if (cur, new) in ((S.RUNNING, S.PRE_COPY), (S.RUNNING_P2P, S.PRE_COPY_P2P)):
-            migf = await self.save_device_data(track=True)
-            self.saving_migf = migf
-            return migf
-        if (cur, new) == (S.PRE_COPY_P2P, S.STOP_COPY):
-            await cmds.suspend_vhca(SuspendOpMod.SUSPEND_RESPONDER)
-            await self.save_device_inc_data()
-            return None
-        # vfio_mig_get_next_state() hands out no other arc.
-        raise VfioError(errno.EINVAL, f"arc {cur.name} -> {new.name} (WARN)")
+        match step:
+            case ArcStep.SUSPEND_RESPONDER:
+                await cmds.suspend_vhca(SuspendOpMod.SUSPEND_RESPONDER)
+            case ArcStep.RESUME_RESPONDER:
+                await cmds.resume_vhca(ResumeOpMod.RESUME_RESPONDER)
+            case ArcStep.SUSPEND_INITIATOR:
+                await cmds.suspend_vhca(SuspendOpMod.SUSPEND_INITIATOR)
+            case ArcStep.RESUME_INITIATOR:
+                await cmds.resume_vhca(ResumeOpMod.RESUME_INITIATOR)
+            case ArcStep.SAVE_DEVICE_DATA:
+                return await self.save_device_data(track=False)
+            case ArcStep.SAVE_DEVICE_DATA_TRACK:
+                return await self.save_device_data(track=True)
+            case ArcStep.SAVE_DEVICE_INC_DATA:
+                await self.save_device_inc_data()
+            case ArcStep.PRE_COPY_CLEANUP:
+                await self._pre_copy_cleanup()
+            case ArcStep.RESUME_DEVICE_DATA:
+                return self.resume_device_data()
+            case ArcStep.DISABLE_FDS:
+                await self.disable_fds()
+        return None
 
     async def _pre_copy_cleanup(self) -> None:
         """PRE_COPY -> RUNNING: tell the firmware to drop tracking with a
@@ -261,9 +266,15 @@ class Mlx5VfDevice:
         if last_state == MigfState.ERROR:
             raise VfioError(errno.EIO, "the saving file ended in error")
 
-    async def save_device_data(self, *, track: bool) -> Mlx5VfMigrationFile:
+    def resume_device_data(self) -> ResumeFile:
+        """mlx5vf_pci_resume_device_data(): a new resuming file (its buffers
+        come with the first record)."""
+        migf = self.resuming_migf = ResumeFile(self)
+        return migf
+
+    async def save_device_data(self, *, track: bool) -> SaveFile:
         """mlx5vf_pci_save_device_data(): a new saving file and its first SAVE."""
-        migf = Mlx5VfMigrationFile(self, saving=True)
+        migf = SaveFile(self)
         self.saving_migf = migf  # SUSPEND and queries see it from now on
         try:
             length, full_size, _ = await self.cmds.query_vhca_migration_state(0)
@@ -272,7 +283,7 @@ class Mlx5VfDevice:
             assert first is not None
             if track:
                 # buf[0] stays ready for the stop-copy phase.
-                buf = await migf.alloc_data_buffer(first.npages * 4096)
+                buf = await migf.alloc_data_buffer(first.npages * PAGE_SIZE)
             else:
                 buf, migf.buf[0] = first, None
             try:
@@ -309,19 +320,14 @@ class Mlx5VfDevice:
         free their buffers; returns the saving file's last state."""
         last_state = None
         if self.resuming_migf is not None:
-            migf, self.resuming_migf = self.resuming_migf, None
-            migf.state = MigfState.ERROR
-            migf.f_pos = 0
-            await migf.clean_resources()
+            resuming, self.resuming_migf = self.resuming_migf, None
+            await resuming.disable_fd()
         if self.saving_migf is not None:
-            migf, self.saving_migf = self.saving_migf, None
-            await migf.save_comp.acquire()  # outstanding callbacks finish first
-            migf.save_comp.release()
-            last_state = migf.state
-            migf.state = MigfState.ERROR
-            migf.f_pos = 0
-            migf.wake()
-            await migf.clean_resources()
+            saving, self.saving_migf = self.saving_migf, None
+            await saving.save_comp.acquire()  # outstanding callbacks finish first
+            saving.save_comp.release()
+            last_state = saving.state
+            await saving.disable_fd()
         return last_state
 
     # --- observations (metrics, events, audit) --------------------------------------
@@ -397,19 +403,19 @@ class Mlx5VfDevice:
     def read_enomsg(self) -> None:
         self.stats.read_enomsg += 1
 
-    def read_after_eof(self, migf: Mlx5VfMigrationFile) -> None:
+    def read_after_eof(self, migf: SaveFile) -> None:
         self.audit.read_after_eof(self.name, migf.stream_id)
 
     def bytes_written(self, n: int) -> None:
         self.stats.bytes_written += n
 
-    def save_completed(self, migf: Mlx5VfMigrationFile, c: SaveCompletion, buf: DataBuffer) -> None:
+    def save_completed(self, migf: SaveFile, c: SaveCompletion, buf: DataBuffer) -> None:
         self.stats.images_saved += 1
         self.stats.image_bytes_saved += c.actual_image_size
         if self.events.subscribers:
             self._publish(SaveCompleted(c.actual_image_size), migf, owner_is_client=True)
 
-    def save_failed(self, migf: Mlx5VfMigrationFile, c: SaveCompletion, status: int) -> None:
+    def save_failed(self, migf: SaveFile, c: SaveCompletion, status: int) -> None:
         self.stats.save_failures += 1
         if self.events.subscribers:
             self._publish(SaveFailed(status), migf, owner_is_client=True)
@@ -419,7 +425,7 @@ class Mlx5VfDevice:
         self.stats.image_bytes_loaded += n
 
     def precopy_answered(
-        self, migf: Mlx5VfMigrationFile, info: PrecopyInfo, reinit: bool, *, fw_init_end: int
+        self, migf: SaveFile, info: VfioPrecopyInfo, reinit: bool, *, fw_init_end: int
     ) -> None:
         """`fw_init_end`: where the new initial data the firmware reported
         (OPER_MIGRATION_INIT: a REINIT after the v2 opt-in) ends at most in

@@ -7,7 +7,6 @@ import contextlib
 import errno
 from typing import TYPE_CHECKING
 
-from fwemu.link.base import LinkError
 from fwemu.link.ifc import (
     LOG_MAX_ADDR_SPACE,
     LOG_MAX_PAGE_SIZE,
@@ -18,7 +17,6 @@ from fwemu.link.ifc import (
 
 from ..vfio.errors import VfioError
 from ..vfio.ops import IovaBitmap
-from .cmd import check, link_errno
 
 if TYPE_CHECKING:
     from .main import Mlx5VfDevice
@@ -34,8 +32,8 @@ def combine_iova_ranges(ranges: list[tuple[int, int]], limit: int) -> list[tuple
     return [(start, end - start) for start, end in spans]
 
 
-class PageTracker:
-    """The log ops of one mlx5 VF."""
+class VhcaPageTracker:
+    """struct mlx5_vhca_page_tracker: the log ops of one mlx5 VF."""
 
     def __init__(self, mvdev: Mlx5VfDevice) -> None:
         self.mvdev = mvdev
@@ -69,13 +67,11 @@ class PageTracker:
                 (start - start % page, -(-(start + length) // page) * page - (start - start % page))
                 for start, length in ranges
             ]
-            try:
-                r = await mvdev.link.create_page_tracker(
-                    mvdev.caps.vhca_id, combine_iova_ranges(aligned, MAX_NUM_RANGES), log_page
-                )
-            except LinkError as e:
-                raise link_errno(e) from None
-            check(r, "CREATE_GENERAL_OBJECT(PAGE_TRACK)")
+            ranges = combine_iova_ranges(aligned, MAX_NUM_RANGES)
+            r = await mvdev.cmds.exec(
+                "CREATE_GENERAL_OBJECT(PAGE_TRACK)",
+                lambda: mvdev.link.create_page_tracker(mvdev.caps.vhca_id, ranges, log_page),
+            )
             self.obj_id, self.page_size, self.is_err = r.obj_id, page, False
             return page
 
@@ -85,11 +81,17 @@ class PageTracker:
             await self.free()
 
     async def free(self) -> None:
+        mvdev = self.mvdev
         obj_id, self.obj_id = self.obj_id, None
-        if obj_id is not None and not self.mvdev.mdev_detach:
-            # A firmware that went away has nothing left to destroy.
-            with contextlib.suppress(LinkError):
-                await self.mvdev.link.destroy_page_tracker(self.mvdev.caps.vhca_id, obj_id)
+        if obj_id is not None and not mvdev.mdev_detach:
+            # Stopping always succeeds: a firmware that went away has nothing
+            # left to destroy.
+            with contextlib.suppress(VfioError):
+                await mvdev.cmds.exec(
+                    "DESTROY_GENERAL_OBJECT(PAGE_TRACK)",
+                    lambda: mvdev.link.destroy_page_tracker(mvdev.caps.vhca_id, obj_id),
+                    check=False,
+                )
 
     async def log_read_and_clear(self, iova: int, length: int, bitmap: IovaBitmap) -> None:
         """mlx5vf_tracker_read_and_clear()."""
@@ -101,13 +103,19 @@ class PageTracker:
                 raise VfioError(errno.EINVAL, "dirty tracking is not active")
             if self.is_err:
                 raise VfioError(errno.EIO, "the tracker is in error")
+            obj_id = self.obj_id
             try:
-                r = await mvdev.link.report_page_tracker(
-                    mvdev.caps.vhca_id, self.obj_id, iova, length
+                # The status is checked here: any failure is the tracker's error (EIO).
+                r = await mvdev.cmds.exec(
+                    "MODIFY_GENERAL_OBJECT(PAGE_TRACK)",
+                    lambda: mvdev.link.report_page_tracker(
+                        mvdev.caps.vhca_id, obj_id, iova, length
+                    ),
+                    check=False,
                 )
-            except LinkError as e:
+            except VfioError:
                 self.is_err = True
-                raise link_errno(e) from None
+                raise
             if not r.ok:
                 self.is_err = True
                 raise VfioError(errno.EIO, f"tracker report failed: {r.diagnostic}")

@@ -71,5 +71,5 @@ async def abort_errno(
         str(e),
         reason=errno_name(code),
         domain=DOMAIN,
-        metadata={"errno": str(code), **(extra or {})},
+        metadata={"errno": str(code), **e.details, **(extra or {})},
     )

@@ -11,11 +11,12 @@ bounded: per-device series only when asked for, for at most
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+
+from grpcsvc.collector import ScrapeCollector, per_item_series
 
 from ..audit import RULES
 from ..mlx5.main import DeviceStats, Mlx5VfDevice
@@ -70,16 +71,12 @@ _INT_FIELDS = (
 )
 
 
-class DriverCollector(Collector):
+class DriverCollector(ScrapeCollector):
     def __init__(self, servicer: VfioServicer, *, per_device_limit: int = 0) -> None:
         self.servicer = servicer
         self.per_device_limit = max(0, per_device_limit)
         self._gone = _Totals()  # counts of devices no longer registered
         self._seen: dict[int, tuple[Mlx5VfDevice, DeviceStats]] = {}
-
-    def describe(self) -> Iterable[Metric]:
-        # Nothing: the registry then collects only when scraped, not at registration.
-        return []
 
     def _totals(self, devices: list[Mlx5VfDevice]) -> _Totals:
         live = {id(d): d for d in devices}
@@ -167,19 +164,15 @@ class DriverCollector(Collector):
 
     @staticmethod
     def _per_device(regs: list[Registered]) -> Iterator[Metric]:
-        read = CounterMetricFamily(
-            DEVICE_READ_BYTES, "Migration data read, per device (capped).", labels=["device"]
+        return per_item_series(
+            "device",
+            (DEVICE_READ_BYTES, "Migration data read, per device (capped)."),
+            (DEVICE_STATE, "The device's VFIO migration state, as its uAPI number (capped)."),
+            (
+                (r.core.name, r.mvdev.stats.bytes_read, int(MigState(r.mvdev.mig_state)))
+                for r in regs
+            ),
         )
-        state = GaugeMetricFamily(
-            DEVICE_STATE, "The device's VFIO migration state, as its uAPI number (capped).",
-            labels=["device"],
-        )  # fmt: skip
-        for r in regs:
-            name, mvdev = r.core.name, r.mvdev
-            read.add_metric([name], mvdev.stats.bytes_read)
-            state.add_metric([name], int(MigState(mvdev.mig_state)))
-        yield read
-        yield state
 
 
 def _queued(d: Mlx5VfDevice) -> int:

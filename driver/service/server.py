@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from prometheus_client import CollectorRegistry
 
-from fwemu.api.v1 import scenario_pb2_grpc as sgrpc
-from fwemu.model.firmware import Firmware
-from fwemu.service.metrics import FirmwareCollector
-from fwemu.service.server import SCENARIO_SERVICE
-from fwemu.service.servicers import ScenarioServicer
 from grpcsvc.metrics import GrpcServerMetrics
 from grpcsvc.server import GrpcService
 
@@ -22,6 +17,9 @@ from ..api.wire import decode_write_request
 from ..registry import DeviceRegistry
 from .metrics import DriverCollector
 from .servicer import VfioServicer
+
+if TYPE_CHECKING:
+    from fwemu.embedded import EmbeddedFirmware
 
 VFIO_SERVICE = vfio_pb2.DESCRIPTOR.services_by_name["Vfio"].full_name
 
@@ -58,43 +56,46 @@ def add_vfio_servicer(servicer: VfioServicer, server: grpc.aio.Server) -> None:
 class DriverServer:
     """Serves a DeviceRegistry; make it inside the running event loop.
 
-    `scenario`: an embedded firmware whose fwemu Scenario service (digests,
-    reconfigurations, faults) is served on the same port, as `fwemu serve`
-    serves it: what a test of an orchestrator needs from the firmware when
-    there is no separate fwemu process.
+    `firmware`: the embedded firmware (when the registry's link is its), whose
+    metrics join the driver's.  With `scenario_service` its fwemu Scenario
+    service (digests, reconfigurations, faults) is served on the same port, as
+    `fwemu serve` serves it: what a test of an orchestrator needs from the
+    firmware when there is no separate fwemu process.
     """
 
     def __init__(
         self,
         registry: DeviceRegistry,
         *,
-        scenario: Firmware | None = None,
+        firmware: EmbeddedFirmware | None = None,
+        scenario_service: bool = False,
         metrics: CollectorRegistry | None = None,
         per_device_limit: int = 0,
-        firmware: Firmware | None = None,
         shm_dir: str | None = None,
     ) -> None:
         """`metrics`: a registry to fill with the gRPC server metrics and the
-        driver's own, and an embedded `firmware`'s (served at /metrics by
+        driver's own, and the embedded `firmware`'s (served at /metrics by
         whoever owns the registry).  `shm_dir`: where clients' user memory
         segments are (MapUserMemory; default /dev/shm)."""
+        if scenario_service and firmware is None:
+            raise ValueError("the Scenario service is an embedded firmware's")
         self.registry = registry
         self.servicer = VfioServicer(registry, shm_dir=shm_dir)
+        scenario = firmware if scenario_service else None
         names = [VFIO_SERVICE]
         if scenario is not None:
-            names.append(SCENARIO_SERVICE)
+            names.append(scenario.scenario_service)
 
         def register(server: grpc.aio.Server) -> None:
             add_vfio_servicer(self.servicer, server)
             if scenario is not None:
-                sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(scenario), server)
+                scenario.add_scenario_servicer(server)
 
         interceptors = []
         if metrics is not None:
             metrics.register(DriverCollector(self.servicer, per_device_limit=per_device_limit))
-            embedded = firmware or scenario
-            if embedded is not None:
-                metrics.register(FirmwareCollector(embedded))
+            if firmware is not None:
+                metrics.register(firmware.collector())
             interceptors.append(GrpcServerMetrics(metrics).interceptor)
         self.service = GrpcService(names, register, interceptors=interceptors)
 
@@ -111,13 +112,5 @@ class DriverServer:
         await self.servicer.close_all()
 
     async def serve_until(self, stop: asyncio.Event, grace: float = 5.0) -> None:
-        async def end_sessions() -> None:
-            await stop.wait()
-            self.servicer.stopping.set()
-
-        ender = asyncio.ensure_future(end_sessions())
-        try:
-            await self.service.serve_until(stop, grace)
-        finally:
-            ender.cancel()
+        await self.service.serve_until(stop, grace, on_stop=self.servicer.stopping.set)
         await self.servicer.close_all()

@@ -4,12 +4,13 @@ mlx5vf driver.  Decode, call, encode; a VfioError becomes its errno."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import asdict
-from typing import Any, NoReturn
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -20,6 +21,7 @@ from ..api.v1 import vfio_pb2_grpc as pbg
 from ..api.wire import WriteChunk
 from ..events import CALLER, ErrorAnswered, Event, Payload, Subscription
 from ..mlx5.migf import Mlx5VfMigrationFile
+from ..mlx5.save import SaveFile
 from ..registry import DRIVER_NAME, DeviceRegistry
 from ..vfio.errors import VfioError
 from ..vfio.ops import MigrationFile
@@ -101,6 +103,27 @@ class VfioServicer(pbg.VfioServicer):
         self._errno_answered(e, operation, device=device, proc=proc, fd=fd)
         await abort_errno(context, e, extra)
 
+    @contextlib.asynccontextmanager
+    async def _answering(
+        self,
+        context: Ctx,
+        operation: str,
+        *,
+        device: str = "",
+        proc: Process | None = None,
+        fd: int = -1,
+    ) -> AsyncIterator[_Answer]:
+        """The body of an RPC: a VfioError it raises is the call's answer
+        (_fail); `fd` and `extra` of the yielded _Answer may be set as the
+        call learns them."""
+        answer = _Answer(fd)
+        try:
+            yield answer
+        except VfioError as e:
+            await self._fail(
+                context, e, operation, device=device, proc=proc, fd=answer.fd, extra=answer.extra
+            )
+
     def _errno_answered(
         self,
         e: VfioError,
@@ -174,10 +197,8 @@ class VfioServicer(pbg.VfioServicer):
     # --- devices ----------------------------------------------------------------------
 
     async def ListDevices(self, request: pb.ListDevicesRequest, context: Ctx) -> Any:
-        try:
+        async with self._answering(context, "list_devices"):
             regs = await self.registry.refresh()
-        except VfioError as e:
-            await self._fail(context, e, "list_devices")
         return pb.ListDevicesResponse(
             devices=[
                 pb.DeviceInfo(
@@ -195,7 +216,7 @@ class VfioServicer(pbg.VfioServicer):
 
     async def OpenDevice(self, request: pb.OpenDeviceRequest, context: Ctx) -> Any:
         proc = self.process(context)
-        try:
+        async with self._answering(context, "open", device=request.name):
             reg = await self.registry.lookup(request.name)
             await reg.core.open()
             try:
@@ -203,22 +224,23 @@ class VfioServicer(pbg.VfioServicer):
             except VfioError:
                 await reg.core.close()
                 raise
-        except VfioError as e:
-            await self._fail(context, e, "open", device=request.name)
         return pb.OpenDeviceResponse(fd=fd)
 
     async def Close(self, request: pb.CloseRequest, context: Ctx) -> Any:
         proc = self.process(context)
-        try:
+        async with self._answering(context, "close", proc=proc, fd=request.fd):
             await proc.close(request.fd)
-        except VfioError as e:
-            await self._fail(context, e, "close", proc=proc, fd=request.fd)
         return pb.CloseResponse()
 
     async def DeviceFeature(self, request: pb.DeviceFeatureRequest, context: Ctx) -> Any:
         proc = self.process(context)
         new_fd = -1
-        try:
+        op = "device_feature"
+        if request.flags & VFIO_DEVICE_FEATURE_MASK == Feature.MIG_DEVICE_STATE and (
+            request.flags & VFIO_DEVICE_FEATURE_SET
+        ):
+            op = "set_state"
+        async with self._answering(context, op, proc=proc, fd=request.fd):
             user = _user_memory(request.user_memory)
             device = proc.device(request.fd)
 
@@ -231,13 +253,6 @@ class VfioServicer(pbg.VfioServicer):
             data = await device.device_feature(
                 request.argsz, request.flags, request.data, user=user, install_fd=install
             )
-        except VfioError as e:
-            op = "device_feature"
-            if request.flags & VFIO_DEVICE_FEATURE_MASK == Feature.MIG_DEVICE_STATE and (
-                request.flags & VFIO_DEVICE_FEATURE_SET
-            ):
-                op = "set_state"
-            await self._fail(context, e, op, proc=proc, fd=request.fd)
         return pb.DeviceFeatureResponse(
             data=data,
             user_memory=[pb.UserBuffer(addr=a, data=bytes(b)) for a, b in user.buffers.items()],
@@ -246,21 +261,17 @@ class VfioServicer(pbg.VfioServicer):
 
     async def DeviceReset(self, request: pb.DeviceResetRequest, context: Ctx) -> Any:
         proc = self.process(context)
-        try:
+        async with self._answering(context, "reset", proc=proc, fd=request.fd):
             await proc.device(request.fd).reset()
-        except VfioError as e:
-            await self._fail(context, e, "reset", proc=proc, fd=request.fd)
         return pb.DeviceResetResponse()
 
     # --- data fds ------------------------------------------------------------------------
 
     async def Read(self, request: pb.ReadRequest, context: Ctx) -> Any:
         proc = self.process(context)
-        try:
+        async with self._answering(context, "read", proc=proc, fd=request.fd):
             file = proc.data(request.fd)
             data = await file.read(min(request.count, MAX_READ), nonblock=request.nonblock)
-        except VfioError as e:
-            await self._fail(context, e, "read", proc=proc, fd=request.fd)
         return pb.ReadResponse(data=data)
 
     async def ReadStream(
@@ -269,7 +280,7 @@ class VfioServicer(pbg.VfioServicer):
         chunk = min(request.chunk_size or DEFAULT_CHUNK, MAX_READ)
         left = request.limit or -1
         proc = self.process(context)
-        try:
+        async with self._answering(context, "read", proc=proc, fd=request.fd):
             file = proc.data(request.fd)
             while left != 0:
                 n = chunk if left < 0 else min(chunk, left)
@@ -279,8 +290,6 @@ class VfioServicer(pbg.VfioServicer):
                 if left > 0:
                     left -= len(data)
                 yield pb.ReadResponse(data=data)
-        except VfioError as e:
-            await self._fail(context, e, "read", proc=proc, fd=request.fd)
 
     async def Write(self, request_iterator: Any, context: Ctx) -> Any:
         """`request_iterator` yields WriteChunk (wire.decode_write_request, see
@@ -288,106 +297,97 @@ class VfioServicer(pbg.VfioServicer):
         requests: AsyncIterator[WriteChunk] = request_iterator
         proc = self.process(context)
         written = 0
-        fd = -1
         file: MigrationFile | None = None
-        try:
+        async with self._answering(context, "write", proc=proc) as answer:
+            answer.extra["written"] = "0"
             async for req in requests:
                 if file is None:
-                    fd = req.fd
-                    file = proc.data(fd)
+                    answer.fd = req.fd
+                    file = proc.data(req.fd)
                 written += await file.write(req.data)
-        except VfioError as e:
-            await self._fail(context, e, "write", proc=proc, fd=fd, extra={"written": str(written)})
+                answer.extra["written"] = str(written)
         return pb.WriteResponse(written=written)
 
     # --- user memory: read(2)/write(2) through the client's shared memory ---------------
 
     async def MapUserMemory(self, request: pb.MapUserMemoryRequest, context: Ctx) -> Any:
         proc = self.process(context)
-        try:
+        async with self._answering(context, "map_user_memory", proc=proc):
             if proc.exited:
                 raise VfioError(errno.EBADF, f"client {proc.client} has gone away")
             addr = proc.memory.map(request.shm_name, request.length)
-        except VfioError as e:
-            await self._fail(context, e, "map_user_memory", proc=proc)
         return pb.MapUserMemoryResponse(addr=addr)
 
     async def UnmapUserMemory(self, request: pb.UnmapUserMemoryRequest, context: Ctx) -> Any:
         proc = self.process(context)
-        try:
+        async with self._answering(context, "unmap_user_memory", proc=proc):
             proc.memory.unmap(request.addr)
-        except VfioError as e:
-            await self._fail(context, e, "unmap_user_memory", proc=proc)
         return pb.UnmapUserMemoryResponse()
 
     async def ReadInto(self, request: pb.ReadIntoRequest, context: Ctx) -> Any:
         proc = self.process(context)
-        try:
-            file = _data_fd(proc, request.fd, saving=True)
-            with proc.memory.range(request.addr, min(request.count, MAX_READ)) as dest:
-                n = await file.readinto(dest, nonblock=request.nonblock)
-        except VfioError as e:
-            await self._fail(context, e, "read", proc=proc, fd=request.fd)
+        async with self._answering(context, "read", proc=proc, fd=request.fd):
+            n = await _read_into(proc, request)
         return pb.ReadIntoResponse(count=n)
 
     async def WriteFrom(self, request: pb.WriteFromRequest, context: Ctx) -> Any:
         proc = self.process(context)
-        try:
-            file = _data_fd(proc, request.fd, saving=False)
-            with proc.memory.range(request.addr, min(request.count, MAX_WRITE)) as src:
-                n = await file.write(src.view)
-        except VfioError as e:
-            await self._fail(context, e, "write", proc=proc, fd=request.fd)
+        async with self._answering(context, "write", proc=proc, fd=request.fd):
+            n = await _write_from(proc, request)
         return pb.WriteFromResponse(count=n)
 
     async def ReadIntoStream(
         self, request_iterator: AsyncIterator[pb.ReadIntoRequest], context: Ctx
     ) -> AsyncIterator[pb.ReadIntoResponse]:
-        proc = self.process(context)
-        ended = False  # a read returned 0: the end of the data
-        failed = False
-        async for req in request_iterator:
-            if ended:  # answered without a read: nothing is read after the end
-                yield pb.ReadIntoResponse(count=0)
-                continue
-            if failed:
-                yield pb.ReadIntoResponse(errno=errno.ECANCELED, message=_NOT_DONE % "read")
-                continue
-            try:
-                file = _data_fd(proc, req.fd, saving=True)
-                with proc.memory.range(req.addr, min(req.count, MAX_READ)) as dest:
-                    n = await file.readinto(dest, nonblock=req.nonblock)
-            except VfioError as e:
-                failed = True
-                code = self._errno_answered(e, "read", proc=proc, fd=req.fd)
-                yield pb.ReadIntoResponse(errno=code, message=str(e))
-                continue
-            ended = n == 0 and min(req.count, MAX_READ) > 0
-            yield pb.ReadIntoResponse(count=n)
+        async for answer in self._each(
+            request_iterator, context, "read", _read_into, pb.ReadIntoResponse
+        ):
+            yield answer
 
     async def WriteFromStream(
         self, request_iterator: AsyncIterator[pb.WriteFromRequest], context: Ctx
     ) -> AsyncIterator[pb.WriteFromResponse]:
+        async for answer in self._each(
+            request_iterator, context, "write", _write_from, pb.WriteFromResponse
+        ):
+            yield answer
+
+    async def _each(
+        self,
+        requests: AsyncIterator[_Req],
+        context: Ctx,
+        operation: str,
+        call: Callable[[Process, _Req], Awaitable[int]],
+        response: Callable[..., _Resp],
+    ) -> AsyncIterator[_Resp]:
+        """The stream form of ReadInto / WriteFrom: one answer per request,
+        an errno in the answer (no abort); after a failure the rest are not
+        done (ECANCELED); after a read returned 0 (the end of the data) the
+        rest are answered 0 without a read."""
         proc = self.process(context)
+        ended = False
         failed = False
-        async for req in request_iterator:
+        async for req in requests:
+            if ended:
+                yield response(count=0)
+                continue
             if failed:
-                yield pb.WriteFromResponse(errno=errno.ECANCELED, message=_NOT_DONE % "written")
+                done = "read" if operation == "read" else "written"
+                yield response(errno=errno.ECANCELED, message=_NOT_DONE % done)
                 continue
             try:
-                file = _data_fd(proc, req.fd, saving=False)
-                with proc.memory.range(req.addr, min(req.count, MAX_WRITE)) as src:
-                    n = await file.write(src.view)
+                n = await call(proc, req)
             except VfioError as e:
                 failed = True
-                code = self._errno_answered(e, "write", proc=proc, fd=req.fd)
-                yield pb.WriteFromResponse(errno=code, message=str(e))
+                code = self._errno_answered(e, operation, proc=proc, fd=req.fd)
+                yield response(errno=code, message=str(e))
                 continue
-            yield pb.WriteFromResponse(count=n)
+            ended = operation == "read" and n == 0 and min(req.count, MAX_READ) > 0
+            yield response(count=n)
 
     async def PrecopyInfo(self, request: pb.PrecopyInfoRequest, context: Ctx) -> Any:
         proc = self.process(context)
-        try:
+        async with self._answering(context, "precopy_info", proc=proc, fd=request.fd):
             entry = proc.get(request.fd)
             if isinstance(entry, DeviceFd):
                 raise VfioError(errno.ENOTTY, "VFIO_MIG_GET_PRECOPY_INFO is a data fd ioctl")
@@ -395,8 +395,6 @@ class VfioServicer(pbg.VfioServicer):
                 request.argsz, request.flags, request.initial_bytes, request.dirty_bytes
             )
             out = await entry.file.ioctl(VFIO_MIG_GET_PRECOPY_INFO, arg)
-        except VfioError as e:
-            await self._fail(context, e, "precopy_info", proc=proc, fd=request.fd)
         argsz, flags, initial, dirty = PRECOPY_INFO.unpack_from(out, 0)
         return pb.PrecopyInfoResponse(
             argsz=argsz, flags=flags, initial_bytes=initial, dirty_bytes=dirty
@@ -408,10 +406,8 @@ class VfioServicer(pbg.VfioServicer):
         """A request's device ("" = all): None, or a device that exists (else ENOENT)."""
         if not name:
             return None
-        try:
+        async with self._answering(context, operation, device=name):
             await self.registry.lookup(name)
-        except VfioError as e:
-            await self._fail(context, e, operation, device=name)
         return name
 
     async def Events(self, request: pb.EventsRequest, context: Ctx) -> AsyncIterator[pb.Event]:
@@ -441,6 +437,33 @@ class VfioServicer(pbg.VfioServicer):
 _NOT_DONE = "not %s: an earlier request of this stream failed"
 
 
+@dataclass
+class _Answer:
+    """What an RPC's error answer says besides the error: the fd it was
+    about and extra ErrorInfo metadata."""
+
+    fd: int = -1
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+_Req = TypeVar("_Req", pb.ReadIntoRequest, pb.WriteFromRequest)
+_Resp = TypeVar("_Resp", pb.ReadIntoResponse, pb.WriteFromResponse)
+
+
+async def _read_into(proc: Process, req: pb.ReadIntoRequest) -> int:
+    """read(2) into the caller's mapped memory."""
+    file = _data_fd(proc, req.fd, saving=True)
+    with proc.memory.range(req.addr, min(req.count, MAX_READ)) as dest:
+        return await file.readinto(dest, nonblock=req.nonblock)
+
+
+async def _write_from(proc: Process, req: pb.WriteFromRequest) -> int:
+    """write(2) from the caller's mapped memory."""
+    file = _data_fd(proc, req.fd, saving=False)
+    with proc.memory.range(req.addr, min(req.count, MAX_WRITE)) as src:
+        return await file.write(src.view)
+
+
 def _data_fd(proc: Process, fd: int, *, saving: bool) -> MigrationFile:
     """The data fd's file for read(2) (`saving`) or write(2): vfs_read/vfs_write
     refuse the wrong direction (EBADF) before the user range is looked at."""
@@ -455,7 +478,7 @@ def _data_fd(proc: Process, fd: int, *, saving: bool) -> MigrationFile:
 def _stream_of(file: MigrationFile) -> tuple[int, bool]:
     """An mlx5vf file's stream number and side (saving?)."""
     if isinstance(file, Mlx5VfMigrationFile):
-        return file.stream_id, file.saving
+        return file.stream_id, isinstance(file, SaveFile)
     return 0, True
 
 

@@ -13,6 +13,8 @@ class VfioError(OSError):
 
     `last_state` is set by vfio_mig_step_loop (driver.vfio.migration) when a
     device-state change stops part way: the state the device was left in.
+    `details`: what else a caller can read by machine (a firmware command's
+    status and syndrome), by name.
     """
 
     last_state: MigState | None = None
@@ -20,6 +22,10 @@ class VfioError(OSError):
     def __init__(self, code: int, detail: str = "") -> None:
         super().__init__(code, detail or os.strerror(code))
         self.detail = detail
+
+    @property
+    def details(self) -> dict[str, str]:
+        return {}
 
     @property
     def name(self) -> str:

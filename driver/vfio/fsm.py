@@ -85,13 +85,3 @@ def next_state(cur: int, new: int, migration_flags: int) -> MigState:
     if nxt == S.ERROR:
         raise VfioError(errno.EINVAL, f"no path from {cur_s.name} to {new_s.name}")
     return nxt
-
-
-def path(cur: int, new: int, migration_flags: int) -> list[MigState]:
-    """All the single steps from `cur` to `new`."""
-    steps = []
-    state = MigState(cur)
-    while state != new:
-        state = next_state(state, new, migration_flags)
-        steps.append(state)
-    return steps

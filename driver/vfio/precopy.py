@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class PrecopyInfo:
+class VfioPrecopyInfo:
     """struct vfio_precopy_info."""
 
     argsz: int
@@ -25,17 +25,17 @@ class PrecopyInfo:
     dirty_bytes: int
 
     @classmethod
-    def unpack(cls, raw: bytes) -> PrecopyInfo:
+    def unpack(cls, raw: bytes) -> VfioPrecopyInfo:
         return cls(*PRECOPY_INFO.unpack(raw))
 
     def pack(self) -> bytes:
         return PRECOPY_INFO.pack(self.argsz, self.flags, self.initial_bytes, self.dirty_bytes)
 
 
-def vfio_check_precopy_ioctl(device: VfioDevice, cmd: int, arg: bytes) -> PrecopyInfo:
+def vfio_check_precopy_ioctl(device: VfioDevice, cmd: int, arg: bytes) -> VfioPrecopyInfo:
     """Validate a VFIO_MIG_GET_PRECOPY_INFO call on a saving data fd.
 
-    Returns the caller's 24 bytes as a PrecopyInfo: every field holds what the
+    Returns the caller's 24 bytes as a VfioPrecopyInfo: every field holds what the
     caller passed (drivers copy all 24 bytes back, so a field a driver leaves
     alone echoes the input, the v1 behaviour), except that flags is zeroed once
     the device opted in with VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2.  The state
@@ -43,7 +43,7 @@ def vfio_check_precopy_ioctl(device: VfioDevice, cmd: int, arg: bytes) -> Precop
     """
     if cmd != VFIO_MIG_GET_PRECOPY_INFO:
         raise VfioError(errno.ENOTTY, f"ioctl {cmd:#x} is not VFIO_MIG_GET_PRECOPY_INFO")
-    info = PrecopyInfo.unpack(UserArg(arg).copy_from(0, PRECOPY_INFO.size))
+    info = VfioPrecopyInfo.unpack(UserArg(arg).copy_from(0, PRECOPY_INFO.size))
     if info.argsz < PRECOPY_INFO.size:
         raise VfioError(errno.EINVAL, f"argsz {info.argsz} < {PRECOPY_INFO.size}")
     if device.precopy_info_v2:

@@ -70,4 +70,6 @@ DMA_LOGGING_RANGE = struct.Struct("<QQ")  # iova, length
 DMA_LOGGING_REPORT = struct.Struct("<QQQQ")  # iova, length, page_size, bitmap
 PRECOPY_INFO = struct.Struct("<IIQQ")  # argsz, flags, initial_bytes, dirty_bytes
 
+# The host's page size, which the VFIO uAPI is written in (DMA logging's range
+# limit, its bitmap pages); firmware pages are fwemu.link.ifc.PAGE_SIZE.
 PAGE_SIZE = 4096

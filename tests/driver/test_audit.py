@@ -15,12 +15,6 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from service_harness import (
-    DriverUnderTest,
-    Vf,
-    inproc_fixture,  # noqa: F401  (fixture)
-)
-from test_events import opened
 
 from driver.audit import (
     READ_AFTER_EOF,
@@ -33,9 +27,14 @@ from driver.audit import (
 )
 from driver.events import EventBus, Finding
 from driver.vfio.uapi import VFIO_PRECOPY_INFO_REINIT, MigState
+from tests.support.driver_service import (
+    DriverUnderTest,
+    Vf,
+    opened,
+)
 from vfioclient import VfioClient, VfioClientError
 from vfioclient.client import read_all
-from vfioclient.orchestrator import DevicePair, MigrationError, MigrationOptions, migrate
+from vfioclient.migration import DevicePair, MigrationError, MigrationOptions, migrate
 
 pytestmark = pytest.mark.grpc
 

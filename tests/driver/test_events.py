@@ -16,13 +16,6 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from service_harness import (
-    DriverUnderTest,
-    Vf,
-    drv_fixture,  # noqa: F401  (fixture)
-    fwemu_target_fixture,  # noqa: F401  (fixture)
-    inproc_fixture,  # noqa: F401  (fixture)
-)
 
 from driver.events import (
     Dropped,
@@ -39,6 +32,11 @@ from fwemu.link.ifc import CmdStatus, Fault, FaultKind, Opcode
 from fwemu.link.inproc import InProcessLink
 from fwemu.model.clock import LoopClock
 from fwemu.model.firmware import Firmware
+from tests.support.driver_service import (
+    DriverUnderTest,
+    Vf,
+    opened,
+)
 from vfioclient import VfioClient, VfioClientError
 from vfioclient.client import EventStream
 
@@ -47,13 +45,6 @@ pytestmark = pytest.mark.grpc
 BAD_SYS_STATE = CmdStatus.BAD_SYS_STATE_ERR
 
 S = MigState
-
-
-async def opened(c: VfioClient, fd: int, state: MigState) -> int:
-    """SET a state whose arc opens a data fd: that fd."""
-    data_fd = await c.set_state(fd, state)
-    assert data_fd is not None
-    return data_fd
 
 
 @dataclass
