@@ -14,7 +14,7 @@
 Failures raise VfioClientError, an OSError whose errno is the kernel's.  The
 client keeps a Session open, so its fds close if it goes away.
 
-Events (driver.events.Event) and the audit's findings (driver.events.Finding):
+Events (driver.api.events.Event) and the audit's findings (driver.api.events.Finding):
 
     async with c.events("0000:81:00.1") as events:
         await events.ready()  # subscribed: what happens from now on is seen
@@ -121,7 +121,7 @@ class VfioClient:
         self._metadata = ((CLIENT_KEY, self.client_id),)
         self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pbg.VfioStub(self.channel)
-        # Write's requests encoded with one copy of the data (driver/service/wire.py).
+        # Write's requests encoded with one copy of the data (driver/api/wire.py).
         self._write = self.channel.stream_unary(
             "/vfio.v1.Vfio/Write",
             request_serializer=encode_write_request,
@@ -222,25 +222,26 @@ class VfioClient:
         )
         return int(MIGRATION.unpack_from(r.data)[0])
 
-    async def probe(self, fd: int, feature: int, ops: int = 0) -> bool:
-        """PROBE a feature (with GET/SET bits in `ops`): supported or not."""
+    async def _feature_supported(self, fd: int, flags: int) -> bool:
+        """A VFIO_DEVICE_FEATURE call without data: False when the kernel
+        does not support it (ENOTTY, EINVAL)."""
         try:
-            await self.device_feature(fd, feature | VFIO_DEVICE_FEATURE_PROBE | ops)
+            await self.device_feature(fd, flags)
         except VfioClientError as e:
             if e.errno in (errno.ENOTTY, errno.EINVAL):
                 return False
             raise
         return True
 
+    async def probe(self, fd: int, feature: int, ops: int = 0) -> bool:
+        """PROBE a feature (with GET/SET bits in `ops`): supported or not."""
+        return await self._feature_supported(fd, feature | VFIO_DEVICE_FEATURE_PROBE | ops)
+
     async def enable_precopy_info_v2(self, fd: int) -> bool:
         """SET MIG_PRECOPY_INFOv2 (the REINIT opt-in); False on a kernel without it."""
-        try:
-            await self.device_feature(fd, Feature.MIG_PRECOPY_INFOv2 | VFIO_DEVICE_FEATURE_SET)
-        except VfioClientError as e:
-            if e.errno in (errno.ENOTTY, errno.EINVAL):
-                return False
-            raise
-        return True
+        return await self._feature_supported(
+            fd, Feature.MIG_PRECOPY_INFOv2 | VFIO_DEVICE_FEATURE_SET
+        )
 
     async def get_state(self, fd: int) -> MigState:
         r = await self.device_feature(
@@ -440,7 +441,7 @@ def _event(m: pb.Event) -> Event | None:
 
 
 class EventStream:
-    """An Events call: iterate it for `driver.events.Event`s; it ends when the
+    """An Events call: iterate it for `driver.api.events.Event`s; it ends when the
     server stops (or `aclose`).  `ready()` returns once the subscription is
     live, so nothing that happens after it is missed."""
 

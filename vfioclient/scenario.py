@@ -16,17 +16,22 @@ service raises it with errno ECONNREFUSED.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypedDict, TypeVar, Unpack
 
 from fwemu.link.base import LinkError
 from fwemu.link.grpc import GrpcLink
-from fwemu.link.ifc import CmdStatus, Fault, FaultKind, Opcode, Syndrome, VfConfig, VfInfo
+from fwemu.link.ifc import CmdStatus, Fault, FaultKind, Opcode, Syndrome
 
 __all__ = ["FAULT_KINDS", "ScenarioClient", "ScenarioClientError", "make_fault"]
 
 FAULT_KINDS = [k.name.lower().replace("_", "-") for k in FaultKind]
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class ScenarioClientError(OSError):
@@ -48,30 +53,49 @@ def _enum(cls: Any, value: int | str, what: str) -> int:
         raise ValueError(f"unknown {what} {value!r} (one of {names}, or a number)") from None
 
 
-def make_fault(
-    kind: FaultKind | str,
-    *,
-    opcode: int | str = Opcode.SAVE_VHCA_STATE,
-    status: int | str = CmdStatus.INT_ERR,
-    syndrome: int | str = Syndrome.INJECTED,
-    delay_s: float = 0.0,
-    count: int = 1,
-    in_completion: bool = False,
-) -> Fault:
+class FaultArgs(TypedDict, total=False):
+    """What a fault hits and how, besides its kind (defaults: make_fault's)."""
+
+    opcode: int | str
+    status: int | str
+    syndrome: int | str
+    delay_s: float
+    count: int
+    in_completion: bool
+
+
+def make_fault(kind: FaultKind | str, **args: Unpack[FaultArgs]) -> Fault:
     """A Fault from friendly arguments: names ("fail", "SAVE_VHCA_STATE", "INT_ERR")
-    or numbers; validated (ValueError)."""
+    or numbers; validated (ValueError).  By default a fault hits SAVE_VHCA_STATE
+    once with INT_ERR / INJECTED."""
     k = FaultKind(_enum(FaultKind, kind, "fault kind") if isinstance(kind, str) else kind)
     f = Fault(
         k,
-        opcode=_enum(Opcode, opcode, "opcode"),
-        status=_enum(CmdStatus, status, "status"),
-        syndrome=_enum(Syndrome, syndrome, "syndrome"),
-        delay_s=delay_s,
-        count=count,
-        in_completion=in_completion,
+        opcode=_enum(Opcode, args.get("opcode", Opcode.SAVE_VHCA_STATE), "opcode"),
+        status=_enum(CmdStatus, args.get("status", CmdStatus.INT_ERR), "status"),
+        syndrome=_enum(Syndrome, args.get("syndrome", Syndrome.INJECTED), "syndrome"),
+        delay_s=args.get("delay_s", 0.0),
+        count=args.get("count", 1),
+        in_completion=args.get("in_completion", False),
     )
     f.validate()
     return f
+
+
+def _scenario_call(
+    method: Callable[Concatenate[GrpcLink, P], Awaitable[T]], doc: str | None = None
+) -> Callable[Concatenate[ScenarioClient, P], Awaitable[T]]:
+    """`method` of the client's link, its LinkErrors raised as ScenarioClientError."""
+
+    async def call(self: ScenarioClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(self.link, *args, **kwargs)
+        except LinkError as e:
+            raise ScenarioClientError(errno.EIO, str(e)) from None
+
+    call.__name__ = method.__name__
+    call.__doc__ = doc
+    return call
 
 
 class ScenarioClient:
@@ -84,8 +108,6 @@ class ScenarioClient:
     @classmethod
     async def connect(cls, target: str, *, timeout: float = 10.0) -> ScenarioClient:
         """Connect and check the service answers (ListVfs) within `timeout`."""
-        import asyncio
-
         link = GrpcLink(target)
         c = cls(link)
         try:
@@ -109,76 +131,28 @@ class ScenarioClient:
     ) -> None:
         await self.aclose()
 
-    async def _wrap(self, coro: Any) -> Any:
-        try:
-            return await coro
-        except LinkError as e:
-            raise ScenarioClientError(errno.EIO, str(e)) from None
-
     # --- VFs -------------------------------------------------------------------------
 
-    async def list_vfs(self) -> list[VfInfo]:
-        vfs: list[VfInfo] = await self._wrap(self.link.list_vfs())
-        return vfs
-
-    async def create_vfs(self, count: int = 1, config: VfConfig | None = None) -> list[VfInfo]:
-        vfs: list[VfInfo] = await self._wrap(self.link.create_vfs(count, config))
-        return vfs
-
-    async def digest(self, vhca_id: int) -> str:
-        """The VF's state digest (stable while the VF is suspended)."""
-        d: str = await self._wrap(self.link.digest(vhca_id))
-        return d
+    list_vfs = _scenario_call(GrpcLink.list_vfs)
+    create_vfs = _scenario_call(GrpcLink.create_vfs)
+    digest = _scenario_call(
+        GrpcLink.digest, "The VF's state digest (stable while the VF is suspended)."
+    )
 
     # --- events ----------------------------------------------------------------------
 
-    async def reconfigure(
-        self,
-        vhca_id: int,
-        objects: list[tuple[str, int]] | None = None,
-        *,
-        at_time: float | None = None,
-        after_saved_bytes: int | None = None,
-    ) -> int:
+    reconfigure = _scenario_call(
+        GrpcLink.reconfigure,
         """Reconfigure the VF (now, at a firmware time, or after N saved bytes):
-        the trigger id.  `objects`: (type, size) pairs, e.g. [("QP", 4096)]."""
-        t: int = await self._wrap(
-            self.link.reconfigure(
-                vhca_id, objects, at_time=at_time, after_saved_bytes=after_saved_bytes
-            )
-        )
-        return t
+        the trigger id.  `objects`: (type, size) pairs, e.g. [("QP", 4096)].""",
+    )
+    _inject_fault = _scenario_call(GrpcLink.inject_fault)
+    clear_faults = _scenario_call(GrpcLink.clear_faults)
 
     async def inject_fault(
-        self,
-        vhca_id: int,
-        kind: FaultKind | str | Fault,
-        *,
-        opcode: int | str = Opcode.SAVE_VHCA_STATE,
-        status: int | str = CmdStatus.INT_ERR,
-        syndrome: int | str = Syndrome.INJECTED,
-        delay_s: float = 0.0,
-        count: int = 1,
-        in_completion: bool = False,
+        self, vhca_id: int, kind: FaultKind | str | Fault, **args: Unpack[FaultArgs]
     ) -> int:
         """Arm a fault on the VF: the fault id.  `kind`: fail, delay,
         drop-completion, delay-completion, tracking-lost (or a Fault)."""
-        fault = (
-            kind
-            if isinstance(kind, Fault)
-            else make_fault(
-                kind,
-                opcode=opcode,
-                status=status,
-                syndrome=syndrome,
-                delay_s=delay_s,
-                count=count,
-                in_completion=in_completion,
-            )
-        )
-        fid: int = await self._wrap(self.link.inject_fault(vhca_id, fault))
-        return fid
-
-    async def clear_faults(self, vhca_id: int) -> int:
-        n: int = await self._wrap(self.link.clear_faults(vhca_id))
-        return n
+        fault = kind if isinstance(kind, Fault) else make_fault(kind, **args)
+        return await self._inject_fault(vhca_id, fault)

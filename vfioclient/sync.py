@@ -20,28 +20,21 @@ import threading
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
+    AsyncIterator,
+    Callable,
     Coroutine,
     Generator,
     Iterable,
     Iterator,
-    Mapping,
 )
 from types import TracebackType
-from typing import Any, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from driver.api.events import Event
-from driver.vfio.uapi import MigState
 
-from .client import (
-    AuditReport,
-    Device,
-    EventStream,
-    FeatureResult,
-    PrecopyInfo,
-    VfioClient,
-    VfioClientError,
-)
+from .client import EventStream, VfioClient, VfioClientError
 
+P = ParamSpec("P")
 T = TypeVar("T")
 
 __all__ = ["SyncVfioClient", "VfioClientError"]
@@ -79,6 +72,19 @@ class _LoopThread:
             return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5.0)
+
+
+def _blocking(
+    method: Callable[Concatenate[VfioClient, P], Coroutine[Any, Any, T]], doc: str | None = None
+) -> Callable[Concatenate[SyncVfioClient, P], T]:
+    """`method` of the async client, called on the loop thread and waited for."""
+
+    def call(self: SyncVfioClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._run(method(self.client, *args, **kwargs))
+
+    call.__name__ = method.__name__
+    call.__doc__ = doc if doc is not None else method.__doc__
+    return call
 
 
 class SyncVfioClient:
@@ -139,58 +145,45 @@ class SyncVfioClient:
     ) -> None:
         self.close_client()
 
+    def _iterate(
+        self, items: AsyncIterator[T], close: Callable[[], Coroutine[Any, Any, None]]
+    ) -> Generator[T, None, None]:
+        """An async iterator of the loop thread, stepped from the caller's;
+        `close` runs there when the caller stops iterating."""
+
+        async def step() -> list[T]:
+            try:
+                return [await items.__anext__()]
+            except StopAsyncIteration:
+                return []
+
+        try:
+            while item := self._run(step()):
+                yield item[0]
+        finally:
+            if not self._runner.loop.is_closed():
+                self._run(close())
+
     # --- devices ---------------------------------------------------------------------
 
-    def list_devices(self) -> list[Device]:
-        return self._run(self.client.list_devices())
-
-    def open_device(self, name: str) -> int:
-        return self._run(self.client.open_device(name))
-
-    def close(self, fd: int) -> None:
-        """close(2) an fd (not the client: see `close_client`)."""
-        self._run(self.client.close(fd))
-
-    def reset(self, fd: int) -> None:
-        self._run(self.client.reset(fd))
-
-    def device_feature(
-        self,
-        fd: int,
-        flags: int,
-        data: bytes = b"",
-        *,
-        argsz: int | None = None,
-        user_memory: Mapping[int, bytes] | None = None,
-    ) -> FeatureResult:
-        return self._run(
-            self.client.device_feature(fd, flags, data, argsz=argsz, user_memory=user_memory)
-        )
+    list_devices = _blocking(VfioClient.list_devices)
+    open_device = _blocking(VfioClient.open_device)
+    close = _blocking(VfioClient.close, "close(2) an fd (not the client: see `close_client`).")
+    reset = _blocking(VfioClient.reset)
+    device_feature = _blocking(VfioClient.device_feature)
 
     # --- migration features ------------------------------------------------------------
 
-    def migration_flags(self, fd: int) -> int:
-        return self._run(self.client.migration_flags(fd))
-
-    def probe(self, fd: int, feature: int, ops: int = 0) -> bool:
-        return self._run(self.client.probe(fd, feature, ops))
-
-    def enable_precopy_info_v2(self, fd: int) -> bool:
-        return self._run(self.client.enable_precopy_info_v2(fd))
-
-    def get_state(self, fd: int) -> MigState:
-        return self._run(self.client.get_state(fd))
-
-    def set_state(self, fd: int, state: MigState) -> int | None:
-        return self._run(self.client.set_state(fd, state))
-
-    def data_size(self, fd: int) -> int:
-        return self._run(self.client.data_size(fd))
+    migration_flags = _blocking(VfioClient.migration_flags)
+    probe = _blocking(VfioClient.probe)
+    enable_precopy_info_v2 = _blocking(VfioClient.enable_precopy_info_v2)
+    get_state = _blocking(VfioClient.get_state)
+    set_state = _blocking(VfioClient.set_state)
+    data_size = _blocking(VfioClient.data_size)
 
     # --- data fds ----------------------------------------------------------------------
 
-    def read(self, fd: int, count: int, *, nonblock: bool = False) -> bytes:
-        return self._run(self.client.read(fd, count, nonblock=nonblock))
+    read = _blocking(VfioClient.read)
 
     def read_stream(
         self, fd: int, *, chunk_size: int = 1 << 20, limit: int = 0, nonblock: bool = False
@@ -200,22 +193,7 @@ class SyncVfioClient:
             AsyncGenerator[bytes, None],
             self.client.read_stream(fd, chunk_size=chunk_size, limit=limit, nonblock=nonblock),
         )
-
-        async def step() -> tuple[bool, bytes]:
-            try:
-                return True, await agen.__anext__()
-            except StopAsyncIteration:
-                return False, b""
-
-        try:
-            while True:
-                more, chunk = self._run(step())
-                if not more:
-                    return
-                yield chunk
-        finally:
-            if not self._runner.loop.is_closed():
-                self._run(agen.aclose())
+        return self._iterate(agen, agen.aclose)
 
     def read_all(self, fd: int, chunk_size: int = 1 << 20) -> bytes:
         """Read a data fd to its end (STOP_COPY)."""
@@ -229,20 +207,11 @@ class SyncVfioClient:
 
     # --- user memory (the local data path; see vfioclient/usermem.py) -------------------
 
-    def map_user_memory(self, shm_name: str, length: int) -> int:
-        return self._run(self.client.map_user_memory(shm_name, length))
-
-    def unmap_user_memory(self, addr: int) -> None:
-        self._run(self.client.unmap_user_memory(addr))
-
-    def read_into(self, fd: int, addr: int, count: int, *, nonblock: bool = False) -> int:
-        return self._run(self.client.read_into(fd, addr, count, nonblock=nonblock))
-
-    def write_from(self, fd: int, addr: int, count: int) -> int:
-        return self._run(self.client.write_from(fd, addr, count))
-
-    def precopy_info(self, fd: int, *, flags: int = 0, argsz: int = 24) -> PrecopyInfo:
-        return self._run(self.client.precopy_info(fd, flags=flags, argsz=argsz))
+    map_user_memory = _blocking(VfioClient.map_user_memory)
+    unmap_user_memory = _blocking(VfioClient.unmap_user_memory)
+    read_into = _blocking(VfioClient.read_into)
+    write_from = _blocking(VfioClient.write_from)
+    precopy_info = _blocking(VfioClient.precopy_info)
 
     # --- events and audit --------------------------------------------------------------
 
@@ -260,21 +229,7 @@ class SyncVfioClient:
                 raise
             return stream
 
-        return self._follow(self._run(subscribe()))
+        stream = self._run(subscribe())
+        return self._iterate(stream, stream.aclose)
 
-    def _follow(self, stream: EventStream) -> Generator[Event, None, None]:
-        async def step() -> Event | None:
-            try:
-                return await stream.__anext__()
-            except StopAsyncIteration:
-                return None
-
-        try:
-            while (ev := self._run(step())) is not None:
-                yield ev
-        finally:
-            if not self._runner.loop.is_closed():
-                self._run(stream.aclose())
-
-    def audit(self, device: str | None = None) -> AuditReport:
-        return self._run(self.client.audit(device))
+    audit = _blocking(VfioClient.audit)

@@ -3,13 +3,13 @@
 QEMU reads a data fd with read(2) into its own buffer; the kernel copies, and
 no byte crosses a network.  Here the "kernel" is a driver service, so a
 client on the driver's host gives it a shared memory segment of its own
-(`UserMemory`, mapped by the driver with MapUserMemory) and reads and writes
+(`SharedSegment`, mapped by the driver with MapUserMemory) and reads and writes
 through it (`VfioClient.read_into` / `write_from`): the migration data moves
 by memcpy inside the driver, and only small control messages cross gRPC.  A
 driver on another host cannot open the segment (ENOENT): `attach` says so and
 the caller keeps to Read/ReadStream/Write.
 
-`Slots` cuts a UserMemory into equal buffers handed out and given back in
+`Slots` cuts a SharedSegment into equal buffers handed out and given back in
 turn, the bound on the data in flight between a source read and the
 destination write.
 """
@@ -38,7 +38,7 @@ DATA_PATHS = ("auto", "shm", "grpc")
 UNAVAILABLE = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.EIO})
 
 
-class UserMemory:
+class SharedSegment:
     """A segment of ours that drivers on this host map: `view` is its bytes,
     `addr(client)` where it lies in that client's session."""
 
@@ -50,7 +50,7 @@ class UserMemory:
         self._linked = True
 
     @classmethod
-    def create(cls, length: int, shm_dir: str | None = None) -> UserMemory:
+    def create(cls, length: int, shm_dir: str | None = None) -> SharedSegment:
         """Raises OSError (ENOSPC on a full /dev/shm) when it cannot be had."""
         return cls(create_segment(length, shm_dir, prefix="vfioclient", reserve=True), shm_dir)
 
@@ -121,9 +121,9 @@ class Slot:
 
 
 class Slots:
-    """`count` buffers of `size` bytes in one UserMemory."""
+    """`count` buffers of `size` bytes in one SharedSegment."""
 
-    def __init__(self, memory: UserMemory, size: int, count: int) -> None:
+    def __init__(self, memory: SharedSegment, size: int, count: int) -> None:
         if size <= 0 or count <= 0 or size * count > len(memory):
             raise ValueError(f"{count} slots of {size} bytes do not fit {len(memory)} bytes")
         self.memory, self.size, self.count = memory, size, count

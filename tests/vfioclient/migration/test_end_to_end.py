@@ -1,5 +1,5 @@
 """The orchestrator end to end, against the services as processes
-(tests/orchestrator/e2e_harness.py): `fwemu serve` with two
+(tests/support/vfioclient_e2e.py): `fwemu serve` with two
 `vfio-driver serve --firmware` (three-process mode), and
 `vfio-driver serve --scenario-service` (embedded firmware).  The test is the
 client; reconfigurations, faults and digests go through the firmware's
@@ -12,11 +12,12 @@ import errno
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from e2e_harness import Rig, Topology, embedded, options, pci, rig, three_process
 
+from driver.shards import pci_name
 from driver.vfio.uapi import MigState
 from fwemu.link.ifc import MiB, VfCaps
-from vfioclient.orchestrator import DevicePair, MigrationError, MigrationReport, migrate
+from tests.support.vfioclient_e2e import Pair, Rig, Topology, embedded, options, rig, three_process
+from vfioclient.migration import DevicePair, MigrationError, MigrationReport, migrate
 
 pytestmark = pytest.mark.grpc
 
@@ -55,6 +56,16 @@ def check_completed(r: MigrationReport) -> None:
         assert d.acks >= 1
 
 
+async def check_migrates_again(rg: Rig, p: Pair) -> None:
+    """After a failed migration: the source was left RUNNING, the destination
+    reset (RUNNING), and the same pair migrates with equal digests."""
+    assert await rg.src.get_state(p.pair.source_fd) == MigState.RUNNING
+    assert await rg.dst.get_state(p.pair.destination_fd) == MigState.RUNNING
+    check_completed(await migrate([p.pair], rg.digest_hook([p])))
+    (digests,) = rg.digests
+    assert digests[0] == digests[1]
+
+
 async def check_after_success(rg: Rig, pairs: list) -> None:  # type: ignore[type-arg]
     for p in pairs:
         assert await rg.dst.get_state(p.pair.destination_fd) == MigState.RUNNING
@@ -91,7 +102,10 @@ async def test_three_process_devices_per_driver(r3: Rig) -> None:
     infos = {v.vhca_id: v for v in await r3.scenario.list_vfs()}
     for c in (r3.src, r3.dst):
         names = {d.name for d in await c.list_devices()}
-        assert {pci(infos[p.src_vhca].function_id), pci(infos[p.dst_vhca].function_id)} <= names
+        assert {
+            pci_name(infos[p.src_vhca].function_id),
+            pci_name(infos[p.dst_vhca].function_id),
+        } <= names
     r = await migrate([p.pair], r3.digest_hook([p]))
     check_completed(r)
     assert r.reinits == []
@@ -160,13 +174,7 @@ async def test_reinit_after_the_switchover_decision_fails(re: Rig) -> None:
     assert [(x.device, x.phase, x.handling) for x in r.reinits] == [
         (p.pair.name, "after-switchover-decision", "failed")
     ]
-    assert await re.src.get_state(p.pair.source_fd) == MigState.RUNNING
-    assert await re.dst.get_state(p.pair.destination_fd) == MigState.RUNNING
-    # The pair migrates again.
-    r2 = await migrate([p.pair], re.digest_hook([p]))
-    check_completed(r2)
-    (digests,) = re.digests
-    assert digests[0] == digests[1]
+    await check_migrates_again(re, p)
 
 
 # --- 3. no migration_state capability --------------------------------------------------------
@@ -205,9 +213,9 @@ async def test_unmigratable_vf_is_listed_and_refused(cap: str, re: Rig) -> None:
     devs = {d.vhca_id: d for d in await re.src.list_devices()}
     assert not devs[bad].migratable and devs[bad].migration_flags == 0
     assert devs[good].migratable
-    bfd = await re.src.open_device(pci(infos[bad].function_id))
-    gfd = await re.dst.open_device(pci(infos[good].function_id))
-    bad_name = pci(infos[bad].function_id)
+    bfd = await re.src.open_device(pci_name(infos[bad].function_id))
+    gfd = await re.dst.open_device(pci_name(infos[good].function_id))
+    bad_name = pci_name(infos[bad].function_id)
     # The unmigratable VF as the source, then as the destination: refused at
     # discovery (GET MIGRATION is ENOTTY), before any state change.
     for pair in (
@@ -254,13 +262,7 @@ async def test_save_fault_in_precopy_recovers(re: Rig) -> None:
     assert r.iterations >= 2, r.error
     # The SAVE failed in the firmware: the saving stream latched in error (ENODEV) or EIO.
     assert "ENODEV" in r.error or "EIO" in r.error, r.error
-    assert await re.src.get_state(p.pair.source_fd) == MigState.RUNNING
-    assert await re.dst.get_state(p.pair.destination_fd) == MigState.RUNNING
-    # The fault was one-shot: the same pair migrates now.
-    r2 = await migrate([p.pair], re.digest_hook([p]))
-    check_completed(r2)
-    (digests,) = re.digests
-    assert digests[0] == digests[1]
+    await check_migrates_again(re, p)  # the fault was one-shot
     await check_after_success(re, [p])
 
 

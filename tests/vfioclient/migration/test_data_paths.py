@@ -1,5 +1,5 @@
 """The orchestrator's two data paths, end to end against driver processes
-(tests/orchestrator/e2e_harness.py): user memory (MapUserMemory, ReadInto,
+(tests/support/vfioclient_e2e.py): user memory (MapUserMemory, ReadInto,
 WriteFrom: no migration data over gRPC) and gRPC (Read, ReadStream, Write).
 
 `data_path="auto"` takes user memory where a driver can map it and gRPC
@@ -11,18 +11,17 @@ Each successful case compares the digests and the REINIT handling.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from e2e_harness import QUIET, Rig, Topology, options, rig
 
 from driver.vfio.uapi import MigState
 from fwemu.link.ifc import MiB
 from grpcsvc.spawn import DRIVER, FWEMU, served
-from vfioclient.orchestrator import MigrationError, MigrationReport, migrate
+from tests.support.vfioclient_e2e import QUIET, Rig, Topology, options, rig
+from vfioclient.migration import MigrationError, MigrationReport, migrate
 
 pytestmark = pytest.mark.grpc
 
@@ -42,12 +41,6 @@ def topo_fixture() -> Iterator[tuple[Topology, Topology, Topology]]:
         served(DRIVER, "--firmware", fw, "--shm-dir", elsewhere, *QUIET) as (_, c),
     ):
         yield Topology(fw, a, b), Topology(fw, a, c), Topology(fw, c, a)
-
-
-@contextlib.asynccontextmanager
-async def rig_of(t: Topology) -> AsyncIterator[Rig]:
-    async with rig(t) as r:
-        yield r
 
 
 def shm_files() -> set[str]:
@@ -71,7 +64,7 @@ async def test_reinit_at_first_ack_on_each_data_path(
     """Source and destination drivers on this host: a REINIT at the first
     ack is handled the same on both paths; nothing is left in /dev/shm."""
     assert shm_files() == set()
-    async with rig_of(topo[0]) as rg:
+    async with rig(topo[0]) as rg:
         (p,) = await rg.pairs(1, size=4 * MiB)
         o = rg.digest_hook([p])
         o.data_path = mode
@@ -89,7 +82,7 @@ async def test_auto_falls_back_per_side(topo: tuple[Topology, Topology, Topology
     still reads into it, the destination gets the bytes on a Write call;
     a source driver that cannot: everything over gRPC."""
     for t, expected in ((topo[1], SOURCE_ONLY), (topo[2], GRPC)):
-        async with rig_of(t) as rg:
+        async with rig(t) as rg:
             (p,) = await rg.pairs(1, size=2 * MiB)
             o = rg.digest_hook([p])
             r = await migrate([p.pair], o)
@@ -101,7 +94,7 @@ async def test_shm_refuses_a_driver_that_cannot_map(
 ) -> None:
     """data_path="shm" with a destination on "another host" fails at setup,
     naming the cause, and leaves the source RUNNING."""
-    async with rig_of(topo[1]) as rg:
+    async with rig(topo[1]) as rg:
         (p,) = await rg.pairs(1)
         with pytest.raises(MigrationError, match="cannot map our user memory"):
             await migrate([p.pair], options(data_path="shm"))
@@ -114,7 +107,7 @@ async def test_few_slots_bound_the_data_in_flight(
 ) -> None:
     """Two slots (the least) of 64 KiB for a 2 MiB VF: the source waits for
     the destination to give slots back, and the stream is whole."""
-    async with rig_of(topo[0]) as rg:
+    async with rig(topo[0]) as rg:
         (p,) = await rg.pairs(1, size=2 * MiB)
         o = rg.digest_hook([p])
         o.stream_depth, o.buffer_cap = stream_depth, 64 << 10
@@ -125,7 +118,7 @@ async def test_few_slots_bound_the_data_in_flight(
 
 async def test_multifd_over_user_memory(topo: tuple[Topology, Topology, Topology]) -> None:
     """Stop-copy packets hold their slots until written in index order."""
-    async with rig_of(topo[0]) as rg:
+    async with rig(topo[0]) as rg:
         (p,) = await rg.pairs(1, size=2 * MiB, dirty_bytes_per_s=64 * MiB)
         o = rg.digest_hook([p])
         o.multifd_channels, o.stream_depth, o.buffer_cap = 3, 4, 8 << 10
@@ -136,7 +129,7 @@ async def test_multifd_over_user_memory(topo: tuple[Topology, Topology, Topology
 
 
 async def test_unknown_data_path_is_refused(topo: tuple[Topology, Topology, Topology]) -> None:
-    async with rig_of(topo[0]) as rg:
+    async with rig(topo[0]) as rg:
         (p,) = await rg.pairs(1)
         with pytest.raises(MigrationError, match="unknown data path"):
             await migrate([p.pair], options(data_path="carrier-pigeon"))
@@ -153,7 +146,7 @@ async def test_a_save_failing_in_stop_copy_fails_the_migration_cleanly(
     gRPC one): the migration fails naming it, without hanging, the source
     runs again and the destination is reset; without the fault the pair
     then migrates."""
-    async with rig_of(topo[0]) as rg:
+    async with rig(topo[0]) as rg:
         (p,) = await rg.pairs(1, size=32 * MiB, chunk_size=256 << 10, dirty_bytes_per_s=0)
         armed: list[int] = []
         inner = rg.src.read_into_stream if mode == "shm" else rg.src.read_stream

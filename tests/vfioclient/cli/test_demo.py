@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from harness import Driver
 
-from vfioclient.demo import main
+from tests.support.vfioctl_driver import Driver
+from vfioclient.cli.demo import main
 
 
 @pytest.mark.parametrize(("data_path", "used"), [("auto", "shm"), ("grpc", "grpc")])

@@ -18,11 +18,12 @@ from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import pytest
-from harness import Driver, driver_fixture, pci  # noqa: F401
 
 from driver.api.events import StateChanged
 from driver.audit import RESET_WITH_OPEN_STREAM, RULES
+from driver.shards import pci_name
 from driver.vfio.uapi import MigState
+from tests.support.vfioctl_driver import Driver
 from vfioclient.cli import main
 from vfioclient.sync import SyncVfioClient
 
@@ -98,7 +99,7 @@ def test_events_as_json_lines_until_ctrl_c(
     driver: Driver, follow: Callable[..., Follower], capsys: pytest.CaptureFixture[str]
 ) -> None:
     f = follow("--driver", driver.target, "events", "--json")
-    assert vfioctl(capsys, "--driver", driver.target, "set-state", pci(1), "stop")[0] == 0
+    assert vfioctl(capsys, "--driver", driver.target, "set-state", pci_name(1), "stop")[0] == 0
     lines = f.until(lambda line: '"to_state": "STOP"' in line)
     events = [json.loads(line) for line in lines]  # every line is one JSON document
     changes = [e for e in events if e["kind"] == "state_change"]
@@ -106,7 +107,9 @@ def test_events_as_json_lines_until_ctrl_c(
         ("RUNNING", "RUNNING_P2P"),
         ("RUNNING_P2P", "STOP"),
     ]
-    assert all(e["device"] == pci(1) and e["client"].startswith("vfioclient-") for e in changes)
+    assert all(
+        e["device"] == pci_name(1) and e["client"].startswith("vfioclient-") for e in changes
+    )
     assert all(isinstance(e["time"], float) for e in events)
     f.proc.send_signal(signal.SIGINT)
     assert f.wait() == 0
@@ -115,11 +118,11 @@ def test_events_as_json_lines_until_ctrl_c(
 def test_events_as_text_for_one_device_until_the_driver_stops(
     driver: Driver, follow: Callable[..., Follower], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    f = follow("--driver", driver.target, "events", "--device", pci(2))
-    for dev in (pci(1), pci(2)):
+    f = follow("--driver", driver.target, "events", "--device", pci_name(2))
+    for dev in (pci_name(1), pci_name(2)):
         assert vfioctl(capsys, "--driver", driver.target, "precopy-info", dev)[0] == 0
     lines = f.until(lambda line: "PRE_COPY -> RUNNING" in line)
-    assert all(pci(2) in line for line in lines)
+    assert all(pci_name(2) in line for line in lines)
     assert any("state_change" in line and "RUNNING -> PRE_COPY" in line for line in lines)
     infos = [line for line in lines if "precopy_info" in line]
     assert len(infos) == 3 and all("v2 initial_bytes=" in line for line in infos)
@@ -139,24 +142,24 @@ def test_events_of_an_unknown_device_fail_with_enoent(
 def test_audit_without_findings(driver: Driver, capsys: pytest.CaptureFixture[str]) -> None:
     rc, out = vfioctl(capsys, "--driver", driver.target, "audit")
     assert rc == 0 and "no findings" in out
-    rc, out = vfioctl(capsys, "--driver", driver.target, "audit", pci(1), "--json")
-    assert rc == 0 and json.loads(out) == {"device": pci(1), "findings": [], "counts": {}}
+    rc, out = vfioctl(capsys, "--driver", driver.target, "audit", pci_name(1), "--json")
+    assert rc == 0 and json.loads(out) == {"device": pci_name(1), "findings": [], "counts": {}}
 
 
 def test_audit_lists_a_finding_with_its_rule_and_reference(
     driver: Driver, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with SyncVfioClient.connect(driver.target, client_id="careless") as c:
-        fd = c.open_device(pci(3))
+        fd = c.open_device(pci_name(3))
         data_fd = c.set_state(fd, MigState.PRE_COPY)
         c.reset(fd)  # with the saving fd open
-        report = c.audit(pci(3))
+        report = c.audit(pci_name(3))
     (finding,) = report.findings
     assert finding.rule == RESET_WITH_OPEN_STREAM and report.counts == {RESET_WITH_OPEN_STREAM: 1}
 
-    rc, out = vfioctl(capsys, "--driver", driver.target, "audit", pci(3))
+    rc, out = vfioctl(capsys, "--driver", driver.target, "audit", pci_name(3))
     assert rc == 0
-    assert f"{pci(3)} {RESET_WITH_OPEN_STREAM}  client=careless" in out
+    assert f"{pci_name(3)} {RESET_WITH_OPEN_STREAM}  client=careless" in out
     assert f"fd {data_fd} of careless" in out
     assert f"reference: {RULES[RESET_WITH_OPEN_STREAM]}" in out
     assert f"counts: {RESET_WITH_OPEN_STREAM}=1" in out
@@ -164,9 +167,13 @@ def test_audit_lists_a_finding_with_its_rule_and_reference(
     doc: dict[str, Any] = json.loads(out)
     assert rc == 0 and doc["device"] is None and doc["counts"] == {RESET_WITH_OPEN_STREAM: 1}
     (f,) = doc["findings"]
-    assert (f["rule"], f["device"], f["client"]) == (RESET_WITH_OPEN_STREAM, pci(3), "careless")
+    assert (f["rule"], f["device"], f["client"]) == (
+        RESET_WITH_OPEN_STREAM,
+        pci_name(3),
+        "careless",
+    )
     assert f["reference"] == RULES[RESET_WITH_OPEN_STREAM] and f["message"]
-    rc, out = vfioctl(capsys, "--driver", driver.target, "audit", pci(1))
+    rc, out = vfioctl(capsys, "--driver", driver.target, "audit", pci_name(1))
     assert rc == 0 and "no findings" in out
 
 
@@ -182,8 +189,8 @@ def test_sync_client_follows_events(driver: Driver) -> None:
         SyncVfioClient.connect(driver.target) as watcher,
         SyncVfioClient.connect(driver.target, client_id="actor") as actor,
     ):
-        events = watcher.events(pci(2))  # subscribed when it returns
-        actor.set_state(actor.open_device(pci(2)), MigState.STOP)
+        events = watcher.events(pci_name(2))  # subscribed when it returns
+        actor.set_state(actor.open_device(pci_name(2)), MigState.STOP)
         got = []
         for ev in events:
             got.append(ev)

@@ -22,20 +22,21 @@ from typing import Any
 
 from fwemu.link.base import LinkError
 from fwemu.link.grpc import GrpcLink
-from grpcsvc.runner import run
+from fwemu.link.ifc import VfConfig
+from grpcsvc.runner import run_main
 from grpcsvc.units import byte_size
 
-from .client import VfioClient, VfioClientError
-from .orchestrator import (
+from ..client import VfioClient, VfioClientError
+from ..migration import (
     DeviceMigration,
     DevicePair,
     MigrationError,
     MigrationOptions,
     TerminalProgress,
     migrate,
+    report_text,
 )
-from .report import report_text
-from .usermem import DATA_PATHS
+from ..usermem import DATA_PATHS
 
 
 @dataclass
@@ -59,26 +60,18 @@ async def embedded_services(
 ) -> AsyncIterator[tuple[str, str]]:
     """A firmware model and a driver service (with the firmware's Scenario
     service) in this process, on a loopback port: (driver, scenario) addresses."""
-    from driver.registry import DeviceRegistry
-    from driver.service.server import DriverServer
-    from fwemu.link.ifc import VfConfig
-    from fwemu.link.inproc import InProcessLink
-    from fwemu.model.clock import LoopClock
-    from fwemu.model.firmware import Firmware
+    from driver.embedded import serve_embedded
+    from fwemu.embedded import EmbeddedFirmware
 
-    fw = Firmware(LoopClock(), seed=seed)
-    fw.create_vfs(
+    fw = EmbeddedFirmware.build(size=size, dirty_rate=dirty_rate, seed=seed, scenario=None, vfs=0)
+    await fw.link.create_vfs(
         2,
         VfConfig(
             size=size, dirty_bytes_per_s=dirty_rate, save_bandwidth=4 << 30, save_latency_s=0.0005
         ),
     )
-    server = DriverServer(DeviceRegistry(InProcessLink(fw)), scenario=fw)
-    port = await server.start("127.0.0.1:0")
-    try:
-        yield f"127.0.0.1:{port}", f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0.5)
+    async with serve_embedded(fw) as target:
+        yield target, target
 
 
 async def run_demo(
@@ -237,14 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--dst-driver and --dst-scenario need --driver (running services)")
     if args.dst_scenario and not args.dst_driver:
         p.error("--dst-scenario needs --dst-driver")
-    try:
-        return run(_main(args))
-    except (VfioClientError, LinkError, MigrationError) as e:
-        print(f"vfioctl demo: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_main("vfioctl demo", _main(args), {(VfioClientError, LinkError, MigrationError): 1})
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`vfioctl demo` in vfioctl's command list; `main` parses its arguments."""
+    sub.add_parser(
+        "demo",
+        help="the demo migration, REINIT included (vfioctl demo --help)",
+        add_help=False,
+    )

@@ -6,12 +6,13 @@ import errno
 import threading
 
 import pytest
-from harness import Driver, driver_fixture, pci  # noqa: F401
 
+from driver.shards import pci_name
 from driver.vfio.uapi import VFIO_MIGRATION_STOP_COPY, MigState
+from tests.support.vfioctl_driver import Driver
 from vfioclient import VfioClientError
 from vfioclient.sync import SyncVfioClient
-from vfioclient.usermem import UserMemory
+from vfioclient.usermem import SharedSegment
 
 pytestmark = pytest.mark.grpc
 
@@ -22,9 +23,9 @@ def test_save_and_load_between_two_clients(driver: Driver) -> None:
         SyncVfioClient.connect(driver.target) as dst,
     ):
         names = [d.name for d in src.list_devices()]
-        assert names == [pci(1), pci(2), pci(3)]
-        sfd = src.open_device(pci(1))
-        dfd = dst.open_device(pci(2))
+        assert names == [pci_name(1), pci_name(2), pci_name(3)]
+        sfd = src.open_device(pci_name(1))
+        dfd = dst.open_device(pci_name(2))
         assert src.migration_flags(sfd) & VFIO_MIGRATION_STOP_COPY
         assert src.get_state(sfd) is MigState.RUNNING
         assert src.data_size(sfd) > 0
@@ -49,7 +50,7 @@ def test_save_and_load_between_two_clients(driver: Driver) -> None:
 def test_save_and_load_through_user_memory(driver: Driver) -> None:
     """The same through one segment both clients map: read_into to the end
     (0), write_from of each piece; the digests agree."""
-    seg = UserMemory.create(8 << 20)
+    seg = SharedSegment.create(8 << 20)
     try:
         with (
             SyncVfioClient.connect(driver.target) as src,
@@ -57,7 +58,7 @@ def test_save_and_load_through_user_memory(driver: Driver) -> None:
         ):
             a = src.map_user_memory(seg.segment.name, len(seg))
             b = dst.map_user_memory(seg.segment.name, len(seg))
-            sfd, dfd = src.open_device(pci(2)), dst.open_device(pci(3))
+            sfd, dfd = src.open_device(pci_name(2)), dst.open_device(pci_name(3))
             src.set_state(sfd, MigState.STOP)
             data_fd = src.set_state(sfd, MigState.STOP_COPY)
             resume_fd = dst.set_state(dfd, MigState.RESUMING)
@@ -80,7 +81,7 @@ def test_save_and_load_through_user_memory(driver: Driver) -> None:
 
 def test_precopy_read_stream_ends_with_enomsg(driver: Driver) -> None:
     with SyncVfioClient.connect(driver.target) as c:
-        fd = c.open_device(pci(1))
+        fd = c.open_device(pci_name(1))
         assert c.enable_precopy_info_v2(fd)
         data_fd = c.set_state(fd, MigState.PRE_COPY)
         assert data_fd is not None
@@ -101,7 +102,7 @@ def test_errors_carry_the_kernel_errno(driver: Driver) -> None:
             c.open_device("0000:99:00.0")
         assert e.value.errno == errno.ENOENT
         assert isinstance(e.value, OSError)
-        fd = c.open_device(pci(1))
+        fd = c.open_device(pci_name(1))
         with pytest.raises(VfioClientError) as e:
             c.read(fd, 10)  # a device fd is not a data fd
         assert e.value.errno == errno.EINVAL

@@ -1,4 +1,4 @@
-"""The reference orchestrator (vfioclient.orchestrator) against the driver
+"""The reference migration (vfioclient.migration) against the driver
 service in this process over an in-process firmware with a live workload.
 
 Digests: `on_destinations_loaded` runs when every source has been read to the
@@ -13,21 +13,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import pytest
 
-from driver.registry import DeviceRegistry, pci_name
-from driver.service.server import DriverServer
 from driver.vfio.uapi import MigState
-from fwemu.link.ifc import Fault, FaultKind, Opcode, VfCaps, VfConfig
-from fwemu.link.inproc import InProcessLink
-from fwemu.model.clock import LoopClock
+from fwemu.link.ifc import Fault, FaultKind, Opcode, VfCaps
 from fwemu.model.firmware import Firmware
-from vfioclient import VfioClient
-from vfioclient.orchestrator import (
+from tests.support.vfioclient_migration import InProcessRig, in_process_rig, options
+from vfioclient.migration import (
     DeviceMigration,
-    DevicePair,
     MigrationError,
     MigrationOptions,
     MigrationReport,
@@ -37,60 +31,11 @@ from vfioclient.orchestrator import (
 
 pytestmark = pytest.mark.grpc
 
-WORKLOAD = {"size": 1 << 20, "dirty_bytes_per_s": 8 << 20}
-
-
-@dataclass
-class Rig:
-    fw: Firmware
-    server: DriverServer
-    target: str
-    src: VfioClient  # the source's client ("process") ...
-    dst: VfioClient  # ... and the destination's
-    digests: list[tuple[str, str]] = field(default_factory=list)
-
-    async def pair(self, **config: object) -> tuple[DevicePair, int, int]:
-        """A source VF and a destination VF, opened; the pair and their vhca ids."""
-        vfs = self.fw.create_vfs(2, VfConfig(**{**WORKLOAD, **config}))  # type: ignore[arg-type]
-        await self.server.registry.refresh()
-        s, d = vfs
-        sfd = await self.src.open_device(pci_name(s.function_id))
-        dfd = await self.dst.open_device(pci_name(d.function_id))
-        return DevicePair(self.src, sfd, self.dst, dfd, name=f"vf{s.vhca_id}"), s.vhca_id, d.vhca_id
-
-    def digest_hook(self, ids: list[tuple[int, int]]) -> MigrationOptions:
-        async def loaded() -> None:
-            self.digests.extend((self.fw.digest(s), self.fw.digest(d)) for s, d in ids)
-
-        return options(on_destinations_loaded=loaded)
-
-
-def options(**kw: object) -> MigrationOptions:
-    o = MigrationOptions(
-        downtime_limit_s=0.3,
-        bandwidth_estimate=100 << 20,  # 30 MiB under the limit: converges once acked
-        max_precopy_iterations=2000,
-        iteration_interval_s=0.002,
-    )
-    for k, v in kw.items():
-        setattr(o, k, v)
-    return o
-
 
 @pytest.fixture(name="rig")
-async def rig_fixture() -> AsyncIterator[Rig]:
-    fw = Firmware(LoopClock(), seed=7)
-    server = DriverServer(DeviceRegistry(InProcessLink(fw), cmd_timeout=5.0))
-    port = await server.start("127.0.0.1:0")
-    target = f"127.0.0.1:{port}"
-    src = await VfioClient.connect(target)
-    dst = await VfioClient.connect(target)
-    try:
-        yield Rig(fw, server, target, src, dst)
-    finally:
-        await src.aclose()
-        await dst.aclose()
-        await server.stop(0)
+async def rig_fixture() -> AsyncIterator[InProcessRig]:
+    async with in_process_rig() as rig:
+        yield rig
 
 
 def reconfigure_on_first_ack(fw: Firmware, vhca_ids: dict[str, int]) -> MigrationOptions:
@@ -119,7 +64,7 @@ def check_completed(r: MigrationReport) -> None:
     assert '"reinits"' in r.to_json()
 
 
-async def test_reinit_during_precopy_rearms_the_ack(rig: Rig) -> None:
+async def test_reinit_during_precopy_rearms_the_ack(rig: InProcessRig) -> None:
     pair, s, d = await rig.pair()
     o = reconfigure_on_first_ack(rig.fw, {pair.name: s})
     o.on_destinations_loaded = rig.digest_hook([(s, d)]).on_destinations_loaded
@@ -139,7 +84,7 @@ async def test_reinit_during_precopy_rearms_the_ack(rig: Rig) -> None:
     assert await rig.src.get_state(pair.source_fd) == MigState.STOP
 
 
-async def test_no_migration_state_cap_never_reinits(rig: Rig) -> None:
+async def test_no_migration_state_cap_never_reinits(rig: InProcessRig) -> None:
     pair, s, d = await rig.pair(caps=VfCaps(migration_state=False))
     o = reconfigure_on_first_ack(rig.fw, {pair.name: s})
     o.on_destinations_loaded = rig.digest_hook([(s, d)]).on_destinations_loaded
@@ -151,7 +96,7 @@ async def test_no_migration_state_cap_never_reinits(rig: Rig) -> None:
     assert digests[0] == digests[1]  # the reconfiguration travelled as dirty data
 
 
-async def test_reinit_after_the_switchover_decision_fails(rig: Rig) -> None:
+async def test_reinit_after_the_switchover_decision_fails(rig: InProcessRig) -> None:
     pair, s, _ = await rig.pair()
 
     async def decided() -> None:
@@ -170,7 +115,7 @@ async def test_reinit_after_the_switchover_decision_fails(rig: Rig) -> None:
     check_completed(r2)
 
 
-async def test_late_reinit_goes_back_to_precopy_when_allowed(rig: Rig) -> None:
+async def test_late_reinit_goes_back_to_precopy_when_allowed(rig: InProcessRig) -> None:
     pair, s, d = await rig.pair()
     calls = 0
 
@@ -194,7 +139,7 @@ async def test_late_reinit_goes_back_to_precopy_when_allowed(rig: Rig) -> None:
     assert digests[0] == digests[1]
 
 
-async def test_two_pairs_at_once(rig: Rig) -> None:
+async def test_two_pairs_at_once(rig: InProcessRig) -> None:
     (p1, s1, d1), (p2, s2, d2) = await rig.pair(), await rig.pair()
     o = reconfigure_on_first_ack(rig.fw, {p1.name: s1})
     o.on_destinations_loaded = rig.digest_hook([(s1, d1), (s2, d2)]).on_destinations_loaded
@@ -217,7 +162,7 @@ def test_switchover_ack_ignores_an_approval_from_before_a_rearm() -> None:
     assert ack.approve("a", g2) and ack.all_acked
 
 
-async def test_verification_records_equal_digests(rig: Rig) -> None:
+async def test_verification_records_equal_digests(rig: InProcessRig) -> None:
     pair, s, d = await rig.pair()
 
     async def digests(_: DeviceMigration) -> tuple[str, str]:
@@ -236,7 +181,7 @@ async def test_verification_records_equal_digests(rig: Rig) -> None:
 
 @pytest.mark.parametrize("answer", [("a", "b"), ("", "")])
 async def test_verification_mismatch_fails_loudly_and_restores_the_source(
-    rig: Rig, answer: tuple[str, str]
+    rig: InProcessRig, answer: tuple[str, str]
 ) -> None:
     """Unequal (or missing) digests fail the migration inside the stop: the
     source runs again and the destination is reset."""
@@ -255,7 +200,7 @@ async def test_verification_mismatch_fails_loudly_and_restores_the_source(
 
 @pytest.mark.parametrize("stream_depth", [1, 16])
 async def test_a_destination_that_fails_to_load_fails_the_migration_without_hanging(
-    rig: Rig, stream_depth: int
+    rig: InProcessRig, stream_depth: int
 ) -> None:
     """The destination's write fails (LOAD_VHCA_STATE refused): the source
     must not wait forever on a full migration stream; it runs again and the

@@ -1,6 +1,6 @@
-"""Multifd stop-copy and live progress in vfioclient.orchestrator, against the
+"""Multifd stop-copy and live progress in vfioclient.migration, against the
 driver service in this process over an in-process firmware with a live
-workload (the rig of test_orchestrator.py, copied).
+workload (tests/support/vfioclient_migration.py).
 
 The data check: every byte the source read (precopy reads, then the stop-copy
 stream) must be what the destination wrote, in the same order, even though
@@ -11,21 +11,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from usermem_recorder import record_user_memory
 
-from driver.registry import DeviceRegistry, pci_name
-from driver.service.server import DriverServer
 from driver.vfio.uapi import MigState
-from fwemu.link.ifc import VfConfig
-from fwemu.link.inproc import InProcessLink
-from fwemu.model.clock import LoopClock
-from fwemu.model.firmware import Firmware
-from vfioclient import VfioClient
-from vfioclient.orchestrator import (
+from tests.support.vfioclient_migration import InProcessRig, in_process_rig
+from vfioclient.migration import (
     DeviceMigration,
     DevicePair,
     MigrationOptions,
@@ -37,84 +29,19 @@ from vfioclient.orchestrator import (
 
 pytestmark = pytest.mark.grpc
 
-WORKLOAD = {"size": 1 << 20, "dirty_bytes_per_s": 8 << 20}
 CHUNK = 16 << 10  # small packets: many of them in the stop-copy
 
 
-@dataclass
-class Rig:
-    fw: Firmware
-    server: DriverServer
-    src: VfioClient
-    dst: VfioClient
-    digests: list[tuple[str, str]] = field(default_factory=list)
-    read: list[bytes] = field(default_factory=list)  # what the source read, in order
-    written: list[bytes] = field(default_factory=list)  # what the destination wrote
-    data_path: str = "grpc"  # MigrationOptions.data_path
-
-    async def pair(self) -> tuple[DevicePair, int, int]:
-        vfs = self.fw.create_vfs(2, VfConfig(**WORKLOAD))  # type: ignore[arg-type]
-        await self.server.registry.refresh()
-        s, d = vfs
-        sfd = await self.src.open_device(pci_name(s.function_id))
-        dfd = await self.dst.open_device(pci_name(d.function_id))
-        return DevicePair(self.src, sfd, self.dst, dfd, name=f"vf{s.vhca_id}"), s.vhca_id, d.vhca_id
-
-    def record_data(self) -> None:
-        """Wrap the clients' read / read_stream / write (each side's client is
-        used by that side only) to record the data, in order."""
-        src_read, src_stream, dst_write = self.src.read, self.src.read_stream, self.dst.write
-
-        async def read(fd: int, count: int, **kw: Any) -> bytes:
-            data = await src_read(fd, count, **kw)
-            self.read.append(data)
-            return data
-
-        async def read_stream(fd: int, **kw: Any) -> AsyncIterator[bytes]:
-            async for chunk in src_stream(fd, **kw):
-                self.read.append(chunk)
-                yield chunk
-
-        async def write(fd: int, chunks: Any) -> int:
-            # The orchestrator streams a data fd's chunks through one call.
-            assert not isinstance(chunks, bytes)
-
-            async def recorded() -> AsyncIterator[bytes]:
-                async for c in chunks:
-                    self.written.append(c)
-                    yield c
-
-            return await dst_write(fd, recorded())
-
-        self.src.read = read  # type: ignore[method-assign]
-        self.src.read_stream = read_stream  # type: ignore[method-assign]
-        self.dst.write = write  # type: ignore[method-assign]
-        record_user_memory(
-            self.src,
-            self.dst,
-            lambda _fd, b: self.read.append(b),
-            lambda _fd, b: self.written.append(b),
-        )
-
-
 @pytest.fixture(name="rig", params=["shm", "grpc"])
-async def rig_fixture(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+async def rig_fixture(request: pytest.FixtureRequest) -> AsyncIterator[InProcessRig]:
     """Each test on both data paths (the reorder buffer holds user memory
     slots on one, bytes on the other)."""
-    fw = Firmware(LoopClock(), seed=7)
-    server = DriverServer(DeviceRegistry(InProcessLink(fw), cmd_timeout=5.0))
-    port = await server.start("127.0.0.1:0")
-    src = await VfioClient.connect(f"127.0.0.1:{port}")
-    dst = await VfioClient.connect(f"127.0.0.1:{port}")
-    try:
-        yield Rig(fw, server, src, dst, data_path=request.param)
-    finally:
-        await src.aclose()
-        await dst.aclose()
-        await server.stop(0)
+    async with in_process_rig() as rig:
+        rig.data_path = request.param
+        yield rig
 
 
-def options(rig: Rig, s: int, d: int, **kw: Any) -> MigrationOptions:
+def options(rig: InProcessRig, s: int, d: int, **kw: Any) -> MigrationOptions:
     """Multifd over 4 channels, small packets; a REINIT at the first ack; the
     digests taken when both sides are suspended."""
     reconfigured = False
@@ -144,7 +71,7 @@ def options(rig: Rig, s: int, d: int, **kw: Any) -> MigrationOptions:
     return o
 
 
-async def check(rig: Rig, pair: DevicePair, r: MigrationReport) -> None:
+async def check(rig: InProcessRig, pair: DevicePair, r: MigrationReport) -> None:
     assert r.status == "completed" and r.error is None
     assert [(x.device, x.phase, x.handling) for x in r.reinits] == [
         (pair.name, "precopy", "ack re-armed")
@@ -164,7 +91,7 @@ async def check(rig: Rig, pair: DevicePair, r: MigrationReport) -> None:
     assert await rig.src.get_state(pair.source_fd) == MigState.STOP
 
 
-async def test_multifd_out_of_order_written_in_order(rig: Rig) -> None:
+async def test_multifd_out_of_order_written_in_order(rig: InProcessRig) -> None:
     pair, s, d = await rig.pair()
     rig.record_data()
     r = await migrate([pair], options(rig, s, d))
@@ -175,7 +102,7 @@ async def test_multifd_out_of_order_written_in_order(rig: Rig) -> None:
     assert '"multifd_max_reorder_depth"' in r.to_json()
 
 
-async def test_multifd_queued_bytes_bound(rig: Rig) -> None:
+async def test_multifd_queued_bytes_bound(rig: InProcessRig) -> None:
     pair, s, d = await rig.pair()
     rig.record_data()
     bound = 3 * CHUNK
@@ -188,7 +115,7 @@ async def test_multifd_queued_bytes_bound(rig: Rig) -> None:
     # the count of packets waiting for a missing one has no fixed bound.)
 
 
-async def test_multifd_bound_below_one_packet_sends_one_at_a_time(rig: Rig) -> None:
+async def test_multifd_bound_below_one_packet_sends_one_at_a_time(rig: InProcessRig) -> None:
     pair, s, d = await rig.pair()
     rig.record_data()
     r = await migrate([pair], options(rig, s, d, multifd_max_queued_bytes=1))
@@ -228,7 +155,7 @@ class Recorder(Progress):
 
 
 @pytest.mark.parametrize("channels", [0, 4])
-async def test_progress_recorder_adds_up(rig: Rig, channels: int) -> None:
+async def test_progress_recorder_adds_up(rig: InProcessRig, channels: int) -> None:
     pair, s, d = await rig.pair()
     p = Recorder()
     r = await migrate([pair], options(rig, s, d, multifd_channels=channels, progress=p))
@@ -243,7 +170,7 @@ async def test_progress_recorder_adds_up(rig: Rig, channels: int) -> None:
     assert p.pendings[-1] == (pair.name, 0, 0)  # drained
 
 
-async def test_a_failing_progress_does_not_break_the_migration(rig: Rig) -> None:
+async def test_a_failing_progress_does_not_break_the_migration(rig: InProcessRig) -> None:
     pair, s, d = await rig.pair()
 
     class Broken(Progress):

@@ -1,4 +1,4 @@
-"""Services as real processes for the end-to-end orchestrator tests.
+"""Services as real processes for the end-to-end migration tests.
 
 Two topologies, each started once per test module (process start-up is the
 slow part) with VFs created per test through the firmware's Scenario service:
@@ -24,31 +24,16 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
+from driver.shards import pci_name
 from fwemu.link.ifc import MiB, VfCaps, VfConfig
 from grpcsvc.spawn import DRIVER, FWEMU, served
+from tests.support.vfioclient_migration import options
 from vfioclient import VfioClient
-from vfioclient.orchestrator import DeviceMigration, DevicePair, MigrationOptions
+from vfioclient.migration import DeviceMigration, DevicePair, MigrationOptions
 from vfioclient.scenario import ScenarioClient
 
 WORKLOAD = {"size": 1 * MiB, "dirty_bytes_per_s": 4 * MiB}
 QUIET = ("--log-level", "error", "--loop", "asyncio")
-
-
-def pci(function_id: int) -> str:
-    return f"0000:81:{function_id >> 3:02x}.{function_id & 7}"
-
-
-def options(**kw: object) -> MigrationOptions:
-    """As tests/orchestrator/test_orchestrator.py: converges once acked."""
-    o = MigrationOptions(
-        downtime_limit_s=0.3,
-        bandwidth_estimate=100 << 20,
-        max_precopy_iterations=2000,
-        iteration_interval_s=0.002,
-    )
-    for k, v in kw.items():
-        setattr(o, k, v)
-    return o
 
 
 @dataclass(frozen=True)
@@ -102,8 +87,8 @@ class Rig:
         infos = {v.vhca_id: v for v in await self.scenario.list_vfs()}
         out = []
         for s, d in zip(ids[0::2], ids[1::2], strict=True):
-            sfd = await self.src.open_device(pci(infos[s].function_id))
-            dfd = await self.dst.open_device(pci(infos[d].function_id))
+            sfd = await self.src.open_device(pci_name(infos[s].function_id))
+            dfd = await self.dst.open_device(pci_name(infos[d].function_id))
             out.append(Pair(DevicePair(self.src, sfd, self.dst, dfd, name=f"vf{s}"), s, d))
         return out
 
@@ -171,7 +156,6 @@ __all__ = [
     "VfCaps",
     "embedded",
     "options",
-    "pci",
     "rig",
     "three_process",
 ]

@@ -1,0 +1,49 @@
+"""A `vfio-driver serve --scenario-service` process (embedded firmware) for
+the vfioctl and sync client tests.
+
+The driver runs in its own process so that each test process uses grpc.aio
+from one event loop at a time (the CLI's asyncio.run, or the sync client's
+private loop), never two at once.  The VFs have no workload (dirty rate 0):
+a VF's state then only changes by migration, so digests taken after the CLI
+exits (its device fds closed) still compare saved and loaded state.  It logs
+errors only: its stderr is a pipe read when it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+from dataclasses import dataclass
+
+from grpcsvc.spawn import DRIVER, start, stop
+from vfioclient.scenario import ScenarioClient
+
+
+@dataclass
+class Driver:
+    proc: subprocess.Popen[str]
+    target: str
+
+    @classmethod
+    def start(cls, *, vfs: int = 3, dirty_rate: str = "0", scenario: bool = True) -> Driver:
+        argv = [
+            *DRIVER, "--listen", "127.0.0.1:0", "--vfs", str(vfs), "--size", "256KiB",
+            "--dirty-rate", dirty_rate, "--loop", "asyncio", "--log-level", "error",
+        ]  # fmt: skip
+        if scenario:
+            argv.append("--scenario-service")
+        return cls(*start(argv, "vfio-driver"))
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # killed: nothing more to do
+            stop(self.proc, 10)
+
+    def digests(self, *vhca_ids: int) -> list[str]:
+        """The VFs' digests over the Scenario service (a short-lived loop)."""
+
+        async def go() -> list[str]:
+            async with await ScenarioClient.connect(self.target) as s:
+                return [await s.digest(v) for v in vhca_ids]
+
+        return asyncio.run(go())

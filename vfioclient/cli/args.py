@@ -1,0 +1,48 @@
+"""vfioctl's argument types: each turns a word of the command line into a
+value, or an argparse error naming what is wrong with it."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from driver.vfio.uapi import MigState
+from grpcsvc.units import byte_size
+
+
+def state(text: str) -> MigState:
+    try:
+        return MigState[text.strip().upper().replace("-", "_")]
+    except KeyError:
+        if text.isdigit() and int(text) in MigState._value2member_map_:
+            return MigState(int(text))
+        names = ", ".join(s.name for s in MigState)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a state (one of {names})") from None
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def object_spec(text: str) -> tuple[str, int]:
+    kind, sep, amount = text.partition(":")
+    try:
+        return (kind.upper() or "QP"), (byte_size(amount) if sep else 4096)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not TYPE[:SIZE], e.g. QP:4096") from None

@@ -1,0 +1,120 @@
+"""The device commands: list, show, reset."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+from dataclasses import asdict
+from typing import Any
+
+from driver.vfio.uapi import (
+    VFIO_DEVICE_FEATURE_SET,
+    VFIO_MIGRATION_P2P,
+    VFIO_MIGRATION_PRE_COPY,
+    VFIO_MIGRATION_STOP_COPY,
+    Feature,
+)
+
+from ..client import Device, VfioClient, VfioClientError
+from .output import Out
+
+
+def flag_names(flags: int) -> list[str]:
+    names = [
+        n
+        for bit, n in [
+            (VFIO_MIGRATION_STOP_COPY, "STOP_COPY"),
+            (VFIO_MIGRATION_P2P, "P2P"),
+            (VFIO_MIGRATION_PRE_COPY, "PRE_COPY"),
+        ]
+        if flags & bit
+    ]
+    rest = flags & ~(VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY)
+    if rest:
+        names.append(f"{rest:#x}")
+    return names
+
+
+async def cmd_list(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    devs = await c.list_devices()
+    out.doc({"devices": [{**asdict(d), "migration": flag_names(d.migration_flags)} for d in devs]})
+    out.line(f"{'DEVICE':<14} {'VHCA':>5} {'FN':>4} {'OPEN':>4}  {'DRIVER':<10} MIGRATION")
+    for d in devs:
+        mig = ",".join(flag_names(d.migration_flags)) if d.migratable else "-"
+        out.line(
+            f"{d.name:<14} {d.vhca_id:>5} {d.function_id:>4} {d.open_count:>4}  "
+            f"{d.driver:<10} {mig}"
+        )
+
+
+async def _find(c: VfioClient, name: str) -> Device | None:
+    for d in await c.list_devices():
+        if d.name == name:
+            return d
+    return None
+
+
+async def cmd_show(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    fd = await c.open_device(args.device)
+    dev = await _find(c, args.device)
+    doc: dict[str, Any] = {"device": args.device}
+    if dev is not None:
+        doc.update(vhca_id=dev.vhca_id, function_id=dev.function_id, driver=dev.driver)
+    try:
+        flags = await c.migration_flags(fd)
+    except VfioClientError as e:
+        if e.errno != errno.ENOTTY:
+            raise
+        doc.update(migration_flags=0, migration=[], migratable=False)
+    else:
+        doc.update(migration_flags=flags, migration=flag_names(flags), migratable=True)
+        doc["state"] = (await c.get_state(fd)).name
+        try:
+            doc["mig_data_size"] = await c.data_size(fd)
+        except VfioClientError as e:
+            doc["mig_data_size"] = None
+            doc["mig_data_size_error"] = e.name
+        doc["dma_logging"] = await c.probe(fd, Feature.DMA_LOGGING_START, VFIO_DEVICE_FEATURE_SET)
+        doc["precopy_info_v2"] = await c.probe(
+            fd, Feature.MIG_PRECOPY_INFOv2, VFIO_DEVICE_FEATURE_SET
+        )
+    out.doc(doc)
+    for k, v in doc.items():
+        if k == "migration_flags":
+            v = f"{v:#x} ({'|'.join(doc['migration']) or 'none'})"
+        elif k == "migration":
+            continue
+        elif isinstance(v, bool):
+            v = "yes" if v else "no"
+        out.line(f"{k + ':':<18} {v}")
+
+
+async def cmd_reset(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    fd = await c.open_device(args.device)
+    await c.reset(fd)
+    try:
+        state: str | None = (await c.get_state(fd)).name
+    except VfioClientError:
+        state = None
+    out.doc({"device": args.device, "reset": True, "state": state})
+    out.line(f"{args.device}: reset" + (f", state {state}" if state else ""))
+
+
+COMMANDS = {"list": cmd_list, "show": cmd_show, "reset": cmd_reset}
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub.add_parser("list", help="list devices", description="List the service's devices.")
+
+    s = sub.add_parser(
+        "show",
+        help="show a device's migration support and state",
+        description="Migration flags (decoded), the FSM state, MIG_DATA_SIZE, and whether "
+        "DMA logging and MIG_PRECOPY_INFOv2 are supported (PROBE).",
+    )
+    s.add_argument("device", metavar="DEVICE", help="PCI name, e.g. 0000:81:00.1")
+
+
+def add_reset_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser("reset", help="reset a device", description="VFIO_DEVICE_RESET.")
+    s.add_argument("device", metavar="DEVICE")

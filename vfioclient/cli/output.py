@@ -1,0 +1,63 @@
+"""What vfioctl prints: a command's result (text, or one JSON document with
+--json) and its errors (the errno name and a hint; exit 1)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from typing import Any
+
+PROG = "vfioctl"
+
+HINTS = {
+    errno.ENOTTY: "the device has no migration support (or the feature is not implemented)",
+    errno.ENOMSG: "no data available right now (PRE_COPY): read again later",
+    errno.ENOENT: "no such device: see `vfioctl list`",
+    errno.EINVAL: "the request is not valid in the device's current state (see `vfioctl show`)",
+    errno.EBUSY: "the device is busy (another client or an operation in progress)",
+    errno.ENODEV: "the data stream is in error: reset the device (`vfioctl reset`)",
+    errno.EIO: "the firmware or the service failed the operation",
+    errno.EREMOTEIO: "the firmware rejected the command",
+    errno.ETIMEDOUT: "the operation timed out (raise --timeout?)",
+    errno.EOPNOTSUPP: "the operation is not supported by this device",
+}
+
+
+class CliError(Exception):
+    """An expected failure: exit 1 with an errno name and a hint."""
+
+    def __init__(self, code: int, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.errno = code
+        self.hint = hint
+
+
+class Out:
+    def __init__(self, as_json: bool) -> None:
+        self.json = as_json
+
+    def line(self, text: str) -> None:
+        if not self.json:
+            print(text, flush=True)
+
+    def doc(self, doc: Any) -> None:
+        if self.json:
+            print(json.dumps(doc, indent=2, default=str), flush=True)
+
+    def note(self, text: str) -> None:
+        """A remark on stderr (stdout stays the result, JSON or text)."""
+        print(f"vfioctl: {text}", file=sys.stderr, flush=True)
+
+
+def fail(out: Out, code: int, message: str, hint: str | None) -> int:
+    name = errno.errorcode.get(code, f"E{code}")
+    if out.json:
+        print(
+            json.dumps({"error": {"errno": code, "name": name, "message": message, "hint": hint}}),
+            flush=True,
+        )
+    print(f"{PROG}: error: {name}: {message}", file=sys.stderr)
+    if hint:
+        print(f"{PROG}: hint: {hint}", file=sys.stderr)
+    return 1

@@ -1,0 +1,472 @@
+"""One device's migration: the source half (saving: discovery, setup,
+precopy iterations, the stop-copy drain) and the destination half (resuming:
+the loader writing the stream in order), as QEMU's hw/vfio/migration.c does
+for one VFIODevice."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import errno
+import logging
+from collections.abc import AsyncIterator
+
+from driver.vfio.uapi import (
+    VFIO_DEVICE_FEATURE_SET,
+    VFIO_MIGRATION_P2P,
+    VFIO_MIGRATION_PRE_COPY,
+    VFIO_MIGRATION_STOP_COPY,
+    Feature,
+    MigState,
+)
+
+from ..client import PrecopyInfo, VfioClient, VfioClientError
+from ..usermem import DATA_PATHS, SharedSegment, Slot, Slots
+from .multifd import Multifd
+from .options import DevicePair, MigrationOptions
+from .progress import notify
+from .report import DeviceReport, MigrationError
+from .stream import Chunk, InitDataSent, Marker, StreamItem, put
+from .switchover import SwitchoverAck
+from .writer import DataWriter
+
+log = logging.getLogger(__name__)
+
+S = MigState
+
+
+class DeviceMigration:
+    """One device: the source half (saving) and the destination half (resuming)."""
+
+    def __init__(
+        self, pair: DevicePair, index: int, ack: SwitchoverAck, options: MigrationOptions
+    ) -> None:
+        self.pair = pair
+        self.name = pair.name or f"dev{index}"
+        self.src = pair.source
+        self.dst = pair.destination
+        self.ack = ack
+        self.options = options
+        self.report = DeviceReport(self.name)
+        self.flags = 0
+        self.v2 = False
+        self.buffer_size = 0
+        self.src_data_fd: int | None = None
+        self.dst_data_fd: int | None = None
+        self.src_state = S.RUNNING
+        self.dst_state = S.RUNNING
+        self.in_precopy = False
+        self.initial_bytes = 0  # cached
+        self.dirty_bytes = 0  # cached
+        self.initial_data_sent = False
+        self._stream: asyncio.Queue[StreamItem] = asyncio.Queue(max(1, options.stream_depth))
+        self._writer: DataWriter | None = None
+        self._loader: asyncio.Task[None] | None = None
+        self._slots: Slots | None = None  # the local data path (user memory)
+        self._multifd: Multifd | None = None
+        if options.multifd_channels > 0:
+            self._multifd = Multifd(self.name, options, self.report)
+
+    @property
+    def pre_copy(self) -> bool:
+        return bool(self.flags & VFIO_MIGRATION_PRE_COPY)
+
+    @property
+    def p2p(self) -> bool:
+        return bool(self.flags & VFIO_MIGRATION_P2P)
+
+    @property
+    def pending_estimate(self) -> int:
+        """QEMU vfio_state_pending_estimate: cached init + dirty, no ioctl."""
+        return self.initial_bytes + self.dirty_bytes if self.in_precopy else 0
+
+    # --- discovery ---------------------------------------------------------------------
+
+    async def discover(self) -> None:
+        self.flags = await self.src.migration_flags(self.pair.source_fd)
+        dst_flags = await self.dst.migration_flags(self.pair.destination_fd)
+        if not self.flags & VFIO_MIGRATION_STOP_COPY or not dst_flags & VFIO_MIGRATION_STOP_COPY:
+            raise MigrationError(f"{self.name}: not migratable (no VFIO_MIGRATION_STOP_COPY)")
+        if self.pre_copy:
+            # v2 opt-in (REINIT); on failure keep v1 semantics: flags ignored.
+            try:
+                self.v2 = await self.src.enable_precopy_info_v2(self.pair.source_fd)
+            except VfioClientError as e:
+                log.warning("%s: MIG_PRECOPY_INFOv2 opt-in failed (%s): v1", self.name, e)
+                self.v2 = False
+        self.report.dma_logging = await self.src.probe(
+            self.pair.source_fd, Feature.DMA_LOGGING_START, VFIO_DEVICE_FEATURE_SET
+        )
+        stop_copy_length = await self.src.data_size(self.pair.source_fd)
+        self.buffer_size = max(1, min(self.options.buffer_cap, stop_copy_length))
+        self.src_state = await self.src.get_state(self.pair.source_fd)
+        r = self.report
+        r.migration_flags, r.pre_copy, r.p2p = self.flags, self.pre_copy, self.p2p
+        r.precopy_info_v2, r.buffer_size = self.v2, self.buffer_size
+
+    # --- state changes -----------------------------------------------------------------
+
+    async def _set_state(
+        self, client: VfioClient, fd: int, state: MigState, recovery: MigState | None, side: str
+    ) -> int | None:
+        """vfio_migration_set_state: `state`, else `recovery`, else DeviceReset
+        (recovery None = QEMU's ERROR: reset straight away)."""
+        try:
+            return await client.set_state(fd, state)
+        except VfioClientError as e:
+            why = f"{self.name} {side}: -> {state.name} failed: {e}"
+            if recovery is not None:
+                try:
+                    await client.set_state(fd, recovery)
+                    raise MigrationError(f"{why}; recovered to {recovery.name}") from e
+                except VfioClientError as e2:
+                    why += f"; recovery {recovery.name} failed: {e2}"
+            await client.reset(fd)  # a failing reset propagates: nothing else to try
+            raise MigrationError(f"{why}; device reset") from e
+
+    async def set_source(self, state: MigState, recovery: MigState | None) -> int | None:
+        fd = await self._set_state(self.src, self.pair.source_fd, state, recovery, "source")
+        self.src_state = state
+        return fd
+
+    async def set_destination(self, state: MigState, recovery: MigState | None) -> int | None:
+        fd = await self._set_state(
+            self.dst, self.pair.destination_fd, state, recovery, "destination"
+        )
+        self.dst_state = state
+        return fd
+
+    # --- setup -------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Destination to RESUMING (load_setup); source to PRE_COPY (save_setup)."""
+        await self._setup_user_memory()
+        self.dst_data_fd = await self.set_destination(S.RESUMING, None)
+        if self.dst_data_fd is None:
+            raise MigrationError(f"{self.name}: RESUMING gave no data fd")
+        self._loader = asyncio.create_task(self._load(), name=f"load-{self.name}")
+        if self.pre_copy and self.src_state == S.RUNNING:
+            self.src_data_fd = await self.set_source(S.PRE_COPY, S.RUNNING)
+            if self.src_data_fd is None:
+                raise MigrationError(f"{self.name}: PRE_COPY gave no data fd")
+            self.in_precopy = True
+            info = await self.src.precopy_info(self.src_data_fd)
+            self.initial_bytes, self.dirty_bytes = info.initial_bytes, info.dirty_bytes
+            self.ack.request(self.name)
+            self._pending_progress()
+
+    async def _setup_user_memory(self) -> None:
+        """The local data path: one segment of stream_depth buffers, mapped
+        by the source's driver (else no use: gRPC) and, if it can, the
+        destination's (else writes copy out of it onto a Write call)."""
+        mode = self.options.data_path
+        if mode not in DATA_PATHS:
+            raise MigrationError(f"unknown data path {mode!r} (auto, shm or grpc)")
+        self.report.data_path = "grpc"
+        if mode == "grpc":
+            return
+        count = max(2, self.options.stream_depth)
+        try:
+            mem = SharedSegment.create(self.buffer_size * count)
+        except OSError as e:
+            if mode == "shm":
+                raise MigrationError(f"{self.name}: no user memory: {e}") from e
+            log.info("%s: no user memory (%s): the data goes over gRPC", self.name, e)
+            return
+        try:
+            src, dst = await mem.attach(self.src), await mem.attach(self.dst)
+            mem.seal()
+        except BaseException:
+            await mem.close()
+            raise
+        if src is None or (mode == "shm" and dst is None):
+            await mem.close()
+            if mode == "shm":
+                raise MigrationError(f"{self.name}: a driver cannot map our user memory")
+            return
+        self._slots = Slots(mem, self.buffer_size, count)
+        self.report.data_path = "shm" if dst is not None else "shm (source), grpc (destination)"
+
+    async def close_user_memory(self) -> None:
+        if self._slots is not None:
+            slots, self._slots = self._slots, None
+            await slots.memory.close()
+
+    async def _free_slot(self) -> Slot:
+        """A free slot: waits for one, or for the destination to fail."""
+        assert self._slots is not None and self._loader is not None
+        slot = self._slots.try_acquire()
+        if slot is not None:
+            return slot
+        get = asyncio.ensure_future(self._slots.acquire())
+        await asyncio.wait({get, self._loader}, return_when=asyncio.FIRST_COMPLETED)
+        if not get.done():
+            get.cancel()
+            self.check_loader()
+            raise MigrationError(f"{self.name}: the destination stopped taking data")
+        return get.result()
+
+    async def _read_slot(self) -> Slot | None:
+        """One read(2) of up to a buffer into a free slot (a precopy
+        iteration's): the slot, None when it read nothing."""
+        assert self.src_data_fd is not None
+        slot = await self._free_slot()
+        addr = slot.addr(self.src)
+        assert addr is not None
+        try:
+            slot.length = await self.src.read_into(self.src_data_fd, addr, self.buffer_size)
+        except BaseException:
+            slot.release()
+            raise
+        if slot.length == 0:
+            slot.release()
+            return None
+        return slot
+
+    async def _read_chunks(self) -> AsyncIterator[Chunk]:
+        """The stop-copy data to the end of the stream, in order."""
+        assert self.src_data_fd is not None
+        if self._slots is None:
+            async for chunk in self.src.read_stream(self.src_data_fd, chunk_size=self.buffer_size):
+                if chunk:
+                    yield chunk
+            return
+        # read(2)s into every free slot, ahead of their answers (the driver
+        # stops after the read that returns 0); a slot is waited for only
+        # when no read is ahead.
+        call = self.src.read_into_stream(self.src_data_fd)
+        ahead: collections.deque[Slot] = collections.deque()
+        try:
+            while True:
+                while True:
+                    slot = await self._free_slot() if not ahead else self._slots.try_acquire()
+                    if slot is None:
+                        break
+                    ahead.append(slot)
+                    addr = slot.addr(self.src)
+                    assert addr is not None
+                    await call.submit(addr, self.buffer_size)
+                n = await call.result()
+                slot = ahead.popleft()
+                if not n:  # 0: the end (None: the call ended after it)
+                    slot.release()
+                    return
+                slot.length = n
+                yield slot
+        finally:
+            while ahead:
+                ahead.popleft().release()
+            call.cancel()
+
+    def _pending_progress(self) -> None:
+        notify(self.options.progress, "pending", self.name, self.initial_bytes, self.dirty_bytes)
+
+    # --- source: precopy ---------------------------------------------------------------
+
+    async def _send(self, item: StreamItem) -> None:
+        """Onto the migration stream (bounded: waits while the destination is behind)."""
+        assert self._loader is not None
+        try:
+            await put(self._stream, item, self._loader)
+        except VfioClientError as e:  # what the loader failed with
+            raise MigrationError(f"{self.name} destination: load failed: {e}") from e
+
+    async def iterate(self) -> int:
+        """save_live_iterate: one read of up to the buffer size; the bytes read."""
+        if not self.in_precopy or self.src_data_fd is None:
+            return 0
+        self.report.reads += 1
+        data: Chunk | None
+        try:
+            if self._slots is not None:
+                data = await self._read_slot()
+            else:
+                data = await self.src.read(self.src_data_fd, self.buffer_size)
+        except VfioClientError as e:
+            if e.errno != errno.ENOMSG:
+                raise
+            data = None
+        if not data:  # empty for now
+            self.report.empty_reads += 1
+            self.initial_bytes = self.dirty_bytes = 0
+        else:
+            await self._send(data)
+            n = len(data)
+            self.report.precopy_bytes += n
+            notify(self.options.progress, "bytes_moved", self.name, "precopy", n)
+            taken = min(n, self.initial_bytes)
+            self.initial_bytes -= taken
+            self.dirty_bytes = max(0, self.dirty_bytes - (n - taken))
+        if self.initial_bytes == 0 and not self.initial_data_sent:
+            await self._send(InitDataSent(self.ack.generation(self.name)))
+            self.initial_data_sent = True
+            self.report.init_data_sent += 1
+        return len(data) if data else 0
+
+    async def query_precopy_info(self) -> PrecopyInfo | None:
+        """PRECOPY_INFO: refresh the cached counters; the answer if it is a
+        REINIT (the caller handles it), else None."""
+        if not self.in_precopy or self.src_data_fd is None:
+            return None
+        info = await self.src.precopy_info(self.src_data_fd)
+        if self.v2 and info.reinit:
+            return info
+        self.initial_bytes, self.dirty_bytes = info.initial_bytes, info.dirty_bytes
+        self._pending_progress()
+        return None
+
+    def rearm(self, info: PrecopyInfo) -> None:
+        """REINIT: new initial bytes, dirty reset, a new switchover-ack needed."""
+        self.initial_bytes = info.initial_bytes
+        self.dirty_bytes = 0
+        self.initial_data_sent = False
+        self.ack.request(self.name)
+        notify(self.options.progress, "reinit", self.name, info.initial_bytes)
+        self._pending_progress()
+
+    async def exact_pending(self) -> int:
+        """vfio_state_pending_exact: stop_copy_length (includes unread precopy data)."""
+        try:
+            return await self.src.data_size(self.pair.source_fd)
+        except VfioClientError:
+            return 100 << 30  # QEMU: never switch over on an unknown size
+
+    # --- switchover --------------------------------------------------------------------
+
+    async def to_p2p(self) -> None:
+        if self.p2p:
+            await self.set_source(S.PRE_COPY_P2P if self.in_precopy else S.RUNNING_P2P, S.RUNNING)
+
+    async def to_stop_copy(self) -> None:
+        fd = await self.set_source(S.STOP_COPY, S.STOP)
+        self.in_precopy = False
+        if fd is not None:  # came from STOP (no precopy): a new saving fd
+            self.src_data_fd = fd
+        if self.src_data_fd is None:
+            raise MigrationError(f"{self.name}: STOP_COPY has no data fd")
+
+    async def drain(self) -> None:
+        """save_complete_precopy: read to EOF, in order, into the stream; then
+        wait for the destination to have written all of it."""
+        assert self.src_data_fd is not None
+        self.initial_bytes = self.dirty_bytes = 0
+        self._pending_progress()
+        if self._multifd is not None:
+            await self._drain_multifd(self._multifd)
+            return
+        async for chunk in self._read_chunks():
+            await self._send(chunk)
+            self._stop_copy_read(len(chunk))
+        await self._send(Marker.END)
+        await self.loaded()
+
+    def _stop_copy_read(self, n: int) -> None:
+        self.report.stop_copy_bytes += n
+        notify(self.options.progress, "bytes_moved", self.name, "stop-copy", n)
+
+    async def _drain_multifd(self, mf: Multifd) -> None:
+        """The main stream ends here; the stop-copy data goes as indexed
+        packets over the channels, the last one empty."""
+        assert self.src_data_fd is not None
+        await self._send(Marker.END)
+        mf.start()
+        try:
+            async for chunk in self._read_chunks():
+                await mf.send(chunk)
+                self._stop_copy_read(len(chunk))
+                self.check_loader()
+            await mf.send(b"", last=True)
+            await mf.finish()
+            await self.loaded()
+        finally:
+            await mf.stop()
+
+    # --- destination -------------------------------------------------------------------
+
+    async def _load(self) -> None:
+        """load_state: write data in stream order; approve on INIT_DATA_SENT;
+        with multifd, then the stop-copy packets in index order.  Then
+        load_cleanup: the data fd is closed while the device is still
+        RESUMING (RESUMING -> STOP ends the stream, and nothing must hold it
+        after)."""
+        assert self.dst_data_fd is not None
+        writer = self._writer = DataWriter(self.dst, self.dst_data_fd, self.options.stream_depth)
+        try:
+            await self._load_main(writer)
+            if self._multifd is not None:
+                await self._multifd.write_in_order(writer.write)
+                await writer.flush()
+        except BaseException as e:
+            await writer.cancel()
+            if self._multifd is not None:
+                await self._multifd.fail(e)
+            raise
+        await self._close_data_fd(self.dst, "dst_data_fd")
+
+    async def _load_main(self, writer: DataWriter) -> None:
+        while True:
+            item = await self._stream.get()
+            if item is Marker.END:
+                await writer.flush()
+                return
+            if isinstance(item, InitDataSent):
+                # Approve only once everything before the marker is written.
+                await writer.flush()
+                if self.options.on_switchover_ack is not None:
+                    await self.options.on_switchover_ack(self)
+                if self.ack.approve(self.name, item.generation):
+                    self.report.acks += 1
+                continue
+            assert isinstance(item, bytes | Slot)
+            await writer.write(item)
+
+    def check_loader(self) -> None:
+        """Raise what the loader failed with, if it did."""
+        if self._loader is not None and self._loader.done() and not self._loader.cancelled():
+            exc = self._loader.exception()
+            if exc is not None:
+                raise MigrationError(f"{self.name} destination: load failed: {exc}") from exc
+
+    async def loaded(self) -> None:
+        assert self._loader is not None
+        try:
+            await self._loader
+        except VfioClientError as e:
+            raise MigrationError(f"{self.name} destination: load failed: {e}") from e
+
+    # --- cleanup -----------------------------------------------------------------------
+
+    async def _close_data_fd(self, client: VfioClient, attr: str) -> None:
+        fd = getattr(self, attr)
+        if fd is not None:
+            setattr(self, attr, None)
+            with contextlib.suppress(VfioClientError):  # EBADF: the session ended
+                await client.close(fd)
+
+    async def close_data_fds(self) -> None:
+        await self._close_data_fd(self.src, "src_data_fd")
+        await self._close_data_fd(self.dst, "dst_data_fd")
+
+    async def abort(self) -> None:
+        """Migration failed: data fds closed (nothing more moves on them, and
+        the reset below must not cut a stream under a holder), source back to
+        RUNNING, destination reset."""
+        if self._loader is not None:
+            if not self._loader.done():
+                self._loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loader  # (also retrieves what it failed with)
+        await self.close_data_fds()
+        self.in_precopy = False
+        if self.src_state != S.RUNNING:
+            try:
+                await self.set_source(S.RUNNING, None)
+            except (MigrationError, VfioClientError) as e:
+                log.error("%s: source recovery failed: %s", self.name, e)
+        if self.dst_state != S.RUNNING:
+            try:
+                await self.dst.reset(self.pair.destination_fd)  # aborts RESUMING
+                self.dst_state = S.RUNNING
+            except VfioClientError as e:
+                log.error("%s: destination reset failed: %s", self.name, e)

@@ -1,0 +1,118 @@
+"""The destination's write(2)s on its data fd."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+
+from ..client import VfioClient, WriteFromCall
+from ..usermem import Slot
+from .stream import Chunk, put
+
+
+class DataWriter:
+    """The destination's write(2)s on one data fd, as one call while data
+    flows (a call per chunk costs a round trip each):
+
+    * bytes go on a Write call: `write` queues a chunk (bounded);
+    * a user memory slot the driver maps goes on a WriteFromStream call, and
+      is given back when the driver answers that write (a slot it cannot map
+      is copied onto the Write call and given back at once).
+
+    `flush` ends the open call and returns once the driver has taken every
+    chunk (the bytes taken); the next `write` opens a new call.  Switching
+    between the two kinds flushes, so the writes stay in order."""
+
+    def __init__(self, client: VfioClient, fd: int, depth: int) -> None:
+        self.client, self.fd, self.depth = client, fd, max(1, depth)
+        self._q: asyncio.Queue[bytes | None] = asyncio.Queue(self.depth)
+        self._call: asyncio.Task[int] | None = None
+        self._from: WriteFromCall | None = None
+        self._answers: asyncio.Task[int] | None = None  # reads _from's answers
+        self._in_flight: collections.deque[Slot] = collections.deque()
+
+    async def write(self, data: Chunk) -> int:
+        if isinstance(data, Slot):
+            addr = data.addr(self.client)
+            if addr is not None:
+                return await self._write_from(data, addr)
+            buf = bytes(data.view)
+            data.release()
+            data = buf
+        if self._from is not None:
+            await self._flush_from()
+        if self._call is None:
+            q = self._q = asyncio.Queue(self.depth)
+
+            async def chunks() -> AsyncIterator[bytes]:
+                while (c := await q.get()) is not None:
+                    yield c
+
+            self._call = asyncio.ensure_future(self.client.write(self.fd, chunks()))
+        await put(self._q, data, self._call)
+        return len(data)
+
+    async def _write_from(self, slot: Slot, addr: int) -> int:
+        if self._call is not None:
+            await self._flush_write()
+        if self._answers is not None and self._answers.done():
+            await self._flush_from()  # raises what a write failed with
+        if self._from is None or self._answers is None:
+            call = self._from = self.client.write_from_stream(self.fd)
+            self._answers = asyncio.ensure_future(self._take_answers(call))
+        self._in_flight.append(slot)
+        await self._from.submit(addr, len(slot))
+        if self._answers.done():  # it ended meanwhile: nobody else gives the slot back
+            while self._in_flight:
+                self._in_flight.popleft().release()
+        return len(slot)
+
+    async def _take_answers(self, call: WriteFromCall) -> int:
+        """Each answer gives its slot back; the bytes taken in all."""
+        total = 0
+        try:
+            while (n := await call.result()) is not None:
+                total += n
+                self._in_flight.popleft().release()
+        finally:
+            while self._in_flight:
+                self._in_flight.popleft().release()
+        return total
+
+    async def flush(self) -> int:
+        """Everything queued is written: the bytes the open call took."""
+        if self._from is not None:
+            return await self._flush_from()
+        return await self._flush_write()
+
+    async def _flush_write(self) -> int:
+        if self._call is None:
+            return 0
+        call = self._call
+        await put(self._q, None, call)
+        self._call = None
+        return await call
+
+    async def _flush_from(self) -> int:
+        assert self._from is not None and self._answers is not None
+        call, answers = self._from, self._answers
+        self._from = self._answers = None
+        if not answers.done():
+            with contextlib.suppress(asyncio.InvalidStateError):  # it failed: answers says how
+                await call.close_writing()
+        return await answers
+
+    async def cancel(self) -> None:
+        if self._call is not None:
+            call, self._call = self._call, None
+            call.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await call
+        if self._from is not None and self._answers is not None:
+            self._from.cancel()
+            self._answers.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._answers
+            self._from = self._answers = None
