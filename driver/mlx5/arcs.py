@@ -18,24 +18,26 @@ S = MigState
 class ArcStep(enum.Enum):
     """One thing an arc does (the kernel's call for it)."""
 
-    SUSPEND_RESPONDER = (
-        enum.auto()
-    )  # mlx5vf_cmd_suspend_vhca(MLX5_SUSPEND_VHCA_IN_OP_MOD_SUSPEND_RESPONDER)
-    RESUME_RESPONDER = (
-        enum.auto()
-    )  # mlx5vf_cmd_resume_vhca(MLX5_RESUME_VHCA_IN_OP_MOD_RESUME_RESPONDER)
-    SUSPEND_INITIATOR = enum.auto()  # mlx5vf_cmd_suspend_vhca(..._SUSPEND_INITIATOR)
-    RESUME_INITIATOR = enum.auto()  # mlx5vf_cmd_resume_vhca(..._RESUME_INITIATOR)
-    SAVE_DEVICE_DATA = enum.auto()  # mlx5vf_pci_save_device_data(mvdev, false): new saving file
-    SAVE_DEVICE_DATA_TRACK = (
-        enum.auto()
-    )  # mlx5vf_pci_save_device_data(mvdev, true): new saving file
-    SAVE_DEVICE_INC_DATA = enum.auto()  # mlx5vf_pci_save_device_inc_data()
-    PRE_COPY_CLEANUP = (
-        enum.auto()
-    )  # query(INC|CLEANUP), SAVE, mlx5vf_disable_fds(): EIO if in ERROR
-    RESUME_DEVICE_DATA = enum.auto()  # mlx5vf_pci_resume_device_data(): new resuming file
-    DISABLE_FDS = enum.auto()  # mlx5vf_disable_fds()
+    # mlx5vf_cmd_suspend_vhca(MLX5_SUSPEND_VHCA_IN_OP_MOD_SUSPEND_RESPONDER)
+    SUSPEND_RESPONDER = enum.auto()
+    # mlx5vf_cmd_resume_vhca(MLX5_RESUME_VHCA_IN_OP_MOD_RESUME_RESPONDER)
+    RESUME_RESPONDER = enum.auto()
+    # mlx5vf_cmd_suspend_vhca(MLX5_SUSPEND_VHCA_IN_OP_MOD_SUSPEND_INITIATOR)
+    SUSPEND_INITIATOR = enum.auto()
+    # mlx5vf_cmd_resume_vhca(MLX5_RESUME_VHCA_IN_OP_MOD_RESUME_INITIATOR)
+    RESUME_INITIATOR = enum.auto()
+    # mlx5vf_pci_save_device_data(mvdev, false): a new saving file
+    SAVE_DEVICE_DATA = enum.auto()
+    # mlx5vf_pci_save_device_data(mvdev, true): a new saving file, tracking
+    SAVE_DEVICE_DATA_TRACK = enum.auto()
+    # mlx5vf_pci_save_device_inc_data()
+    SAVE_DEVICE_INC_DATA = enum.auto()
+    # query(INC|CLEANUP), SAVE, mlx5vf_disable_fds(): EIO if the file is in ERROR
+    PRE_COPY_CLEANUP = enum.auto()
+    # mlx5vf_pci_resume_device_data(): a new resuming file
+    RESUME_DEVICE_DATA = enum.auto()
+    # mlx5vf_disable_fds()
+    DISABLE_FDS = enum.auto()
 
 
 A = ArcStep
