@@ -1,23 +1,7 @@
 """Scenario files (YAML or JSON): VFs to create, reconfigurations to schedule and
 faults to arm.  The same things the Scenario gRPC service does, written down so
-that the same seed and scenario give the same run.
-
-    seed: 42
-    defaults: {size: 16MiB, dirty_bytes_per_s: 4MiB, save_bandwidth: 2GiB}
-    vfs:
-      - count: 8
-      - count: 1
-        caps: {migration_state: false}      # older firmware: never reports INIT
-    events:
-      - vf: 1
-        at: 0.5                              # seconds after the scenario starts
-        reconfigure: {objects: [{type: QP, size: 128KiB}]}
-      - vf: all
-        after_saved_bytes: 32MiB
-        reconfigure: {}
-      - vf: 2
-        fault: {kind: fail, opcode: SAVE_VHCA_STATE, status: BAD_RES_STATE_ERR,
-                in_completion: true}
+that the same seed and scenario give the same run.  `EXAMPLE` shows one (the
+tests run it).
 """
 
 from __future__ import annotations
@@ -50,6 +34,26 @@ from .link.ifc import (
 from .model.clock import Clock
 from .model.firmware import Firmware
 from .model.vf import Vf
+
+EXAMPLE = """\
+seed: 42
+defaults: {size: 256KiB, dirty_bytes_per_s: 64KiB, reconfig_bytes: 16KiB}
+vfs:
+  - count: 2
+  - count: 1
+    size: 128KiB
+    caps: {migration_state: false}      # older firmware: never reports INIT
+events:
+  - vf: 1
+    at: 0.5                             # seconds after the scenario starts
+    reconfigure: {objects: [{type: CQ, size: 8KiB}]}
+  - vf: all
+    after_saved_bytes: 1KiB
+    reconfigure: {}
+  - vf: 3
+    fault: {kind: fail, opcode: QUERY_VHCA_MIGRATION_STATE, status: BAD_SYS_STATE_ERR,
+            syndrome: 0x1234}
+"""
 
 
 class ScenarioError(ValueError):
@@ -140,15 +144,8 @@ class FaultSpec(_Strict):
     in_completion: bool = False
 
     def to_fault(self) -> Fault:
-        fault = Fault(
-            FaultKind[self.kind.upper()],
-            opcode=self.opcode,
-            status=self.status,
-            syndrome=self.syndrome,
-            delay_s=self.delay_s,
-            count=self.count,
-            in_completion=self.in_completion,
-        )
+        # The other fields are the Fault's, by name.
+        fault = Fault(FaultKind[self.kind.upper()], **self.model_dump(exclude={"kind"}))
         fault.validate()
         return fault
 

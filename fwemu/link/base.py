@@ -3,8 +3,9 @@
 Two implementations: `InProcessLink` calls a `Firmware` model in this process
 (embedded mode, unit tests); `GrpcLink` talks to a `fwemu serve` process.  Both
 pass the same behaviour tests (tests/fwemu).  Each provides one command path,
-`exec`, which runs a command's in-struct (fwemu.link.ifc); the command methods
-here build the in-structs, once for both.
+`exec`, which runs a command's in-struct (fwemu.link.ifc), and one scenario
+path, `control`, which runs a scenario request; the methods here build the
+in-structs and requests, once for both.
 
 Commands mirror the mailbox: they take vhca_id, op_mod, mkey, size... and
 answer with the outbox status/syndrome as data.  SAVE_VHCA_STATE is
@@ -22,35 +23,27 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
+from . import ifc
+from . import scenario_requests as rq
 from .ifc import (
     CmdResult,
     CmdStatus,
     Command,
     CompletionCallback,
-    CreatePageTrackIn,
-    DestroyPageTrackIn,
     Fault,
-    FunctionLevelResetIn,
     HcaCapResult,
-    LoadVhcaStateIn,
-    ModifyPageTrackIn,
     PageTrackResult,
-    QueryHcaCapIn,
     QueryResult,
-    QueryVhcaMigrationStateIn,
-    ResumeVhcaIn,
+    R,
     SaveAccepted,
     SaveCompletion,
-    SaveVhcaStateIn,
-    SuspendVhcaIn,
     Syndrome,
     VfConfig,
     VfInfo,
 )
-
-R = TypeVar("R", bound=CmdResult)
+from .scenario_requests import A, ScenarioRequest
 
 
 class HostBuffer(Protocol):
@@ -108,12 +101,12 @@ class FirmwareLink(abc.ABC):
     async def query_hca_cap(
         self, *, op_mod: int, other_function: bool = True, function_id: int = 0
     ) -> HcaCapResult:
-        return await self.exec(QueryHcaCapIn(op_mod, other_function, function_id))
+        return await self.exec(ifc.QueryHcaCapIn(op_mod, other_function, function_id))
 
     async def query_vhca_migration_state(
         self, vhca_id: int, *, op_mod: int = 0, incremental: bool = False, chunk: bool = False
     ) -> QueryResult:
-        return await self.exec(QueryVhcaMigrationStateIn(vhca_id, op_mod, incremental, chunk))
+        return await self.exec(ifc.QueryVhcaMigrationStateIn(vhca_id, op_mod, incremental, chunk))
 
     async def save_vhca_state(
         self,
@@ -130,7 +123,7 @@ class FirmwareLink(abc.ABC):
         """Like mlx5_cmd_exec_cb(): `callback` gets the completion of an accepted SAVE."""
         token = self._save_token()
         self._waiting[token] = (vhca_id, callback)
-        cmd = SaveVhcaStateIn(vhca_id, op_mod, incremental, set_track, va, mkey, size, token)
+        cmd = ifc.SaveVhcaStateIn(vhca_id, op_mod, incremental, set_track, va, mkey, size, token)
         try:
             res = await self.exec(cmd)
         except BaseException:
@@ -155,29 +148,29 @@ class FirmwareLink(abc.ABC):
     async def load_vhca_state(
         self, vhca_id: int, *, mkey: int, size: int, va: int = 0, op_mod: int = 0
     ) -> CmdResult:
-        return await self.exec(LoadVhcaStateIn(vhca_id, op_mod, va, mkey, size))
+        return await self.exec(ifc.LoadVhcaStateIn(vhca_id, op_mod, va, mkey, size))
 
     async def suspend_vhca(self, vhca_id: int, *, op_mod: int) -> CmdResult:
-        return await self.exec(SuspendVhcaIn(vhca_id, op_mod))
+        return await self.exec(ifc.SuspendVhcaIn(vhca_id, op_mod))
 
     async def resume_vhca(self, vhca_id: int, *, op_mod: int) -> CmdResult:
-        return await self.exec(ResumeVhcaIn(vhca_id, op_mod))
+        return await self.exec(ifc.ResumeVhcaIn(vhca_id, op_mod))
 
     async def function_level_reset(self, vhca_id: int) -> CmdResult:
-        return await self.exec(FunctionLevelResetIn(vhca_id))
+        return await self.exec(ifc.FunctionLevelResetIn(vhca_id))
 
     async def create_page_tracker(
         self, vhca_id: int, ranges: list[tuple[int, int]], log_page_size: int
     ) -> PageTrackResult:
-        return await self.exec(CreatePageTrackIn(vhca_id, tuple(ranges), log_page_size))
+        return await self.exec(ifc.CreatePageTrackIn(vhca_id, tuple(ranges), log_page_size))
 
     async def report_page_tracker(
         self, vhca_id: int, obj_id: int, iova: int, length: int
     ) -> PageTrackResult:
-        return await self.exec(ModifyPageTrackIn(vhca_id, obj_id, iova, length))
+        return await self.exec(ifc.ModifyPageTrackIn(vhca_id, obj_id, iova, length))
 
     async def destroy_page_tracker(self, vhca_id: int, obj_id: int) -> CmdResult:
-        return await self.exec(DestroyPageTrackIn(vhca_id, obj_id))
+        return await self.exec(ifc.DestroyPageTrackIn(vhca_id, obj_id))
 
     @abc.abstractmethod
     async def alloc_buffer(self, length: int) -> HostBuffer: ...
@@ -199,18 +192,29 @@ class FirmwareLink(abc.ABC):
     async def close(self) -> None: ...
 
 
-class ScenarioLink(Protocol):
-    """Scenario control: what a test or an operator does to the emulated VFs."""
+class ScenarioLink(abc.ABC):
+    """Scenario control: what a test or an operator does to the emulated VFs.
 
-    async def create_vfs(self, count: int = 1, config: VfConfig | None = None) -> list[VfInfo]: ...
+    Each method builds its request (fwemu.link.ifc) and sends it through
+    `control`, the one scenario path an implementation provides.
+    """
 
-    async def remove_vf(self, vhca_id: int) -> None: ...
+    @abc.abstractmethod
+    async def control(self, req: ScenarioRequest[A]) -> A:
+        """Run one scenario request: its answer; a refused request raises LinkError."""
+
+    async def create_vfs(self, count: int = 1, config: VfConfig | None = None) -> list[VfInfo]:
+        return await self.control(rq.CreateVfsIn(count, config))
+
+    async def remove_vf(self, vhca_id: int) -> None:
+        await self.control(rq.RemoveVfIn(vhca_id))
 
     async def configure_vf(self, vhca_id: int, **changes: Any) -> VfInfo:
         """Change VfConfig fields (not size) of a live VF."""
-        ...
+        return await self.control(rq.ConfigureVfIn(vhca_id, changes))
 
-    async def get_vf(self, vhca_id: int) -> VfInfo: ...
+    async def get_vf(self, vhca_id: int) -> VfInfo:
+        return await self.control(rq.GetVfIn(vhca_id))
 
     async def reconfigure(
         self,
@@ -219,19 +223,29 @@ class ScenarioLink(Protocol):
         *,
         at_time: float | None = None,
         after_saved_bytes: int | None = None,
-    ) -> int: ...
+    ) -> int:
+        if at_time is not None and after_saved_bytes is not None:
+            raise LinkError("give a time or a byte count, not both")
+        req = rq.ReconfigureIn(vhca_id, tuple(objects or ()), at_time, after_saved_bytes)
+        return await self.control(req)
 
-    async def inject_fault(self, vhca_id: int, fault: Fault) -> int: ...
+    async def inject_fault(self, vhca_id: int, fault: Fault) -> int:
+        return await self.control(rq.InjectFaultIn(vhca_id, fault))
 
-    async def clear_faults(self, vhca_id: int) -> int: ...
+    async def clear_faults(self, vhca_id: int) -> int:
+        return await self.control(rq.ClearFaultsIn(vhca_id))
 
-    async def digest(self, vhca_id: int) -> str: ...
+    async def digest(self, vhca_id: int) -> str:
+        return await self.control(rq.GetDigestIn(vhca_id))
 
-    async def apply_scenario(self, text: str) -> list[VfInfo]: ...
+    async def apply_scenario(self, text: str) -> list[VfInfo]:
+        return await self.control(rq.ApplyScenarioIn(text))
 
-    async def now(self) -> float: ...
+    async def now(self) -> float:
+        return await self.control(rq.GetClockIn())
 
-    async def advance_clock(self, seconds: float) -> float: ...
+    async def advance_clock(self, seconds: float) -> float:
+        return await self.control(rq.AdvanceClockIn(seconds))
 
 
 class LinkError(Exception):

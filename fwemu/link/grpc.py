@@ -19,7 +19,7 @@ import itertools
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import grpc
 
@@ -28,15 +28,22 @@ from grpcsvc.server import CHANNEL_OPTIONS
 
 from ..api.v1 import firmware_pb2 as fpb
 from ..api.v1 import firmware_pb2_grpc as fgrpc
-from ..api.v1 import scenario_pb2 as spb
 from ..api.v1 import scenario_pb2_grpc as sgrpc
 from ..hostmem import HostMemoryError, Segment, create_segment, unlink_segment
-from .base import ByteBuffer, FirmwareLink, LinkError
-from .ifc import CmdResult, Command, Fault, MiB, SaveCompletion, VfConfig, VfInfo
-from .wire import CLIENT_KEY, RPCS, command_to_pb, from_pb, result_from_pb, to_pb
+from .base import ByteBuffer, FirmwareLink, LinkError, ScenarioLink
+from .ifc import Command, MiB, R, SaveCompletion, VfInfo
+from .scenario_requests import A, ListVfsIn, ScenarioRequest
+from .wire import (
+    CLIENT_KEY,
+    RPCS,
+    SCENARIO_RPCS,
+    command_to_pb,
+    from_pb,
+    request_to_pb,
+    result_from_pb,
+)
 
 T = TypeVar("T")
-R = TypeVar("R", bound=CmdResult)
 MemoryMode = Literal["auto", "shm", "remote"]
 DMA_CHUNK = 1 * MiB
 
@@ -55,7 +62,7 @@ class ShmBuffer:
         return self.segment.view
 
 
-class GrpcLink(FirmwareLink):
+class GrpcLink(FirmwareLink, ScenarioLink):
     """FirmwareLink and ScenarioLink over a gRPC channel."""
 
     def __init__(
@@ -238,79 +245,10 @@ class GrpcLink(FirmwareLink):
 
     # --- ScenarioLink --------------------------------------------------------------
 
-    async def create_vfs(self, count: int = 1, config: VfConfig | None = None) -> list[VfInfo]:
-        req = spb.CreateVfsRequest(count=count)
-        if config is not None:
-            req.config.CopyFrom(to_pb(config, spb.VfConfig))
-        m = await self._call(self.scenario.CreateVfs, req)
-        return [from_pb(VfInfo, v) for v in m.vfs]
-
-    async def remove_vf(self, vhca_id: int) -> None:
-        await self._call(self.scenario.RemoveVf, spb.RemoveVfRequest(vhca_id=vhca_id))
-
-    async def configure_vf(self, vhca_id: int, **changes: Any) -> VfInfo:
-        caps = changes.pop("caps", None)
-        cfg = spb.VfConfig(**changes)
-        if caps is not None:
-            cfg.caps.CopyFrom(to_pb(caps, spb.Caps))
-        m = await self._call(
-            self.scenario.ConfigureVf, spb.ConfigureVfRequest(vhca_id=vhca_id, config=cfg)
-        )
-        return from_pb(VfInfo, m)
-
-    async def get_vf(self, vhca_id: int) -> VfInfo:
-        m = await self._call(self.scenario.GetVf, spb.GetVfRequest(vhca_id=vhca_id))
-        return from_pb(VfInfo, m)
+    async def control(self, req: ScenarioRequest[A]) -> A:
+        rpc = SCENARIO_RPCS[type(req)]
+        m = await self._call(getattr(self.scenario, rpc.name), request_to_pb(req))
+        return cast(A, rpc.answer(m))
 
     async def list_vfs(self) -> list[VfInfo]:
-        m = await self._call(self.scenario.ListVfs, spb.ListVfsRequest())
-        return [from_pb(VfInfo, v) for v in m.vfs]
-
-    async def reconfigure(
-        self,
-        vhca_id: int,
-        objects: list[tuple[str, int]] | None = None,
-        *,
-        at_time: float | None = None,
-        after_saved_bytes: int | None = None,
-    ) -> int:
-        if at_time is not None and after_saved_bytes is not None:
-            raise LinkError("give a time or a byte count, not both")
-        req = spb.ReconfigureRequest(
-            vhca_id=vhca_id, objects=[spb.ObjectSpec(type=t, size=s) for t, s in objects or []]
-        )
-        if at_time is not None:
-            req.at_time = at_time
-        elif after_saved_bytes is not None:
-            req.after_saved_bytes = after_saved_bytes
-        else:
-            req.now = True
-        m = await self._call(self.scenario.Reconfigure, req)
-        return m.trigger_id
-
-    async def inject_fault(self, vhca_id: int, fault: Fault) -> int:
-        m = await self._call(
-            self.scenario.InjectFault,
-            spb.InjectFaultRequest(vhca_id=vhca_id, fault=to_pb(fault, spb.Fault)),
-        )
-        return m.fault_id
-
-    async def clear_faults(self, vhca_id: int) -> int:
-        m = await self._call(self.scenario.ClearFaults, spb.ClearFaultsRequest(vhca_id=vhca_id))
-        return m.cleared
-
-    async def digest(self, vhca_id: int) -> str:
-        m = await self._call(self.scenario.GetDigest, spb.GetDigestRequest(vhca_id=vhca_id))
-        return m.digest
-
-    async def apply_scenario(self, text: str) -> list[VfInfo]:
-        m = await self._call(self.scenario.ApplyScenario, spb.ApplyScenarioRequest(text=text))
-        return [from_pb(VfInfo, v) for v in m.vfs]
-
-    async def now(self) -> float:
-        m = await self._call(self.scenario.GetClock, spb.ClockRequest())
-        return m.now
-
-    async def advance_clock(self, seconds: float) -> float:
-        m = await self._call(self.scenario.AdvanceClock, spb.AdvanceClockRequest(seconds=seconds))
-        return m.now
+        return await self.control(ListVfsIn())

@@ -207,6 +207,7 @@ class CmdResult:
         return self.status == CmdStatus.OK
 
 
+# A command's outbox type, for the code that handles commands.
 R = TypeVar("R", bound="CmdResult")
 
 

@@ -10,13 +10,16 @@ of the same name.  The rules where the two differ:
   out capabilities (QueryHcaCapResponse.cmd_hca_cap, .cmd_hca_cap_2);
 * `_RENAMED`: fields whose names differ;
 * what is said explicitly below (page track ranges, fault kinds, the
-  capability type of a QUERY_HCA_CAP answer).
+  capability type of a QUERY_HCA_CAP answer, a VF's configuration changes,
+  a reconfiguration's objects and time).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, fields, is_dataclass, replace
+from operator import attrgetter
 from typing import Any, TypeVar, cast, get_type_hints
 
 from google.protobuf.message import Message
@@ -24,7 +27,6 @@ from google.protobuf.message import Message
 from ..api.v1 import firmware_pb2 as fpb
 from ..api.v1 import scenario_pb2 as spb
 from .ifc import (
-    CmdResult,
     Command,
     CreatePageTrackIn,
     DestroyPageTrackIn,
@@ -36,9 +38,26 @@ from .ifc import (
     PageTrackResult,
     QueryHcaCapIn,
     QueryVhcaMigrationStateIn,
+    R,
     ResumeVhcaIn,
     SaveVhcaStateIn,
     SuspendVhcaIn,
+    VfInfo,
+)
+from .scenario_requests import (
+    AdvanceClockIn,
+    ApplyScenarioIn,
+    ClearFaultsIn,
+    ConfigureVfIn,
+    CreateVfsIn,
+    GetClockIn,
+    GetDigestIn,
+    GetVfIn,
+    InjectFaultIn,
+    ListVfsIn,
+    ReconfigureIn,
+    RemoveVfIn,
+    ScenarioRequest,
 )
 
 # The metadata key naming a firmware client (GrpcLink sends it; a client's mkeys
@@ -46,7 +65,6 @@ from .ifc import (
 CLIENT_KEY = "x-fwemu-client"
 
 T = TypeVar("T")
-R = TypeVar("R", bound=CmdResult)
 M = TypeVar("M", bound=Message)
 
 _GROUPS = frozenset({"cmd_hca_cap", "cmd_hca_cap_2"})
@@ -85,6 +103,40 @@ RPCS: dict[type[Command[Any]], Rpc] = {
     DestroyPageTrackIn: Rpc(
         "DestroyPageTracker", fpb.DestroyPageTrackerRequest, fpb.CommandResponse
     ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ScenarioRpc:
+    """A scenario request's Scenario RPC: its method name, its request message
+    and how to read the answer from the response."""
+
+    name: str
+    request: type[Message]
+    answer: Callable[[Any], Any]
+
+
+def _vf(m: Any) -> VfInfo:
+    return from_pb(VfInfo, m)
+
+
+def _vfs(m: Any) -> list[VfInfo]:
+    return [from_pb(VfInfo, v) for v in m.vfs]
+
+
+SCENARIO_RPCS: dict[type[ScenarioRequest[Any]], ScenarioRpc] = {
+    CreateVfsIn: ScenarioRpc("CreateVfs", spb.CreateVfsRequest, _vfs),
+    RemoveVfIn: ScenarioRpc("RemoveVf", spb.RemoveVfRequest, lambda m: None),
+    ConfigureVfIn: ScenarioRpc("ConfigureVf", spb.ConfigureVfRequest, _vf),
+    GetVfIn: ScenarioRpc("GetVf", spb.GetVfRequest, _vf),
+    ListVfsIn: ScenarioRpc("ListVfs", spb.ListVfsRequest, _vfs),
+    ReconfigureIn: ScenarioRpc("Reconfigure", spb.ReconfigureRequest, attrgetter("trigger_id")),
+    InjectFaultIn: ScenarioRpc("InjectFault", spb.InjectFaultRequest, attrgetter("fault_id")),
+    ClearFaultsIn: ScenarioRpc("ClearFaults", spb.ClearFaultsRequest, attrgetter("cleared")),
+    GetDigestIn: ScenarioRpc("GetDigest", spb.GetDigestRequest, attrgetter("digest")),
+    ApplyScenarioIn: ScenarioRpc("ApplyScenario", spb.ApplyScenarioRequest, _vfs),
+    GetClockIn: ScenarioRpc("GetClock", spb.ClockRequest, attrgetter("now")),
+    AdvanceClockIn: ScenarioRpc("AdvanceClock", spb.AdvanceClockRequest, attrgetter("now")),
 }
 
 
@@ -205,6 +257,21 @@ def result_from_pb(cmd: Command[R], msg: Message) -> R:
     # Not on the wire: the capability type is what QUERY_HCA_CAP asked for.
     given = {"cap_type": cmd.op_mod >> 1} if isinstance(cmd, QueryHcaCapIn) else {}
     return cast(R, from_pb(cmd.out, msg, **given))
+
+
+def request_to_pb(req: ScenarioRequest[Any]) -> Message:
+    if isinstance(req, ConfigureVfIn):
+        cfg = spb.VfConfig(**{k: v for k, v in req.changes.items() if k != "caps"})
+        if req.changes.get("caps") is not None:
+            cfg.caps.CopyFrom(to_pb(req.changes["caps"], spb.Caps))
+        return spb.ConfigureVfRequest(vhca_id=req.vhca_id, config=cfg)
+    msg = to_pb(req, SCENARIO_RPCS[type(req)].request)
+    if isinstance(req, ReconfigureIn):
+        assert isinstance(msg, spb.ReconfigureRequest)
+        msg.objects.extend(spb.ObjectSpec(type=t, size=s) for t, s in req.objects)
+        if req.at_time is None and req.after_saved_bytes is None:
+            msg.now = True
+    return msg
 
 
 def fault_from_pb(m: spb.Fault) -> Fault:

@@ -9,9 +9,10 @@ Pure Python; the gRPC face (fwemu.service) and the in-process link
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, cast
 
 from ..link import ifc
+from ..link import scenario_requests as rq
 from ..link.ifc import (
     CmdResult,
     Command,
@@ -22,18 +23,18 @@ from ..link.ifc import (
     MkeyResult,
     PageTrackResult,
     QueryResult,
+    R,
     SaveAccepted,
     VfConfig,
     VfInfo,
 )
+from ..link.scenario_requests import A
 from . import control
 from .clock import VirtualClock, sleep
 from .control import vf_info
 from .pipeline import exec_command
 from .state import FirmwareState
 from .vf import Vf
-
-R = TypeVar("R", bound=CmdResult)
 
 __all__ = ["Firmware", "vf_info"]
 
@@ -173,6 +174,11 @@ class Firmware(FirmwareState):
 
         return apply_scenario(self, parse_scenario(text))
 
+    def control(self, req: rq.ScenarioRequest[A]) -> A:
+        """Run one scenario request (fwemu.link.ifc): its answer, in interface
+        types; a refused one raises FirmwareError or ValueError."""
+        return cast(A, _CONTROL[type(req)](self, req))
+
     # --- time ----------------------------------------------------------------------------
 
     def now(self) -> float:
@@ -190,3 +196,25 @@ class Firmware(FirmwareState):
             )
         self.clock.advance(seconds)
         return self.clock.now()
+
+
+# The scenario side's one path: each request to the method that answers it.
+_CONTROL: dict[type[rq.ScenarioRequest[Any]], Callable[[Firmware, Any], Any]] = {
+    rq.CreateVfsIn: lambda fw, r: [fw.info(v.vhca_id) for v in fw.create_vfs(r.count, r.config)],
+    rq.RemoveVfIn: lambda fw, r: fw.remove_vf(r.vhca_id),
+    rq.ConfigureVfIn: lambda fw, r: fw.info(fw.configure_vf(r.vhca_id, **r.changes).vhca_id),
+    rq.GetVfIn: lambda fw, r: fw.info(r.vhca_id),
+    rq.ListVfsIn: lambda fw, r: fw.list_vfs(),
+    rq.ReconfigureIn: lambda fw, r: fw.reconfigure(
+        r.vhca_id,
+        [(ifc.obj_type_index(t), size) for t, size in r.objects],
+        at_time=r.at_time,
+        after_saved_bytes=r.after_saved_bytes,
+    ),
+    rq.InjectFaultIn: lambda fw, r: fw.inject_fault(r.vhca_id, r.fault),
+    rq.ClearFaultsIn: lambda fw, r: fw.clear_faults(r.vhca_id),
+    rq.GetDigestIn: lambda fw, r: fw.digest(r.vhca_id),
+    rq.ApplyScenarioIn: lambda fw, r: [fw.info(v.vhca_id) for v in fw.apply_scenario(r.text)],
+    rq.GetClockIn: lambda fw, r: fw.now(),
+    rq.AdvanceClockIn: lambda fw, r: fw.advance_clock(r.seconds),
+}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..link import ifc
 from ..link.ifc import (
@@ -17,6 +17,7 @@ from ..link.ifc import (
     Command,
     Fault,
     FaultKind,
+    R,
     Syndrome,
     VhcaCommand,
     enum_name,
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from .state import FirmwareState
     from .vf import Vf
 
-R = TypeVar("R", bound=CmdResult)
 
 log = logging.getLogger("fwemu.firmware")
 

@@ -3,6 +3,7 @@ level reset."""
 
 from __future__ import annotations
 
+import enum
 import logging
 from typing import TYPE_CHECKING
 
@@ -40,14 +41,21 @@ def _changed(vf: Vf, cmd: SuspendVhcaIn | ResumeVhcaIn) -> CmdResult:
     return CmdResult()
 
 
+def _bad_op_mod(cmd: SuspendVhcaIn | ResumeVhcaIn, op_mods: type[enum.IntEnum]) -> CmdResult:
+    """BAD_PARAM / BAD_OP_MOD, naming the op_mods the command takes
+    ("SUSPEND_VHCA op_mod 2 (0 INITIATOR, 1 RESPONDER)")."""
+    known = ", ".join(f"{m.value} {m.name.split('_', 1)[1]}" for m in op_mods)
+    return CmdResult(
+        CmdStatus.BAD_PARAM_ERR,
+        Syndrome.BAD_OP_MOD,
+        f"{opcode_name(cmd.opcode)} op_mod {cmd.op_mod} ({known})",
+    )
+
+
 def suspend_vhca(fw: FirmwareState, vf: Vf, cmd: SuspendVhcaIn) -> CmdResult:
     op_mod = cmd.op_mod
-    if op_mod not in (SuspendOpMod.SUSPEND_INITIATOR, SuspendOpMod.SUSPEND_RESPONDER):
-        return CmdResult(
-            CmdStatus.BAD_PARAM_ERR,
-            Syndrome.BAD_OP_MOD,
-            f"SUSPEND_VHCA op_mod {op_mod} (0 INITIATOR, 1 RESPONDER)",
-        )
+    if op_mod not in set(SuspendOpMod):
+        return _bad_op_mod(cmd, SuspendOpMod)
     if vf.save_in_flight is not None:
         return CmdResult(
             CmdStatus.RES_BUSY, Syndrome.SAVE_IN_FLIGHT, "a SAVE_VHCA_STATE is in flight"
@@ -81,12 +89,8 @@ def suspend_vhca(fw: FirmwareState, vf: Vf, cmd: SuspendVhcaIn) -> CmdResult:
 
 def resume_vhca(fw: FirmwareState, vf: Vf, cmd: ResumeVhcaIn) -> CmdResult:
     op_mod = cmd.op_mod
-    if op_mod not in (ResumeOpMod.RESUME_RESPONDER, ResumeOpMod.RESUME_INITIATOR):
-        return CmdResult(
-            CmdStatus.BAD_PARAM_ERR,
-            Syndrome.BAD_OP_MOD,
-            f"RESUME_VHCA op_mod {op_mod} (0 RESPONDER, 1 INITIATOR)",
-        )
+    if op_mod not in set(ResumeOpMod):
+        return _bad_op_mod(cmd, ResumeOpMod)
     now = fw.clock.now()
     if op_mod == ResumeOpMod.RESUME_RESPONDER:
         if not vf.responder_suspended:

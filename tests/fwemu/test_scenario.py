@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fwemu.link.ifc import CmdStatus, FirmwareError, KiB, MiB, Opcode, VfConfig
+from fwemu.link.ifc import CmdStatus, FirmwareError, KiB, Opcode, VfConfig
 from fwemu.model import Firmware, VirtualClock
 from fwemu.scenario import (
+    EXAMPLE,
     ScenarioError,
     apply_scenario,
     build_firmware,
@@ -18,25 +19,6 @@ from fwemu.scenario import (
     load_scenario_file,
     parse_scenario,
 )
-
-EXAMPLE = """
-seed: 42
-defaults: {size: 256KiB, dirty_bytes_per_s: 4MiB, save_bandwidth: 2GiB}
-vfs:
-  - count: 3
-  - count: 1
-    caps: {migration_state: false}
-events:
-  - vf: 1
-    at: 0.5
-    reconfigure: {objects: [{type: QP, size: 128KiB}]}
-  - vf: all
-    after_saved_bytes: 32MiB
-    reconfigure: {}
-  - vf: 2
-    fault: {kind: fail, opcode: SAVE_VHCA_STATE, status: BAD_RES_STATE_ERR,
-            in_completion: true}
-"""
 
 
 def firmware(seed: int = 0) -> Firmware:
@@ -48,14 +30,17 @@ def test_parse_reads_sizes_names_and_defaults():
     doc = parse_scenario(EXAMPLE)
     assert doc.seed == 42
     assert doc.defaults.size == 256 * KiB
-    assert doc.defaults.dirty_bytes_per_s == 4 * MiB
-    assert doc.defaults.save_bandwidth == 2 << 30
-    assert [g.count for g in doc.vfs] == [3, 1]
+    assert doc.defaults.dirty_bytes_per_s == 64 * KiB
+    assert parse_scenario("defaults: {save_bandwidth: 2GiB}").defaults.save_bandwidth == 2 << 30
+    assert [g.count for g in doc.vfs] == [2, 1]
     assert doc.vfs[1].caps.migration_state is False
     fault = doc.events[2].fault
     assert fault is not None
-    assert (fault.opcode, fault.status) == (Opcode.SAVE_VHCA_STATE, CmdStatus.BAD_RES_STATE_ERR)
-    assert doc.events[1].after_saved_bytes == 32 * MiB
+    assert (fault.opcode, fault.status) == (
+        Opcode.QUERY_VHCA_MIGRATION_STATE,
+        CmdStatus.BAD_SYS_STATE_ERR,
+    )
+    assert doc.events[1].after_saved_bytes == 1 * KiB
 
 
 def test_json_is_accepted_too():
@@ -75,11 +60,11 @@ def test_apply_creates_vfs_schedules_events_and_arms_faults():
     """apply_scenario creates the VFs in order, schedules reconfigurations, arms faults."""
     fw = firmware()
     vfs = apply_scenario(fw, parse_scenario(EXAMPLE))
-    assert [v.vhca_id for v in vfs] == [1, 2, 3, 4]
-    assert [v.config.caps.migration_state for v in vfs] == [True, True, True, False]
-    assert all(v.config.size == 256 * KiB for v in vfs)
-    assert len(fw.vf(1).triggers) == 2  # at 0.5 and after 32 MiB saved
-    assert len(fw.vf(2).faults.faults) == 1
+    assert [v.vhca_id for v in vfs] == [1, 2, 3]
+    assert [v.config.caps.migration_state for v in vfs] == [True, True, False]
+    assert [v.config.size for v in vfs] == [256 * KiB, 256 * KiB, 128 * KiB]
+    assert len(fw.vf(1).triggers) == 2  # at 0.5 and after 1 KiB saved
+    assert len(fw.vf(3).faults.faults) == 1
     fw.clock.advance(0.6)
     assert fw.touch(1).reconfigurations == 1
     assert fw.touch(2).reconfigurations == 0

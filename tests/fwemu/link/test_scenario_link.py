@@ -9,21 +9,7 @@ import pytest
 
 from fwemu.link import LinkError
 from fwemu.link.ifc import Fault, FaultKind, KiB, MiB, Opcode, VfCaps, VfConfig
-
-SCENARIO = """
-seed: 42
-defaults: {size: 256KiB, dirty_bytes_per_s: 64KiB, reconfig_bytes: 16KiB}
-vfs:
-  - count: 2
-  - count: 1
-    size: 128KiB
-    caps: {migration_state: false}
-events:
-  - {vf: 1, at: 0.5, reconfigure: {objects: [{type: CQ, size: 8KiB}]}}
-  - {vf: all, after_saved_bytes: 1KiB, reconfigure: {}}
-  - {vf: 3, fault: {kind: fail, opcode: QUERY_VHCA_MIGRATION_STATE, status: BAD_SYS_STATE_ERR,
-                    syndrome: 0x1234}}
-"""
+from fwemu.scenario import EXAMPLE as SCENARIO  # the documented example
 
 
 async def test_apply_scenario_creates_its_vfs(h):

@@ -34,6 +34,14 @@ async def command(h, name: str, vhca: int, *, op_mod: int = 0, size: int = 64 * 
     )
 
 
+async def command_on_a_new_vf(h, name: str, **fields):
+    """Issue one command to a new VF in the state it needs (LOAD: fully suspended)."""
+    vhca = await h.vf(size=64 * KiB)
+    if name == "load":
+        await h.suspend_fully(vhca)
+    return await command(h, name, vhca, **fields)
+
+
 COMMANDS = ["suspend", "resume", "query", "save", "load"]
 
 
@@ -60,10 +68,7 @@ async def test_bad_vhca_id_is_bad_param(h, name, vhca, syndrome):
 @pytest.mark.parametrize("op_mod", [1, 0xFFFF])
 async def test_op_mod_not_0_is_bad_param(h, name, op_mod):
     """QUERY, SAVE and LOAD take op_mod 0 only: anything else is BAD_PARAM / BAD_OP_MOD."""
-    vhca = await h.vf(size=64 * KiB)
-    if name == "load":
-        await h.suspend_fully(vhca)
-    res = await command(h, name, vhca, op_mod=op_mod)
+    res = await command_on_a_new_vf(h, name, op_mod=op_mod)
     assert (res.status, res.syndrome) == (BAD_PARAM, Syndrome.BAD_OP_MOD), res
 
 
@@ -71,10 +76,7 @@ async def test_op_mod_not_0_is_bad_param(h, name, op_mod):
 @pytest.mark.parametrize("size", [0, 1 << 32, (1 << 64) - 1])
 async def test_size_0_or_above_32_bits_is_bad_param(h, name, size):
     """size is a 32-bit field of 1..2^32-1: 0 or more is BAD_PARAM / BAD_SIZE."""
-    vhca = await h.vf(size=64 * KiB)
-    if name == "load":
-        await h.suspend_fully(vhca)
-    res = await command(h, name, vhca, size=size)
+    res = await command_on_a_new_vf(h, name, size=size)
     assert (res.status, res.syndrome) == (BAD_PARAM, Syndrome.BAD_SIZE), res
 
 
@@ -82,10 +84,7 @@ async def test_size_0_or_above_32_bits_is_bad_param(h, name, size):
 @pytest.mark.parametrize("mkey", [0, 0x4242, 0xFFFF_FFFF])
 async def test_unknown_mkey_is_bad_res(h, name, mkey):
     """An unknown mkey is BAD_RES (0x5) / UNKNOWN_MKEY."""
-    vhca = await h.vf(size=64 * KiB)
-    if name == "load":
-        await h.suspend_fully(vhca)
-    res = await command(h, name, vhca, mkey=mkey, size=4096)
+    res = await command_on_a_new_vf(h, name, mkey=mkey, size=4096)
     assert (res.status, res.syndrome) == (CmdStatus.BAD_RES_ERR, Syndrome.UNKNOWN_MKEY), res
 
 

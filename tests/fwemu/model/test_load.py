@@ -202,21 +202,20 @@ async def test_incremental_from_another_chain_is_image_foreign(h):
     await finish(h, c, 1)
 
 
-async def test_image_of_another_firmware_profile_is_image_foreign(h):
-    """A correctly checksummed image of another firmware profile is IMAGE_FOREIGN."""
+@pytest.mark.parametrize(
+    ("at", "value", "syndrome"),
+    [
+        pytest.param(PROFILE_AT, 0x12345678, Syndrome.IMAGE_FOREIGN, id="another-profile"),
+        pytest.param(IMAGE_HEADER_SIZE, 0x77, Syndrome.IMAGE_MALFORMED, id="unknown-record-type"),
+    ],
+)
+async def test_correctly_checksummed_image_with_a_bad_field_is_refused(h, at, value, syndrome):
+    """A correctly checksummed image of another firmware profile is IMAGE_FOREIGN; one whose
+    first record has an unknown type is IMAGE_MALFORMED."""
     c = await make_chain(h)
     img = bytearray(c.images[0])
-    img[PROFILE_AT : PROFILE_AT + 4] = (0x12345678).to_bytes(4, "little")
-    await assert_refused(h, c.dst, reseal(img), Syndrome.IMAGE_FOREIGN)
-    await finish(h, c, 0)
-
-
-async def test_malformed_record_is_image_malformed(h):
-    """A correctly checksummed image whose first record has an unknown type."""
-    c = await make_chain(h)
-    img = bytearray(c.images[0])
-    img[IMAGE_HEADER_SIZE : IMAGE_HEADER_SIZE + 4] = (0x77).to_bytes(4, "little")
-    await assert_refused(h, c.dst, reseal(img), Syndrome.IMAGE_MALFORMED)
+    img[at : at + 4] = value.to_bytes(4, "little")
+    await assert_refused(h, c.dst, reseal(img), syndrome)
     await finish(h, c, 0)
 
 

@@ -38,6 +38,17 @@ async def final_images(h, vhca: int, *, chunk: bool) -> list[bytes]:
         size = c.next_required_umem_size
 
 
+async def stop_copy_and_load(h_src, src: int, h_dst, dst: int, images: list[bytes]) -> None:
+    """STOP_COPY: suspend the source, add its final image to its precopy
+    `images`; LOAD them all on the suspended target: it reproduces the source."""
+    await h_src.suspend_fully(src)
+    images = images + await final_images(h_src, src, chunk=False)
+    await h_dst.suspend_fully(dst)
+    for img in images:
+        assert (await h_dst.load(dst, img)).ok
+    assert await h_dst.digest(dst) == await h_src.digest(src)
+
+
 @pytest.mark.parametrize("trigger", ["now", "after_saved_bytes"])
 @pytest.mark.parametrize("chunk", [False, True], ids=["whole", "chunks"])
 async def test_live_migration_by_hand_reproduces_the_source(h, chunk, trigger):
@@ -137,12 +148,7 @@ async def test_precopy_migration_of_odd_sized_vfs(h, size):
     assert q.migration_state == INIT
     images.append(await h.save_ok(src, q.required_umem_size, incremental=True, set_track=True))
     await h.advance(0.3)
-    await h.suspend_fully(src)
-    images += await final_images(h, src, chunk=False)
-    await h.suspend_fully(dst)
-    for img in images:
-        assert (await h.load(dst, img)).ok
-    assert await h.digest(dst) == await h.digest(src)
+    await stop_copy_and_load(h, src, h, dst, images)
 
 
 async def test_full_final_save_after_tracking_was_lost_migrates_too(h):
@@ -179,13 +185,7 @@ async def test_migration_between_two_firmwares(make_harness):
     a, b = await make_harness(seed=1), await make_harness(seed=2)
     src = await a.vf(size=128 * KiB, dirty_bytes_per_s=64 * KiB)
     dst = await b.vf(size=64 * KiB)
-    images = await precopy_images(a, src, warmup=0.2)
-    await a.suspend_fully(src)
-    images += await final_images(a, src, chunk=False)
-    await b.suspend_fully(dst)
-    for img in images:
-        assert (await b.load(dst, img)).ok
-    assert await b.digest(dst) == await a.digest(src)
+    await stop_copy_and_load(a, src, b, dst, await precopy_images(a, src, warmup=0.2))
 
 
 async def test_chain_of_another_firmware_with_the_same_seed_is_foreign(make_harness):
