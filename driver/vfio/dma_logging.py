@@ -27,8 +27,15 @@ REPORT_MIN_PAGE_SIZE = 4096
 U64_MAX = (1 << 64) - 1
 
 
-def _no_log_ops() -> VfioError:
-    return VfioError(errno.ENOTTY, "device has no DMA logging (log_ops)")
+def _checked(
+    log_ops: VfioLogOps | None, flags: int, argsz: int, op: int, minsz: int
+) -> VfioLogOps | None:
+    """The checks each DMA logging feature begins with, in the kernel's order:
+    no log_ops is -ENOTTY, then vfio_check_feature.  The ops to call, or None
+    for a PROBE (answered, nothing more to do)."""
+    if log_ops is None:
+        raise VfioError(errno.ENOTTY, "device has no DMA logging (log_ops)")
+    return log_ops if vfio_check_feature(flags, argsz, op, minsz) else None
 
 
 async def logging_start(
@@ -44,9 +51,8 @@ async def logging_start(
     ranges in the tree's order (by iova) and may change page_size, which is
     copied back into the control struct.
     """
-    if log_ops is None:
-        raise _no_log_ops()
-    if not vfio_check_feature(flags, argsz, VFIO_DEVICE_FEATURE_SET, DMA_LOGGING_CONTROL.size):
+    ops = _checked(log_ops, flags, argsz, VFIO_DEVICE_FEATURE_SET, DMA_LOGGING_CONTROL.size)
+    if ops is None:
         return
     page_size, num_ranges, reserved, ranges_addr = DMA_LOGGING_CONTROL.unpack(
         arg.copy_from(0, DMA_LOGGING_CONTROL.size)
@@ -74,21 +80,20 @@ async def logging_start(
         ranges.append((iova, length))
 
     ranges.sort(key=lambda r: r[0])  # stable: equal starts keep their order, as in the tree
-    page_size = await log_ops.log_start(ranges, page_size)
+    page_size = await ops.log_start(ranges, page_size)
     try:
         arg.copy_to(0, DMA_LOGGING_CONTROL.pack(page_size, num_ranges, reserved, ranges_addr))
     except VfioError:
-        await log_ops.log_stop()
+        await ops.log_stop()
         raise
 
 
 async def logging_stop(log_ops: VfioLogOps | None, flags: int, argsz: int) -> None:
     """VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP (SET, no data)."""
-    if log_ops is None:
-        raise _no_log_ops()
-    if not vfio_check_feature(flags, argsz, VFIO_DEVICE_FEATURE_SET, 0):
+    ops = _checked(log_ops, flags, argsz, VFIO_DEVICE_FEATURE_SET, 0)
+    if ops is None:
         return
-    await log_ops.log_stop()
+    await ops.log_stop()
 
 
 async def logging_report(
@@ -100,9 +105,8 @@ async def logging_report(
     must not wrap (-EOVERFLOW); nothing else is checked (a zero length reaches the
     driver).  iova_bitmap_for_each hands the driver the whole range in one call.
     """
-    if log_ops is None:
-        raise _no_log_ops()
-    if not vfio_check_feature(flags, argsz, VFIO_DEVICE_FEATURE_GET, DMA_LOGGING_REPORT.size):
+    ops = _checked(log_ops, flags, argsz, VFIO_DEVICE_FEATURE_GET, DMA_LOGGING_REPORT.size)
+    if ops is None:
         return
     iova, length, page_size, bitmap_addr = DMA_LOGGING_REPORT.unpack(
         arg.copy_from(0, DMA_LOGGING_REPORT.size)
@@ -112,4 +116,4 @@ async def logging_report(
     if iova + length > U64_MAX:
         raise VfioError(errno.EOVERFLOW, "iova + length wraps the address space")
     bitmap = IovaBitmap(user, bitmap_addr, iova, length, page_size)
-    await log_ops.log_read_and_clear(iova, length, bitmap)
+    await ops.log_read_and_clear(iova, length, bitmap)

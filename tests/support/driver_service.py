@@ -6,6 +6,11 @@ for as long as it lives (so the server closes its fds when it goes away) and
 turns a failed call into a `VfioCallError`: an OSError whose errno is the one
 in the status's ErrorInfo (domain "vfio.kernel").  A failure that carries no
 such ErrorInfo is re-raised as the grpc error it is, so a test sees it.
+
+It is not `vfioclient.VfioClient` on purpose: the service tests pin the wire
+contract, which the library hides (it folds a Status into an errno, computes
+argsz, drops the raw responses).  Tests of behaviour through the library use
+`vfioclient` itself (see `opened`).
 """
 
 from __future__ import annotations
@@ -303,6 +308,11 @@ class DriverUnderTest:
         vfs = await self.link.create_vfs(count, VfConfig(**{**SMALL_VF, **config}))
         await self.server.registry.refresh()  # probed now, as ListDevices would
         return [Vf(pci_name(v.function_id), v.vhca_id) for v in vfs]
+
+    async def open_vf(self, client: VfioClient) -> tuple[Vf, int]:
+        """One new VF (the small default), opened by `client`: (vf, its fd)."""
+        (vf,) = await self.create_vfs()
+        return vf, await client.open_device(vf.name)
 
     def registered(self, vf: Vf) -> Registered:
         """The driver's own objects behind a device (in-process checks)."""

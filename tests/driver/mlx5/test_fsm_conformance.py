@@ -13,23 +13,16 @@ from driver.mlx5.arcs import MLX5VF_ARCS
 from driver.vfio import fsm
 from driver.vfio.errors import VfioError
 from driver.vfio.uapi import MIG_STATE, Feature, MigState
+from tests.support import mlx5 as h
 from tests.support.fsm_reference import SetOutcome, SetState, expected, mismatches, parse_arcs
-from tests.support.mlx5 import (
-    P2P,
-    PRE,
-    SC,
-    SET,
-    Factory,
-    Mlx5Env,
-)
 
 S = MigState
-MLX5_FLAGS = SC | P2P | PRE  # mlx5vf_cmd_set_migratable offers all three
+MLX5_FLAGS = h.SC | h.P2P | h.PRE  # mlx5vf_cmd_set_migratable offers all three
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def mlx5_set_state(env: Mlx5Env, monkeypatch: pytest.MonkeyPatch) -> SetState:
+def mlx5_set_state(env: h.Mlx5Env, monkeypatch: pytest.MonkeyPatch) -> SetState:
     """SET on a fresh mlx5 VF brought to `cur` by SETs of its own; the arcs
     are the ones its step_device_state_locked was called for."""
 
@@ -51,7 +44,7 @@ def mlx5_set_state(env: Mlx5Env, monkeypatch: pytest.MonkeyPatch) -> SetState:
         monkeypatch.setattr(mvdev, "step_device_state_locked", recorded)
         data = bytearray(MIG_STATE.pack(new, 1234))
         try:
-            await env.drive(dev.feature(SET | Feature.MIG_DEVICE_STATE, data))
+            await env.drive(dev.feature(h.SET | Feature.MIG_DEVICE_STATE, data))
             code = None
         except VfioError as err:
             code = err.errno
@@ -62,7 +55,7 @@ def mlx5_set_state(env: Mlx5Env, monkeypatch: pytest.MonkeyPatch) -> SetState:
 
 @pytest.mark.parametrize("cur", list(S), ids=lambda s: s.name)
 async def test_mlx5_set_state_follows_the_reference_fsm(
-    mlx5_inproc: Factory, monkeypatch: pytest.MonkeyPatch, cur: MigState
+    mlx5_inproc: h.Factory, monkeypatch: pytest.MonkeyPatch, cur: MigState
 ) -> None:
     """vfio_mig_get_next_state + the arc loop on the real device: for every target,
     either EINVAL or exactly the reference's arcs, each a §1.2 arc, shortest, saving-group
@@ -80,7 +73,7 @@ def test_mlx5vf_steps_exactly_the_arcs_the_fsm_hands_out() -> None:
 
 
 async def test_the_mlx5_conformance_check_catches_a_wrong_table(
-    mlx5_inproc: Factory, monkeypatch: pytest.MonkeyPatch
+    mlx5_inproc: h.Factory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Guard on the guard: one wrong cell of the core's table (RUNNING->STOP straight to
     STOP) hands mlx5vf an arc it has no row for, and that is reported."""

@@ -9,22 +9,11 @@ import random
 
 import pytest
 
-from driver.vfio.uapi import VFIO_PRECOPY_INFO_REINIT
+from driver.vfio.uapi import VFIO_PRECOPY_INFO_REINIT, MigState
 from fwemu.link.ifc import KiB, MiB
-from tests.support.mlx5 import (
-    TAG_FW_DATA,
-    TAG_STOP_COPY_SIZE,
-    Dev,
-    Factory,
-    Mlx5Env,
-    S,
-    parse_stream,
-    precopy_info,
-    read_available,
-    read_to_eof,
-    vf_config,
-    write_all,
-)
+from tests.support import mlx5 as h
+
+S = MigState
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,7 +22,7 @@ CHUNK = 64 * KiB
 
 
 async def run_source(
-    env: Mlx5Env, src: Dev, *, v2: bool, rounds: int = 12, reconfigure_at: int = 3
+    env: h.Mlx5Env, src: h.Dev, *, v2: bool, rounds: int = 12, reconfigure_at: int = 3
 ) -> tuple[bytes, str, list[int]]:
     """PRE_COPY with GET_PRECOPY_INFO / read rounds and one reconfiguration,
     PRE_COPY_P2P, STOP_COPY, read to EOF, STOP.  Returns (stream, the stopped
@@ -46,33 +35,33 @@ async def run_source(
     for i in range(rounds):
         if i == reconfigure_at:
             await env.reconfigure(src, [("QP", 24 * KiB), ("MKEY", 8 * KiB)])
-        info = await precopy_info(f, flags=0xA5A5A5A5)
+        info = await h.precopy_info(f, flags=0xA5A5A5A5)
         flags_seen.append(info.flags)
         if v2 and info.flags & REINIT:
             assert info.dirty_bytes == 0
             assert info.initial_bytes > 32 * KiB
-        got = await read_available(f)
+        got = await h.read_available(f)
         stream += got
         await asyncio.sleep(0.005)  # the workload runs
     await src.set_state(S.PRE_COPY_P2P)
-    info = await precopy_info(f, flags=0xA5A5A5A5)
+    info = await h.precopy_info(f, flags=0xA5A5A5A5)
     assert not (v2 and info.flags)  # no REINIT in PRE_COPY_P2P
-    stream += await read_available(f)
+    stream += await h.read_available(f)
     await src.set_state(S.STOP_COPY)
-    stream += await read_to_eof(env, f)
+    stream += await h.read_to_eof(env, f)
     await src.set_state(S.STOP)
     vf = await src.vf()
     assert vf.initiator_suspended and vf.responder_suspended and not vf.tracking
     return bytes(stream), await src.digest(), flags_seen
 
 
-async def run_destination(dst: Dev, stream: bytes, rng: random.Random) -> str:
+async def run_destination(dst: h.Dev, stream: bytes, rng: random.Random) -> str:
     """STOP, RESUMING, the stream in random writes, STOP: the digest while the
     target is stopped; then RUNNING_P2P, RUNNING."""
     await dst.set_state(S.STOP)
     f = await dst.set_state(S.RESUMING)
     cuts = sorted(rng.randrange(len(stream)) for _ in range(50))
-    await write_all(f, stream, cuts)
+    await h.write_all(f, stream, cuts)
     await dst.set_state(S.STOP)
     digest = await dst.digest()
     await dst.set_state(S.RUNNING_P2P)
@@ -83,14 +72,14 @@ async def run_destination(dst: Dev, stream: bytes, rng: random.Random) -> str:
 
 
 @pytest.mark.parametrize("chunks", [False, True], ids=["whole", "chunks"])
-async def test_full_migration_with_workload_and_reinit(mlx5_wide: Factory, chunks: bool) -> None:
+async def test_full_migration_with_workload_and_reinit(mlx5_wide: h.Factory, chunks: bool) -> None:
     """A live migration through the driver: PRE_COPY with a workload and a
     reconfiguration (seen as REINIT with the v2 opt-in, §3.3), PRE_COPY_P2P,
     STOP_COPY, read to EOF, STOP; the destination loads the stream in random
     writes; the digests are equal while the target is stopped, and both VFs
     run again afterwards."""
     env = await mlx5_wide(max_chunk_size=CHUNK)
-    cfg = vf_config(
+    cfg = h.vf_config(
         1 * MiB, dirty=8 * MiB, chunks=chunks, chunk_size=CHUNK, latency=0.001, seed=None
     )
     src, dst = await env.devices(2, cfg)
@@ -100,9 +89,9 @@ async def test_full_migration_with_workload_and_reinit(mlx5_wide: Factory, chunk
     assert flags.index(REINIT) == 3  # the call right after the reconfiguration
     assert src.mvdev.stats.reinits == 1
 
-    recs = parse_stream(stream)
-    assert recs[0].tag == TAG_STOP_COPY_SIZE
-    assert all(r.tag == TAG_FW_DATA for r in recs[1:])
+    recs = h.parse_stream(stream)
+    assert recs[0].tag == h.TAG_STOP_COPY_SIZE
+    assert all(r.tag == h.TAG_FW_DATA for r in recs[1:])
     stop_copy_saves = [c for c in src.cmds() if c.brief in (("SAVE", 1, 0), ("SAVE", 0, 0))]
     if chunks:
         assert len(stop_copy_saves) >= 2  # the final image came in pieces
@@ -117,24 +106,24 @@ async def test_full_migration_with_workload_and_reinit(mlx5_wide: Factory, chunk
     assert await src.get_state() == S.RUNNING
 
 
-async def test_full_migration_v1_never_sees_reinit(mlx5_wide: Factory) -> None:
+async def test_full_migration_v1_never_sees_reinit(mlx5_wide: h.Factory) -> None:
     """The same migration without the opt-in: the flags are echoed on every
     call (0xA5A5A5A5), no REINIT, and the result is the same: equal digests."""
     env = await mlx5_wide()
-    src, dst = await env.devices(2, vf_config(512 * KiB, dirty=8 * MiB, latency=0.001))
+    src, dst = await env.devices(2, h.vf_config(512 * KiB, dirty=8 * MiB, latency=0.001))
     stream, src_digest, flags = await run_source(env, src, v2=False)
     assert flags == [0xA5A5A5A5] * len(flags)
     assert src.mvdev.stats.reinits == 0
     assert await run_destination(dst, stream, random.Random(8)) == src_digest
 
 
-async def test_two_migrations_at_once_do_not_interfere(mlx5_wide: Factory) -> None:
+async def test_two_migrations_at_once_do_not_interfere(mlx5_wide: h.Factory) -> None:
     """Two VFs migrating concurrently over the one link (completions of both
     interleave on it): each destination ends equal to its own source."""
     env = await mlx5_wide()
-    src1, src2, dst1, dst2 = await env.devices(4, vf_config(256 * KiB, dirty=4 * MiB))
+    src1, src2, dst1, dst2 = await env.devices(4, h.vf_config(256 * KiB, dirty=4 * MiB))
 
-    async def one(src: Dev, dst: Dev, seed: int) -> tuple[str, str]:
+    async def one(src: h.Dev, dst: h.Dev, seed: int) -> tuple[str, str]:
         stream, digest = (await run_source(env, src, v2=True, rounds=6))[:2]
         return digest, await run_destination(dst, stream, random.Random(seed))
 

@@ -12,19 +12,11 @@ import random
 import pytest
 
 from driver.vfio.errors import VfioError
-from driver.vfio.uapi import VFIO_PRECOPY_INFO_REINIT
+from driver.vfio.uapi import VFIO_PRECOPY_INFO_REINIT, MigState
 from fwemu.link.ifc import KiB
-from tests.support.mlx5 import (
-    STOP_COPY_SIZE_RECORD,
-    Dev,
-    Factory,
-    S,
-    parse_stream,
-    precopy_info,
-    read_to_eof,
-    vf_config,
-    write_all,
-)
+from tests.support import mlx5 as h
+
+S = MigState
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -32,10 +24,10 @@ REINIT = VFIO_PRECOPY_INFO_REINIT
 ECHO = 0x5A5A0000  # bit 0 clear: an echo is never mistaken for REINIT
 
 
-def queued_by_firmware(dev: Dev) -> int:
+def queued_by_firmware(dev: h.Dev) -> int:
     """Bytes the saving stream holds so far: the size record plus a 16-byte
     header and the image of every SAVE that completed successfully."""
-    return STOP_COPY_SIZE_RECORD + sum(
+    return h.STOP_COPY_SIZE_RECORD + sum(
         16 + int(c.completion.actual_image_size)
         for c in dev.cmds()
         if c.name == "SAVE" and c.completion is not None and c.completion.status == 0
@@ -44,7 +36,7 @@ def queued_by_firmware(dev: Dev) -> int:
 
 @pytest.mark.parametrize("v2", [True, False], ids=["v2", "v1"])
 @pytest.mark.parametrize("seed", range(4))
-async def test_precopy_info_follows_the_model(mlx5: Factory, seed: int, v2: bool) -> None:
+async def test_precopy_info_follows_the_model(mlx5: h.Factory, seed: int, v2: bool) -> None:
     """§5.8 as merged: initial_bytes falls by what was read and is replaced on
     REINIT by queued + inc_length + 16; REINIT comes exactly on the first info
     call after a reconfiguration (v2 only); past the initial bytes dirty_bytes
@@ -53,7 +45,7 @@ async def test_precopy_info_follows_the_model(mlx5: Factory, seed: int, v2: bool
     source's digest."""
     rng = random.Random(seed)
     env = await mlx5("virtual")
-    src, dst = await env.devices(2, vf_config(96 * KiB, dirty=1 << 20, reconfig_bytes=12 * KiB))
+    src, dst = await env.devices(2, h.vf_config(96 * KiB, dirty=1 << 20, reconfig_bytes=12 * KiB))
     if v2:
         await src.opt_in_v2()
     f = await src.set_state(S.PRE_COPY)
@@ -86,7 +78,7 @@ async def test_precopy_info_follows_the_model(mlx5: Factory, seed: int, v2: bool
             await env.settle(src)  # the ioctl would wait for the SAVE in flight anyway
             queued = queued_by_firmware(src) - len(stream)
             mark = src.mark()
-            info = await precopy_info(f, flags=ECHO)
+            info = await h.precopy_info(f, flags=ECHO)
             [q] = [c for c in src.cmds(mark) if c.name == "QUERY"]
             inc = q.result.required_umem_size
             saves = [c.brief for c in src.cmds(mark) if c.name == "SAVE"]
@@ -113,12 +105,12 @@ async def test_precopy_info_follows_the_model(mlx5: Factory, seed: int, v2: bool
     await env.settle(src)
     await src.set_state(S.PRE_COPY_P2P)
     await src.set_state(S.STOP_COPY)
-    stream += await read_to_eof(env, f)
+    stream += await h.read_to_eof(env, f)
     await src.set_state(S.STOP)
-    assert sum(16 + r.size for r in parse_stream(bytes(stream))) == len(stream)
+    assert sum(16 + r.size for r in h.parse_stream(bytes(stream))) == len(stream)
     digest = await src.digest()
     await dst.set_state(S.STOP)
     rf = await dst.set_state(S.RESUMING)
-    await write_all(rf, bytes(stream), [rng.randrange(len(stream)) for _ in range(20)])
+    await h.write_all(rf, bytes(stream), [rng.randrange(len(stream)) for _ in range(20)])
     await dst.set_state(S.STOP)
     assert await dst.digest() == digest

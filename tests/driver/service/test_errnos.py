@@ -53,8 +53,7 @@ async def fails_with(call: Awaitable[object], code: int) -> VfioCallError:
 
 async def test_argsz_below_the_header_is_einval(drv: DriverUnderTest, client: VfioClient) -> None:
     """vfio_ioctl_device_feature: argsz < sizeof(struct vfio_device_feature) -> -EINVAL."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     await fails_with(client.device_feature(fd, 4, GET | Feature.MIGRATION), errno.EINVAL)
     # A data part shorter than the feature's minsz is EINVAL too (vfio_check_feature).
     await fails_with(
@@ -66,8 +65,7 @@ async def test_argsz_below_the_header_is_einval(drv: DriverUnderTest, client: Vf
 async def test_unknown_feature_is_enotty(drv: DriverUnderTest, client: VfioClient) -> None:
     """A feature index the core does not know goes to the driver's device_feature,
     which mlx5vf answers -ENOTTY."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     await fails_with(client.device_feature(fd, 16, GET | 13, bytes(8)), errno.ENOTTY)
 
 
@@ -85,8 +83,7 @@ async def test_migration_features_without_migration_are_enotty(
 
 async def test_short_argument_memory_is_efault(drv: DriverUnderTest, client: VfioClient) -> None:
     """argsz promises 8 data bytes the caller does not have: copy_from_user faults."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     flags = SET | Feature.MIG_DEVICE_STATE
     await fails_with(client.device_feature(fd, MIG_STATE_ARGSZ, flags, bytes(4)), errno.EFAULT)
 
@@ -96,8 +93,7 @@ async def test_read_at_the_temporary_end_of_precopy_is_enomsg(
 ) -> None:
     """PRE_COPY with nothing left to read: read() fails with ENOMSG (a temporary
     end of stream; OUT_OF_RANGE), never returns 0."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     dfd = await client.set_state(fd, S.PRE_COPY)
     initial = (await client.precopy_info(dfd)).initial_bytes
     assert len(await client.read(dfd, initial)) == initial
@@ -124,8 +120,7 @@ async def test_unknown_mandatory_record_is_eopnotsupp_then_the_file_is_enodev(
 ) -> None:
     """mlx5vf_resume_write: an unknown tag without TAG_OPTIONAL -> -EOPNOTSUPP;
     the error latches the file in ERROR, so the next write is -ENODEV."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     await client.set_state(fd, S.STOP)
     dfd = await client.set_state(fd, S.RESUMING)
     record = MIGRATION_HEADER.pack(0, 0, 0x80)  # tag 0x80, mandatory
@@ -138,8 +133,7 @@ async def test_reads_of_a_file_whose_device_was_closed_are_enodev(
 ) -> None:
     """Closing the device fd is its last close: close_device disables the data
     files, whose reads then fail with -ENODEV (FAILED_PRECONDITION)."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     dfd = await client.set_state(fd, S.PRE_COPY)
     await client.close(fd)
     await fails_with(client.read(dfd, 100), errno.ENODEV)
@@ -149,8 +143,7 @@ async def test_reads_of_a_file_whose_device_was_closed_are_enodev(
 async def test_unsupported_state_target_is_einval(drv: DriverUnderTest, client: VfioClient) -> None:
     """vfio_mig_get_next_state: STOP_COPY -> PRE_COPY has no path: -EINVAL, and
     ERROR is never a valid target."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     await client.set_state(fd, S.STOP)
     await client.set_state(fd, S.STOP_COPY)
     await fails_with(client.set_state(fd, S.PRE_COPY), errno.EINVAL)
@@ -172,8 +165,7 @@ async def test_firmware_status_reaches_the_caller_as_its_errno(
 ) -> None:
     """mlx5_cmd_check: a failed synchronous command is the status's errno
     (RUNNING -> STOP starts with SUSPEND_VHCA)."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    vf, fd = await drv.open_vf(client)
     await drv.link.inject_fault(
         vf.vhca_id, Fault(FaultKind.FAIL, opcode=Opcode.SUSPEND_VHCA, status=status)
     )
@@ -186,8 +178,7 @@ async def test_commands_of_a_removed_vf_are_enotconn(
 ) -> None:
     """A VF that went away (SR-IOV disabled) is detached: every firmware command
     of mlx5vf fails with -ENOTCONN (UNAVAILABLE)."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    vf, fd = await drv.open_vf(client)
     await drv.link.remove_vf(vf.vhca_id)
     assert vf.name in [d.name for d in await client.list_devices()]  # still open: still listed
     await fails_with(client.set_state(fd, S.STOP), errno.ENOTCONN)
@@ -254,8 +245,7 @@ async def test_a_device_fd_state_change_that_opens_nothing_reports_minus_one(
 ) -> None:
     """MIG_DEVICE_STATE SET without a new file copies back data_fd = -1 (and
     DeviceFeatureResponse.data_fd says the same)."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     r = await client.device_feature(
         fd, MIG_STATE_ARGSZ, SET | Feature.MIG_DEVICE_STATE, MIG_STATE.pack(S.STOP, 1234)
     )

@@ -60,8 +60,7 @@ async def test_close_of_an_fd_that_is_not_open_is_ebadf(
     drv: DriverUnderTest, client: VfioClient
 ) -> None:
     """close(2) twice: the second is EBADF; so is any fd never handed out."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     await client.close(fd)
     assert await errno_of(client.close(fd)) == errno.EBADF
     assert await errno_of(client.close(-1)) == errno.EBADF
@@ -114,8 +113,7 @@ async def test_the_same_client_id_on_another_channel_is_the_same_client(
     drv: DriverUnderTest, client: VfioClient
 ) -> None:
     """The client is named by x-vfio-client, not by its connection."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    vf, fd = await drv.open_vf(client)
     async with VfioClient(drv.target, client.client_id) as again:
         assert await again.get_state(fd) == S.RUNNING
         assert await again.open_device(vf.name) == fd + 1
@@ -151,8 +149,7 @@ async def test_the_opt_in_stays_while_another_client_has_the_device_open(
 ) -> None:
     """precopy_info_v2 is device-wide and cleared only at the LAST close: one
     client going away does not clear it while another still has the device."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    vf, fd = await drv.open_vf(client)
     leaving = await VfioClient.connect(drv.target)
     lfd = await leaving.open_device(vf.name)
     await leaving.device_feature(lfd, 8, V2_OPT_IN)

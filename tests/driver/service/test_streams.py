@@ -47,8 +47,7 @@ pytestmark = pytest.mark.grpc
 
 async def stopped_source(drv: DriverUnderTest, client: VfioClient) -> tuple[int, int]:
     """A device in STOP_COPY and its saving fd."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     await client.set_state(fd, S.STOP)
     return fd, await client.set_state(fd, S.STOP_COPY)
 
@@ -78,8 +77,7 @@ async def test_read_stream_in_pre_copy_sends_what_is_there_then_enomsg(
 ) -> None:
     """PRE_COPY: the stream sends the initial bytes available now, then read()
     fails with ENOMSG (temporary end) and so does the stream: OUT_OF_RANGE."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     dfd = await client.set_state(fd, S.PRE_COPY)
     info = await client.precopy_info(dfd)
     chunks, err = await client.read_all(dfd, chunk_size=100_000)
@@ -110,8 +108,7 @@ async def test_a_nonblocking_read_stream_on_an_empty_resume_side_fails(
 ) -> None:
     """ReadStream reports the errno read() fails with, before any data: a
     resuming fd is write-only (EBADF)."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     await client.set_state(fd, S.STOP)
     resuming = await client.set_state(fd, S.RESUMING)
     chunks, err = await client.read_all(resuming, nonblock=True)
@@ -146,8 +143,7 @@ async def test_write_failure_says_how_much_earlier_writes_took(
     """Each message is one write(2): the first (a valid record) is taken, the
     second (a mandatory record of an unknown tag) fails with EOPNOTSUPP, and
     the ErrorInfo metadata "written" is what the first took."""
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     await client.set_state(fd, S.STOP)
     resuming = await client.set_state(fd, S.RESUMING)
     good = MIGRATION_HEADER.pack(8, 1, 1) + (4096).to_bytes(8, "little")

@@ -127,8 +127,7 @@ async def test_precopy_read_into_answers_enomsg_when_empty(
 ) -> None:
     """PRE_COPY: the initial bytes, then ENOMSG (empty for now), as read()."""
     addr = await map_(client, segment.name, SEG)
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     dfd = await client.set_state(fd, S.PRE_COPY)
     initial = (await client.precopy_info(dfd)).initial_bytes
     got = 0
@@ -277,8 +276,7 @@ async def test_read_into_stream_answers_errors_in_band_then_ecanceled(
          r(fd=saving, addr=addr, count=100)],
     )  # fmt: skip
     assert answers == [(100, 0), (0, errno.EFAULT), (0, errno.ECANCELED)]
-    (vf,) = await drv.create_vfs()
-    fd = await client.open_device(vf.name)
+    _, fd = await drv.open_vf(client)
     pre = await client.set_state(fd, S.PRE_COPY)
     initial = (await client.precopy_info(pre)).initial_bytes
     reqs = [r(fd=pre, addr=addr, count=SEG)] * 40
