@@ -31,8 +31,7 @@ import errno
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 
@@ -58,6 +57,19 @@ from grpcsvc.server import CHANNEL_OPTIONS
 T = TypeVar("T")
 EVENTS_KEY = "x-vfio-events"  # the Events stream's initial metadata once subscribed
 FEATURE_HEADER_SIZE = 8
+
+
+class AsyncClosing:
+    """A client that `async with` closes: its aclose() on the way out."""
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 class VfioClientError(OSError):
@@ -112,7 +124,7 @@ class Device:
     driver: str
 
 
-class VfioClient:
+class VfioClient(AsyncClosing):
     """One client (a 'process') of a vfio-driver service."""
 
     def __init__(self, target: str, *, client_id: str | None = None) -> None:
@@ -151,14 +163,6 @@ class VfioClient:
             self._session.cancel()
             self._session = None
         await self.channel.close(None)
-
-    async def __aenter__(self) -> VfioClient:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:
@@ -236,6 +240,10 @@ class VfioClient:
     async def probe(self, fd: int, feature: int, ops: int = 0) -> bool:
         """PROBE a feature (with GET/SET bits in `ops`): supported or not."""
         return await self._feature_supported(fd, feature | VFIO_DEVICE_FEATURE_PROBE | ops)
+
+    async def dma_logging_supported(self, fd: int) -> bool:
+        """PROBE DMA_LOGGING_START (QEMU's vfio_dma_logging_supported())."""
+        return await self.probe(fd, Feature.DMA_LOGGING_START, VFIO_DEVICE_FEATURE_SET)
 
     async def enable_precopy_info_v2(self, fd: int) -> bool:
         """SET MIG_PRECOPY_INFOv2 (the REINIT opt-in); False on a kernel without it."""
@@ -440,7 +448,7 @@ def _event(m: pb.Event) -> Event | None:
     return Event(m.time, m.device, payload, m.client, m.data_fd, m.stream)
 
 
-class EventStream:
+class EventStream(AsyncClosing):
     """An Events call: iterate it for `driver.api.events.Event`s; it ends when the
     server stops (or `aclose`).  `ready()` returns once the subscription is
     live, so nothing that happens after it is missed."""
@@ -474,12 +482,6 @@ class EventStream:
 
     async def aclose(self) -> None:
         self._call.cancel()
-
-    async def __aenter__(self) -> EventStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
 
 
 async def read_all(client: VfioClient, fd: int, chunk_size: int = 1 << 20) -> bytes:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypedDict, TypeVar, Unpack
 
 from fwemu.link.base import LinkError
 from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import CmdStatus, Fault, FaultKind, Opcode, Syndrome
+
+from .client import AsyncClosing
 
 __all__ = ["FAULT_KINDS", "ScenarioClient", "ScenarioClientError", "make_fault"]
 
@@ -98,7 +99,7 @@ def _scenario_call(
     return call
 
 
-class ScenarioClient:
+class ScenarioClient(AsyncClosing):
     """A client of one firmware's Scenario service."""
 
     def __init__(self, link: GrpcLink) -> None:
@@ -122,14 +123,6 @@ class ScenarioClient:
 
     async def aclose(self) -> None:
         await self.link.close()
-
-    async def __aenter__(self) -> ScenarioClient:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     # --- VFs -------------------------------------------------------------------------
 

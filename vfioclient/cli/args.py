@@ -1,5 +1,6 @@
 """vfioctl's argument types: each turns a word of the command line into a
-value, or an argparse error naming what is wrong with it."""
+value, or an argparse error naming what is wrong with it; and the arguments
+several commands declare alike."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 
 from driver.vfio.uapi import MigState
 from grpcsvc.units import byte_size
+
+from ..usermem import DATA_PATHS
 
 
 def state(text: str) -> MigState:
@@ -46,3 +49,15 @@ def object_spec(text: str) -> tuple[str, int]:
         return (kind.upper() or "QP"), (byte_size(amount) if sep else 4096)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not TYPE[:SIZE], e.g. QP:4096") from None
+
+
+def add_byte_rate(
+    p: argparse.ArgumentParser, flag: str, *, default: int, help: str, metavar: str = "BYTES_PER_S"
+) -> None:
+    """A rate in bytes per second (e.g. 1GiB)."""
+    p.add_argument(flag, type=byte_size, default=default, metavar=metavar, help=help)
+
+
+def add_data_path(p: argparse.ArgumentParser, *, help: str) -> None:
+    """--data-path: how a migration's data moves (MigrationOptions.data_path)."""
+    p.add_argument("--data-path", choices=DATA_PATHS, default="auto", help=help)

@@ -13,6 +13,7 @@ from driver.vfio.uapi import MigState
 
 from ..client import VfioClient, VfioClientError
 from .args import positive
+from .command import Command
 from .output import CliError, Out
 from .precopy import info_dict, info_text
 
@@ -33,6 +34,11 @@ async def _drain(c: VfioClient, data_fd: int, f: Any) -> int:
 
 
 async def cmd_save(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    """save a device's state to a file
+
+    RUNNING -> STOP -> STOP_COPY, read the data fd to its end into FILE, -> STOP
+    (the device is left STOP). With --precopy go through PRE_COPY first,
+    reading what is available each iteration and printing PRECOPY_INFO."""
     fd = await c.open_device(args.device)
     try:
         await _save(c, fd, args, out)
@@ -87,6 +93,10 @@ async def _save(c: VfioClient, fd: int, args: argparse.Namespace, out: Out) -> N
 
 
 async def cmd_load(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    """load a device's state from a file
+
+    -> RESUMING, write FILE into the data fd, -> STOP (the driver loads and
+    validates it); with --run go on to RUNNING."""
     f = open(args.file, "rb")  # noqa: SIM115 - closed below; open errors before any RPC
     try:
         fd = await c.open_device(args.device)
@@ -110,18 +120,7 @@ async def cmd_load(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
     out.line(f"{args.device}: loaded {written} bytes from {args.file}; device {final.name}")
 
 
-COMMANDS = {"save": cmd_save, "load": cmd_load}
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    s = sub.add_parser(
-        "save",
-        help="save a device's state to a file",
-        description="RUNNING -> STOP -> STOP_COPY, read the data fd to its end into FILE, "
-        "-> STOP (the device is left STOP). With --precopy go through PRE_COPY first, "
-        "reading what is available each iteration and printing PRECOPY_INFO.",
-    )
-    s.add_argument("device", metavar="DEVICE")
+def _save_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("file", metavar="FILE")
     s.add_argument("--precopy", action="store_true", help="iterate in PRE_COPY first")
     s.add_argument(
@@ -132,12 +131,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="at most N precopy iterations (default 8; ends early when nothing is left)",
     )
 
-    s = sub.add_parser(
-        "load",
-        help="load a device's state from a file",
-        description="-> RESUMING, write FILE into the data fd, -> STOP (the driver loads "
-        "and validates it); with --run go on to RUNNING.",
-    )
-    s.add_argument("device", metavar="DEVICE")
+
+def _load_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("file", metavar="FILE")
     s.add_argument("--run", action="store_true", help="end RUNNING instead of STOP")
+
+
+SAVE = Command(cmd_save, _save_arguments, device=True)
+LOAD = Command(cmd_load, _load_arguments, device=True)

@@ -32,11 +32,11 @@ from ..migration import (
     DevicePair,
     MigrationError,
     MigrationOptions,
-    TerminalProgress,
     migrate,
     report_text,
 )
-from ..usermem import DATA_PATHS
+from .args import add_byte_rate, add_data_path
+from .migrate import migration_options
 
 
 @dataclass
@@ -140,12 +140,7 @@ def format_report(r: DemoResult) -> str:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    options = MigrationOptions(
-        downtime_limit_s=args.downtime_limit,
-        bandwidth_estimate=args.bandwidth,
-        progress=TerminalProgress(),  # draws only on a TTY, never under CI
-        data_path=args.data_path,
-    )
+    options = migration_options(args)
     if not args.driver and args.size > options.threshold:
         # mlx5vf reports the whole device state as MIG_DATA_SIZE: a QEMU-like
         # switchover never happens while it exceeds bandwidth x downtime.
@@ -197,26 +192,17 @@ def parser() -> argparse.ArgumentParser:
         help="the destination firmware's Scenario service (default: the --dst-driver address)",
     )
     p.add_argument("--size", type=byte_size, default=64 << 20, help="VF state (embedded)")
-    p.add_argument(
-        "--dirty-rate",
-        type=byte_size,
-        default=16 << 20,
-        metavar="BYTES_PER_S",
-        help="workload while the VF runs (embedded)",
-    )
+    add_byte_rate(p, "--dirty-rate", default=16 << 20, help="workload while the VF runs (embedded)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--downtime-limit", type=float, default=0.3, metavar="SECONDS")
-    p.add_argument(
+    add_byte_rate(
+        p,
         "--bandwidth",
-        type=byte_size,
         default=256 << 20,
-        metavar="BYTES_PER_S",
         help="the link bandwidth the switchover decision assumes",
     )
-    p.add_argument(
-        "--data-path",
-        choices=DATA_PATHS,
-        default="auto",
+    add_data_path(
+        p,
         help="shared memory the drivers map (auto: where they can), or gRPC messages",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -16,6 +16,7 @@ from driver.vfio.uapi import (
 )
 
 from ..client import Device, VfioClient, VfioClientError
+from .command import Command
 from .output import Out
 
 
@@ -36,6 +37,9 @@ def flag_names(flags: int) -> list[str]:
 
 
 async def cmd_list(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    """list devices
+
+    List the service's devices."""
     devs = await c.list_devices()
     out.doc({"devices": [{**asdict(d), "migration": flag_names(d.migration_flags)} for d in devs]})
     out.line(f"{'DEVICE':<14} {'VHCA':>5} {'FN':>4} {'OPEN':>4}  {'DRIVER':<10} MIGRATION")
@@ -55,6 +59,10 @@ async def _find(c: VfioClient, name: str) -> Device | None:
 
 
 async def cmd_show(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    """show a device's migration support and state
+
+    Migration flags (decoded), the FSM state, MIG_DATA_SIZE, and whether DMA
+    logging and MIG_PRECOPY_INFOv2 are supported (PROBE)."""
     fd = await c.open_device(args.device)
     dev = await _find(c, args.device)
     doc: dict[str, Any] = {"device": args.device}
@@ -74,7 +82,7 @@ async def cmd_show(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
         except VfioClientError as e:
             doc["mig_data_size"] = None
             doc["mig_data_size_error"] = e.name
-        doc["dma_logging"] = await c.probe(fd, Feature.DMA_LOGGING_START, VFIO_DEVICE_FEATURE_SET)
+        doc["dma_logging"] = await c.dma_logging_supported(fd)
         doc["precopy_info_v2"] = await c.probe(
             fd, Feature.MIG_PRECOPY_INFOv2, VFIO_DEVICE_FEATURE_SET
         )
@@ -90,6 +98,9 @@ async def cmd_show(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
 
 
 async def cmd_reset(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    """reset a device
+
+    VFIO_DEVICE_RESET."""
     fd = await c.open_device(args.device)
     await c.reset(fd)
     try:
@@ -100,21 +111,6 @@ async def cmd_reset(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
     out.line(f"{args.device}: reset" + (f", state {state}" if state else ""))
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "reset": cmd_reset}
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sub.add_parser("list", help="list devices", description="List the service's devices.")
-
-    s = sub.add_parser(
-        "show",
-        help="show a device's migration support and state",
-        description="Migration flags (decoded), the FSM state, MIG_DATA_SIZE, and whether "
-        "DMA logging and MIG_PRECOPY_INFOv2 are supported (PROBE).",
-    )
-    s.add_argument("device", metavar="DEVICE", help="PCI name, e.g. 0000:81:00.1")
-
-
-def add_reset_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    s = sub.add_parser("reset", help="reset a device", description="VFIO_DEVICE_RESET.")
-    s.add_argument("device", metavar="DEVICE")
+LIST = Command(cmd_list)
+SHOW = Command(cmd_show, device="PCI name, e.g. 0000:81:00.1")
+RESET = Command(cmd_reset, device=True)

@@ -18,6 +18,7 @@ from driver.api.events import (
 )
 
 from ..client import VfioClient
+from .command import Command
 from .output import Out
 
 
@@ -65,6 +66,11 @@ def event_line(ev: Event) -> str:
 
 
 async def cmd_events(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    """print the driver's events live
+
+    Follow state changes, precopy info answers, SAVE completions and failures,
+    errno answers and audit findings as they happen, one line each (JSON lines
+    with --json), until Ctrl-C or the service stops (exit 0 either way)."""
     async with c.events(args.device) as events:
         await events.ready()
         out.note(f"following {args.device or 'every device'} (Ctrl-C to stop)")
@@ -76,6 +82,11 @@ async def cmd_events(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
 
 
 async def cmd_audit(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    """what clients did that would go wrong, or slow, on a real device
+
+    The orchestrator audit's findings (rule id, client, what happened and what
+    to do instead, and the kernel or QEMU source the rule comes from). Exit 0
+    with or without findings."""
     report = await c.audit(args.device)
     out.doc(
         {
@@ -96,26 +107,15 @@ async def cmd_audit(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
     out.line(f"counts: {counts}")
 
 
-COMMANDS = {"events": cmd_events, "audit": cmd_audit}
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    s = sub.add_parser(
-        "events",
-        help="print the driver's events live",
-        description="Follow state changes, precopy info answers, SAVE completions and "
-        "failures, errno answers and audit findings as they happen, one line each (JSON lines "
-        "with --json), until Ctrl-C or the service stops (exit 0 either way).",
-    )
+def _events_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--device", metavar="DEVICE", help="only this device (default: all)")
     s.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON lines")
 
-    s = sub.add_parser(
-        "audit",
-        help="what clients did that would go wrong, or slow, on a real device",
-        description="The orchestrator audit's findings (rule id, client, what happened and "
-        "what to do instead, and the kernel or QEMU source the rule comes from). Exit 0 with "
-        "or without findings.",
-    )
+
+def _audit_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("device", metavar="DEVICE", nargs="?", help="one device (default: all)")
     s.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="one document")
+
+
+EVENTS = Command(cmd_events, _events_arguments)
+AUDIT = Command(cmd_audit, _audit_arguments)

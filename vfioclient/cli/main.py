@@ -4,7 +4,8 @@ Exit codes: 0 success, 1 the operation failed (the errno name and a hint are
 printed), 2 usage errors.  `--json` prints one JSON document on stdout (on
 failure: {"error": {"errno": ..., "name": ..., "message": ..., "hint": ...}}).
 
-Each command group has its module, with its `add_parser`; `demo` has its own
+Each command group has its module, each command a Command (command.py) in
+COMMANDS below; `scenario` adds its own subcommands, and `demo` has its own
 parser (demo.py) and gets the rest of the command line.
 """
 
@@ -16,24 +17,29 @@ import contextlib
 import errno
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 from ..client import VfioClient, VfioClientError
 from ..scenario import ScenarioClientError
 from . import data, demo, devices, events, migrate, precopy, scenario, state
 from .args import seconds
+from .command import Command
 from .output import HINTS, PROG, CliError, Out, fail
 
 DEFAULT_DRIVER = "127.0.0.1:50052"
 
-Command = Callable[[VfioClient, argparse.Namespace, Out], Awaitable[None]]
+# In the order of the command list (`demo` first, `scenario` last).
 COMMANDS: dict[str, Command] = {
-    **devices.COMMANDS,
-    **state.COMMANDS,
-    **data.COMMANDS,
-    **precopy.COMMANDS,
-    **migrate.COMMANDS,
-    **events.COMMANDS,
+    "list": devices.LIST,
+    "show": devices.SHOW,
+    "set-state": state.SET_STATE,
+    "save": data.SAVE,
+    "load": data.LOAD,
+    "precopy-info": precopy.PRECOPY_INFO,
+    "reset": devices.RESET,
+    "migrate": migrate.MIGRATE,
+    "events": events.EVENTS,
+    "audit": events.AUDIT,
 }
 
 
@@ -63,13 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo.add_parser(sub)
-    devices.add_parser(sub)  # list, show
-    state.add_parser(sub)
-    data.add_parser(sub)  # save, load
-    precopy.add_parser(sub)
-    devices.add_reset_parser(sub)  # listed after precopy-info, as it always was
-    migrate.add_parser(sub)
-    events.add_parser(sub)  # events, audit
+    for name, command in COMMANDS.items():
+        command.add_to(sub, name)
     scenario.add_parser(sub)
     return p
 
@@ -80,7 +81,7 @@ async def _run(args: argparse.Namespace, out: Out) -> None:
         return
     c = await VfioClient.connect(args.driver, timeout=args.timeout)
     try:
-        await COMMANDS[args.command](c, args, out)
+        await COMMANDS[args.command].run(c, args, out)
     finally:
         await c.aclose()
 

@@ -8,7 +8,6 @@ import os
 from typing import Any
 
 from driver.shards import SHARDS_ENV, ShardMap, ShardSpecError, shards_argument, shards_from_env
-from grpcsvc.units import byte_size
 
 from ..client import VfioClient, VfioClientError
 from ..migration import (
@@ -20,13 +19,29 @@ from ..migration import (
     report_text,
 )
 from ..scenario import ScenarioClient, ScenarioClientError
-from ..usermem import DATA_PATHS
-from .args import positive, seconds
+from .args import add_byte_rate, add_data_path, positive, seconds
+from .command import Command
 from .output import CliError, Out
 
 
-async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+def migration_options(args: argparse.Namespace, **more: Any) -> MigrationOptions:
+    """The options migrate and demo both take (--downtime-limit, --bandwidth,
+    --data-path), with a progress line, and `more`."""
+    return MigrationOptions(
+        downtime_limit_s=args.downtime_limit,
+        bandwidth_estimate=args.bandwidth,
+        progress=TerminalProgress(),  # draws only on a TTY, never under CI
+        data_path=args.data_path,
+        **more,
+    )
 
+
+async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    """migrate a device to another (QEMU-style)
+
+    Migrate SRC to DST with vfioclient.migration (precopy, switchover-ack,
+    REINIT handling) and print the report. On failure the source is left
+    RUNNING."""
     dst = c
     dst_driver = args.dst_driver or args.driver
     if dst_driver != args.driver:
@@ -35,13 +50,10 @@ async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None
     try:
         sfd = await c.open_device(args.src)
         dfd = await dst.open_device(args.dst)
-        opts = MigrationOptions(
-            downtime_limit_s=args.downtime_limit,
-            bandwidth_estimate=args.bandwidth,
+        opts = migration_options(
+            args,
             max_precopy_iterations=args.max_iterations,
             fail_on_late_reinit=not args.allow_late_reinit,
-            progress=TerminalProgress(),  # draws only on a TTY, never under CI
-            data_path=args.data_path,
         )
         if args.verify != "no":
             shards = _shard_map(args)
@@ -134,25 +146,16 @@ async def _verifier(
     return digests
 
 
-COMMANDS = {"migrate": cmd_migrate}
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    s = sub.add_parser(
-        "migrate",
-        help="migrate a device to another (QEMU-style)",
-        description="Migrate SRC to DST with vfioclient.migration (precopy, switchover-ack, "
-        "REINIT handling) and print the report. On failure the source is left RUNNING.",
-    )
+def _arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("src", metavar="SRC", help="source device (on --driver)")
     s.add_argument("dst", metavar="DST", help="destination device (on --dst-driver)")
     s.add_argument(
         "--dst-driver", metavar="HOST:PORT", help="the destination's service (default --driver)"
     )
     s.add_argument("--downtime-limit", type=seconds, default=0.3, metavar="S", help="default 0.3 s")
-    s.add_argument(
+    add_byte_rate(
+        s,
         "--bandwidth",
-        type=byte_size,
         default=1 << 30,
         metavar="B",
         help="bandwidth estimate in bytes/s (e.g. 1GiB; default 1GiB)",
@@ -163,10 +166,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="a REINIT after the switchover decision goes back to precopy instead of failing",
     )
-    s.add_argument(
-        "--data-path",
-        choices=DATA_PATHS,
-        default="auto",
+    add_data_path(
+        s,
         help="how the data moves: through shared memory the drivers map (same host; no "
         "data over gRPC), or over gRPC (auto: shared memory where a driver can map it)",
     )
@@ -195,3 +196,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="the firmware shard map (HOST:PORT,... or TEMPLATE@N, as vfio-driver's): a "
         "device's firmware is its PCI domain's shard (default: $" + SHARDS_ENV + ")",
     )
+
+
+MIGRATE = Command(cmd_migrate, _arguments)

@@ -11,6 +11,7 @@ from driver.vfio.uapi import VFIO_PRECOPY_INFO_REINIT, MigState
 
 from ..client import PrecopyInfo, VfioClient
 from .args import positive, seconds
+from .command import Command
 from .output import CliError, Out
 
 
@@ -29,6 +30,9 @@ def info_text(i: PrecopyInfo) -> str:
 
 
 async def cmd_precopy_info(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    """print VFIO_MIG_GET_PRECOPY_INFO in PRE_COPY
+
+    Open PRE_COPY, print the precopy info a few times, return to RUNNING."""
     fd = await c.open_device(args.device)
     v2: bool | None = None
     if not args.v1:
@@ -54,16 +58,7 @@ async def cmd_precopy_info(c: VfioClient, args: argparse.Namespace, out: Out) ->
     out.doc({"device": args.device, "v2": v2, "info": infos, "state": MigState.RUNNING.name})
 
 
-COMMANDS = {"precopy-info": cmd_precopy_info}
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    s = sub.add_parser(
-        "precopy-info",
-        help="print VFIO_MIG_GET_PRECOPY_INFO in PRE_COPY",
-        description="Open PRE_COPY, print the precopy info a few times, return to RUNNING.",
-    )
-    s.add_argument("device", metavar="DEVICE")
+def _arguments(s: argparse.ArgumentParser) -> None:
     g = s.add_mutually_exclusive_group()
     g.add_argument("--v1", action="store_true", help="no MIG_PRECOPY_INFOv2 opt-in")
     g.add_argument(
@@ -71,3 +66,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     s.add_argument("--iterations", type=positive, default=3, metavar="N", help="default 3")
     s.add_argument("--interval", type=seconds, default=0.1, metavar="SECONDS", help="default 0.1")
+
+
+PRECOPY_INFO = Command(cmd_precopy_info, _arguments, device=True)

@@ -11,6 +11,7 @@ from grpcsvc.units import byte_size
 
 from ..scenario import FAULT_KINDS, ScenarioClient
 from .args import object_spec, positive
+from .command import Subparsers
 from .output import CliError, Out
 
 
@@ -90,7 +91,16 @@ async def run_scenario(args: argparse.Namespace, out: Out) -> None:
         await s.aclose()
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_vf_action(
+    ssub: Subparsers, name: str, *, help: str, description: str, nargs: str | None = None
+) -> argparse.ArgumentParser:
+    """An action on a VF (VF: a vhca id or a PCI device name), or on several (nargs)."""
+    s = ssub.add_parser(name, help=help, description=description)
+    s.add_argument("vf", metavar="VF", nargs=nargs)
+    return s
+
+
+def add_parser(sub: Subparsers) -> None:
     sc = sub.add_parser(
         "scenario",
         help="the firmware's Scenario service (digests, VFs, reconfigurations, faults)",
@@ -105,18 +115,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s = ssub.add_parser("vfs", help="list VFs (or create some)", description="List the VFs.")
     s.add_argument("--create", type=positive, metavar="N", help="create N VFs first")
     s.add_argument("--size", type=byte_size, metavar="BYTES", help="state size of created VFs")
-    s = ssub.add_parser(
+    _add_vf_action(
+        ssub,
         "digest",
         help="VF state digests",
         description="Digest of each VF's state (stable while the VF is suspended).",
+        nargs="+",
     )
-    s.add_argument("vf", metavar="VF", nargs="+")
-    s = ssub.add_parser(
+    s = _add_vf_action(
+        ssub,
         "reconfigure",
         help="reconfigure a VF (now, at a time, or after N saved bytes)",
         description="Add objects to a VF: during PRE_COPY this makes the driver REINIT.",
     )
-    s.add_argument("vf", metavar="VF")
     s.add_argument(
         "--object",
         type=object_spec,
@@ -127,12 +138,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     g = s.add_mutually_exclusive_group()
     g.add_argument("--at-time", type=float, metavar="T", help="at firmware time T")
     g.add_argument("--after-saved-bytes", type=byte_size, metavar="N", help="after N saved bytes")
-    s = ssub.add_parser(
+    s = _add_vf_action(
+        ssub,
         "fault",
         help="inject a firmware fault",
         description="Arm a fault on a VF's next matching command(s).",
     )
-    s.add_argument("vf", metavar="VF")
     s.add_argument("kind", metavar="KIND", choices=FAULT_KINDS, help=", ".join(FAULT_KINDS))
     s.add_argument("--opcode", default="SAVE_VHCA_STATE", help="command (name or number)")
     s.add_argument("--status", default="INT_ERR", help="firmware status (name or number)")

@@ -8,10 +8,16 @@ from driver.vfio.uapi import MigState
 
 from ..client import VfioClient
 from .args import state
+from .command import Command
 from .output import Out
 
 
 async def cmd_set_state(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    """set the migration state (shows the arc works)
+
+    SET MIG_DEVICE_STATE and print the data fd if the arc opens one. The fd
+    belongs to this vfioctl session and closes when it exits (the device fd
+    too): to stream state use `save` and `load`."""
     fd = await c.open_device(args.device)
     before = await c.get_state(fd)
     data_fd = await c.set_state(fd, args.state)
@@ -25,17 +31,9 @@ async def cmd_set_state(c: VfioClient, args: argparse.Namespace, out: Out) -> No
         )
 
 
-COMMANDS = {"set-state": cmd_set_state}
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _arguments(s: argparse.ArgumentParser) -> None:
     states = ", ".join(s.name for s in MigState)
-    s = sub.add_parser(
-        "set-state",
-        help="set the migration state (shows the arc works)",
-        description="SET MIG_DEVICE_STATE and print the data fd if the arc opens one. The fd "
-        "belongs to this vfioctl session and closes when it exits (the device fd too): to "
-        "stream state use `save` and `load`.",
-    )
-    s.add_argument("device", metavar="DEVICE")
     s.add_argument("state", metavar="STATE", type=state, help=f"one of {states}")
+
+
+SET_STATE = Command(cmd_set_state, _arguments, device=True)

@@ -13,11 +13,9 @@ import logging
 from collections.abc import AsyncIterator
 
 from driver.vfio.uapi import (
-    VFIO_DEVICE_FEATURE_SET,
     VFIO_MIGRATION_P2P,
     VFIO_MIGRATION_PRE_COPY,
     VFIO_MIGRATION_STOP_COPY,
-    Feature,
     MigState,
 )
 
@@ -95,9 +93,7 @@ class DeviceMigration:
             except VfioClientError as e:
                 log.warning("%s: MIG_PRECOPY_INFOv2 opt-in failed (%s): v1", self.name, e)
                 self.v2 = False
-        self.report.dma_logging = await self.src.probe(
-            self.pair.source_fd, Feature.DMA_LOGGING_START, VFIO_DEVICE_FEATURE_SET
-        )
+        self.report.dma_logging = await self.src.dma_logging_supported(self.pair.source_fd)
         stop_copy_length = await self.src.data_size(self.pair.source_fd)
         self.buffer_size = max(1, min(self.options.buffer_cap, stop_copy_length))
         self.src_state = await self.src.get_state(self.pair.source_fd)

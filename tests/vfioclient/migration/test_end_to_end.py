@@ -75,26 +75,6 @@ async def check_after_success(rg: Rig, pairs: list) -> None:  # type: ignore[typ
 # --- 1. three processes --------------------------------------------------------------------
 
 
-async def test_three_process_reinit_at_first_ack(r3: Rig) -> None:
-    assert r3.topo.source_driver != r3.topo.destination_driver
-    (p,) = await r3.pairs(1)
-    o = r3.digest_hook([p])
-    done = r3.reconfigure_on_first_ack({p.pair.name: p.src_vhca}, o)
-    r = await migrate([p.pair], o)
-    check_completed(r)
-    assert done == {p.pair.name}
-    (ev,) = r.reinits
-    assert (ev.device, ev.phase, ev.handling) == (p.pair.name, "precopy", "ack re-armed")
-    assert ev.initial_bytes > 0
-    (dev,) = r.devices
-    # A second INIT_DATA_SENT for the new initial bytes, all read in precopy.
-    assert dev.init_data_sent == 2 and 1 <= dev.acks <= 2
-    assert dev.precopy_bytes - ev.precopy_bytes_before >= ev.initial_bytes
-    (digests,) = r3.digests
-    assert digests[0] == digests[1]
-    await check_after_success(r3, [p])
-
-
 async def test_three_process_devices_per_driver(r3: Rig) -> None:
     """Each driver serves every VF of the shared firmware; the source fds are
     the source driver's, the destination fds the destination driver's."""
@@ -113,7 +93,7 @@ async def test_three_process_devices_per_driver(r3: Rig) -> None:
     assert digests[0] == digests[1]
 
 
-# --- 2. REINIT timing (embedded firmware) --------------------------------------------------
+# --- 2. REINIT timing ----------------------------------------------------------------------
 
 
 async def test_reinit_before_the_first_ack(re: Rig) -> None:
@@ -140,21 +120,27 @@ async def test_reinit_before_the_first_ack(re: Rig) -> None:
     await check_after_success(re, [p])
 
 
-async def test_reinit_after_the_ack(re: Rig) -> None:
-    (p,) = await re.pairs(1)
-    o = re.digest_hook([p])
-    done = re.reconfigure_on_first_ack({p.pair.name: p.src_vhca}, o)
+@pytest.mark.parametrize("mode", ["three-process", "embedded"])
+async def test_reinit_at_the_first_ack(mode: str, re: Rig, r3: Rig) -> None:
+    rg = r3 if mode == "three-process" else re
+    if mode == "three-process":
+        assert rg.topo.source_driver != rg.topo.destination_driver
+    (p,) = await rg.pairs(1)
+    o = rg.digest_hook([p])
+    done = rg.reconfigure_on_first_ack({p.pair.name: p.src_vhca}, o)
     r = await migrate([p.pair], o)
     check_completed(r)
     assert done == {p.pair.name}
-    assert [(x.device, x.phase, x.handling) for x in r.reinits] == [
-        (p.pair.name, "precopy", "ack re-armed")
-    ]
+    (ev,) = r.reinits
+    assert (ev.device, ev.phase, ev.handling) == (p.pair.name, "precopy", "ack re-armed")
+    assert ev.initial_bytes > 0
     (dev,) = r.devices
+    # A second INIT_DATA_SENT for the new initial bytes, all read in precopy.
     assert dev.init_data_sent == 2 and 1 <= dev.acks <= 2
-    (digests,) = re.digests
+    assert dev.precopy_bytes - ev.precopy_bytes_before >= ev.initial_bytes
+    (digests,) = rg.digests
     assert digests[0] == digests[1]
-    await check_after_success(re, [p])
+    await check_after_success(rg, [p])
 
 
 async def test_reinit_after_the_switchover_decision_fails(re: Rig) -> None:

@@ -1,0 +1,38 @@
+"""A vfioctl command: the coroutine that does it with a VfioClient, the
+arguments it takes, and its help, which is the coroutine's docstring: the
+first line in vfioctl's command list, the rest its --help description."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeAlias
+
+from ..client import VfioClient
+from .output import Out
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Run = Callable[[VfioClient, argparse.Namespace, Out], Awaitable[None]]
+
+
+def _none(p: argparse.ArgumentParser) -> None:
+    """No arguments but the DEVICE, if any."""
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Run
+    arguments: Callable[[argparse.ArgumentParser], None] = _none
+    # It acts on one device, named first: True, or the help of DEVICE.
+    device: bool | str = False
+
+    def add_to(self, sub: Subparsers, name: str) -> argparse.ArgumentParser:
+        help, _, description = (inspect.getdoc(self.run) or "").partition("\n\n")
+        s = sub.add_parser(name, help=help, description=description)
+        if self.device:
+            device_help = self.device if isinstance(self.device, str) else None
+            s.add_argument("device", metavar="DEVICE", help=device_help)
+        self.arguments(s)
+        return s
