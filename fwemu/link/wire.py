@@ -163,59 +163,134 @@ def to_pb(value: Any, msg_cls: type[M]) -> M:
     return msg
 
 
-def _fill(msg: Message, value: Any) -> None:
-    by_name = msg.DESCRIPTOR.fields_by_name
-    for group in _GROUPS.intersection(by_name):
-        sub = getattr(msg, group)
-        sub.SetInParent()
-        _fill(sub, value)
-    own = [(f.name, getattr(value, f.name)) for f in fields(value)]
-    for name, v in own:  # spread first: the value's own fields win
-        if is_dataclass(v) and name not in by_name:
-            _fill(msg, v)
-    renamed = _RENAMED.get(type(value), {})
-    for name, v in own:
+# How a field travels, decided once per (dataclass, message) pair: the command
+# path converts on every firmware call, so the plan is not rebuilt per call.
+_SCALAR, _REPEATED, _MESSAGE = range(3)
+
+
+@dataclass(frozen=True, slots=True)
+class _FillPlan:
+    groups: tuple[str, ...]  # message fields grouping the value's own fields
+    spreads: tuple[str, ...]  # value fields the message lacks: spread if dataclass-valued
+    own: tuple[tuple[str, str, int], ...]  # (attribute, message field, how)
+
+
+_FILL_PLANS: dict[tuple[type, type], _FillPlan] = {}
+
+
+def _fill_plan(value_cls: type, msg_cls: type[Message]) -> _FillPlan:
+    plan = _FILL_PLANS.get((value_cls, msg_cls))
+    if plan is None:
+        plan = _FILL_PLANS[value_cls, msg_cls] = _make_fill_plan(value_cls, msg_cls)
+    return plan
+
+
+def _make_fill_plan(value_cls: type, msg_cls: type[Message]) -> _FillPlan:
+    by_name = msg_cls.DESCRIPTOR.fields_by_name
+    names = [f.name for f in fields(cast(Any, value_cls))]
+    renamed = _RENAMED.get(value_cls, {})
+    own: list[tuple[str, str, int]] = []
+    for name in names:
         fd = by_name.get(renamed.get(name, name))
-        if fd is None or v is None:
+        if fd is None:
             continue
         if _is_message(fd):
             if not _repeated(fd):  # repeated messages: said explicitly
-                getattr(msg, fd.name).CopyFrom(to_pb(v, type(getattr(msg, fd.name))))
-        elif _repeated(fd):
-            getattr(msg, fd.name).extend(v)
+                own.append((name, fd.name, _MESSAGE))
         else:
-            setattr(msg, fd.name, v)
+            own.append((name, fd.name, _REPEATED if _repeated(fd) else _SCALAR))
+    return _FillPlan(
+        groups=tuple(g for g in sorted(_GROUPS) if g in by_name),
+        spreads=tuple(n for n in names if n not in by_name),
+        own=tuple(own),
+    )
 
 
-def _scalars(msg: Message) -> dict[str, Any]:
-    """The message's scalar fields by name, grouped ones included."""
-    out: dict[str, Any] = {}
-    for fd in msg.DESCRIPTOR.fields:
+def _fill(msg: Message, value: Any) -> None:
+    plan = _fill_plan(type(value), type(msg))
+    for group in plan.groups:
+        sub = getattr(msg, group)
+        sub.SetInParent()
+        _fill(sub, value)
+    for name in plan.spreads:  # spread first: the value's own fields win
+        v = getattr(value, name)
+        if is_dataclass(v):
+            _fill(msg, v)
+    for name, wire, how in plan.own:
+        v = getattr(value, name)
+        if v is None:
+            continue
+        if how == _SCALAR:
+            setattr(msg, wire, v)
+        elif how == _REPEATED:
+            getattr(msg, wire).extend(v)
+        else:
+            sub = getattr(msg, wire)
+            sub.CopyFrom(to_pb(v, type(sub)))
+
+
+def _scalar_paths(msg_cls: type[Message]) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """Each scalar field's path from the message (through groups) and whether
+    it is repeated; a grouped field of the same name as an earlier one wins."""
+    out: dict[str, tuple[tuple[str, ...], bool]] = {}
+    for fd in msg_cls.DESCRIPTOR.fields:
         if fd.name in _GROUPS:
-            out.update(_scalars(getattr(msg, fd.name)))
+            sub_cls = type(getattr(msg_cls(), fd.name))
+            for name, (path, rep) in _scalar_paths(sub_cls).items():
+                out[name] = ((fd.name, *path), rep)
         elif not _is_message(fd):
-            v = getattr(msg, fd.name)
-            out[fd.name] = list(v) if _repeated(fd) else v
+            out[fd.name] = ((fd.name,), _repeated(fd))
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class _ReadPlan:
+    nested: tuple[tuple[str, str | None, type], ...]  # (field, message field or None, class)
+    scalars: tuple[tuple[str, tuple[str, ...], bool], ...]  # (field, path, repeated)
+
+
+_READ_PLANS: dict[tuple[type, type], _ReadPlan] = {}
+
+
+def _read_plan(cls: type, msg_cls: type[Message]) -> _ReadPlan:
+    plan = _READ_PLANS.get((cls, msg_cls))
+    if plan is None:
+        plan = _READ_PLANS[cls, msg_cls] = _make_read_plan(cls, msg_cls)
+    return plan
+
+
+def _make_read_plan(cls: type, msg_cls: type[Message]) -> _ReadPlan:
+    paths = _scalar_paths(msg_cls)
+    by_name = msg_cls.DESCRIPTOR.fields_by_name
+    renamed = _RENAMED.get(cls, {})
+    hints = _hints(cls)
+    nested: list[tuple[str, str | None, type]] = []
+    scalars: list[tuple[str, tuple[str, ...], bool]] = []
+    for f in fields(cast(Any, cls)):
+        wire = renamed.get(f.name, f.name)
+        t = hints[f.name]
+        if is_dataclass(t):
+            nested.append((f.name, wire if wire in by_name else None, cast(type, t)))
+        elif wire in paths:
+            path, rep = paths[wire]
+            scalars.append((f.name, path, rep))
+    return _ReadPlan(tuple(nested), tuple(scalars))
 
 
 def from_pb(cls: type[T], msg: Message, **given: Any) -> T:
     """A `cls` from the message's fields; `given` fields are not on the wire."""
-    scalars = _scalars(msg)
-    by_name = msg.DESCRIPTOR.fields_by_name
-    renamed = _RENAMED.get(cls, {})
-    hints = _hints(cast(Any, cls))
+    plan = _read_plan(cls, type(msg))
     values: dict[str, Any] = {}
-    for f in fields(cast(Any, cls)):
-        if f.name in given:
+    for name, wire, sub_cls in plan.nested:
+        if name not in given:
+            values[name] = from_pb(sub_cls, getattr(msg, wire) if wire is not None else msg)
+    for name, path, rep in plan.scalars:
+        if name in given:
             continue
-        wire = renamed.get(f.name, f.name)
-        t = hints[f.name]
-        if is_dataclass(t):
-            sub = getattr(msg, wire) if wire in by_name else msg
-            values[f.name] = from_pb(cast(Any, t), sub)
-        elif wire in scalars:
-            values[f.name] = scalars[wire]
+        v: Any = msg
+        for step in path:
+            v = getattr(v, step)
+        values[name] = list(v) if rep else v
     return cls(**values, **given)
 
 
