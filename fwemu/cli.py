@@ -105,6 +105,15 @@ def _parser() -> argparse.ArgumentParser:
     add_loop_flag(s)
     s.add_argument("--shm-dir", default=None, help="where drivers' shared memory lives")
     s.add_argument(
+        "--memory-limit",
+        type=byte_size,
+        default=None,
+        metavar="BYTES",
+        help="VF state and firmware-held host memory together; beyond it CreateVfs, "
+        "Reconfigure, CreateMkey and LOAD are refused with NO_MEMORY (default: 3/4 of the "
+        "machine's memory or its cgroup's limit)",
+    )
+    s.add_argument(
         "--max-remote-memory",
         type=byte_size,
         default=8 << 30,
@@ -133,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve(args: argparse.Namespace) -> int:
     from .model.clock import LoopClock, VirtualClock
+    from .model.memory import OutOfMemory
     from .scenario import build_firmware
     from .service.server import FirmwareServer
 
@@ -149,6 +159,11 @@ async def _serve(args: argparse.Namespace) -> int:
         clock, defaults, seed=args.seed, scenario=args.scenario, vfs=args.vfs,
         seed_offset=shard or 0,
     )  # fmt: skip
+    if args.memory_limit is not None:
+        try:
+            fw.memory.set_limit(args.memory_limit)
+        except (OutOfMemory, ValueError) as e:
+            raise ScenarioError(f"--memory-limit: {e}") from None
     if shard is not None:
         log.info("fwemu shard %d: VF seed %d (the seed in force + %d)", shard, fw.seed, shard)
     registry = CollectorRegistry() if args.metrics_listen else None

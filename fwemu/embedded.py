@@ -14,6 +14,7 @@ from .api.v1 import scenario_pb2_grpc as sgrpc
 from .link.ifc import VfConfig
 from .link.inproc import InProcessLink
 from .model import Firmware, LoopClock
+from .model.memory import OutOfMemory
 from .scenario import ScenarioError, build_firmware
 from .service.metrics import FirmwareCollector
 from .service.server import SCENARIO_SERVICE
@@ -40,11 +41,19 @@ class EmbeddedFirmware:
         seed: int,
         scenario: str | None,
         vfs: int | None,
+        memory_limit: int | None = None,
     ) -> EmbeddedFirmware:
         """The firmware `fwemu serve` builds from the same options (bad ones
-        raise ScenarioError)."""
+        raise ScenarioError).  `memory_limit`: bytes of VF state the firmware
+        may hold (default: from the machine's memory)."""
         defaults = VfConfig(size=size, dirty_bytes_per_s=dirty_rate)
-        return cls(build_firmware(LoopClock(), defaults, seed=seed, scenario=scenario, vfs=vfs))
+        fw = build_firmware(LoopClock(), defaults, seed=seed, scenario=scenario, vfs=vfs)
+        if memory_limit is not None:
+            try:
+                fw.memory.set_limit(memory_limit)
+            except (OutOfMemory, ValueError) as e:
+                raise ScenarioError(f"memory limit: {e}") from None
+        return cls(fw)
 
     def add_scenario_servicer(self, server: grpc.aio.Server) -> None:
         """Serve the firmware's Scenario service (digests, reconfigurations,

@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..link.ifc import Fault, FirmwareError, VfConfig, VfInfo
+from .memory import OutOfMemory
 from .save import abort_save
 from .vf import ReconfigTrigger, Vf
 
@@ -23,18 +24,28 @@ def create_vfs(fw: FirmwareState, count: int, config: VfConfig | None) -> list[V
         raise FirmwareError("count must be at least 1")
     if len(fw.vfs) + count > fw.MAX_VFS:
         raise FirmwareError(f"at most {fw.MAX_VFS} VFs per firmware")
-    created = []
+    # Checked whole before any VF exists, so that a refusal creates none.
+    if fw.memory.used + count * cfg.size > fw.memory.limit:
+        raise OutOfMemory(
+            f"{count} VFs of {cfg.size} bytes do not fit the firmware's memory limit "
+            f"({fw.memory.used} of {fw.memory.limit} bytes held)"
+        )
+    created: list[Vf] = []
     now = fw.clock.now()
-    for _ in range(count):
-        vf_id = next(i for i in itertools.count() if i + 1 not in fw.vfs)
-        seed = cfg.seed if cfg.seed is not None else (fw.seed * 1_000_003 + vf_id) % (1 << 64)
-        try:
+    try:
+        for _ in range(count):
+            vf_id = next(i for i in itertools.count() if i + 1 not in fw.vfs)
+            seed = cfg.seed if cfg.seed is not None else (fw.seed * 1_000_003 + vf_id) % (1 << 64)
             uid = f"{fw.instance:016x}-{next(fw.vf_serial)}"
-            vf = Vf(vf_id, cfg, seed, uid=uid, now=now)
-        except MemoryError:
-            raise FirmwareError(f"not enough memory for a {cfg.size}-byte VF") from None
-        fw.vfs[vf.vhca_id] = vf
-        created.append(vf)
+            vf = Vf(vf_id, cfg, seed, uid=uid, now=now, memory=fw.memory)
+            fw.vfs[vf.vhca_id] = vf
+            created.append(vf)
+    except OutOfMemory:
+        # The allocation itself failed: the VFs made so far go too.
+        for vf in created:
+            del fw.vfs[vf.vhca_id]
+            vf.free()
+        raise
     return created
 
 
@@ -42,6 +53,7 @@ def remove_vf(fw: FirmwareState, vhca_id: int) -> None:
     vf = fw.vf(vhca_id)
     abort_save(fw, vf, "VF removed")
     del fw.vfs[vhca_id]
+    vf.free()
     fw.stats.reconfigurations_retired += vf.reconfigurations
 
 
@@ -65,15 +77,25 @@ def reconfigure(
     at_time: float | None,
     after_saved_bytes: int | None,
 ) -> int:
-    """Schedule (or run now) a reconfiguration; returns its trigger id."""
+    """Schedule (or run now) a reconfiguration; returns its trigger id.
+    One that runs now and does not fit (the VF's size limit, the firmware's
+    memory) is refused with OutOfMemory, the VF unchanged."""
     vf = fw.vf(vhca_id)
     for _, size in objects:
         if not 1 <= size <= VfConfig.MAX_SIZE:
             raise FirmwareError("object size out of range")
     if at_time is not None and after_saved_bytes is not None:
         raise FirmwareError("give a time or a byte count, not both")
+    adds = sum(size for _, size in objects) or vf.config.reconfig_bytes
+    if adds > vf.size_limit:
+        raise OutOfMemory(f"{adds} bytes of objects exceed the VF's size limit {vf.size_limit}")
     trig = ReconfigTrigger(next(fw.ids), list(objects), at_time, after_saved_bytes)
-    vf.add_trigger(trig, fw.clock.now())
+    now = fw.clock.now()
+    vf.advance(now)
+    if vf.running and trig.due(now, vf.saved_bytes):
+        vf.reconfigure_now(trig.objects)
+    else:
+        vf.triggers.append(trig)  # a due one waits for the VF to run again
     return trig.trigger_id
 
 

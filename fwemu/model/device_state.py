@@ -7,7 +7,7 @@ digest exactly when their object tables and arena contents are equal.
 
 from __future__ import annotations
 
-import mmap
+import contextlib
 import random
 import struct
 from collections.abc import Iterable, Sequence
@@ -17,6 +17,7 @@ from typing import overload
 import xxhash
 
 from ..link.ifc import OBJ_TYPES, PAGE_SIZE
+from .memory import MemoryBudget, OutOfMemory
 
 # Object table serialization: arena size, next object id, count, then entries.
 _TABLE_HEAD = struct.Struct("<QII")
@@ -27,28 +28,35 @@ _OBJECT_GRAIN = 64 * 1024
 _MAX_INITIAL_OBJECTS = 1024
 
 
-def _anonymous(size: int) -> mmap.mmap:
-    """Page-aligned zeroed memory, faulted in at once: the state is written in
-    full right away, and page faults one by one cost five times as much."""
-    populate = getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
-
-
 class Arena:
     """A VF's state bytes in page-aligned memory (an anonymous mapping).
 
     Page alignment lets images place large records at their source's page
     offset without knowing addresses, which keeps images deterministic and
     copies at full memcpy speed.  `view` is the buffer for hashing, struct and
-    memoryview users.
+    memoryview users.  Its bytes are charged to `memory` (the firmware's
+    budget), and its mappings come from that budget's allocator; an
+    allocation that is refused or fails raises OutOfMemory and changes nothing.
     """
 
-    __slots__ = ("_mm", "view")
+    __slots__ = ("_mm", "memory", "view")
 
-    def __init__(self, size: int = 0, data: bytes | bytearray | memoryview | None = None) -> None:
+    def __init__(
+        self,
+        size: int = 0,
+        data: bytes | bytearray | memoryview | None = None,
+        *,
+        memory: MemoryBudget | None = None,
+    ) -> None:
         if data is not None:
             size = len(data)
-        self._mm = _anonymous(size)
+        self.memory = memory or MemoryBudget.unlimited()
+        self.memory.charge(size, f"a {size}-byte device state")
+        try:
+            self._mm = self.memory.allocator.map(size)
+        except (MemoryError, OSError):
+            self.memory.credit(size)
+            raise OutOfMemory(f"no memory for a {size}-byte device state") from None
         self.view = memoryview(self._mm)[:size]
         if data is not None:
             self.view[:] = data
@@ -60,15 +68,32 @@ class Arena:
         """Grow (new bytes are zero) or shrink, keeping the common prefix.
 
         In place by mremap(2) (no copy of the kept bytes) unless someone still
-        holds a view of the old memory: then into a new mapping."""
-        if size == len(self.view):
-            return
+        holds a view of the old memory: then into a new mapping.  All or
+        nothing: OutOfMemory leaves the arena as it was."""
         old_len = len(self.view)
+        if size == old_len:
+            return
+        grow = max(0, size - old_len)
+        self.memory.charge(grow, f"growing a device state to {size} bytes")
+        try:
+            self._remap(size, old_len)
+        except (MemoryError, OSError):
+            self.memory.credit(grow)
+            raise OutOfMemory(f"no memory to grow a device state to {size} bytes") from None
+        self.memory.credit(max(0, old_len - size))
+
+    def _remap(self, size: int, old_len: int) -> None:
+        alloc = self.memory.allocator
         self.view.release()
         try:
-            self._mm.resize(max(size, 1))
-        except (BufferError, OSError, SystemError):
-            mm = _anonymous(size)
+            alloc.resize(self._mm, size)
+        except (BufferError, OSError, SystemError, MemoryError):
+            try:
+                mm = alloc.map(size)
+            except BaseException:
+                # mremap failing leaves the old mapping whole: view it again.
+                self.view = memoryview(self._mm)[:old_len]
+                raise
             new = memoryview(mm)[:size]
             keep = min(size, old_len)
             new[:keep] = memoryview(self._mm)[:keep]
@@ -79,6 +104,15 @@ class Arena:
         if size > old_len:
             tail_end = min(size, -(-old_len // PAGE_SIZE) * PAGE_SIZE)
             self.view[old_len:tail_end] = bytes(tail_end - old_len)
+
+    def free(self) -> None:
+        """Give the memory back (the VF is gone); the arena is empty after."""
+        self.memory.credit(len(self.view))
+        self.view.release()
+        self.view = memoryview(b"")
+        # A view someone holds keeps the mapping until it is dropped.
+        with contextlib.suppress(BufferError):
+            self._mm.close()
 
     def clear(self, size: int) -> None:
         """Become `size` zero bytes, in the same memory.  A LOAD that starts
@@ -138,12 +172,13 @@ _POOL_SIZE = 1 << 20
 _PAGE_STAMP = struct.Struct("<QQ")
 
 
-def _fill_random(dest: Arena, start: int, rng: random.Random) -> None:
-    """Seeded contents at memcpy speed: a 1 MiB random pool copied at seeded
-    rotations, and every page stamped with (a seeded tag, its page number), so
-    that no two pages of a VF, nor of VFs with other seeds, are alike."""
+def _fill_random(dest: Arena, start: int, rng: random.Random, end: int | None = None) -> None:
+    """Seeded contents of [start, end) at memcpy speed: a 1 MiB random pool
+    copied at seeded rotations, and every page stamped with (a seeded tag, its
+    page number), so that no two pages of a VF, nor of VFs with other seeds,
+    are alike."""
     view = dest.view
-    end = len(view)
+    end = len(view) if end is None else end
     pool = rng.randbytes(min(_POOL_SIZE, max(end - start, 1)))
     plen = len(pool)
     pv = memoryview(pool)
@@ -185,8 +220,9 @@ class DeviceState:
         self.next_obj_id = next_obj_id
 
     @classmethod
-    def generate(cls, size: int, seed: int) -> DeviceState:
-        """A fresh VF state of `size` bytes, the same for the same seed."""
+    def generate(cls, size: int, seed: int, memory: MemoryBudget | None = None) -> DeviceState:
+        """A fresh VF state of `size` bytes, the same for the same seed
+        (OutOfMemory if `memory` cannot hold it)."""
         if size <= 0:
             raise ValueError("device state size must be positive")
         rng = random.Random(seed)
@@ -196,13 +232,13 @@ class DeviceState:
         for obj_id, length in enumerate(_partition(size, count, rng), start=1):
             objects.append(DeviceObject(rng.randrange(len(OBJ_TYPES)), obj_id, offset, length))
             offset += length
-        arena = Arena(size)
+        arena = Arena(size, memory=memory)
         _fill_random(arena, 0, rng)
         return cls(arena, objects, len(objects) + 1)
 
     @classmethod
-    def empty(cls, size: int = 0) -> DeviceState:
-        return cls(Arena(size), [], 1)
+    def empty(cls, size: int = 0, memory: MemoryBudget | None = None) -> DeviceState:
+        return cls(Arena(size, memory=memory), [], 1)
 
     @property
     def size(self) -> int:
@@ -212,18 +248,28 @@ class DeviceState:
     def num_pages(self) -> int:
         return (len(self.arena) + PAGE_SIZE - 1) // PAGE_SIZE
 
-    def add_objects(self, specs: Sequence[tuple[int, int]], rng: random.Random) -> range:
-        """Append objects (type, length) with seeded contents; returns the new pages."""
-        first_page = len(self.arena) // PAGE_SIZE
+    def add_objects(
+        self, specs: Sequence[tuple[int, int]], rng: random.Random, *, limit: int | None = None
+    ) -> range:
+        """Append objects (type, length) with seeded contents; returns the new
+        pages.  All or nothing: the arena grows once, before the object table
+        changes, so OutOfMemory (or a size beyond `limit`) changes nothing."""
+        if any(length <= 0 for _, length in specs):
+            raise ValueError("object size must be positive")
+        old_size = len(self.arena)
+        new_size = old_size + sum(length for _, length in specs)
+        if limit is not None and new_size > limit:
+            raise OutOfMemory(
+                f"the device state would grow to {new_size} bytes, beyond the size limit {limit}"
+            )
+        self.arena.resize(new_size)
+        start = old_size
         for obj_type, length in specs:
-            if length <= 0:
-                raise ValueError("object size must be positive")
-            self.objects.append(DeviceObject(obj_type, self.next_obj_id, len(self.arena), length))
+            self.objects.append(DeviceObject(obj_type, self.next_obj_id, start, length))
             self.next_obj_id += 1
-            start = len(self.arena)
-            self.arena.resize(start + length)
-            _fill_random(self.arena, start, rng)
-        return range(first_page, self.num_pages)
+            _fill_random(self.arena, start, rng, start + length)
+            start += length
+        return range(old_size // PAGE_SIZE, self.num_pages)
 
     # --- serialization of the object table --------------------------------
 
@@ -288,6 +334,10 @@ def page_runs(pages: Iterable[int]) -> list[tuple[int, int]]:
 
 _STAMP = struct.Struct("<Q")
 
+# Page writes one run performs one by one; more are counted, not performed, so
+# that a tick costs bounded CPU whatever the rate (128 MiB of writes per look).
+MAX_WRITES_PER_RUN = 1 << 15
+
 
 class Workload:
     """A guest workload that dirties device state at a rate while the VF runs.
@@ -296,6 +346,9 @@ class Workload:
     is depends only on how long it has run: never on how often anyone looked
     (writes due = rate x running time / page size, counted from absolute times).
     Each write stamps a counter into one page, so every write changes the state.
+    A run owing more than MAX_WRITES_PER_RUN writes performs that many and
+    counts the rest as done: at such rates the VF is dirty throughout anyway,
+    and its contents then depend on how often it is looked at.
     """
 
     __slots__ = ("_acc", "_done", "_rng", "_start", "counter", "dirty_bytes_per_s")
@@ -332,7 +385,8 @@ class Workload:
             self.resume(now)
 
     def run(self, state: DeviceState, writes: int) -> list[int]:
-        """Perform `writes` page writes; returns the pages written."""
+        """Perform `writes` page writes (at most MAX_WRITES_PER_RUN of them one
+        by one); returns the pages written, in order."""
         arena = state.arena.view
         size = len(arena)
         npages = state.num_pages
@@ -341,7 +395,7 @@ class Workload:
             return []
         rng = self._rng
         written = []
-        for _ in range(writes):
+        for _ in range(min(writes, MAX_WRITES_PER_RUN)):
             page = rng.randrange(npages)
             base = page * PAGE_SIZE
             room = min(PAGE_SIZE, size - base)
@@ -352,4 +406,6 @@ class Workload:
             else:
                 arena[base] = self.counter & 0xFF
             written.append(page)
+        # Counted after the performed ones, which keep counters first, first + 1, ...
+        self.counter += max(0, writes - MAX_WRITES_PER_RUN)
         return written

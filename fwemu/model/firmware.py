@@ -15,6 +15,7 @@ from ..link import ifc
 from ..link import scenario_requests as rq
 from ..link.ifc import (
     CmdResult,
+    CmdStatus,
     Command,
     CompletionCallback,
     Fault,
@@ -25,6 +26,7 @@ from ..link.ifc import (
     QueryResult,
     R,
     SaveAccepted,
+    Syndrome,
     VfConfig,
     VfInfo,
 )
@@ -32,6 +34,7 @@ from ..link.scenario_requests import A
 from . import control
 from .clock import VirtualClock, sleep
 from .control import vf_info
+from .memory import OutOfMemory
 from .pipeline import exec_command
 from .state import FirmwareState
 from .vf import Vf
@@ -108,6 +111,23 @@ class Firmware(FirmwareState):
     def create_mkey(self, view: memoryview, owner: str = "") -> MkeyResult:
         return self.exec(ifc.CreateMkeyIn(view, owner))
 
+    def create_held_mkey(self, length: int, owner: str = "") -> MkeyResult:
+        """An mkey over `length` zero bytes the firmware holds (for a driver on
+        another host), charged to the memory limit until it is destroyed:
+        beyond it, LIM_ERR / NO_MEMORY."""
+        try:
+            view = self.mkeys.allocate(length)
+        except OutOfMemory as e:
+            return MkeyResult(
+                status=CmdStatus.LIM_ERR, syndrome=Syndrome.NO_MEMORY, diagnostic=str(e)
+            )
+        r = self.create_mkey(view, owner)
+        if r.ok:
+            self.mkeys.hold(r.mkey, length)
+        else:
+            self.memory.credit(length)
+        return r
+
     def destroy_mkey(self, mkey: int) -> CmdResult:
         return self.exec(ifc.DestroyMkeyIn(mkey))
 
@@ -177,6 +197,7 @@ class Firmware(FirmwareState):
     def control(self, req: rq.ScenarioRequest[A]) -> A:
         """Run one scenario request (fwemu.link.ifc): its answer, in interface
         types; a refused one raises FirmwareError or ValueError."""
+        req.validate()
         return cast(A, _CONTROL[type(req)](self, req))
 
     # --- time ----------------------------------------------------------------------------

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 
 import xxhash
 
-from ..link.ifc import PAGE_SIZE, Syndrome
+from ..link.ifc import PAGE_SIZE, CmdStatus, Syndrome, VfConfig
 from .device_state import Arena, DeviceObject, DeviceState, TableError
+from .memory import OutOfMemory
 
 MAGIC = b"VHCA"
 VERSION = 1
@@ -62,11 +63,15 @@ class ImageKind(enum.IntEnum):
 
 
 class ImageError(Exception):
-    """An image LOAD refuses; carries the syndrome."""
+    """An image LOAD refuses; carries the syndrome (and the status, BAD_PARAM
+    unless the firmware lacks memory for it)."""
 
-    def __init__(self, syndrome: Syndrome, message: str) -> None:
+    def __init__(
+        self, syndrome: Syndrome, message: str, status: CmdStatus = CmdStatus.BAD_PARAM_ERR
+    ) -> None:
         super().__init__(message)
         self.syndrome = syndrome
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,15 +369,29 @@ def _records(payload: memoryview) -> Iterator[tuple[int, int, int, int]]:
         pos = body + length
 
 
-def apply_image(state: DeviceState, image: ParsedImage, *, starts_chain: bool) -> DeviceState:
+def apply_image(
+    state: DeviceState,
+    image: ParsedImage,
+    *,
+    starts_chain: bool,
+    size_limit: int = VfConfig.MAX_SIZE,
+) -> DeviceState:
     """Apply a checked image; returns the state to keep (maybe a new object).
 
-    Every bound is checked before the first byte changes, so a refused image
-    leaves `state` exactly as it was.
+    Every bound is checked before the first byte changes, and the arena is
+    resized (all or nothing) before the object table, so a refused image
+    leaves `state` exactly as it was.  An image whose state would be larger
+    than `size_limit` (the VF's) is refused.
     """
     if starts_chain and image.table is None:
         raise ImageError(Syndrome.IMAGE_MALFORMED, "a full image must start with the object table")
     new_size = image.resulting_size(state.size)
+    if new_size > size_limit:
+        raise ImageError(
+            Syndrome.IMAGE_TOO_LARGE,
+            f"the image's device state of {new_size} bytes exceeds the function's "
+            f"limit of {size_limit} bytes",
+        )
     for offset, body in image.data:
         if offset + len(body) > new_size:
             raise ImageError(Syndrome.IMAGE_MALFORMED, "data record outside the device state")
@@ -384,8 +403,8 @@ def apply_image(state: DeviceState, image: ParsedImage, *, starts_chain: bool) -
             target = DeviceState(state.arena, [], 1)
         else:
             state.arena.resize(new_size)
-    except (MemoryError, OSError):
-        raise ImageError(Syndrome.NO_MEMORY, "no memory for the device state") from None
+    except OutOfMemory as e:
+        raise ImageError(Syndrome.NO_MEMORY, str(e), CmdStatus.LIM_ERR) from None
     if image.table is not None:
         _, target.next_obj_id, target.objects = image.table
     arena = target.arena

@@ -1,5 +1,7 @@
 """Host memory the firmware reaches through mkeys: CREATE_MKEY, DESTROY_MKEY and
-the bounds checks of a command's (mkey, va, size) range."""
+the bounds checks of a command's (mkey, va, size) range.  Memory the firmware
+holds itself (for a driver on another host) is charged to its memory budget
+until the mkey is destroyed."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from ..link.ifc import (
     MkeyResult,
     Syndrome,
 )
+from .memory import MemoryBudget, OutOfMemory
 
 if TYPE_CHECKING:
     from .state import FirmwareState
@@ -26,14 +29,16 @@ if TYPE_CHECKING:
 class _Mkey:
     view: memoryview
     owner: str = ""
+    held: int = 0  # bytes the firmware holds for it (charged to its budget)
 
 
 class MkeyTable:
     MAX_MKEYS = 65536
 
-    def __init__(self) -> None:
+    def __init__(self, memory: MemoryBudget | None = None) -> None:
         self._mkeys: dict[int, _Mkey] = {}
         self._ids = itertools.count(1)
+        self.memory = memory or MemoryBudget.unlimited()
 
     def __len__(self) -> int:
         return len(self._mkeys)
@@ -50,13 +55,32 @@ class MkeyTable:
         self._mkeys[mkey] = _Mkey(view.cast("B"), owner)
         return mkey
 
+    def allocate(self, length: int) -> memoryview:
+        """Zeroed memory the firmware will hold for an mkey, charged to the
+        budget (OutOfMemory: refused, nothing charged).  `hold` it once the
+        mkey exists, or credit it back."""
+        self.memory.charge(length, f"{length} bytes of firmware-held host memory")
+        try:
+            return memoryview(bytearray(length))
+        except MemoryError:
+            self.memory.credit(length)
+            raise OutOfMemory(f"no memory for {length} bytes of host memory") from None
+
+    def hold(self, mkey: int, length: int) -> None:
+        """`mkey`'s memory came from `allocate`: credited when it is destroyed."""
+        self._mkeys[mkey].held = length
+
     def remove(self, mkey: int) -> bool:
-        return self._mkeys.pop(mkey, None) is not None
+        m = self._mkeys.pop(mkey, None)
+        if m is None:
+            return False
+        self.memory.credit(m.held)
+        return True
 
     def destroy_owned(self, owner: str) -> int:
         gone = [k for k, m in self._mkeys.items() if m.owner == owner]
         for k in gone:
-            del self._mkeys[k]
+            self.remove(k)
         return len(gone)
 
     def host_range(self, mkey: int, va: int, size: int) -> memoryview | CmdResult:

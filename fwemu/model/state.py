@@ -10,6 +10,7 @@ import secrets
 from ..link.ifc import MAX_U16, NoSuchVf, VfConfig
 from .clock import Clock
 from .events import CompletionQueue
+from .memory import Allocator, MemoryBudget
 from .mkeys import MkeyTable
 from .stats import FirmwareStats
 from .vf import Vf
@@ -18,12 +19,24 @@ from .vf import Vf
 class FirmwareState:
     MAX_VFS = MAX_U16 - 1
 
-    def __init__(self, clock: Clock, *, seed: int = 0, defaults: VfConfig | None = None) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        seed: int = 0,
+        defaults: VfConfig | None = None,
+        memory_limit: int | None = None,
+        allocator: Allocator | None = None,
+    ) -> None:
+        """`memory_limit`: bytes of VF state and firmware-held host memory
+        (default: from the machine's memory, memory.default_memory_limit);
+        `allocator`: where VF state gets its memory (tests make it fail)."""
         self.clock = clock
         self.seed = seed
         self.defaults = defaults or VfConfig()
         self.vfs: dict[int, Vf] = {}  # by vhca_id
-        self.mkeys = MkeyTable()
+        self.memory = MemoryBudget(memory_limit, allocator or Allocator())
+        self.mkeys = MkeyTable(self.memory)
         self.events = CompletionQueue()
         self.stats = FirmwareStats()
         self.tokens = itertools.count(1)  # SAVE tokens the firmware picks

@@ -3,17 +3,30 @@ migration context (dirty tracking, image chains, chunked saves, loads)."""
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, replace
 
 import xxhash
 
-from ..link.ifc import PAGE_SIZE, QueryVhcaMigState, VfConfig, obj_type_index
+from ..link.ifc import PAGE_SIZE, MiB, QueryVhcaMigState, VfConfig, obj_type_index
 from .device_state import DeviceState, Workload
 from .faults import FaultQueue
 from .image import Cursor, ImageKind, Plan
+from .memory import MemoryBudget, OutOfMemory
 from .page_track import PageTrackObject
 from .pages import DIRTY, INIT, PageStates
+
+log = logging.getLogger("fwemu.firmware")
+
+# What reconfigurations (and images loaded) may add to a VF's configured size:
+# as much again, at least 64 MiB (README, "Device state").
+MIN_GROWTH = 64 * MiB
+
+
+def size_limit(config: VfConfig) -> int:
+    """The largest device state a VF of `config` may hold."""
+    return config.size + max(config.size, MIN_GROWTH)
 
 
 @dataclass(slots=True)
@@ -56,12 +69,20 @@ class Vf:
     """An emulated VF.  Methods here enforce the state rules; Firmware validates
     command fields and routes commands."""
 
-    def __init__(self, vf_id: int, config: VfConfig, seed: int, uid: str, now: float) -> None:
+    def __init__(
+        self,
+        vf_id: int,
+        config: VfConfig,
+        seed: int,
+        uid: str,
+        now: float,
+        memory: MemoryBudget | None = None,
+    ) -> None:
         self.vf_id = vf_id
         self.config = config
         self.seed = seed
         self.uid = uid  # firmware-unique; seeds chain ids
-        self.state = DeviceState.generate(config.size, seed)
+        self.state = DeviceState.generate(config.size, seed, memory)
         self.workload = Workload(seed, config.dirty_bytes_per_s, now)
         self.faults = FaultQueue()
         self._reconfig_rng = random.Random(seed ^ 0x12EC_0F16)
@@ -111,6 +132,15 @@ class Vf:
     def digest(self) -> str:
         return self.state.digest()
 
+    @property
+    def size_limit(self) -> int:
+        """The largest device state this VF may hold (reconfigured or loaded)."""
+        return size_limit(self.config)
+
+    def free(self) -> None:
+        """The VF is removed: its state's memory goes back to the firmware."""
+        self.state.arena.free()
+
     # --- time: workload and scheduled reconfigurations ----------------------
 
     def advance(self, now: float) -> None:
@@ -145,24 +175,30 @@ class Vf:
 
     def _fire(self, trig: ReconfigTrigger) -> None:
         self.triggers.remove(trig)
-        self.reconfigure_now(trig.objects)
+        try:
+            self.reconfigure_now(trig.objects)
+        except OutOfMemory as e:
+            # Scheduled, so no one to answer: dropped, the VF as it was.
+            log.warning(
+                "reconfiguration %d dropped: %s",
+                trig.trigger_id,
+                e,
+                extra={"vhca_id": self.vhca_id},
+            )
 
     def reconfigure_now(self, objects: list[tuple[int, int]]) -> range:
         """The guest reconfigures the function: new objects with new contents.
-        While tracking, their pages are new initial data (migration_state INIT)."""
+        While tracking, their pages are new initial data (migration_state INIT).
+        All or nothing: OutOfMemory (no memory, or beyond the VF's size limit)
+        changes nothing (add_objects draws no seeded contents before it)."""
         specs = objects or [(obj_type_index("QP"), self.config.reconfig_bytes)]
-        new_pages = self.state.add_objects(specs, self._reconfig_rng)
+        new_pages = self.state.add_objects(specs, self._reconfig_rng, limit=self.size_limit)
         # A partly filled last page may now hold new bytes too.
         if self.tracking:
             self.pages.mark_init(new_pages)
             self.table_dirty = True
         self.reconfigurations += 1
         return new_pages
-
-    def add_trigger(self, trig: ReconfigTrigger, now: float) -> None:
-        self.advance(now)
-        self.triggers.append(trig)
-        self.advance(now)
 
     # --- migration_state ---------------------------------------------------
 
