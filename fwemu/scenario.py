@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from .link.ifc import (
+    MAX_U16,
     CmdStatus,
     Fault,
     FaultKind,
@@ -30,6 +31,12 @@ from .link.ifc import (
     VfCaps,
     VfConfig,
     obj_type_index,
+)
+from .link.scenario_requests import (
+    MAX_AFTER_SAVED_BYTES,
+    MAX_AT_TIME,
+    MAX_RECONFIG_OBJECTS,
+    MAX_SCENARIO_TEXT,
 )
 from .model.clock import Clock
 from .model.firmware import Firmware
@@ -54,6 +61,16 @@ events:
     fault: {kind: fail, opcode: QUERY_VHCA_MIGRATION_STATE, status: BAD_SYS_STATE_ERR,
             syndrome: 0x1234}
 """
+
+
+# Bounds of a scenario document (README, "Scenario files"): its YAML is checked
+# event by event before anything is built, so an alias bomb ("billion laughs")
+# or a deep nesting is refused after reading at most MAX_YAML_NODES nodes.
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 100_000
+MAX_EVENTS = 4096
+# Events times the VFs they name ("vf: all"): what one scenario may arm or schedule.
+MAX_ACTIONS = 1 << 16
 
 
 class ScenarioError(ValueError):
@@ -102,7 +119,9 @@ class VfSpec(_Strict):
     seed: int | None = Field(default=None, ge=0, lt=1 << 64)
     dirty_bytes_per_s: ByteSize | None = None
     save_bandwidth: ByteSize | None = None
-    save_latency_s: float | None = Field(default=None, ge=0, le=3600)
+    save_latency_s: float | None = Field(
+        default=None, ge=0, le=VfConfig.MAX_LATENCY_S, allow_inf_nan=False
+    )
     chunk_size: ByteSize | None = None
     reconfig_bytes: ByteSize | None = None
     caps: CapsSpec = Field(default_factory=CapsSpec)
@@ -125,13 +144,13 @@ class ObjectSpecModel(_Strict):
     @model_validator(mode="after")
     def _check(self) -> ObjectSpecModel:
         obj_type_index(self.type)
-        if self.size <= 0:
-            raise ValueError("object size must be positive")
+        if not 1 <= self.size <= VfConfig.MAX_SIZE:
+            raise ValueError(f"object size must be between 1 and {VfConfig.MAX_SIZE}")
         return self
 
 
 class ReconfigureSpec(_Strict):
-    objects: list[ObjectSpecModel] = Field(default_factory=list)
+    objects: list[ObjectSpecModel] = Field(default_factory=list, max_length=MAX_RECONFIG_OBJECTS)
 
 
 class FaultSpec(_Strict):
@@ -139,8 +158,8 @@ class FaultSpec(_Strict):
     opcode: OpcodeField = int(Opcode.SAVE_VHCA_STATE)
     status: StatusField = int(CmdStatus.INT_ERR)
     syndrome: int = Field(default=0x465700FF, ge=0, le=0xFFFFFFFF)
-    delay_s: float = Field(default=0.0, ge=0, le=3600)
-    count: int = Field(default=1, ge=1)
+    delay_s: float = Field(default=0.0, ge=0, le=Fault.MAX_DELAY_S, allow_inf_nan=False)
+    count: int = Field(default=1, ge=1, le=Fault.MAX_COUNT)
     in_completion: bool = False
 
     def to_fault(self) -> Fault:
@@ -152,8 +171,8 @@ class FaultSpec(_Strict):
 
 class EventSpec(_Strict):
     vf: int | Literal["all"]
-    at: float | None = Field(default=None, ge=0)
-    after_saved_bytes: ByteSize | None = None
+    at: float | None = Field(default=None, ge=0, le=MAX_AT_TIME, allow_inf_nan=False)
+    after_saved_bytes: ByteSize | None = Field(default=None, ge=0, le=MAX_AFTER_SAVED_BYTES)
     reconfigure: ReconfigureSpec | None = None
     fault: FaultSpec | None = None
 
@@ -173,14 +192,19 @@ class EventSpec(_Strict):
 class ScenarioFile(_Strict):
     seed: int | None = Field(default=None, ge=0, lt=1 << 64)
     defaults: VfSpec = Field(default_factory=VfSpec)
-    vfs: list[VfGroup] = Field(default_factory=list)
-    events: list[EventSpec] = Field(default_factory=list)
+    vfs: list[VfGroup] = Field(default_factory=list, max_length=MAX_U16)
+    events: list[EventSpec] = Field(default_factory=list, max_length=MAX_EVENTS)
 
 
 def parse_scenario(text: str, source: str = "scenario") -> ScenarioFile:
     """Read a YAML or JSON scenario; errors name the file, the place and the rule."""
+    if len(text) > MAX_SCENARIO_TEXT:
+        raise ScenarioError(
+            f"{source}: a scenario is at most {MAX_SCENARIO_TEXT} characters, got {len(text)}"
+        )
     try:
-        data = yaml.safe_load(text) if text.strip() else {}
+        _check_yaml_shape(text, source)
+        data = yaml.load(text, Loader=_LOADER) if text.strip() else {}
     except yaml.YAMLError as e:
         raise ScenarioError(f"{source}: not valid YAML or JSON: {e}") from None
     if data is None:
@@ -197,10 +221,59 @@ def parse_scenario(text: str, source: str = "scenario") -> ScenarioFile:
         raise ScenarioError(f"{source}: invalid scenario:\n" + "\n".join(lines)) from None
 
 
+# libyaml's loader when PyYAML has it (ten times faster); both are safe loaders.
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _check_yaml_shape(text: str, source: str) -> None:
+    """Refuse YAML nested deeper than MAX_YAML_DEPTH or of more than
+    MAX_YAML_NODES nodes once its aliases are expanded (what validating it
+    would walk), and recursive aliases; from the parser's events, in one pass,
+    before any node is built."""
+    nodes = 0
+    # anchor -> (nodes, height) of the node it names, once that node is complete
+    anchored: dict[str, tuple[int, int]] = {}
+    # open collections: [anchor, nodes before it, its level, deepest level under it]
+    stack: list[list[Any]] = []
+
+    def add(count: int, level: int) -> None:
+        nonlocal nodes
+        nodes += count
+        if nodes > MAX_YAML_NODES:
+            raise ScenarioError(
+                f"{source}: more than {MAX_YAML_NODES} YAML nodes (aliases expanded)"
+            )
+        if level > MAX_YAML_DEPTH:
+            raise ScenarioError(f"{source}: YAML nested deeper than {MAX_YAML_DEPTH} levels")
+        if stack:
+            stack[-1][3] = max(stack[-1][3], level)
+
+    for ev in yaml.parse(text, Loader=_LOADER):
+        level = len(stack) + 1
+        if isinstance(ev, yaml.AliasEvent):
+            if ev.anchor not in anchored:
+                raise ScenarioError(f"{source}: alias *{ev.anchor} is undefined or recursive")
+            count, height = anchored[ev.anchor]
+            add(count, level + height - 1)
+        elif isinstance(ev, yaml.ScalarEvent):
+            add(1, level)
+            if ev.anchor is not None:
+                anchored[ev.anchor] = (1, 1)
+        elif isinstance(ev, yaml.CollectionStartEvent):
+            add(1, level)
+            stack.append([ev.anchor, nodes - 1, level, level])
+        elif isinstance(ev, yaml.CollectionEndEvent):
+            anchor, before, start, deepest = stack.pop()
+            if stack:
+                stack[-1][3] = max(stack[-1][3], deepest)
+            if anchor is not None:
+                anchored[anchor] = (nodes - before, deepest - start + 1)
+
+
 def load_scenario_file(path: str) -> ScenarioFile:
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_SCENARIO_TEXT + 1)
     except OSError as e:
         raise ScenarioError(f"{path}: cannot read scenario: {e.strerror}") from None
     except UnicodeDecodeError:
@@ -226,6 +299,12 @@ def apply_scenario(fw: Firmware, doc: ScenarioFile) -> list[Vf]:
             configs.extend([cfg] * group.count)
     except ValueError as e:
         raise ScenarioError(f"invalid VF settings: {e}") from None
+    vf_count = len(fw.vfs) + len(configs)
+    actions = sum(vf_count if ev.vf == "all" else 1 for ev in doc.events)
+    if actions > MAX_ACTIONS:
+        raise ScenarioError(
+            f"events: {actions} actions (events times the VFs they name), at most {MAX_ACTIONS}"
+        )
     created: list[Vf] = []
     try:
         for i, cfg in enumerate(configs):

@@ -147,6 +147,7 @@ class Syndrome(enum.IntEnum):
     ABORTED = 0x46570028
     IMAGE_TRAILING = 0x46570029
     TOO_MANY_MKEYS = 0x4657002A
+    INTERNAL = 0x465700F0  # the emulator itself failed (its log says how)
     INJECTED = 0x465700FF
 
 
@@ -427,20 +428,37 @@ class VfConfig:
 
     MIN_SIZE = 1 * KiB
     MAX_SIZE = 16 << 30
+    # Sanity bounds, not what the emulator can honour at speed: an absurd rate
+    # or latency is a typo or a hostile client, refused with its field's name.
+    MAX_RATE = 64 << 30  # bytes/s, dirty_bytes_per_s and save_bandwidth
+    MAX_LATENCY_S = 3600.0
+    MIN_CHUNK = PAGE_SIZE
+    MAX_CHUNK = (1 << 32) - PAGE_SIZE
 
     def validate(self) -> None:
-        if not self.MIN_SIZE <= self.size <= self.MAX_SIZE:
-            raise ValueError(f"size must be between {self.MIN_SIZE} and {self.MAX_SIZE} bytes")
-        if self.seed is not None and not 0 <= self.seed < 1 << 64:
-            raise ValueError("seed must be a 64-bit unsigned value")
-        if self.dirty_bytes_per_s < 0 or self.save_bandwidth < 0:
-            raise ValueError("rates cannot be negative")
-        if not 0 <= self.save_latency_s <= 3600:
-            raise ValueError("save_latency_s must be between 0 and 3600 seconds")
-        if not PAGE_SIZE <= self.chunk_size <= (1 << 32) - PAGE_SIZE:
-            raise ValueError("chunk_size must be between 4 KiB and 4 GiB - 4 KiB")
-        if not 1 <= self.reconfig_bytes <= self.MAX_SIZE:
-            raise ValueError("reconfig_bytes must be positive")
+        """Refuse a configuration with a field out of its range (ValueError
+        naming the field and the range); checks only, changes nothing."""
+        check_int("size", self.size, self.MIN_SIZE, self.MAX_SIZE)
+        if self.seed is not None:
+            check_int("seed", self.seed, 0, (1 << 64) - 1)
+        check_int("dirty_bytes_per_s", self.dirty_bytes_per_s, 0, self.MAX_RATE)
+        check_int("save_bandwidth", self.save_bandwidth, 0, self.MAX_RATE)
+        check_float("save_latency_s", self.save_latency_s, 0.0, self.MAX_LATENCY_S)
+        check_int("chunk_size", self.chunk_size, self.MIN_CHUNK, self.MAX_CHUNK)
+        check_int("reconfig_bytes", self.reconfig_bytes, 1, self.MAX_SIZE)
+
+
+def check_int(name: str, value: object, lo: int, hi: int) -> None:
+    """ValueError unless `value` is an int (not a bool) in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi} (an integer), got {value!r}")
+
+
+def check_float(name: str, value: object, lo: float, hi: float) -> None:
+    """ValueError unless `value` is a finite number in [lo, hi] (NaN and ±inf
+    fail the comparison)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo:g} and {hi:g} (finite), got {value!r}")
 
 
 class FaultKind(enum.IntEnum):
@@ -473,18 +491,25 @@ class Fault:
     in_completion: bool = False
     fault_id: int = 0
 
+    # Bounds of a scenario client's values (README, "Faults").
+    MAX_DELAY_S: ClassVar[float] = 3600.0
+    MAX_COUNT: ClassVar[int] = 1 << 20
+
     def validate(self) -> None:
-        if self.count < 1:
-            raise ValueError("a fault must hit at least one command")
+        if not isinstance(self.kind, FaultKind):
+            raise ValueError(f"kind must be one of {', '.join(k.name for k in FaultKind)}")
+        check_int("count", self.count, 1, self.MAX_COUNT)
         if self.kind in (FaultKind.FAIL, FaultKind.DELAY) and self.opcode not in COMMAND_OPCODES:
             raise ValueError(
                 f"opcode {self.opcode:#x} is not a migration command "
                 f"(one of {', '.join(f'{o:#x}' for o in sorted(COMMAND_OPCODES))})"
             )
-        if self.kind == FaultKind.FAIL and not 0 < self.status <= 0xFF:
+        check_int("opcode", self.opcode, 0, MAX_U16)
+        check_int("status", self.status, 0, 0xFF)
+        check_int("syndrome", self.syndrome, 0, MAX_U32)
+        check_float("delay_s", self.delay_s, 0.0, self.MAX_DELAY_S)
+        if self.kind == FaultKind.FAIL and self.status == 0:
             raise ValueError("a FAIL fault needs a non-zero 8-bit firmware status")
-        if not 0 <= self.syndrome <= 0xFFFFFFFF:
-            raise ValueError("syndrome is a 32-bit value")
         if self.kind in (FaultKind.DELAY, FaultKind.DELAY_COMPLETION) and self.delay_s <= 0:
             raise ValueError("a delay fault needs delay_s > 0")
         if self.in_completion and not (

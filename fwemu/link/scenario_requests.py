@@ -7,17 +7,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .ifc import Fault, VfConfig, VfInfo
+from .ifc import MAX_U16, Fault, MiB, VfConfig, VfInfo, check_float, check_int, obj_type_index
 
 # A request's answer type, for the code that handles requests.
 A = TypeVar("A")
 A_co = TypeVar("A_co", covariant=True)
 
 
+# Bounds of what one request may ask (README, "Scenario files").
+MAX_RECONFIG_OBJECTS = 1024
+MAX_SCENARIO_TEXT = 1 * MiB  # characters
+MAX_AT_TIME = 1e9  # seconds of firmware time (about 31 years)
+MAX_AFTER_SAVED_BYTES = 1 << 60
+MAX_ADVANCE_S = 86400.0 * 366
+
+
 class ScenarioRequest(Generic[A_co]):
     """A scenario request and the type of its answer (`class XIn(ScenarioRequest[int])`)."""
 
     __slots__ = ()
+
+    def validate(self) -> None:
+        """ValueError naming the field and its range if a value is out of
+        bounds; checks only (the firmware checks what depends on its state)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +45,11 @@ class CreateVfsIn(ScenarioRequest[list[VfInfo]]):
 
     count: int = 1
     config: VfConfig | None = None  # None: the firmware's defaults
+
+    def validate(self) -> None:
+        check_int("count", self.count, 1, MAX_U16)
+        if self.config is not None:
+            self.config.validate()
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +83,29 @@ class ReconfigureIn(VfRequest[int]):
     at_time: float | None = None
     after_saved_bytes: int | None = None
 
+    def validate(self) -> None:
+        if len(self.objects) > MAX_RECONFIG_OBJECTS:
+            raise ValueError(
+                f"objects: at most {MAX_RECONFIG_OBJECTS} per reconfiguration, "
+                f"got {len(self.objects)}"
+            )
+        for i, (kind, size) in enumerate(self.objects):
+            obj_type_index(kind)
+            check_int(f"objects[{i}].size", size, 1, VfConfig.MAX_SIZE)
+        if self.at_time is not None:
+            check_float("at_time", self.at_time, 0.0, MAX_AT_TIME)
+        if self.after_saved_bytes is not None:
+            check_int("after_saved_bytes", self.after_saved_bytes, 0, MAX_AFTER_SAVED_BYTES)
+
 
 @dataclass(frozen=True, slots=True)
 class InjectFaultIn(VfRequest[int]):
     """Arm a fault on the VF; answers its fault id."""
 
     fault: Fault
+
+    def validate(self) -> None:
+        self.fault.validate()
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +124,12 @@ class ApplyScenarioIn(ScenarioRequest[list[VfInfo]]):
 
     text: str
 
+    def validate(self) -> None:
+        if len(self.text) > MAX_SCENARIO_TEXT:
+            raise ValueError(
+                f"text: a scenario is at most {MAX_SCENARIO_TEXT} characters, got {len(self.text)}"
+            )
+
 
 @dataclass(frozen=True, slots=True)
 class GetClockIn(ScenarioRequest[float]):
@@ -101,3 +141,6 @@ class AdvanceClockIn(ScenarioRequest[float]):
     """Move a virtual clock forward; answers the new time."""
 
     seconds: float
+
+    def validate(self) -> None:
+        check_float("seconds", self.seconds, 0.0, MAX_ADVANCE_S)

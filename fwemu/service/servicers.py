@@ -15,24 +15,23 @@ from ..api.v1 import firmware_pb2 as fpb
 from ..api.v1 import firmware_pb2_grpc as fgrpc
 from ..api.v1 import scenario_pb2 as spb
 from ..api.v1 import scenario_pb2_grpc as sgrpc
+from ..link import scenario_requests as rq
 from ..link.ifc import (
     CmdResult,
     Command,
     CreatePageTrackIn,
     DestroyPageTrackIn,
-    FirmwareError,
     FunctionLevelResetIn,
     LoadVhcaStateIn,
     MiB,
+    MkeyResult,
     ModifyPageTrackIn,
-    NoSuchVf,
     QueryHcaCapIn,
     QueryVhcaMigrationStateIn,
     ResumeVhcaIn,
     SaveCompletion,
     SaveVhcaStateIn,
     SuspendVhcaIn,
-    obj_type_index,
 )
 from ..link.wire import (
     CLIENT_KEY,
@@ -44,7 +43,8 @@ from ..link.wire import (
     to_pb,
 )
 from ..model.firmware import Firmware, vf_info
-from ..scenario import ScenarioError
+from ..scenario import apply_scenario, parse_scenario
+from .failures import failure
 from .memory import MkeyMemory
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -68,7 +68,12 @@ def _command(cls: type[Command[Any]]) -> Any:
     command path, the outbox back.  (Any: it stands for the typed stub method.)"""
 
     async def rpc(self: FirmwareServicer, request: Any, context: Ctx) -> Any:
-        r = self.fw.exec(command_from_pb(cls, request))
+        self.memory.seen(client_of(context))
+        try:
+            r = self.fw.exec(command_from_pb(cls, request))
+        except Exception as e:  # the firmware answers every command, even so
+            f = failure(e)
+            r = cls.out(status=f.status, syndrome=f.syndrome, diagnostic=f.message)
         await self.fw.sleep(r.delay_s)  # an injected DELAY fault
         return to_pb(r, RPCS[cls].response)
 
@@ -121,20 +126,31 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
 
     async def CreateMkey(self, request: fpb.CreateMkeyRequest, context: Ctx) -> Any:
         backing = request.WhichOneof("backing")
-        r = self.memory.create(
-            client_of(context),
-            request.length,
-            shm_name=request.shm_name if backing == "shm_name" else None,
-            remote=backing == "remote" and request.remote,
-        )
+        try:
+            r = self.memory.create(
+                client_of(context),
+                request.length,
+                shm_name=request.shm_name if backing == "shm_name" else None,
+                remote=backing == "remote" and request.remote,
+            )
+        except Exception as e:  # as a command: an outbox, never UNKNOWN
+            f = failure(e)
+            r = MkeyResult(status=f.status, syndrome=f.syndrome, diagnostic=f.message)
         return to_pb(r, fpb.CreateMkeyResponse)
 
     async def DestroyMkey(self, request: fpb.DestroyMkeyRequest, context: Ctx) -> Any:
-        return to_pb(self.memory.destroy(request.mkey), fpb.CommandResponse)
+        self.memory.seen(client_of(context))
+        try:
+            r = self.memory.destroy(request.mkey)
+        except Exception as e:
+            f = failure(e)
+            r = CmdResult(status=f.status, syndrome=f.syndrome, diagnostic=f.message)
+        return to_pb(r, fpb.CommandResponse)
 
     async def ReadMkey(
         self, request: fpb.ReadMkeyRequest, context: Ctx
     ) -> AsyncIterator[fpb.MkeyData]:
+        self.memory.seen(client_of(context))
         view = self.memory.range(request.mkey, request.offset, request.length)
         if isinstance(view, CmdResult):
             await abort(
@@ -154,6 +170,7 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
             )
 
     async def WriteMkey(self, request_iterator: AsyncIterator[fpb.MkeyData], context: Ctx) -> Any:
+        self.memory.seen(client_of(context))
         mkey = None
         written = 0
         async for msg in request_iterator:
@@ -171,95 +188,100 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
         return fpb.WriteMkeyResponse(bytes_written=written)
 
 
-def _refusal(*errors: type[Exception]) -> Callable[[Rpc[S]], Rpc[S]]:
-    """A Scenario RPC whose refused request (one of `errors`) aborts the call
-    with a google.rpc.Status naming why."""
+def _answered(rpc: Rpc[S]) -> Rpc[S]:
+    """A Scenario RPC whose refused request, or whose failure in the model
+    (MemoryError, OSError, RecursionError...), aborts the call with a
+    google.rpc.Status whose ErrorInfo names the condition (fwemu.service.failures)."""
 
-    def wrap(rpc: Rpc[S]) -> Rpc[S]:
-        @functools.wraps(rpc)
-        async def answer(self: S, request: Any, context: Ctx) -> Any:
-            try:
-                return await rpc(self, request, context)
-            except errors as e:
-                if isinstance(e, NoSuchVf):
-                    code, reason = grpc.StatusCode.NOT_FOUND, "NO_SUCH_VF"
-                elif isinstance(e, ScenarioError):
-                    code, reason = grpc.StatusCode.INVALID_ARGUMENT, "INVALID_SCENARIO"
-                else:
-                    code, reason = grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST"
-                await abort(context, code, str(e), reason=reason, domain=DOMAIN)
+    @functools.wraps(rpc)
+    async def answer(self: S, request: Any, context: Ctx) -> Any:
+        try:
+            return await rpc(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            f = failure(e)
+            await abort(context, f.code, f.message, reason=f.reason, domain=DOMAIN)
 
-        return answer
-
-    return wrap
+    return answer
 
 
 class ScenarioServicer(sgrpc.ScenarioServicer):
+    """Each request through the model's one scenario path (Firmware.control),
+    which checks its values first."""
+
     def __init__(self, fw: Firmware) -> None:
         self.fw = fw
 
-    def _info(self, vhca_id: int) -> spb.VfInfo:
-        return to_pb(self.fw.info(vhca_id), spb.VfInfo)
-
-    @_refusal(FirmwareError, ValueError)
+    @_answered
     async def CreateVfs(self, request: spb.CreateVfsRequest, context: Ctx) -> Any:
-        vfs = self.fw.create_vfs(request.count or 1, overlay(self.fw.defaults, request.config))
-        return spb.CreateVfsResponse(vfs=[to_pb(vf_info(v), spb.VfInfo) for v in vfs])
+        config = overlay(self.fw.defaults, request.config)
+        vfs = self.fw.control(rq.CreateVfsIn(request.count or 1, config))
+        return spb.CreateVfsResponse(vfs=[to_pb(v, spb.VfInfo) for v in vfs])
 
-    @_refusal(FirmwareError)
+    @_answered
     async def RemoveVf(self, request: spb.RemoveVfRequest, context: Ctx) -> Any:
-        self.fw.remove_vf(request.vhca_id)
+        self.fw.control(rq.RemoveVfIn(request.vhca_id))
         return spb.RemoveVfResponse()
 
-    @_refusal(FirmwareError, ValueError)
+    @_answered
     async def ConfigureVf(self, request: spb.ConfigureVfRequest, context: Ctx) -> Any:
         vf = self.fw.vf(request.vhca_id)
-        self.fw.configure_vf(request.vhca_id, **changes(vf.config, request.config))
-        return self._info(request.vhca_id)
+        req = rq.ConfigureVfIn(request.vhca_id, changes(vf.config, request.config))
+        return to_pb(self.fw.control(req), spb.VfInfo)
 
-    @_refusal(FirmwareError)
+    @_answered
     async def GetVf(self, request: spb.GetVfRequest, context: Ctx) -> Any:
-        return self._info(request.vhca_id)
+        return to_pb(self.fw.control(rq.GetVfIn(request.vhca_id)), spb.VfInfo)
 
+    @_answered
     async def ListVfs(self, request: spb.ListVfsRequest, context: Ctx) -> Any:
         return spb.ListVfsResponse(vfs=[to_pb(v, spb.VfInfo) for v in self.fw.list_vfs()])
 
-    @_refusal(FirmwareError, ValueError)
+    @_answered
     async def Reconfigure(self, request: spb.ReconfigureRequest, context: Ctx) -> Any:
         when = request.WhichOneof("when")
-        objects = [(obj_type_index(o.type), o.size) for o in request.objects]
-        tid = self.fw.reconfigure(
-            request.vhca_id,
-            objects,
-            at_time=request.at_time if when == "at_time" else None,
-            after_saved_bytes=request.after_saved_bytes if when == "after_saved_bytes" else None,
+        tid = self.fw.control(
+            rq.ReconfigureIn(
+                request.vhca_id,
+                tuple((o.type, o.size) for o in request.objects),
+                at_time=request.at_time if when == "at_time" else None,
+                after_saved_bytes=request.after_saved_bytes
+                if when == "after_saved_bytes"
+                else None,
+            )
         )
         return spb.ReconfigureResponse(trigger_id=tid)
 
-    @_refusal(FirmwareError, ValueError)
+    @_answered
     async def InjectFault(self, request: spb.InjectFaultRequest, context: Ctx) -> Any:
-        fid = self.fw.inject_fault(request.vhca_id, fault_from_pb(request.fault))
+        fid = self.fw.control(rq.InjectFaultIn(request.vhca_id, fault_from_pb(request.fault)))
         return spb.InjectFaultResponse(fault_id=fid)
 
-    @_refusal(FirmwareError)
+    @_answered
     async def ClearFaults(self, request: spb.ClearFaultsRequest, context: Ctx) -> Any:
-        return spb.ClearFaultsResponse(cleared=self.fw.clear_faults(request.vhca_id))
+        return spb.ClearFaultsResponse(cleared=self.fw.control(rq.ClearFaultsIn(request.vhca_id)))
 
-    @_refusal(FirmwareError)
+    @_answered
     async def GetDigest(self, request: spb.GetDigestRequest, context: Ctx) -> Any:
         vf = self.fw.touch(request.vhca_id)
         return spb.GetDigestResponse(
             digest=vf.digest(), size=vf.state.size, num_objects=len(vf.state.objects)
         )
 
-    @_refusal(ScenarioError)
+    @_answered
     async def ApplyScenario(self, request: spb.ApplyScenarioRequest, context: Ctx) -> Any:
-        vfs = self.fw.apply_scenario(request.text)
+        # Parsing a large text takes a while: off the event loop (it reads
+        # no firmware state), so that other clients and health keep answering.
+        doc = await asyncio.to_thread(parse_scenario, request.text)
+        vfs = apply_scenario(self.fw, doc)
         return spb.ApplyScenarioResponse(vfs=[to_pb(vf_info(v), spb.VfInfo) for v in vfs])
 
+    @_answered
     async def GetClock(self, request: spb.ClockRequest, context: Ctx) -> Any:
         return spb.ClockResponse(now=self.fw.now(), virtual=self.fw.clock.virtual)
 
+    @_answered
     async def AdvanceClock(self, request: spb.AdvanceClockRequest, context: Ctx) -> Any:
         if not self.fw.clock.virtual:
             await abort(
@@ -269,12 +291,5 @@ class ScenarioServicer(sgrpc.ScenarioServicer):
                 reason="REAL_CLOCK",
                 domain=DOMAIN,
             )
-        if not 0 <= request.seconds < float("inf"):
-            await abort(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "the clock moves forward by a finite number of seconds",
-                reason="INVALID_REQUEST",
-                domain=DOMAIN,
-            )
-        return spb.ClockResponse(now=self.fw.advance_clock(request.seconds), virtual=True)
+        now = self.fw.control(rq.AdvanceClockIn(request.seconds))
+        return spb.ClockResponse(now=now, virtual=True)
