@@ -6,12 +6,16 @@ service streams them, tests read them directly.
 The bus never waits for a subscriber: each has a bounded queue, and when it
 is full the oldest event goes (counted); the subscriber then first gets a
 `Dropped` marker saying how many it lost.  Publishing is one length check
-when nobody listens, else O(subscribers).
+when nobody listens, else O(subscribers of that device + unfiltered ones):
+subscribers of other devices cost nothing.  Subscribers are bounded per
+client (EMFILE past it) and in all (ENFILE), as fds per process and files
+per system.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +33,7 @@ from .api.events import (
     SaveFailed,
     StateChanged,
 )
+from .vfio.errors import VfioError
 
 __all__ = [
     "CALLER",
@@ -51,14 +56,17 @@ __all__ = [
 CALLER: ContextVar[str] = ContextVar("vfio_caller", default="")
 
 DEFAULT_QUEUE = 1024
+MAX_SUBSCRIBERS = 1024  # Events streams in all
+MAX_SUBSCRIBERS_PER_CLIENT = 16
 
 
 class Subscription:
     """One subscriber's bounded queue; iterate it (ends when closed)."""
 
-    def __init__(self, bus: EventBus, device: str | None, maxsize: int) -> None:
+    def __init__(self, bus: EventBus, device: str | None, maxsize: int, client: str = "") -> None:
         self.bus = bus
         self.device = device
+        self.client = client
         self.maxsize = max(1, maxsize)
         self.dropped = 0  # in all
         self._unreported = 0  # dropped since the last Dropped marker
@@ -128,22 +136,55 @@ class EventBus:
     """One per driver service (the registry owns it)."""
 
     def __init__(
-        self, *, queue_size: int = DEFAULT_QUEUE, clock: Callable[[], float] = time.time
+        self,
+        *,
+        queue_size: int = DEFAULT_QUEUE,
+        clock: Callable[[], float] = time.time,
+        max_subscribers: int = MAX_SUBSCRIBERS,
+        max_per_client: int = MAX_SUBSCRIBERS_PER_CLIENT,
     ) -> None:
         self.queue_size = queue_size
         self.clock = clock
+        self.max_subscribers = max_subscribers
+        self.max_per_client = max_per_client
         self.subscribers: list[Subscription] = []
+        # Who publish offers an event of a device to: that device's
+        # subscribers and the unfiltered ones (key None); insertion-ordered.
+        self._by_device: dict[str | None, dict[Subscription, None]] = {}
+        self._per_client: dict[str, int] = {}
         self.published = 0  # events offered to at least one subscriber
+        self.offered = 0  # subscriber queues events were offered to
         self.dropped = 0  # events some subscriber lost
 
-    def subscribe(self, device: str | None = None, *, maxsize: int | None = None) -> Subscription:
-        sub = Subscription(self, device, self.queue_size if maxsize is None else maxsize)
+    def subscribe(
+        self, device: str | None = None, *, maxsize: int | None = None, client: str = ""
+    ) -> Subscription:
+        """A new subscriber (of `device`'s events, or of all); EMFILE past
+        max_per_client for `client`, ENFILE past max_subscribers."""
+        held = self._per_client.get(client, 0)
+        if held >= self.max_per_client:
+            raise VfioError(errno.EMFILE, f"{held} event subscriptions of this client")
+        if len(self.subscribers) >= self.max_subscribers:
+            raise VfioError(errno.ENFILE, f"{len(self.subscribers)} event subscriptions in all")
+        sub = Subscription(self, device, self.queue_size if maxsize is None else maxsize, client)
         self.subscribers.append(sub)
+        self._by_device.setdefault(device, {})[sub] = None
+        self._per_client[client] = held + 1
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        if sub in self.subscribers:
-            self.subscribers.remove(sub)
+        if sub not in self.subscribers:
+            return
+        self.subscribers.remove(sub)
+        subs = self._by_device[sub.device]
+        del subs[sub]
+        if not subs:
+            del self._by_device[sub.device]
+        left = self._per_client[sub.client] - 1
+        if left:
+            self._per_client[sub.client] = left
+        else:
+            del self._per_client[sub.client]
 
     def publish(
         self,
@@ -169,5 +210,9 @@ class EventBus:
             stream,
         )
         self.published += 1
-        for sub in self.subscribers:
-            sub.offer(event)
+        for key in (device, None):
+            subs = self._by_device.get(key)
+            if subs:
+                self.offered += len(subs)
+                for sub in subs:
+                    sub.offer(event)

@@ -16,6 +16,7 @@ from fwemu.link.ifc import VfInfo
 
 from .audit import AuditLog
 from .events import EventBus
+from .mlx5.cmd import DEFAULT_BUFFER_BUDGET, BufferBudget
 from .mlx5.main import Mlx5VfDevice
 from .shards import pci_name, shard_of
 from .vfio.device import VfioDevice
@@ -46,7 +47,10 @@ class DeviceRegistry:
         max_chunk_size: int = 8 << 20,
         events: EventBus | None = None,
         audit: AuditLog | None = None,
+        buffer_budget: int = DEFAULT_BUFFER_BUDGET,
     ) -> None:
+        """`buffer_budget`: the bytes of data buffers the driver holds for one
+        client's migration files, over all devices (past it: ENOMEM)."""
         self.links: tuple[FirmwareLink, ...] = (
             tuple(link) if isinstance(link, Sequence) else (link,)
         )
@@ -57,6 +61,7 @@ class DeviceRegistry:
         self.devices: dict[str, Registered] = {}
         self.events = events if events is not None else EventBus()
         self.audit = audit if audit is not None else AuditLog(self.events)
+        self.budget = BufferBudget(buffer_budget)
 
     async def refresh(self) -> list[Registered]:
         """Probe VFs that appeared; VFs that went away are detached (their
@@ -92,6 +97,7 @@ class DeviceRegistry:
                 max_chunk_size=self.max_chunk_size,
                 events=self.events,
                 audit=self.audit,
+                budget=self.budget,
             )
             await mvdev.probe()
             core = VfioDevice(name, mvdev)

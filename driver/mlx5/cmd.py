@@ -97,6 +97,46 @@ MLX5_MIGF_HEADER_TAG_STOP_COPY_SIZE = 1 << 0
 STOP_COPY_DATA = struct.Struct("<Q")  # struct mlx5_vf_migration_tag_stop_copy_data
 
 
+# What one client's migration files may hold in data buffers (resume images,
+# saving buffers, remote mkeys) across all devices: a real VF's stop-copy
+# image with room to spare; past it an allocation is ENOMEM.
+DEFAULT_BUFFER_BUDGET = 1 << 30
+
+
+class BufferBudget:
+    """Per-client accounting of the data buffers the driver holds for the
+    client's files.  A charge that would take a client past `limit` is
+    ENOMEM (as a kernel allocation under pressure) and charges nothing;
+    other clients' accounts are untouched.  O(1) per charge."""
+
+    def __init__(self, limit: int = DEFAULT_BUFFER_BUDGET) -> None:
+        self.limit = limit
+        self.held: dict[str, int] = {}  # client -> bytes held (absent: 0)
+
+    def available(self, client: str) -> int:
+        return self.limit - self.held.get(client, 0)
+
+    def check(self, client: str, length: int, *, freed: int = 0) -> None:
+        """ENOMEM unless `length` more bytes (after `freed` are given back) fit."""
+        if length - freed > self.available(client):
+            raise VfioError(
+                errno.ENOMEM,
+                f"cannot allocate a {length}-byte buffer: client {client or '(in-process)'} "
+                f"holds {self.held.get(client, 0)} of its {self.limit}-byte buffer budget",
+            )
+
+    def charge(self, client: str, length: int) -> None:
+        self.check(client, length)
+        self.held[client] = self.held.get(client, 0) + length
+
+    def release(self, client: str, length: int) -> None:
+        left = self.held.get(client, 0) - length
+        if left > 0:
+            self.held[client] = left
+        else:
+            self.held.pop(client, None)  # an idle client leaves no entry behind
+
+
 def link_errno(e: LinkError) -> VfioError:
     """The firmware is unreachable: what the kernel sees when commands time out."""
     return VfioError(errno.EIO, f"firmware unreachable: {e}")
@@ -142,6 +182,7 @@ class DataBuffer:
     start_pos: int = 0
     stop_copy_chunk_num: int = 0
     pre_copy_init_bytes_chunk: bool = False
+    charged: bool = False  # `allocated_length` is on its file's client's BufferBudget
 
     @property
     def mkey(self) -> int:

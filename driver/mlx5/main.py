@@ -33,6 +33,7 @@ from .cmd import (
     MLX5VF_QUERY_CLEANUP,
     MLX5VF_QUERY_FINAL,
     MLX5VF_QUERY_INC,
+    BufferBudget,
     Commands,
     DataBuffer,
     MigfState,
@@ -82,6 +83,7 @@ class Mlx5VfDevice:
         max_chunk_size: int = MAX_CHUNK_SIZE,
         events: EventBus | None = None,
         audit: AuditLog | None = None,
+        budget: BufferBudget | None = None,
     ) -> None:
         self.link = link
         self.function_id = function_id
@@ -103,6 +105,7 @@ class Mlx5VfDevice:
         self.audit = audit if audit is not None else AuditLog(self.events)
         self.streams = 0  # migration files made so far: each one's number
         self.tracker = VhcaPageTracker(self)
+        self.budget = budget if budget is not None else BufferBudget()  # per client, shared
         # The device's files when the arc in progress started (ArcHooks).
         self._arc_files: tuple[Mlx5VfMigrationFile, ...] = ()
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from fwemu.link.base import LinkError
 from fwemu.link.ifc import PAGE_SIZE
 
+from ..events import CALLER
 from ..vfio.errors import VfioError
 from .cmd import MAX_NUM_CHUNKS, SIZEOF_MIGRATION_HEADER, DataBuffer, MigfState, link_errno
 
@@ -34,6 +35,8 @@ class Mlx5VfMigrationFile:
     def __init__(self, mvdev: Mlx5VfDevice) -> None:
         self.mvdev = mvdev
         self.stream_id = mvdev.new_stream_id()  # names the stream in events and the audit
+        # The client whose call made the file: its buffers count on its BufferBudget.
+        self.owner = CALLER.get()
         self.io_in_progress = 0  # reads and writes in the file now
         self.state = MigfState.NONE
         self.f_pos = 0
@@ -90,13 +93,17 @@ class Mlx5VfMigrationFile:
             raise VfioError(errno.ENOTCONN, "the VF is detached")
         if length == 0:
             return DataBuffer(0)
+        budget = self.mvdev.budget
+        budget.charge(self.owner, length)  # ENOMEM past the client's budget
         try:
             host = await self.mvdev.link.alloc_buffer(length)
         except LinkError as e:
+            budget.release(self.owner, length)
             raise link_errno(e) from None
         except (OSError, MemoryError) as e:
+            budget.release(self.owner, length)
             raise VfioError(errno.ENOMEM, f"cannot allocate a {length}-byte buffer: {e}") from None
-        return DataBuffer(length, host=host)
+        return DataBuffer(length, host=host, charged=True)
 
     def get_header_buffer(self, length: int = SIZEOF_MIGRATION_HEADER) -> DataBuffer:
         """A header buffer (dma_dir DMA_NONE): a free one that fits, else a new one."""
@@ -116,6 +123,9 @@ class Mlx5VfMigrationFile:
 
     async def free_data_buffer(self, buf: DataBuffer) -> None:
         """mlx5vf_free_data_buffer()."""
+        if buf.charged:
+            buf.charged = False
+            self.mvdev.budget.release(self.owner, buf.allocated_length)
         if buf.host is not None:
             # If the firmware went away, its side of the buffer is gone too.
             with contextlib.suppress(LinkError):

@@ -49,6 +49,7 @@ class ResumeFile(Mlx5VfMigrationFile):
         self.record_size = 0
         self.record_tag = 0
         self.stop_copy_prep_size = 0
+        self.image_alloc = 0  # the image buffer _prep_image sized but did not allocate yet
 
     async def read(self, count: int, *, nonblock: bool = False) -> bytes:
         raise VfioError(errno.EBADF, "the resuming data fd is write-only")
@@ -95,7 +96,7 @@ class ResumeFile(Mlx5VfMigrationFile):
                 case LoadState.PREP_IMAGE:
                     await self._prep_image()
                 case LoadState.READ_IMAGE:
-                    taken, has_work = self.resume_read_image(src[pos:])
+                    taken, has_work = await self.resume_read_image(src[pos:])
                     pos += taken
                 case LoadState.LOAD_IMAGE:
                     await self._load_image()
@@ -135,11 +136,11 @@ class ResumeFile(Mlx5VfMigrationFile):
         return taken, True
 
     def _prep_header_data(self) -> None:
-        """MLX5_VF_LOAD_STATE_PREP_HEADER_DATA: a header buffer that holds the record."""
+        """MLX5_VF_LOAD_STATE_PREP_HEADER_DATA.  mlx5vf grows the header
+        buffer to record_size; here it stays one page, on purpose: only a
+        STOP_COPY_SIZE record's first 8 bytes are ever read, so a record
+        declaring gigabytes costs no memory (its payload is skipped)."""
         hdr = self._header_buf()
-        if hdr.allocated_length < self.record_size:
-            size = pages(self.record_size)
-            hdr = self.buf_header[0] = DataBuffer(size, is_header=True, local=bytearray(size))
         hdr.start_pos = self.max_pos
         hdr.length = 0
         self.load_state = LoadState.READ_HEADER_DATA
@@ -149,7 +150,12 @@ class ResumeFile(Mlx5VfMigrationFile):
         payload; of the STOP_COPY_SIZE record keep the size.  The bytes taken."""
         hdr = self._header_buf()
         assert hdr.local is not None
-        taken = self._append(hdr, memoryview(hdr.local), self.record_size, src)
+        take = min(len(src), self.record_size - hdr.length)
+        keep = max(0, min(take, len(hdr.local) - hdr.length))  # the first page is kept
+        if keep:
+            hdr.local[hdr.length : hdr.length + keep] = src[:keep]
+        hdr.length += take
+        self.f_pos += take
         if hdr.length == self.record_size:
             if self.record_tag == MLX5_MIGF_HEADER_TAG_STOP_COPY_SIZE:
                 # As mlx5vf: the le64 is read from the buffer's page even if
@@ -159,26 +165,48 @@ class ResumeFile(Mlx5VfMigrationFile):
             self.load_state = LoadState.READ_HEADER
             self.max_pos += self.record_size
             hdr.length = 0
-        return taken
+        return take
 
     async def _prep_image(self) -> None:
         """MLX5_VF_LOAD_STATE_PREP_IMAGE: a data buffer that holds the image
-        (or the size STOP_COPY_SIZE announced, if larger)."""
-        size = max(self.record_size, self.stop_copy_prep_size)
+        (or the size STOP_COPY_SIZE announced, if larger).  Its size is
+        checked against the client's buffer budget here (ENOMEM, as the
+        kernel's allocation under pressure); the buffer itself is allocated
+        when the image's first byte arrives, so a header alone costs nothing."""
+        size = pages(max(self.record_size, self.stop_copy_prep_size))
         data = self.buf[0]
-        if data is None or data.npages * PAGE_SIZE < pages(size):
+        if data is None or data.npages * PAGE_SIZE < size:
+            freed = data.allocated_length if data is not None and data.charged else 0
+            self.mvdev.budget.check(self.owner, size, freed=freed)
             if data is not None:
-                await self.free_data_buffer(data)
                 self.buf[0] = None
-            self.buf[0] = data = await self.alloc_data_buffer(pages(size))
+                await self.free_data_buffer(data)
+            self.image_alloc = size
+            if size == 0:
+                # Nothing to defer: the zero-length buffer LOAD refuses (EINVAL).
+                self.buf[0] = await self.alloc_data_buffer(0)
+        self.load_state = LoadState.READ_IMAGE
+        if self.buf[0] is not None:
+            self._start_image(self.buf[0])
+
+    def _start_image(self, data: DataBuffer) -> None:
         data.start_pos = self.max_pos
         data.length = 0
-        self.load_state = LoadState.READ_IMAGE
 
-    def resume_read_image(self, src: memoryview) -> tuple[int, bool]:
-        """mlx5vf_resume_read_image(): gather the image.  (bytes taken, has_work)"""
+    async def _image_buf(self) -> DataBuffer:
+        """The image buffer, allocated now if _prep_image deferred it."""
         data = self.buf[0]
-        assert data is not None
+        if data is None:
+            data = await self.alloc_data_buffer(self.image_alloc)
+            self.buf[0] = data
+            self._start_image(data)
+        return data
+
+    async def resume_read_image(self, src: memoryview) -> tuple[int, bool]:
+        """mlx5vf_resume_read_image(): gather the image.  (bytes taken, has_work)"""
+        if not src and self.record_size:
+            return 0, False  # no image byte yet: nothing to allocate for
+        data = await self._image_buf()
         taken = self._append(data, data.view, self.record_size, src)
         if data.length < self.record_size:
             return taken, False

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from grpcsvc.errors import abort
 
@@ -36,6 +37,7 @@ ERRNO_CODES: dict[int, grpc.StatusCode] = {
     errno.EREMOTEIO: grpc.StatusCode.INTERNAL,
     errno.ENOMEM: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errno.EMFILE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errno.ENFILE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errno.ETIMEDOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
     errno.EPERM: grpc.StatusCode.PERMISSION_DENIED,
     errno.EACCES: grpc.StatusCode.PERMISSION_DENIED,
@@ -57,6 +59,25 @@ def grpc_code(code: int) -> grpc.StatusCode:
 def errno_of(e: VfioError) -> int:
     """The errno the service answers `e` with."""
     return e.errno or errno.EIO
+
+
+# What a call may raise besides a VfioError, answered as the kernel would:
+# a malformed message or one nested past the parser's depth is EINVAL, memory
+# that cannot be had ENOMEM, an OSError (mmap, a file) its own errno.
+UNEXPECTED = (DecodeError, RecursionError, MemoryError, OSError)
+
+
+def as_vfio_error(e: BaseException) -> VfioError:
+    """One of UNEXPECTED as the VfioError the service answers with."""
+    if isinstance(e, VfioError):
+        return e
+    if isinstance(e, MemoryError):
+        return VfioError(errno.ENOMEM, f"out of memory: {e}")
+    if isinstance(e, OSError):
+        return VfioError(e.errno or errno.EIO, f"{e.strerror or e}")
+    if isinstance(e, RecursionError):
+        return VfioError(errno.EINVAL, f"input nested too deep: {e}")
+    return VfioError(errno.EINVAL, f"malformed message: {e}")
 
 
 async def abort_errno(

@@ -16,6 +16,9 @@ log = logging.getLogger("vfio-driver")
 
 FIRST_FD = 3  # 0-2 are a process's standard streams
 RLIMIT_NOFILE = 1024  # the usual soft limit: fd numbers stay below it
+# A client with no fd, no Session and no mapping is forgotten after this long
+# without a call (longer than a command may take: a call in progress is not cut).
+CLIENT_IDLE = 300.0
 
 
 @dataclass(eq=False)
@@ -44,6 +47,12 @@ class Process:
         self.fds: dict[int, DeviceFd | DataFd] = {}
         self.sessions = 0
         self.exited = False
+        self.last_used = 0.0  # when a call last named the client (the servicer's clock)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing of the client's lives here: forgetting it loses nothing."""
+        return not self.fds and not self.sessions and not len(self.memory)
 
     def install(self, entry: DeviceFd | DataFd) -> int:
         """The lowest free fd (get_unused_fd_flags)."""
@@ -110,3 +119,13 @@ class Process:
         while self.fds:
             await self.close(min(self.fds, key=lambda f: (isinstance(self.fds[f], DeviceFd), f)))
         self.memory.close()
+
+
+def reap_idle(processes: dict[str, Process], now: float, idle_for: float) -> int:
+    """Forget the clients idle (Process.idle) for `idle_for` seconds up to
+    `now`; the number forgotten.  A forgotten table is exited, so a call still
+    running for it cannot put an fd there (EBADF; the call releases it)."""
+    gone = [c for c, p in processes.items() if p.idle and now - p.last_used >= idle_for]
+    for c in gone:
+        processes.pop(c).exited = True
+    return len(gone)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -33,8 +34,8 @@ from ..vfio.uapi import (
     Feature,
 )
 from ..vfio.usermem import UserMemory
-from .errnos import abort_errno, errno_name, errno_of
-from .process import DataFd, DeviceFd, Process
+from .errnos import UNEXPECTED, abort_errno, as_vfio_error, errno_name, errno_of
+from .process import CLIENT_IDLE, DataFd, DeviceFd, Process, reap_idle
 
 log = logging.getLogger("vfio-driver")
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -57,9 +58,20 @@ _PAYLOAD_PB: dict[str, type[Message]] = {
 
 
 class VfioServicer(pbg.VfioServicer):
-    def __init__(self, registry: DeviceRegistry, *, shm_dir: str | None = None) -> None:
-        """`shm_dir`: where MapUserMemory finds clients' segments (/dev/shm)."""
+    def __init__(
+        self,
+        registry: DeviceRegistry,
+        *,
+        shm_dir: str | None = None,
+        client_idle: float = CLIENT_IDLE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`shm_dir`: where MapUserMemory finds clients' segments (/dev/shm);
+        `client_idle`: how long a client with nothing open is remembered."""
         self.registry = registry
+        self.client_idle = client_idle
+        self.clock = clock
+        self._next_reap = 0.0
         self.shm_dir = shm_dir
         self.events = registry.events
         self.audit = registry.audit
@@ -73,8 +85,9 @@ class VfioServicer(pbg.VfioServicer):
 
     # --- callers -----------------------------------------------------------------------
 
-    def process(self, context: Ctx) -> Process:
-        """The caller's descriptor table; events of the call name the caller."""
+    def _client_id(self, context: Ctx) -> str:
+        """The caller's x-vfio-client (else its peer address); events of the
+        call name it."""
         client = None
         for key, value in context.invocation_metadata() or ():
             if key == CLIENT_KEY and isinstance(value, str):
@@ -82,9 +95,20 @@ class VfioServicer(pbg.VfioServicer):
         if client is None:
             client = f"peer:{context.peer()}"
         CALLER.set(client)
+        return client
+
+    def process(self, context: Ctx) -> Process:
+        """The caller's descriptor table; events of the call name the caller."""
+        client = self._client_id(context)
+        now = self.clock()
+        if now >= self._next_reap:
+            # A sweep at most every half idle time: a call stays O(1) amortized.
+            reap_idle(self.processes, now, self.client_idle)
+            self._next_reap = now + self.client_idle / 2
         proc = self.processes.get(client)
         if proc is None:
             proc = self.processes[client] = Process(client, self.audit, self.shm_dir)
+        proc.last_used = now
         return proc
 
     async def _fail(
@@ -119,9 +143,15 @@ class VfioServicer(pbg.VfioServicer):
         answer = _Answer(fd)
         try:
             yield answer
-        except VfioError as e:
+        except UNEXPECTED as e:  # VfioError is an OSError
             await self._fail(
-                context, e, operation, device=device, proc=proc, fd=answer.fd, extra=answer.extra
+                context,
+                as_vfio_error(e),
+                operation,
+                device=device,
+                proc=proc,
+                fd=answer.fd,
+                extra=answer.extra,
             )
 
     def _errno_answered(
@@ -377,8 +407,9 @@ class VfioServicer(pbg.VfioServicer):
                 continue
             try:
                 n = await call(proc, req)
-            except VfioError as e:
+            except UNEXPECTED as exc:
                 failed = True
+                e = as_vfio_error(exc)
                 code = self._errno_answered(e, operation, proc=proc, fd=req.fd)
                 yield response(errno=code, message=str(e))
                 continue
@@ -412,7 +443,8 @@ class VfioServicer(pbg.VfioServicer):
 
     async def Events(self, request: pb.EventsRequest, context: Ctx) -> AsyncIterator[pb.Event]:
         device = await self._device_filter(request.device, "events", context)
-        sub = self.events.subscribe(device)
+        async with self._answering(context, "events", device=device or ""):
+            sub = self.events.subscribe(device, client=self._client_id(context))
         ender = asyncio.ensure_future(self._end_on_stop(sub))
         try:
             await context.send_initial_metadata(((EVENTS_KEY, "subscribed"),))
