@@ -89,6 +89,12 @@ class GrpcService:
         self.port = port
         return port
 
+    async def set_serving(self, name: str, serving: bool) -> None:
+        """Report `name` SERVING or NOT_SERVING (what it depends on went away);
+        after stop() it stays NOT_SERVING."""
+        status = health_pb2.HealthCheckResponse
+        await self.health.set(name, status.SERVING if serving else status.NOT_SERVING)
+
     async def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, let calls in progress finish for `grace` seconds, stop."""
         if self._stopped.is_set():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from fwemu.embedded import EmbeddedFirmware
 
 VFIO_SERVICE = vfio_pb2.DESCRIPTOR.services_by_name["Vfio"].full_name
+
+log = logging.getLogger("vfio-driver")
 
 
 class _Captured:
@@ -61,6 +65,11 @@ class DriverServer:
     service (digests, reconfigurations, faults) is served on the same port, as
     `fwemu serve` serves it: what a test of an orchestrator needs from the
     firmware when there is no separate fwemu process.
+
+    Health: the Vfio service is SERVING while every firmware link is up, and
+    NOT_SERVING while any is down (a shard's devices cannot migrate then); the
+    server as a whole ("") stays SERVING, since the process is well and a
+    restart would not bring the firmware back.
     """
 
     def __init__(
@@ -98,10 +107,30 @@ class DriverServer:
                 metrics.register(firmware.collector())
             interceptors.append(GrpcServerMetrics(metrics).interceptor)
         self.service = GrpcService(names, register, interceptors=interceptors)
+        self._health_lock = asyncio.Lock()
+        self._health_tasks: set[asyncio.Task[None]] = set()
+        for k, link in enumerate(registry.links):
+            link.watch_state(functools.partial(self._link_state, k))
+
+    def _link_state(self, shard: int, up: bool, why: str) -> None:
+        if not up:
+            where = f"shard {shard}" if len(self.registry.links) > 1 else "the firmware"
+            log.warning("%s unreachable: %s; %s NOT_SERVING", where, why, VFIO_SERVICE)
+        task = asyncio.get_running_loop().create_task(self._sync_health())
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
+    async def _sync_health(self) -> None:
+        async with self._health_lock:  # in order: the last change wins
+            if self.service.port:
+                serving = all(link.up for link in self.registry.links)
+                await self.service.set_serving(VFIO_SERVICE, serving)
 
     async def start(self, listen: str) -> int:
         await self.registry.refresh()
-        return await self.service.start(listen)
+        port = await self.service.start(listen)
+        await self._sync_health()
+        return port
 
     async def stop(self, grace: float = 1.0) -> None:
         """Session streams end at once (a client's lifetime is no call to wait

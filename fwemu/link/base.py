@@ -22,6 +22,7 @@ shared memory on one host) those are no-ops; across hosts they move bytes.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -89,6 +90,27 @@ class FirmwareLink(abc.ABC):
     def __init__(self) -> None:
         # SAVEs waiting for their completion: token -> (vhca_id, callback)
         self._waiting: dict[int, tuple[int, CompletionCallback]] = {}
+        # Of those, the ones whose command has not answered yet: an abort
+        # leaves them to save_vhca_state, which either raises (no callback)
+        # or completes them aborted once accepted (never both).
+        self._answering: set[int] = set()
+        self._aborts = 0  # how many times the waiting SAVEs were aborted
+        self._abort_why = ""
+        self._abort_at = 0.0
+        self._state_listeners: list[Callable[[bool, str], None]] = []
+
+    @property
+    def up(self) -> bool:
+        """Whether SAVE completions can reach this link now (always, in process)."""
+        return True
+
+    def watch_state(self, listener: Callable[[bool, str], None]) -> None:
+        """`listener(up, why)` runs each time the link goes down or comes back."""
+        self._state_listeners.append(listener)
+
+    def _state_changed(self, up: bool, why: str) -> None:
+        for listener in list(self._state_listeners):
+            listener(up, why)
 
     @abc.abstractmethod
     async def exec(self, cmd: Command[R]) -> R:
@@ -123,14 +145,21 @@ class FirmwareLink(abc.ABC):
         """Like mlx5_cmd_exec_cb(): `callback` gets the completion of an accepted SAVE."""
         token = self._save_token()
         self._waiting[token] = (vhca_id, callback)
+        self._answering.add(token)
+        aborts = self._aborts
         cmd = ifc.SaveVhcaStateIn(vhca_id, op_mod, incremental, set_track, va, mkey, size, token)
         try:
             res = await self.exec(cmd)
         except BaseException:
             self._waiting.pop(token, None)
             raise
+        finally:
+            self._answering.discard(token)
         if not res.ok:
             self._waiting.pop(token, None)
+        elif self._aborts != aborts and token in self._waiting:
+            # Accepted by a firmware whose completions were lost meanwhile.
+            self._abort({token: self._waiting.pop(token)}, self._abort_why, self._abort_at)
         return res
 
     def _complete(self, c: SaveCompletion) -> None:
@@ -139,9 +168,18 @@ class FirmwareLink(abc.ABC):
             del self._waiting[c.token]
             entry[1](c)
 
-    def _abort_waiting(self, why: str, now: float) -> None:
-        """Complete every waiting SAVE with INT_ERR/ABORTED: no caller waits forever."""
-        waiting, self._waiting = self._waiting, {}
+    def _abort_waiting(self, why: str, now: float = 0.0) -> None:
+        """Complete every waiting SAVE with INT_ERR/ABORTED: no caller waits
+        forever.  (A SAVE whose command has not answered yet is save_vhca_state's.)"""
+        self._aborts += 1
+        self._abort_why, self._abort_at = why, now
+        gone = [t for t in self._waiting if t not in self._answering]
+        self._abort({t: self._waiting.pop(t) for t in gone}, why, now)
+
+    @staticmethod
+    def _abort(
+        waiting: dict[int, tuple[int, CompletionCallback]], why: str, now: float = 0.0
+    ) -> None:
         for token, (vhca_id, cb) in waiting.items():
             cb(SaveCompletion(token, vhca_id, CmdStatus.INT_ERR, Syndrome.ABORTED, 0, 0, now, why))
 

@@ -4,11 +4,20 @@ SAVE completions arrive on one long-lived Completions stream and are handed to
 the callback registered for their token (tokens are chosen here, in a space of
 this client's own, so a completion can never race its own command's answer).
 If the stream breaks, every SAVE still waiting completes with INT_ERR/ABORTED
-so that no caller waits forever.
+so that no caller waits forever, and the link is down (`up`, `watch_state`)
+until it subscribes again: it retries with exponential backoff (capped) until
+close().  The firmware drops a client's mkeys with its completion stream (and a
+restarted firmware never had them), so a break also retires every buffer the
+link holds: its mkey becomes a number no firmware issues, and SAVE, LOAD or a
+DMA sync on it fail with LinkError instead of reaching a reused mkey.  While
+down, SAVE and alloc_buffer fail at once (their completion or mkey could not
+survive).
 
 Host memory: on one host, buffers are shared memory segments the firmware maps
 (`memory="shm"`); across hosts the firmware holds the memory and the DMA syncs
-move the bytes (`memory="remote"`).  `memory="auto"` tries shared memory first.
+move the bytes (`memory="remote"`).  `memory="auto"` tries shared memory first;
+a buffer it cannot share is remote, and shared memory is tried again after
+SHM_RETRY_S (or a reconnect).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +41,16 @@ from ..api.v1 import firmware_pb2_grpc as fgrpc
 from ..api.v1 import scenario_pb2_grpc as sgrpc
 from ..hostmem import HostMemoryError, Segment, create_segment, unlink_segment
 from .base import ByteBuffer, FirmwareLink, LinkError, ScenarioLink
-from .ifc import Command, MiB, R, SaveCompletion, VfInfo
+from .ifc import (
+    MAX_U32,
+    Command,
+    LoadVhcaStateIn,
+    MiB,
+    R,
+    SaveCompletion,
+    SaveVhcaStateIn,
+    VfInfo,
+)
 from .scenario_requests import A, ListVfsIn, ScenarioRequest
 from .wire import (
     CLIENT_KEY,
@@ -46,6 +65,11 @@ from .wire import (
 T = TypeVar("T")
 MemoryMode = Literal["auto", "shm", "remote"]
 DMA_CHUNK = 1 * MiB
+RECONNECT_FIRST_S = 0.05  # the completion stream's backoff: first wait ...
+RECONNECT_MAX_S = 2.0  # ... doubled up to this
+SHM_RETRY_S = 30.0  # memory="auto": how long a failed shared memory try is not repeated
+
+log = logging.getLogger("fwemu.link")
 
 
 @dataclass(eq=False)
@@ -78,17 +102,34 @@ class GrpcLink(FirmwareLink, ScenarioLink):
         super().__init__()
         self.target = target
         self.memory = memory
+        self.reconnect_backoff = (RECONNECT_FIRST_S, RECONNECT_MAX_S)
+        self.shm_retry_s = SHM_RETRY_S
+        self._shm_retry_at = 0.0
         self.shm_dir = shm_dir
         self.client_id = client_id or f"link-{secrets.token_hex(8)}"
         self._metadata = ((CLIENT_KEY, self.client_id),)
+        # gRPC's own reconnect backoff (up to 120 s) would outlast ours.
+        max_ms = int(RECONNECT_MAX_S * 1000)
+        options = [
+            *CHANNEL_OPTIONS,
+            ("grpc.initial_reconnect_backoff_ms", int(RECONNECT_FIRST_S * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(RECONNECT_FIRST_S * 1000)),
+            ("grpc.max_reconnect_backoff_ms", max_ms),
+        ]
         self.channel = grpc.aio.insecure_channel(
-            target, options=CHANNEL_OPTIONS, interceptors=list(interceptors) or None
+            target, options=options, interceptors=list(interceptors) or None
         )
         self.fw = fgrpc.FirmwareStub(self.channel)
         self.scenario = sgrpc.ScenarioStub(self.channel)
         self._token_base = secrets.randbits(31) << 32
         self._tokens = itertools.count(1)
         self._buffers: dict[int, ShmBuffer | ByteBuffer] = {}
+        # Buffers of a completion stream that broke, by the mkey they have
+        # now (above 32 bits: no firmware's), with why their mkey went away.
+        self._retired: dict[int, tuple[ShmBuffer | ByteBuffer, str]] = {}
+        self._retired_ids = itertools.count(MAX_U32 + 1)
+        self._up = False
+        self._streams = 0  # completion streams subscribed so far
         self._stream_task: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -115,27 +156,77 @@ class GrpcLink(FirmwareLink, ScenarioLink):
 
     # --- completions -----------------------------------------------------------
 
+    @property
+    def up(self) -> bool:
+        return self._up
+
     async def _completions(self, ready: asyncio.Future[None]) -> None:
-        why = "completion stream ended"
+        """Subscribe, and again after every break (backoff), until close()."""
+        first, cap = self.reconnect_backoff
+        delay = first
+        try:
+            while True:
+                why, subscribed = await self._subscribe(ready)
+                self._went_down(why)
+                if not ready.done():
+                    ready.set_exception(LinkError(why))
+                    return  # connect() failed: its caller decides whether to retry
+                if subscribed:
+                    delay = first
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, cap)
+        except asyncio.CancelledError:
+            self._went_down("link closed")
+            if not ready.done():
+                ready.set_exception(LinkError("link closed"))
+            raise
+
+    async def _subscribe(self, ready: asyncio.Future[None]) -> tuple[str, bool]:
+        """One completion stream, until it breaks: (why, whether it subscribed)."""
+        subscribed = False
         try:
             stream = self.fw.Completions(fpb.CompletionsRequest(), metadata=self._metadata)
             async for msg in stream:
                 if msg.token == 0:
+                    subscribed = True
+                    self._came_up()
                     if not ready.done():
                         ready.set_result(None)
                     continue
                 self._complete(from_pb(SaveCompletion, msg))
         except grpc.aio.AioRpcError as e:
-            why = f"firmware connection lost: {e.code().name} {e.details()}"
-            if not ready.done():
-                ready.set_exception(LinkError(why))
-        except asyncio.CancelledError:
-            why = "link closed"
-            raise
-        finally:
-            if not ready.done():
-                ready.set_exception(LinkError(why))
-            self._abort_waiting(why, asyncio.get_event_loop().time())
+            return f"firmware connection lost: {e.code().name} {e.details()}", subscribed
+        return "completion stream ended", subscribed
+
+    def _came_up(self) -> None:
+        self._up = True
+        self._streams += 1
+        self._shm_retry_at = 0.0  # perhaps another firmware, on this host
+        log.info("firmware link to %s up", self.target)
+        self._state_changed(True, "completion stream subscribed")
+
+    def _went_down(self, why: str) -> None:
+        """Fail what was in flight at once, retire the buffers, tell the watchers."""
+        was_up, self._up = self._up, False
+        self._abort_waiting(why, asyncio.get_running_loop().time())
+        self._retire_buffers(why)
+        if was_up:
+            log.warning("firmware link to %s down: %s", self.target, why)
+            self._state_changed(False, why)
+
+    def _retire_buffers(self, why: str) -> None:
+        for buf in self._buffers.values():
+            buf.mkey = next(self._retired_ids)
+            self._retired[buf.mkey] = (buf, why)
+        self._buffers.clear()
+
+    def _check_live(self, mkey: int) -> None:
+        retired = self._retired.get(mkey)
+        if retired is not None:
+            raise LinkError(
+                f"the buffer's mkey went away with the completion stream ({retired[1]}); "
+                "the firmware does not have it"
+            )
 
     # --- calls -------------------------------------------------------------------
 
@@ -149,6 +240,10 @@ class GrpcLink(FirmwareLink, ScenarioLink):
     # --- FirmwareLink --------------------------------------------------------------
 
     async def exec(self, cmd: Command[R]) -> R:
+        if isinstance(cmd, (SaveVhcaStateIn, LoadVhcaStateIn)):
+            self._check_live(cmd.mkey)
+            if isinstance(cmd, SaveVhcaStateIn) and not self._up:
+                raise LinkError("completion stream down: a SAVE's completion would be lost")
         m = await self._call(getattr(self.fw, RPCS[type(cmd)].name), command_to_pb(cmd))
         return result_from_pb(cmd, m)
 
@@ -159,21 +254,32 @@ class GrpcLink(FirmwareLink, ScenarioLink):
     async def alloc_buffer(self, length: int) -> ShmBuffer | ByteBuffer:
         if length <= 0:
             raise ValueError("buffer length must be positive")
+        if not self._up:
+            raise LinkError("completion stream down: the firmware would drop the mkey")
         buf: ShmBuffer | ByteBuffer
-        if self.memory in ("auto", "shm"):
+        streams = self._streams
+        now = asyncio.get_running_loop().time()
+        if self.memory == "shm" or (self.memory == "auto" and now >= self._shm_retry_at):
             try:
                 buf = await self._alloc_shm(length)
-                self._buffers[buf.mkey] = buf
-                return buf
             except LinkError:
                 if self.memory == "shm":
                     raise
-                self.memory = "remote"  # the firmware cannot see our memory: another host
+                # The firmware cannot see our memory (another host, or no
+                # room in /dev/shm now): this buffer is remote; try later.
+                self._shm_retry_at = now + self.shm_retry_s
+            else:
+                return self._register(buf, streams)
         m = await self._call(self.fw.CreateMkey, fpb.CreateMkeyRequest(length=length, remote=True))
         if m.status:
             raise LinkError(f"CREATE_MKEY failed: status {m.status:#x}: {m.diagnostic}")
-        buf = ByteBuffer(m.mkey, bytearray(length))
+        return self._register(ByteBuffer(m.mkey, bytearray(length)), streams)
+
+    def _register(self, buf: ShmBuffer | ByteBuffer, streams: int) -> ShmBuffer | ByteBuffer:
         self._buffers[buf.mkey] = buf
+        if streams != self._streams:
+            # The stream broke during CREATE_MKEY: which firmware has the mkey is unknown.
+            self._retire_buffers("completion stream broke during CREATE_MKEY")
         return buf
 
     async def _alloc_shm(self, length: int) -> ShmBuffer:
@@ -185,6 +291,9 @@ class GrpcLink(FirmwareLink, ScenarioLink):
             m = await self._call(
                 self.fw.CreateMkey, fpb.CreateMkeyRequest(length=length, shm_name=seg.name)
             )
+        except BaseException:
+            seg.close()
+            raise
         finally:
             unlink_segment(seg.name, self.shm_dir)
         if m.status:
@@ -193,15 +302,17 @@ class GrpcLink(FirmwareLink, ScenarioLink):
         return ShmBuffer(m.mkey, seg)
 
     async def free_buffer(self, buf: Any) -> None:
-        self._buffers.pop(buf.mkey, None)
-        with contextlib.suppress(LinkError):
-            await self._call(self.fw.DestroyMkey, fpb.DestroyMkeyRequest(mkey=buf.mkey))
+        if self._retired.pop(buf.mkey, None) is None:
+            self._buffers.pop(buf.mkey, None)
+            with contextlib.suppress(LinkError):
+                await self._call(self.fw.DestroyMkey, fpb.DestroyMkeyRequest(mkey=buf.mkey))
         if isinstance(buf, ShmBuffer):
             buf.segment.close()
 
     async def dma_sync_for_cpu(self, buf: Any, offset: int, length: int) -> None:
         if not isinstance(buf, ByteBuffer) or length <= 0:
-            return
+            return  # shared memory: the bytes are ours already, even if the mkey went away
+        self._check_live(buf.mkey)
         dest = buf.view
         try:
             stream = self.fw.ReadMkey(
@@ -218,6 +329,7 @@ class GrpcLink(FirmwareLink, ScenarioLink):
     async def dma_sync_for_device(self, buf: Any, offset: int, length: int) -> None:
         if not isinstance(buf, ByteBuffer) or length <= 0:
             return
+        self._check_live(buf.mkey)
         src = buf.view
 
         async def chunks() -> AsyncIterator[fpb.MkeyData]:
@@ -237,10 +349,11 @@ class GrpcLink(FirmwareLink, ScenarioLink):
             self._stream_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, LinkError):
                 await self._stream_task
-        for buf in list(self._buffers.values()):
+        for buf in [*self._buffers.values(), *(b for b, _ in self._retired.values())]:
             if isinstance(buf, ShmBuffer):
                 buf.segment.close()
         self._buffers.clear()
+        self._retired.clear()
         await self.channel.close(None)
 
     # --- ScenarioLink --------------------------------------------------------------
