@@ -176,7 +176,7 @@ class GrpcLink(FirmwareLink, ScenarioLink):
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, cap)
         except asyncio.CancelledError:
-            self._went_down("link closed")
+            self._went_down("link closed", closing=True)
             if not ready.done():
                 ready.set_exception(LinkError("link closed"))
             raise
@@ -205,13 +205,15 @@ class GrpcLink(FirmwareLink, ScenarioLink):
         log.info("firmware link to %s up", self.target)
         self._state_changed(True, "completion stream subscribed")
 
-    def _went_down(self, why: str) -> None:
-        """Fail what was in flight at once, retire the buffers, tell the watchers."""
+    def _went_down(self, why: str, *, closing: bool = False) -> None:
+        """Fail what was in flight at once, retire the buffers, tell the watchers
+        (a warning, unless the link's owner closed it)."""
         was_up, self._up = self._up, False
         self._abort_waiting(why, asyncio.get_running_loop().time())
         self._retire_buffers(why)
         if was_up:
-            log.warning("firmware link to %s down: %s", self.target, why)
+            level = logging.INFO if closing else logging.WARNING
+            log.log(level, "firmware link to %s down: %s", self.target, why)
             self._state_changed(False, why)
 
     def _retire_buffers(self, why: str) -> None:
