@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..link.ifc import Fault, FirmwareError, VfConfig, VfInfo
+from .limits import MAX_PENDING_TRIGGERS, LimitReached
 from .memory import OutOfMemory
 from .save import abort_save
 from .vf import ReconfigTrigger, Vf
@@ -79,7 +80,8 @@ def reconfigure(
 ) -> int:
     """Schedule (or run now) a reconfiguration; returns its trigger id.
     One that runs now and does not fit (the VF's size limit, the firmware's
-    memory) is refused with OutOfMemory, the VF unchanged."""
+    memory) is refused with OutOfMemory, the VF unchanged; one that would wait
+    beyond MAX_PENDING_TRIGGERS with LimitReached, nothing scheduled."""
     vf = fw.vf(vhca_id)
     for _, size in objects:
         if not 1 <= size <= VfConfig.MAX_SIZE:
@@ -89,21 +91,24 @@ def reconfigure(
     adds = sum(size for _, size in objects) or vf.config.reconfig_bytes
     if adds > vf.size_limit:
         raise OutOfMemory(f"{adds} bytes of objects exceed the VF's size limit {vf.size_limit}")
-    trig = ReconfigTrigger(next(fw.ids), list(objects), at_time, after_saved_bytes)
+    trig = ReconfigTrigger(0, list(objects), at_time, after_saved_bytes)
     now = fw.clock.now()
-    vf.advance(now)
-    if vf.running and trig.due(now, vf.saved_bytes):
+    vf.advance(now)  # time passing, not the request: due triggers leave the queue first
+    runs_now = vf.running and trig.due(now, vf.saved_bytes)
+    if not runs_now and len(vf.triggers) >= MAX_PENDING_TRIGGERS:
+        raise LimitReached(f"a VF holds at most {MAX_PENDING_TRIGGERS} pending reconfigurations")
+    if runs_now:
         vf.reconfigure_now(trig.objects)
-    else:
+    trig.trigger_id = next(fw.ids)  # taken only once accepted
+    if not runs_now:
         vf.triggers.append(trig)  # a due one waits for the VF to run again
     return trig.trigger_id
 
 
 def inject_fault(fw: FirmwareState, vhca_id: int, fault: Fault) -> int:
     vf = fw.vf(vhca_id)
-    fault.fault_id = next(fw.ids)
     try:
-        vf.faults.add(fault)
+        vf.faults.add(fault, fw.ids)
     except ValueError as e:
         raise FirmwareError(str(e)) from None
     fw.stats.faults_injected[fault.kind.name.lower()] += 1

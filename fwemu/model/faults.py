@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from ..link.ifc import Fault, FaultKind
+from .limits import MAX_ARMED_FAULTS, LimitReached
 
 
 class FaultQueue:
@@ -13,8 +16,14 @@ class FaultQueue:
     def __init__(self) -> None:
         self.faults: list[Fault] = []
 
-    def add(self, fault: Fault) -> None:
+    def add(self, fault: Fault, ids: Iterator[int]) -> None:
+        """Arm `fault` with the next of `ids`: ValueError (bad fields) or
+        LimitReached (MAX_ARMED_FAULTS armed) before anything changes, the id
+        drawn only once it is accepted."""
         fault.validate()
+        if len(self.faults) >= MAX_ARMED_FAULTS:
+            raise LimitReached(f"a VF holds at most {MAX_ARMED_FAULTS} armed faults")
+        fault.fault_id = next(ids)
         self.faults.append(fault)
 
     def take(self, kind: FaultKind, opcode: int | None = None) -> Fault | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import grpc
 
 from ..link.ifc import CmdStatus, FirmwareError, NoSuchVf, Syndrome
+from ..model.limits import LimitReached
 from ..model.memory import OutOfMemory
 from ..scenario import ScenarioError
 
@@ -37,7 +38,8 @@ def _no_memory(e: BaseException) -> bool:
 
 def failure(e: Exception) -> Failure:
     """The answer to an exception from the model: a refused request keeps its
-    own reason; memory exhaustion is LIM_ERR / NO_MEMORY (RESOURCE_EXHAUSTED);
+    own reason; memory exhaustion is LIM_ERR / NO_MEMORY (RESOURCE_EXHAUSTED),
+    a full per-VF cap RESOURCE_EXHAUSTED (LIMIT_REACHED);
     anything else is the firmware's internal error, logged with its traceback."""
     if _no_memory(e):
         msg = str(e) or "no memory"
@@ -47,6 +49,14 @@ def failure(e: Exception) -> Failure:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "NO_MEMORY",
             msg,
+        )
+    if isinstance(e, LimitReached):
+        return Failure(
+            CmdStatus.LIM_ERR,
+            Syndrome.FIELD_RANGE,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "LIMIT_REACHED",
+            str(e),
         )
     if isinstance(e, NoSuchVf):
         return Failure(
