@@ -21,17 +21,28 @@ from grpcsvc.metrics import GrpcClientMetrics
 from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_metrics
 from grpcsvc.runner import LoopName, add_loop_flag, run_main
 from grpcsvc.server import ListenError, add_serve_command, stop_on_signals
-from grpcsvc.units import byte_size
+from grpcsvc.units import byte_size, byte_size_between, seconds_between
 
+from .mlx5.cmd import DEFAULT_BUFFER_BUDGET
+from .service.process import CLIENT_IDLE
 from .shards import SHARDS_ENV, ShardSpecError, shards_argument, shards_from_env
 from .vfio.errors import VfioError
 
 if TYPE_CHECKING:
     import grpc
 
+    from fwemu.embedded import EmbeddedFirmware
+    from fwemu.link.base import FirmwareLink
     from fwemu.link.grpc import GrpcLink
 
+    from .service.server import DriverServer
+
 log = logging.getLogger("vfio-driver")
+
+# Bounds of the operator's settings: past them a value is a typo, not a policy.
+MAX_BUFFER_BUDGET = 1 << 40
+MAX_CLIENT_IDLE = 7 * 24 * 3600.0
+MAX_MEMORY_LIMIT = 1 << 50
 
 
 def _duration(text: str, *, zero: bool) -> float:
@@ -106,12 +117,36 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a firmware command may take (mlx5 command timeout)",
     )
+    s.add_argument(
+        "--buffer-budget",
+        type=byte_size_between(1 << 20, MAX_BUFFER_BUDGET),
+        default=DEFAULT_BUFFER_BUDGET,
+        metavar="BYTES",
+        help="data buffers one client's migration files may hold over all devices; "
+        "past it an allocation is ENOMEM (default 1GiB; 1MiB to 1TiB)",
+    )
+    s.add_argument(
+        "--client-idle",
+        type=seconds_between(0.0, MAX_CLIENT_IDLE),
+        default=CLIENT_IDLE,
+        metavar="SECONDS",
+        help=f"how long a client with nothing open is remembered (default {CLIENT_IDLE:g}; "
+        f"at most {MAX_CLIENT_IDLE:g})",
+    )
     emb = s.add_argument_group("embedded firmware (without --firmware or --firmware-shards)")
     emb.add_argument("--scenario", metavar="FILE")
     emb.add_argument("--vfs", type=int, default=None, metavar="N")
     emb.add_argument("--size", type=byte_size, default=4 << 20)
     emb.add_argument("--dirty-rate", type=byte_size, default=1 << 20, metavar="BYTES_PER_S")
     emb.add_argument("--seed", type=int, default=0)
+    emb.add_argument(
+        "--memory-limit",
+        type=byte_size_between(1, MAX_MEMORY_LIMIT),
+        default=None,
+        metavar="BYTES",
+        help="the embedded firmware's memory limit (as `fwemu serve --memory-limit`; "
+        "default: 3/4 of the machine's memory or its cgroup's limit)",
+    )
     emb.add_argument(
         "--scenario-service",
         action="store_true",
@@ -124,13 +159,42 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _serve(args: argparse.Namespace) -> int:
+def _embedded_firmware(args: argparse.Namespace) -> EmbeddedFirmware:
+    """The firmware of embedded mode, from the parsed options."""
     from fwemu.embedded import EmbeddedFirmware
-    from fwemu.link.base import FirmwareLink
 
+    return EmbeddedFirmware.build(
+        size=args.size,
+        dirty_rate=args.dirty_rate,
+        seed=args.seed,
+        scenario=args.scenario,
+        vfs=args.vfs,
+        memory_limit=args.memory_limit,
+    )
+
+
+def _driver_server(
+    args: argparse.Namespace,
+    links: list[FirmwareLink],
+    fw: EmbeddedFirmware | None,
+    metrics: CollectorRegistry | None,
+) -> DriverServer:
+    """The driver service over `links`, from the parsed options."""
     from .registry import DeviceRegistry
     from .service.server import DriverServer
 
+    return DriverServer(
+        DeviceRegistry(links, cmd_timeout=args.cmd_timeout, buffer_budget=args.buffer_budget),
+        firmware=fw,
+        scenario_service=args.scenario_service,
+        metrics=metrics,
+        per_device_limit=args.metrics_per_device,
+        shm_dir=args.shm_dir,
+        client_idle=args.client_idle,
+    )
+
+
+async def _serve(args: argparse.Namespace) -> int:
     links: list[FirmwareLink]
     fw = None
     metrics = CollectorRegistry() if args.metrics_listen else None
@@ -141,24 +205,11 @@ async def _serve(args: argparse.Namespace) -> int:
         links = list(await _connect_all(targets, args, interceptors))
         where = args.firmware or f"firmware shards {args.firmware_shards.spec}"
     else:
-        fw = EmbeddedFirmware.build(
-            size=args.size,
-            dirty_rate=args.dirty_rate,
-            seed=args.seed,
-            scenario=args.scenario,
-            vfs=args.vfs,
-        )
+        fw = _embedded_firmware(args)
         links = [fw.link]
         where = "embedded firmware"
     try:
-        server = DriverServer(
-            DeviceRegistry(links, cmd_timeout=args.cmd_timeout),
-            firmware=fw,
-            scenario_service=args.scenario_service,
-            metrics=metrics,
-            per_device_limit=args.metrics_per_device,
-            shm_dir=args.shm_dir,
-        )
+        server = _driver_server(args, links, fw, metrics)
         stop = stop_on_signals()
         with serve_metrics(args.metrics_listen, metrics, "vfio-driver") as metrics_port:
             port = await server.start(args.listen)
@@ -239,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("--scenario", args.scenario is not None),
             ("--vfs", args.vfs is not None),
             ("--scenario-service", args.scenario_service),
+            ("--memory-limit", args.memory_limit is not None),
         ]:
             if given:
                 parser.error(f"{flag} is for the embedded firmware, not with {given_with}")

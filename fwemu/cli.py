@@ -8,6 +8,7 @@ import re
 import socket
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -16,17 +17,25 @@ from grpcsvc.memory import return_large_buffers_to_the_os
 from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_metrics
 from grpcsvc.runner import LoopName, add_loop_flag, run_main
 from grpcsvc.server import ListenError, add_serve_command, stop_on_signals
-from grpcsvc.units import byte_size
+from grpcsvc.units import byte_size, count_between, seconds_between
 
 from .demo import DemoError, run_demo
 from .link.base import LinkError
 from .link.ifc import MiB, VfConfig
 from .scenario import ScenarioError
+from .service.memory import DEFAULT_IDLE_S, MAX_MKEYS_PER_CLIENT
+
+if TYPE_CHECKING:
+    from .model.firmware import Firmware
+    from .service.server import FirmwareServer
 
 log = logging.getLogger("fwemu")
 
 
 MAX_SHARD = 0xFFFF  # a driver names shard k's VFs PCI domain k (driver/shards.py)
+# Bounds of the operator's settings: past them a value is a typo, not a policy.
+MAX_MKEYS_SETTING = 1 << 20
+MAX_CLIENT_IDLE = 7 * 24 * 3600.0
 
 
 def shard_number(text: str) -> int | str:
@@ -119,6 +128,22 @@ def _parser() -> argparse.ArgumentParser:
         default=8 << 30,
         help="limit on memory held for drivers on other hosts",
     )
+    s.add_argument(
+        "--mkeys-per-client",
+        type=count_between(1, MAX_MKEYS_SETTING),
+        default=MAX_MKEYS_PER_CLIENT,
+        metavar="N",
+        help=f"mkeys one client may hold; beyond, CreateMkey is LIM_ERR / TOO_MANY_MKEYS "
+        f"(default {MAX_MKEYS_PER_CLIENT}; at most {MAX_MKEYS_SETTING})",
+    )
+    s.add_argument(
+        "--client-idle",
+        type=seconds_between(0.0, MAX_CLIENT_IDLE),
+        default=DEFAULT_IDLE_S,
+        metavar="SECONDS",
+        help="a client with no Completions stream that sent no RPC for SECONDS loses its "
+        f"mkeys (default {DEFAULT_IDLE_S:g}; at most {MAX_CLIENT_IDLE:g})",
+    )
     add_log_flags(s)
     add_metrics_flags(s, per="vf")
 
@@ -140,11 +165,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _firmware_server(
+    args: argparse.Namespace, fw: Firmware, registry: CollectorRegistry | None
+) -> FirmwareServer:
+    """The firmware service over `fw`, from the parsed options."""
+    from .service.server import FirmwareServer
+
+    return FirmwareServer(
+        fw,
+        shm_dir=args.shm_dir,
+        max_remote_bytes=args.max_remote_memory,
+        metrics=registry,
+        per_vf_limit=args.metrics_per_vf,
+        max_mkeys_per_client=args.mkeys_per_client,
+        client_idle=args.client_idle,
+    )
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from .model.clock import LoopClock, VirtualClock
     from .model.memory import OutOfMemory
     from .scenario import build_firmware
-    from .service.server import FirmwareServer
 
     clock = VirtualClock() if args.clock == "virtual" else LoopClock()
     defaults = VfConfig(
@@ -167,13 +208,7 @@ async def _serve(args: argparse.Namespace) -> int:
     if shard is not None:
         log.info("fwemu shard %d: VF seed %d (the seed in force + %d)", shard, fw.seed, shard)
     registry = CollectorRegistry() if args.metrics_listen else None
-    server = FirmwareServer(
-        fw,
-        shm_dir=args.shm_dir,
-        max_remote_bytes=args.max_remote_memory,
-        metrics=registry,
-        per_vf_limit=args.metrics_per_vf,
-    )
+    server = _firmware_server(args, fw, registry)
     stop = stop_on_signals()
     with serve_metrics(args.metrics_listen, registry, "fwemu") as metrics_port:
         port = await server.start(args.listen)

@@ -1,9 +1,11 @@
 """Command-line units shared by every command (fwemu, vfio-driver, vfioctl,
-the benchmarks): byte sizes as people write them."""
+the benchmarks): byte sizes as people write them, and bounded values."""
 
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
@@ -18,3 +20,54 @@ def byte_size(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a size (e.g. 4096, 64KiB, 16MiB)"
         ) from None
+
+
+def _human(n: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def byte_size_between(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: a byte_size from `low` to `high` (an operator's typo,
+    such as a budget of 0 or of 1 EiB, is a usage error, not a server that
+    refuses everything or nothing)."""
+
+    def parse(text: str) -> int:
+        n = byte_size(text)
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is out of range ({_human(low)} to {_human(high)})"
+            )
+        return n
+
+    return parse
+
+
+def seconds_between(low: float, high: float) -> Callable[[str], float]:
+    """argparse type: a number of seconds, more than `low` and at most `high`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low < value <= high:  # also refuses nan
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a number of seconds above {low:g} and at most {high:g}"
+            )
+        return value
+
+    return parse
+
+
+def count_between(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: a whole number from `low` to `high`."""
+
+    def parse(text: str) -> int:
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {low} to {high}")
+        return int(text)
+
+    return parse

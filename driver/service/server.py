@@ -18,6 +18,7 @@ from ..api.v1 import vfio_pb2_grpc as pbg
 from ..api.wire import decode_write_request
 from ..registry import DeviceRegistry
 from .metrics import DriverCollector
+from .process import CLIENT_IDLE
 from .servicer import VfioServicer
 
 if TYPE_CHECKING:
@@ -81,15 +82,17 @@ class DriverServer:
         metrics: CollectorRegistry | None = None,
         per_device_limit: int = 0,
         shm_dir: str | None = None,
+        client_idle: float = CLIENT_IDLE,
     ) -> None:
         """`metrics`: a registry to fill with the gRPC server metrics and the
         driver's own, and the embedded `firmware`'s (served at /metrics by
         whoever owns the registry).  `shm_dir`: where clients' user memory
-        segments are (MapUserMemory; default /dev/shm)."""
+        segments are (MapUserMemory; default /dev/shm).  `client_idle`: how
+        long a client with nothing open is remembered."""
         if scenario_service and firmware is None:
             raise ValueError("the Scenario service is an embedded firmware's")
         self.registry = registry
-        self.servicer = VfioServicer(registry, shm_dir=shm_dir)
+        self.servicer = VfioServicer(registry, shm_dir=shm_dir, client_idle=client_idle)
         scenario = firmware if scenario_service else None
         names = [VFIO_SERVICE]
         if scenario is not None:

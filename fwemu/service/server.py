@@ -14,7 +14,7 @@ from ..api.v1 import firmware_pb2, scenario_pb2
 from ..api.v1 import firmware_pb2_grpc as fgrpc
 from ..api.v1 import scenario_pb2_grpc as sgrpc
 from ..model.firmware import Firmware
-from .memory import MkeyMemory
+from .memory import DEFAULT_IDLE_S, MAX_MKEYS_PER_CLIENT, MkeyMemory
 from .metrics import FirmwareCollector
 from .servicers import FirmwareServicer, ScenarioServicer
 
@@ -35,11 +35,21 @@ class FirmwareServer:
         max_remote_bytes: int = DEFAULT_MAX_REMOTE_BYTES,
         metrics: CollectorRegistry | None = None,
         per_vf_limit: int = 0,
+        max_mkeys_per_client: int = MAX_MKEYS_PER_CLIENT,
+        client_idle: float = DEFAULT_IDLE_S,
     ) -> None:
         """`metrics`: a registry to fill with the gRPC server metrics and the
-        firmware's own (served at /metrics by whoever owns the registry)."""
+        firmware's own (served at /metrics by whoever owns the registry).
+        `max_mkeys_per_client`, `client_idle`: the mkeys a client may hold,
+        and how long a client without a completion stream keeps them idle."""
         self.fw = fw
-        self.memory = MkeyMemory(fw, shm_dir=shm_dir, max_remote_bytes=max_remote_bytes)
+        self.memory = MkeyMemory(
+            fw,
+            shm_dir=shm_dir,
+            max_remote_bytes=max_remote_bytes,
+            max_mkeys_per_client=max_mkeys_per_client,
+            idle_s=client_idle,
+        )
 
         self.firmware = FirmwareServicer(fw, self.memory)
 

@@ -1,0 +1,67 @@
+"""`vfio-driver serve --buffer-budget`, `--client-idle` and, in embedded mode,
+`--memory-limit` reach the objects they set; values out of bounds are usage
+errors (exit 2, naming the range)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from driver.cli import _driver_server, _embedded_firmware, _parser, main
+from driver.mlx5.cmd import DEFAULT_BUFFER_BUDGET
+from driver.service.process import CLIENT_IDLE
+from fwemu.link.ifc import MiB
+
+
+def _serve_args(*args: str) -> argparse.Namespace:
+    return _parser().parse_args(["serve", "--vfs", "1", "--size", "64KiB", *args])
+
+
+async def test_the_flags_reach_the_registry_the_servicer_and_the_firmware() -> None:
+    args = _serve_args("--buffer-budget", "64MiB", "--client-idle", "30", "--memory-limit", "32MiB")
+    fw = _embedded_firmware(args)
+    try:
+        server = _driver_server(args, [fw.link], fw, None)
+        assert server.registry.budget.limit == 64 * MiB
+        assert server.servicer.client_idle == 30.0
+        assert fw._fw.memory.limit == 32 * MiB
+    finally:
+        await fw.link.close()
+
+
+async def test_without_the_flags_the_defaults_hold() -> None:
+    args = _serve_args()
+    fw = _embedded_firmware(args)
+    try:
+        server = _driver_server(args, [fw.link], fw, None)
+        assert server.registry.budget.limit == DEFAULT_BUFFER_BUDGET == 1 << 30
+        assert server.servicer.client_idle == CLIENT_IDLE
+    finally:
+        await fw.link.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["--buffer-budget", "0"], "'0' is out of range (1MiB to 1TiB)"),
+        (["--buffer-budget", "2TiB"], "out of range (1MiB to 1TiB)"),
+        (["--buffer-budget", "lots"], "is not a size"),
+        (["--client-idle", "0"], "not a number of seconds above 0"),
+        (["--client-idle", "-5"], "not a number of seconds above 0"),
+        (["--client-idle", "nan"], "not a number of seconds above 0"),
+        (["--client-idle", "1e9"], "at most 604800"),
+        (["--memory-limit", "0"], "out of range"),
+        (["--memory-limit", "2KiB", "--vfs", "2"], "memory limit"),
+        (["--firmware", "127.0.0.1:1", "--memory-limit", "1GiB"], "--memory-limit is for the"),
+    ],
+)
+def test_bad_values_exit_2_with_a_message(
+    capsys: pytest.CaptureFixture[str], args: list[str], expect: str
+) -> None:
+    try:
+        rc = main(["serve", "--listen", "127.0.0.1:0", "--size", "64KiB", *args])
+    except SystemExit as e:  # argparse
+        rc = int(e.code or 0)
+    err = capsys.readouterr().err
+    assert rc == 2 and expect in err, err
