@@ -18,8 +18,10 @@ import pytest
 import yaml
 
 from driver.cli import _parser as driver_parser
+from driver.service.server import VFIO_SERVICE
 from fwemu.cli import _parser as fwemu_parser
 from fwemu.scenario import load_scenario_file
+from grpcsvc.healthcheck import _parser as healthcheck_parser
 from tests.support.dockerfile import DOCKERFILE, ROOT
 from tests.support.tools import passes, tool
 from vfioclient.cli import build_parser as vfioctl_parser
@@ -132,6 +134,16 @@ def test_the_health_checks_ask_each_service_on_its_own_port() -> None:
         test = SERVICES[name]["healthcheck"]["test"]
         assert test[:2] == ["CMD", "grpc-health-check"], name
         assert test[-1] == f"127.0.0.1:{number}", name
+
+
+def test_the_drivers_health_follows_its_firmware() -> None:
+    """The driver is healthy (and `migrate` starts) only while vfio.v1.Vfio is
+    SERVING: NOT_SERVING while its firmware is unreachable; fwemu asks the
+    server as a whole."""
+    driver = SERVICES["driver"]["healthcheck"]["test"]
+    assert driver[driver.index("--service") + 1] == VFIO_SERVICE
+    assert healthcheck_parser().parse_args(driver[2:]).service == VFIO_SERVICE
+    assert "--service" not in SERVICES["fwemu"]["healthcheck"]["test"]
 
 
 def test_services_start_once_what_they_need_is_healthy_and_the_job_runs_once() -> None:

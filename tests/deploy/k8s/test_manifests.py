@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from driver.cli import _parser as driver_parser
+from driver.service.server import VFIO_SERVICE
 from driver.shards import SHARDS_ENV, parse_shards
 from fwemu.cli import _parser as fwemu_parser
 from fwemu.scenario import parse_scenario
@@ -308,8 +309,25 @@ def test_every_container_has_requests_limits_and_grpc_probes(
                 assert set(c["resources"][kind]) == {"cpu", "memory"}, (c["name"], kind)
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert set(c[probe]) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}
-                assert c[probe]["grpc"] == {"port": listen}, (c["name"], probe)
+                assert c[probe]["grpc"]["port"] == listen, (c["name"], probe)
             assert {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"] == listen
+
+
+def test_the_drivers_readiness_follows_its_firmware_and_liveness_does_not(
+    objects: tuple[str, tuple[Obj, ...]],
+) -> None:
+    """Readiness asks vfio.v1.Vfio (NOT_SERVING while a firmware shard is
+    unreachable: the pod leaves the Service); startup and liveness ask the
+    server (""), which stays SERVING: a restart would not bring a firmware back.
+    fwemu's probes all ask the server."""
+    _, objs = objects
+    (driver,) = workload(objs, "vfio-driver")[0]["spec"]["template"]["spec"]["containers"]
+    assert driver["readinessProbe"]["grpc"].get("service") == VFIO_SERVICE
+    for probe in ("startupProbe", "livenessProbe"):
+        assert driver[probe]["grpc"].get("service", "") == "", probe
+    for c in workload(objs, "fwemu")[0]["spec"]["template"]["spec"]["containers"]:
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"].get("service", "") == "", probe
 
 
 def test_containers_run_locked_down(objects: tuple[str, tuple[Obj, ...]]) -> None:
