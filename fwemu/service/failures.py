@@ -36,52 +36,63 @@ def _no_memory(e: BaseException) -> bool:
     )
 
 
+# A refusal the model raises on purpose, as answered: the first row that
+# matches (subclasses before their bases).
+_REFUSALS: tuple[tuple[type[Exception], int, int, grpc.StatusCode, str], ...] = (
+    (
+        LimitReached,
+        CmdStatus.LIM_ERR,
+        Syndrome.FIELD_RANGE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "LIMIT_REACHED",
+    ),
+    (
+        NoSuchVf,
+        CmdStatus.BAD_PARAM_ERR,
+        Syndrome.UNKNOWN_VHCA,
+        grpc.StatusCode.NOT_FOUND,
+        "NO_SUCH_VF",
+    ),
+    (
+        ScenarioError,
+        CmdStatus.BAD_PARAM_ERR,
+        Syndrome.FIELD_RANGE,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_SCENARIO",
+    ),
+    (
+        FirmwareError,
+        CmdStatus.BAD_PARAM_ERR,
+        Syndrome.FIELD_RANGE,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
+    ),
+    (
+        ValueError,
+        CmdStatus.BAD_PARAM_ERR,
+        Syndrome.FIELD_RANGE,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
+    ),
+)
+
+
 def failure(e: Exception) -> Failure:
     """The answer to an exception from the model: a refused request keeps its
     own reason; memory exhaustion is LIM_ERR / NO_MEMORY (RESOURCE_EXHAUSTED),
     a full per-VF cap RESOURCE_EXHAUSTED (LIMIT_REACHED);
     anything else is the firmware's internal error, logged with its traceback."""
     if _no_memory(e):
-        msg = str(e) or "no memory"
         return Failure(
             CmdStatus.LIM_ERR,
             Syndrome.NO_MEMORY,
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "NO_MEMORY",
-            msg,
+            str(e) or "no memory",
         )
-    if isinstance(e, LimitReached):
-        return Failure(
-            CmdStatus.LIM_ERR,
-            Syndrome.FIELD_RANGE,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "LIMIT_REACHED",
-            str(e),
-        )
-    if isinstance(e, NoSuchVf):
-        return Failure(
-            CmdStatus.BAD_PARAM_ERR,
-            Syndrome.UNKNOWN_VHCA,
-            grpc.StatusCode.NOT_FOUND,
-            "NO_SUCH_VF",
-            str(e),
-        )
-    if isinstance(e, ScenarioError):
-        return Failure(
-            CmdStatus.BAD_PARAM_ERR,
-            Syndrome.FIELD_RANGE,
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_SCENARIO",
-            str(e),
-        )
-    if isinstance(e, FirmwareError | ValueError):
-        return Failure(
-            CmdStatus.BAD_PARAM_ERR,
-            Syndrome.FIELD_RANGE,
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "INVALID_REQUEST",
-            str(e),
-        )
+    for kind, status, syndrome, code, reason in _REFUSALS:
+        if isinstance(e, kind):
+            return Failure(status, syndrome, code, reason, str(e))
     log.error("internal error: %s", e, exc_info=e)
     reason = "RECURSION" if isinstance(e, RecursionError) else "INTERNAL_ERROR"
     if isinstance(e, OSError):

@@ -102,9 +102,9 @@ class InProcessRig:
 
 
 @contextlib.asynccontextmanager
-async def in_process_rig() -> AsyncIterator[InProcessRig]:
-    fw = Firmware(LoopClock(), seed=7)
-    server = DriverServer(DeviceRegistry(InProcessLink(fw), cmd_timeout=5.0))
+async def in_process_rig(*, seed: int = 7, cmd_timeout: float = 5.0) -> AsyncIterator[InProcessRig]:
+    fw = Firmware(LoopClock(), seed=seed)
+    server = DriverServer(DeviceRegistry(InProcessLink(fw), cmd_timeout=cmd_timeout))
     port = await server.start("127.0.0.1:0")
     target = f"127.0.0.1:{port}"
     src = await VfioClient.connect(target)

@@ -29,14 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from driver.registry import DeviceRegistry
-from driver.service.server import DriverServer
 from driver.vfio.uapi import MigState
 from fwemu.link.ifc import (
     Command,
@@ -49,12 +47,9 @@ from fwemu.link.ifc import (
     SuspendOpMod,
     SuspendVhcaIn,
 )
-from fwemu.link.inproc import InProcessLink
-from fwemu.model.clock import LoopClock
-from fwemu.model.firmware import Firmware
 from tests.support.leftovers import open_data_fds, open_fds, shm_segments, user_mappings
-from tests.support.vfioclient_migration import InProcessRig, options
-from vfioclient import PrecopyInfo, VfioClient
+from tests.support.vfioclient_migration import InProcessRig, in_process_rig, options
+from vfioclient import PrecopyInfo
 from vfioclient.migration import (
     DeviceMigration,
     MigrationError,
@@ -95,19 +90,8 @@ KINDS: dict[str, Callable[[], list[tuple[Fault, str | None]]]] = {
 PHASES = ["setup", "precopy", "switchover", "stop_copy", "destination", "after_reinit"]
 
 
-@contextlib.asynccontextmanager
-async def rig() -> AsyncIterator[InProcessRig]:
-    fw = Firmware(LoopClock(), seed=11)
-    server = DriverServer(DeviceRegistry(InProcessLink(fw), cmd_timeout=CMD_TIMEOUT))
-    target = f"127.0.0.1:{await server.start('127.0.0.1:0')}"
-    src = await VfioClient.connect(target)
-    dst = await VfioClient.connect(target)
-    try:
-        yield InProcessRig(fw, server, target, src, dst)
-    finally:
-        await src.aclose()
-        await dst.aclose()
-        await server.stop(0)
+def rig() -> contextlib.AbstractAsyncContextManager[InProcessRig]:
+    return in_process_rig(seed=11, cmd_timeout=CMD_TIMEOUT)
 
 
 def watch_commands(rg: InProcessRig, after: Callable[[Command[Any], Any], None]) -> None:
