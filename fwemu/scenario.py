@@ -7,7 +7,8 @@ tests run it).
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -40,6 +41,8 @@ from .link.scenario_requests import (
 )
 from .model.clock import Clock
 from .model.firmware import Firmware
+from .model.limits import MAX_ARMED_FAULTS, MAX_PENDING_TRIGGERS, LimitReached
+from .model.memory import OutOfMemory
 from .model.vf import Vf
 
 EXAMPLE = """\
@@ -289,7 +292,13 @@ def apply_scenario(fw: Firmware, doc: ScenarioFile) -> list[Vf]:
     """Create the scenario's VFs, schedule its reconfigurations, arm its faults.
 
     VF numbers in events are vhca_ids.  Times are seconds from now on the
-    firmware clock.  Checks everything it can before changing the firmware.
+    firmware clock.  All or nothing: everything that can be checked (VF
+    settings, event targets, the per-VF caps on armed faults and pending
+    reconfigurations, the memory of reconfigurations that run at once) is
+    checked before the firmware changes, and a refusal met while applying
+    takes back the VFs created, faults armed and reconfigurations scheduled.
+    Reconfigurations that run at once go last, since they cannot be taken
+    back (README, "Scenario files").
     """
     try:
         base = doc.defaults.overlay(fw.defaults)
@@ -305,37 +314,142 @@ def apply_scenario(fw: Firmware, doc: ScenarioFile) -> list[Vf]:
         raise ScenarioError(
             f"events: {actions} actions (events times the VFs they name), at most {MAX_ACTIONS}"
         )
-    created: list[Vf] = []
+    undo = _Undo(fw)
+    ran = 0
     try:
         for i, cfg in enumerate(configs):
             if cfg.seed is None and doc.seed is not None:
                 cfg = replace(cfg, seed=_vf_seed(doc.seed, i))
-            created.extend(fw.create_vfs(1, cfg))
+            undo.created.extend(fw.create_vfs(1, cfg))
         # Every event's VF must exist before any event acts: a reconfiguration
         # 'now' cannot be taken back.
         for n, ev in enumerate(doc.events):
             if ev.vf != "all" and ev.vf not in fw.vfs:
                 raise ScenarioError(f"events.{n}: no VF with vhca_id {ev.vf}")
+        now = fw.clock.now()
+        plan = [
+            _Action.of(fw, n, ev, v, now)
+            for n, ev in enumerate(doc.events)
+            for v in (sorted(fw.vfs) if ev.vf == "all" else [ev.vf])
+        ]
+        _check_caps(fw, plan)
+        for act in plan:
+            if act.fault is not None:
+                undo.armed.append((act.vhca_id, fw.inject_fault(act.vhca_id, act.fault)))
+            elif not act.runs_now:
+                undo.scheduled.append((act.vhca_id, act.reconfigure(fw)))
+        for act in plan:
+            if act.runs_now:
+                act.reconfigure(fw)
+                ran += 1
     except (FirmwareError, ValueError) as e:
-        for vf in created:
-            fw.vfs.pop(vf.vhca_id, None)
-        raise ScenarioError(str(e)) from None
-    now = fw.clock.now()
-    for ev in doc.events:
-        for vhca_id in sorted(fw.vfs) if ev.vf == "all" else [ev.vf]:
-            if ev.reconfigure is not None:
-                objects = [(obj_type_index(o.type), int(o.size)) for o in ev.reconfigure.objects]
-                fw.reconfigure(
-                    vhca_id,
-                    objects,
-                    at_time=None if ev.at is None else now + ev.at,
-                    after_saved_bytes=None
-                    if ev.after_saved_bytes is None
-                    else int(ev.after_saved_bytes),
-                )
-            elif ev.fault is not None:
-                fw.inject_fault(vhca_id, ev.fault.to_fault())
-    return created
+        undo.run()
+        msg = str(e)
+        if ran:
+            msg += f" ({ran} reconfiguration(s) had already run at once and stay)"
+        # A full cap or the memory limit keeps its own kind (RESOURCE_EXHAUSTED).
+        kind = type(e) if isinstance(e, LimitReached | OutOfMemory) else ScenarioError
+        raise kind(msg) from None
+    return undo.created
+
+
+@dataclass(slots=True)
+class _Action:
+    """One event on one VF, as planned before anything changes."""
+
+    index: int
+    vhca_id: int
+    fault: Fault | None
+    objects: list[tuple[int, int]]
+    at_time: float | None
+    after_saved_bytes: int | None
+    runs_now: bool
+
+    @classmethod
+    def of(cls, fw: Firmware, index: int, ev: EventSpec, vhca_id: int, now: float) -> _Action:
+        try:
+            fault = None if ev.fault is None else ev.fault.to_fault()
+        except ValueError as e:
+            raise ScenarioError(f"events.{index}: {e}") from None
+        objects = (
+            []
+            if ev.reconfigure is None
+            else [(obj_type_index(o.type), int(o.size)) for o in ev.reconfigure.objects]
+        )
+        at_time = None if ev.at is None else now + ev.at
+        after = None if ev.after_saved_bytes is None else int(ev.after_saved_bytes)
+        runs_now = fault is None and fw.reconfig_runs_now(vhca_id, at_time, after)
+        return cls(index, vhca_id, fault, objects, at_time, after, runs_now)
+
+    def reconfigure(self, fw: Firmware) -> int:
+        return fw.reconfigure(
+            self.vhca_id,
+            self.objects,
+            at_time=self.at_time,
+            after_saved_bytes=self.after_saved_bytes,
+        )
+
+
+def _check_caps(fw: Firmware, plan: list[_Action]) -> None:
+    """The per-VF caps and the memory of reconfigurations that run at once,
+    for the whole plan, before anything is applied."""
+    faults: Counter[int] = Counter()
+    waiting: Counter[int] = Counter()
+    grows: Counter[int] = Counter()
+    for act in plan:
+        vf = fw.vf(act.vhca_id)
+        if act.fault is not None:
+            faults[act.vhca_id] += 1
+        elif act.runs_now:
+            grows[act.vhca_id] += sum(s for _, s in act.objects) or vf.config.reconfig_bytes
+        else:
+            waiting[act.vhca_id] += 1
+    for vhca_id, n in faults.items():
+        held = len(fw.vf(vhca_id).faults.faults)
+        if held + n > MAX_ARMED_FAULTS:
+            raise LimitReached(
+                f"VF {vhca_id}: {n} faults to arm beside {held} armed, "
+                f"at most {MAX_ARMED_FAULTS} per VF"
+            )
+    for vhca_id, n in waiting.items():
+        held = len(fw.vf(vhca_id).triggers)
+        if held + n > MAX_PENDING_TRIGGERS:
+            raise LimitReached(
+                f"VF {vhca_id}: {n} reconfigurations to schedule beside {held} pending, "
+                f"at most {MAX_PENDING_TRIGGERS} per VF"
+            )
+    for vhca_id, n in grows.items():
+        vf = fw.vf(vhca_id)
+        if vf.state.size + n > vf.size_limit:
+            raise OutOfMemory(
+                f"VF {vhca_id}: reconfigurations now would grow its state to "
+                f"{vf.state.size + n} bytes, beyond its size limit {vf.size_limit}"
+            )
+    total = sum(grows.values())
+    if fw.memory.used + total > fw.memory.limit:
+        raise OutOfMemory(
+            f"reconfigurations now need {total} bytes; the firmware holds {fw.memory.used} "
+            f"of its {fw.memory.limit}-byte memory limit"
+        )
+
+
+@dataclass(slots=True)
+class _Undo:
+    """What apply_scenario changed that can be taken back."""
+
+    fw: Firmware
+    created: list[Vf] = field(default_factory=list)
+    armed: list[tuple[int, int]] = field(default_factory=list)
+    scheduled: list[tuple[int, int]] = field(default_factory=list)
+
+    def run(self) -> None:
+        for vhca_id, fault_id in self.armed:
+            self.fw.disarm_fault(vhca_id, fault_id)
+        for vhca_id, trigger_id in self.scheduled:
+            self.fw.cancel_reconfigure(vhca_id, trigger_id)
+        for vf in self.created:
+            if vf.vhca_id in self.fw.vfs:
+                self.fw.remove_vf(vf.vhca_id)
 
 
 def build_firmware(

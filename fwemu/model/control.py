@@ -105,6 +105,33 @@ def reconfigure(
     return trig.trigger_id
 
 
+def reconfig_runs_now(
+    fw: FirmwareState, vhca_id: int, at_time: float | None, after_saved_bytes: int | None
+) -> bool:
+    """Whether a reconfiguration asked for now would run at once (not wait)."""
+    vf = fw.vf(vhca_id)
+    now = fw.clock.now()
+    vf.advance(now)
+    return vf.running and ReconfigTrigger(0, [], at_time, after_saved_bytes).due(
+        now, vf.saved_bytes
+    )
+
+
+def cancel_reconfigure(fw: FirmwareState, vhca_id: int, trigger_id: int) -> bool:
+    """Drop a pending reconfiguration: whether it was still pending."""
+    vf = fw.vf(vhca_id)
+    for trig in vf.triggers:
+        if trig.trigger_id == trigger_id:
+            vf.triggers.remove(trig)
+            return True
+    return False
+
+
+def disarm_fault(fw: FirmwareState, vhca_id: int, fault_id: int) -> bool:
+    """Drop an armed fault: whether it was still armed."""
+    return fw.vf(vhca_id).faults.remove(fault_id)
+
+
 def inject_fault(fw: FirmwareState, vhca_id: int, fault: Fault) -> int:
     vf = fw.vf(vhca_id)
     try:

@@ -35,6 +35,14 @@ class FaultQueue:
                 return f
         return None
 
+    def remove(self, fault_id: int) -> bool:
+        """Drop the armed fault `fault_id`: whether it was armed."""
+        for f in self.faults:
+            if f.fault_id == fault_id:
+                self.faults.remove(f)
+                return True
+        return False
+
     def has(self, kind: FaultKind) -> bool:
         return any(f.kind == kind for f in self.faults)
 

@@ -167,8 +167,20 @@ class Firmware(FirmwareState):
         """Schedule (or run now) a reconfiguration; returns its trigger id."""
         return control.reconfigure(self, vhca_id, objects or [], at_time, after_saved_bytes)
 
+    def reconfig_runs_now(
+        self, vhca_id: int, at_time: float | None, after_saved_bytes: int | None
+    ) -> bool:
+        """Whether a reconfiguration asked for now would run at once."""
+        return control.reconfig_runs_now(self, vhca_id, at_time, after_saved_bytes)
+
+    def cancel_reconfigure(self, vhca_id: int, trigger_id: int) -> bool:
+        return control.cancel_reconfigure(self, vhca_id, trigger_id)
+
     def inject_fault(self, vhca_id: int, fault: Fault) -> int:
         return control.inject_fault(self, vhca_id, fault)
+
+    def disarm_fault(self, vhca_id: int, fault_id: int) -> bool:
+        return control.disarm_fault(self, vhca_id, fault_id)
 
     def clear_faults(self, vhca_id: int) -> int:
         return self.vf(vhca_id).faults.clear()

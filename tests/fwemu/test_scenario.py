@@ -3,13 +3,16 @@ apply_scenario."""
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
 import pytest
 
-from fwemu.link.ifc import CmdStatus, FirmwareError, KiB, Opcode, VfConfig
+from fwemu.link.ifc import CmdStatus, Fault, FaultKind, FirmwareError, KiB, Opcode, VfConfig
 from fwemu.model import Firmware, VirtualClock
+from fwemu.model.limits import MAX_ARMED_FAULTS, MAX_PENDING_TRIGGERS, LimitReached
+from fwemu.model.memory import OutOfMemory
 from fwemu.scenario import (
     EXAMPLE,
     ScenarioError,
@@ -19,6 +22,7 @@ from fwemu.scenario import (
     load_scenario_file,
     parse_scenario,
 )
+from tests.support.fwemu_model import FailingAllocator
 
 
 def firmware(seed: int = 0) -> Firmware:
@@ -205,3 +209,112 @@ def test_a_seed_offset_gives_shards_different_vfs(tmp_path, scenario_seed) -> No
     digests = [[vf.digest() for vf in fw.vfs.values()] for fw in built]
     assert digests[0] != digests[1] and digests[1] == digests[2]
     assert built[1].seed == (scenario_seed if scenario_seed is not None else 7) + 1
+
+
+# --- all or nothing ------------------------------------------------------------------
+
+
+def _held(fw: Firmware) -> tuple[object, ...]:
+    """What a refused scenario must leave as it was."""
+    return (
+        sorted(fw.vfs),
+        fw.memory.used,
+        {v: [f.fault_id for f in vf.faults.faults] for v, vf in fw.vfs.items()},
+        {v: [t.trigger_id for t in vf.triggers] for v, vf in fw.vfs.items()},
+        {v: fw.digest(v) for v in fw.vfs},
+    )
+
+
+def _faults(vf: int | str, n: int) -> str:
+    return "".join(f"  - {{vf: {vf}, fault: {{kind: delay, delay_s: 0.1}}}}\n" for _ in range(n))
+
+
+def _waits(vf: int | str, n: int) -> str:
+    return "".join(f"  - {{vf: {vf}, at: 5, reconfigure: {{}}}}\n" for _ in range(n))
+
+
+@pytest.mark.parametrize(
+    ("events", "kind", "match"),
+    [
+        # Faults past the per-VF cap, after events that would have applied.
+        (_waits(1, 3) + _faults(1, MAX_ARMED_FAULTS + 1), LimitReached, "armed"),
+        # Pending reconfigurations past the cap, after faults that would have armed.
+        (_faults("all", 2) + _waits(1, MAX_PENDING_TRIGGERS + 1), LimitReached, "pending"),
+        # A reconfiguration now beyond the VF's size limit, after the rest.
+        (
+            _faults(1, 2)
+            + _waits(2, 2)
+            + "  - {vf: 1, reconfigure: {objects: [{type: QP, size: 64MiB}]}}\n"
+            + "  - {vf: 1, reconfigure: {objects: [{type: QP, size: 64MiB}]}}\n",
+            OutOfMemory,
+            "size limit",
+        ),
+    ],
+    ids=["faults", "pending", "size-limit"],
+)
+def test_a_refused_scenario_applies_nothing(events, kind, match):
+    """A scenario whose events go past a per-VF cap or the memory of the VF is
+    refused whole, as RESOURCE_EXHAUSTED's kinds: no VF of it is created, no
+    fault armed, no reconfiguration scheduled or run, and the memory it took is
+    given back."""
+    fw = firmware()
+    apply_scenario(fw, parse_scenario("vfs: [{count: 2, size: 64KiB}]"))
+    fw.inject_fault(1, Fault(FaultKind.DELAY, delay_s=0.2))
+    before = _held(fw)
+    with pytest.raises(kind, match=match):
+        apply_scenario(fw, parse_scenario("vfs: [{count: 3, size: 1MiB}]\nevents:\n" + events))
+    assert _held(fw) == before
+
+
+def test_caps_count_what_a_vf_already_holds():
+    """The caps count the faults a VF holds already, so a scenario cannot top
+    a VF up past them."""
+    fw = firmware()
+    apply_scenario(fw, parse_scenario("vfs: [{count: 1}]\nevents:\n" + _faults(1, 1000)))
+    before = _held(fw)
+    with pytest.raises(LimitReached, match="1000 armed"):
+        apply_scenario(fw, parse_scenario("events:\n" + _faults(1, MAX_ARMED_FAULTS - 999)))
+    assert _held(fw) == before
+    apply_scenario(fw, parse_scenario("events:\n" + _faults(1, MAX_ARMED_FAULTS - 1000)))
+    assert len(fw.vf(1).faults.faults) == MAX_ARMED_FAULTS
+
+
+def test_reconfigurations_now_beyond_the_memory_limit_apply_nothing():
+    """Reconfigurations that would run at once are checked together against
+    the firmware's memory limit before anything changes."""
+    fw = Firmware(VirtualClock(), seed=0, memory_limit=3 << 20)
+    apply_scenario(fw, parse_scenario("vfs: [{count: 2, size: 1MiB}]"))
+    before = _held(fw)
+    now = "  - {vf: all, reconfigure: {objects: [{type: QP, size: 1MiB}]}}\n"
+    with pytest.raises(OutOfMemory, match="memory limit"):
+        apply_scenario(fw, parse_scenario("events:\n" + _faults(2, 1) + now))
+    assert _held(fw) == before
+
+
+@pytest.mark.parametrize(
+    "error", [MemoryError(), OSError(errno.ENOMEM, "Cannot allocate memory")], ids=repr
+)
+def test_an_allocation_failing_mid_scenario_takes_back_what_it_can(error):
+    """When the kernel refuses memory for a reconfiguration that runs at once
+    (after every check passed), the faults armed, reconfigurations scheduled
+    and VFs created by the scenario are taken back; the reconfigurations that
+    had already run stay, and the error says how many."""
+    alloc = FailingAllocator()
+    fw = Firmware(VirtualClock(), seed=0, allocator=alloc)
+    apply_scenario(fw, parse_scenario("vfs: [{count: 2, size: 64KiB}]"))
+    before = _held(fw)
+    text = (
+        "vfs: [{count: 1, size: 64KiB}]\nevents:\n"
+        + _faults("all", 2)
+        + _waits(1, 2)
+        + "  - {vf: 1, reconfigure: {}}\n"
+        + "  - {vf: 2, reconfigure: {}}\n"
+    )
+    # The new VF's arena and VF 1's reconfiguration get memory; VF 2's does not.
+    alloc.arm(error, after=2)
+    with pytest.raises(OutOfMemory, match="1 reconfiguration"):
+        apply_scenario(fw, parse_scenario(text))
+    assert sorted(fw.vfs) == before[0]
+    assert {v: [f.fault_id for f in vf.faults.faults] for v, vf in fw.vfs.items()} == before[2]
+    assert {v: [t.trigger_id for t in vf.triggers] for v, vf in fw.vfs.items()} == before[3]
+    assert fw.vf(1).reconfigurations == 1 and fw.vf(2).reconfigurations == 0

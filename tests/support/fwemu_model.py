@@ -3,9 +3,12 @@ model's own seams (an allocator, a memory limit) or many commands a second."""
 
 from __future__ import annotations
 
+import mmap
+
 from fwemu.link.ifc import CmdResult, SuspendOpMod
 from fwemu.model import Firmware
 from fwemu.model.image import IMAGE_HEADER_SIZE
+from fwemu.model.memory import Allocator
 
 _PAYLOAD_LEN_AT = 28  # the header's payload length (fwemu/model/image.py)
 
@@ -41,3 +44,34 @@ def load_bytes(fw: Firmware, vhca: int, data: bytes) -> CmdResult:
         return fw.load_vhca_state(vhca, mkey=mkey, size=len(data))
     finally:
         fw.destroy_mkey(mkey)
+
+
+class FailingAllocator(Allocator):
+    """The system allocator, except that the next `fail` calls fail with `error`
+    (MemoryError, or OSError ENOMEM as mmap/mremap raise it)."""
+
+    def __init__(self) -> None:
+        self.fail = 0
+        self.error: BaseException = MemoryError()
+        self.calls = 0
+        self.after = 0
+
+    def arm(self, error: BaseException, times: int = 1_000, *, after: int = 0) -> None:
+        """Fail the `times` calls that follow the next `after` ones."""
+        self.fail, self.error, self.after = times, error, after
+
+    def _maybe_fail(self) -> None:
+        self.calls += 1
+        if self.after:
+            self.after -= 1
+        elif self.fail:
+            self.fail -= 1
+            raise self.error
+
+    def map(self, size: int) -> mmap.mmap:
+        self._maybe_fail()
+        return super().map(size)
+
+    def resize(self, mm: mmap.mmap, size: int) -> None:
+        self._maybe_fail()
+        super().resize(mm, size)

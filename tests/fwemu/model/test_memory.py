@@ -21,36 +21,8 @@ from fwemu.link.ifc import (
 )
 from fwemu.model import Firmware, VirtualClock
 from fwemu.model.device_state import Arena, DeviceState
-from fwemu.model.memory import Allocator, MemoryBudget, OutOfMemory, default_memory_limit
-from tests.support.fwemu_model import load_bytes, save_image, suspend_fully
-
-
-class FailingAllocator(Allocator):
-    """The system allocator, except that the next `fail` calls fail with `error`
-    (MemoryError, or OSError ENOMEM as mmap/mremap raise it)."""
-
-    def __init__(self) -> None:
-        self.fail = 0
-        self.error: BaseException = MemoryError()
-        self.calls = 0
-
-    def arm(self, error: BaseException, times: int = 1_000) -> None:
-        self.fail, self.error = times, error
-
-    def _maybe_fail(self) -> None:
-        self.calls += 1
-        if self.fail:
-            self.fail -= 1
-            raise self.error
-
-    def map(self, size: int) -> mmap.mmap:
-        self._maybe_fail()
-        return super().map(size)
-
-    def resize(self, mm: mmap.mmap, size: int) -> None:
-        self._maybe_fail()
-        super().resize(mm, size)
-
+from fwemu.model.memory import MemoryBudget, OutOfMemory, default_memory_limit
+from tests.support.fwemu_model import FailingAllocator, load_bytes, save_image, suspend_fully
 
 ERRORS = [
     pytest.param(MemoryError(), id="MemoryError"),

@@ -46,3 +46,30 @@ async def test_full_caps_answer_resource_exhausted() -> None:
         await srv.stop()
     assert len(fw.vf(1).faults.faults) == MAX_ARMED_FAULTS
     assert len(fw.vf(1).triggers) == MAX_PENDING_TRIGGERS
+
+
+async def test_a_scenario_past_the_caps_is_resource_exhausted_and_applies_nothing() -> None:
+    """ApplyScenario whose faults would go past the cap is refused whole with
+    the cap's status: the faults of the events before it are not armed, the
+    VF it would have created does not exist."""
+    fw = Firmware(VirtualClock(), seed=1)
+    fw.create_vfs(1)
+    events = "".join(
+        "  - {vf: 1, fault: {kind: fail, opcode: SUSPEND_VHCA, status: 3}}\n"
+        for _ in range(MAX_ARMED_FAULTS + 1)
+    )
+    srv = FirmwareServer(fw)
+    port = await srv.start("127.0.0.1:0")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = sgrpc.ScenarioStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.ApplyScenario(
+                    spb.ApplyScenarioRequest(text="vfs: [{count: 1}]\nevents:\n" + events)
+                )
+            info = error_info(e.value)
+            assert (info.code, info.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "LIMIT_REACHED")
+    finally:
+        await srv.stop()
+    assert sorted(fw.vfs) == [1]
+    assert fw.vf(1).faults.faults == []
