@@ -20,7 +20,13 @@ from grpcsvc.memory import return_large_buffers_to_the_os
 from grpcsvc.metrics import GrpcClientMetrics
 from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_metrics
 from grpcsvc.runner import LoopName, add_loop_flag, run_main
-from grpcsvc.server import ListenError, add_serve_command, stop_on_signals
+from grpcsvc.server import (
+    ListenError,
+    add_serve_command,
+    listen_options,
+    served_address,
+    stop_on_signals,
+)
 from grpcsvc.units import byte_size, byte_size_between, seconds_between
 
 from .mlx5.cmd import DEFAULT_BUFFER_BUDGET
@@ -212,11 +218,11 @@ async def _serve(args: argparse.Namespace) -> int:
         server = _driver_server(args, links, fw, metrics)
         stop = stop_on_signals()
         with serve_metrics(args.metrics_listen, metrics, "vfio-driver") as metrics_port:
-            port = await server.start(args.listen)
-            host = args.listen.rpartition(":")[0]
+            port = await server.start(args.listen, **listen_options(args))
+            address = served_address(args.listen, port)
             n = len(server.registry.devices)
-            log.info("vfio-driver serving %d devices on %s:%d (%s)", n, host, port, where)
-            print(f"vfio-driver: serving {n} devices on {host}:{port}", flush=True)
+            log.info("vfio-driver serving %d devices on %s (%s)", n, address, where)
+            print(f"vfio-driver: serving {n} devices on {address}", flush=True)
             announce_metrics(args.metrics_listen, metrics_port, "vfio-driver")
             await server.serve_until(stop)
     finally:

@@ -16,7 +16,13 @@ from grpcsvc.logs import add_log_flags, setup_logging
 from grpcsvc.memory import return_large_buffers_to_the_os
 from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_metrics
 from grpcsvc.runner import LoopName, add_loop_flag, run_main
-from grpcsvc.server import ListenError, add_serve_command, stop_on_signals
+from grpcsvc.server import (
+    ListenError,
+    add_serve_command,
+    listen_options,
+    served_address,
+    stop_on_signals,
+)
 from grpcsvc.units import byte_size, count_between, seconds_between
 
 from .demo import DemoError, run_demo
@@ -211,10 +217,10 @@ async def _serve(args: argparse.Namespace) -> int:
     server = _firmware_server(args, fw, registry)
     stop = stop_on_signals()
     with serve_metrics(args.metrics_listen, registry, "fwemu") as metrics_port:
-        port = await server.start(args.listen)
-        host = args.listen.rpartition(":")[0]
-        log.info("fwemu serving %d VFs on %s:%d (clock %s)", len(fw.vfs), host, port, args.clock)
-        print(f"fwemu: serving {len(fw.vfs)} VFs on {host}:{port}", flush=True)
+        port = await server.start(args.listen, **listen_options(args))
+        address = served_address(args.listen, port)
+        log.info("fwemu serving %d VFs on %s (clock %s)", len(fw.vfs), address, args.clock)
+        print(f"fwemu: serving {len(fw.vfs)} VFs on {address}", flush=True)
         announce_metrics(args.metrics_listen, metrics_port, "fwemu")
         await server.serve_until(stop)
     log.info("fwemu stopped")

@@ -7,13 +7,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_reflection.v1alpha import reflection
+
+from . import tls
 
 MAX_MESSAGE = 64 << 20
 
@@ -32,7 +36,14 @@ def add_serve_command(
 ) -> argparse.ArgumentParser:
     """A service's `serve` command, its first option --listen (default `listen`)."""
     s = sub.add_parser("serve", help=help, description=description)
-    s.add_argument("--listen", default=listen, metavar="HOST:PORT")
+    s.add_argument(
+        "--listen",
+        default=listen,
+        metavar="HOST:PORT",
+        help=f"where to serve: HOST:PORT or unix:PATH (default {listen}); off-host "
+        "only with TLS or --insecure",
+    )
+    tls.add_server_args(s)
     return s
 
 
@@ -40,7 +51,28 @@ class ListenError(RuntimeError):
     """The server cannot listen where it was asked to."""
 
 
+def listen_options(args: argparse.Namespace) -> dict[str, Any]:
+    """GrpcService.start's keyword options from the serve command's TLS
+    options (ListenError if they cannot work)."""
+    try:
+        config = tls.server_tls(args)
+    except tls.TlsError as e:
+        raise ListenError(str(e)) from None
+    return {"tls_config": config, "insecure": args.insecure, "socket_mode": args.socket_mode}
+
+
+def served_address(listen: str, port: int) -> str:
+    """What a service announces it serves on: HOST:PORT with the bound port,
+    or the unix:PATH it was given."""
+    if tls.unix_path(listen) is not None:
+        return listen
+    return f"{listen.rpartition(':')[0]}:{port}"
+
+
 def split_host_port(listen: str) -> tuple[str, int]:
+    """(host, port) of HOST:PORT; ("unix:PATH", 0) of a unix socket address."""
+    if tls.unix_path(listen) is not None:
+        return listen, 0
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ListenError(f"listen address {listen!r} is not HOST:PORT")
@@ -74,15 +106,45 @@ class GrpcService:
         self.port = 0
         self._stopped = asyncio.Event()
 
-    async def start(self, listen: str) -> int:
-        """Bind and start; returns the port (useful with port 0)."""
+    async def start(
+        self,
+        listen: str,
+        *,
+        tls_config: tls.ServerTls | None = None,
+        insecure: bool = False,
+        socket_mode: int = tls.DEFAULT_SOCKET_MODE,
+    ) -> int:
+        """Bind and start; returns the port (useful with port 0; 0 for a unix
+        socket, created with `socket_mode`).  Off-host only with TLS or
+        `insecure` (ListenError)."""
         split_host_port(listen)
+        path = tls.unix_path(listen)
         try:
-            port = self.server.add_insecure_port(listen)
+            tls.check_listen(listen, tls_config, insecure)
+            if path is not None:
+                tls.prepare_unix_socket(path)
+            creds = tls_config.credentials() if tls_config is not None else None
+        except (tls.TlsError, OSError) as e:
+            raise ListenError(f"cannot listen on {listen}: {e}") from None
+        # A unix socket is created with the mode asked for, never wider for a moment.
+        umask = os.umask(0o777 & ~socket_mode) if path is not None else None
+        try:
+            if creds is not None:
+                port = self.server.add_secure_port(listen, creds)
+            else:
+                port = self.server.add_insecure_port(listen)
         except RuntimeError as e:
             raise ListenError(f"cannot listen on {listen}: {_why(e)}") from None
-        if port == 0:
+        finally:
+            if umask is not None:
+                os.umask(umask)
+        if port == 0 and path is None:
             raise ListenError(f"cannot listen on {listen}: address in use or not available")
+        if path is not None:
+            try:
+                os.chmod(path, socket_mode)
+            except OSError as e:
+                raise ListenError(f"cannot set the mode of {path}: {e.strerror}") from None
         await self.server.start()
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

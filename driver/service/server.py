@@ -129,9 +129,10 @@ class DriverServer:
                 serving = all(link.up for link in self.registry.links)
                 await self.service.set_serving(VFIO_SERVICE, serving)
 
-    async def start(self, listen: str) -> int:
+    async def start(self, listen: str, **options: Any) -> int:
+        """Bind and start (`options`: GrpcService.start's TLS options)."""
         await self.registry.refresh()
-        port = await self.service.start(listen)
+        port = await self.service.start(listen, **options)
         await self._sync_health()
         return port
 

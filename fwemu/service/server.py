@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -65,8 +66,9 @@ class FirmwareServer:
             [FIRMWARE_SERVICE, SCENARIO_SERVICE], register, interceptors=interceptors
         )
 
-    async def start(self, listen: str) -> int:
-        return await self.service.start(listen)
+    async def start(self, listen: str, **options: Any) -> int:
+        """Bind and start (`options`: GrpcService.start's TLS options)."""
+        return await self.service.start(listen, **options)
 
     async def stop(self, grace: float = 1.0) -> None:
         self.firmware.stopping.set()  # completion streams end at once
