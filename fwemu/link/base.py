@@ -227,6 +227,13 @@ class FirmwareLink(abc.ABC):
         """The VFs the PF has (what SR-IOV tells the kernel): a driver probes these."""
 
     @abc.abstractmethod
+    async def set_vf_holders(self, vhca_id: int, principals: frozenset[str]) -> None:
+        """Tell the firmware which principals hold the device of a VF open (an
+        emulator extension, no mlx5 command): they may use Scenario on it
+        (README, "Security").  The driver says it on each first open and last
+        close by a principal, and again for every VF after a reconnect."""
+
+    @abc.abstractmethod
     async def close(self) -> None: ...
 
 
