@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from .base import ByteBuffer, FirmwareLink, LinkError, ScenarioLink
 from .ifc import Command, CompletionCallback, CreateMkeyIn, DestroyMkeyIn, FirmwareError, R, VfInfo
-from .scenario_requests import A, ListVfsIn, ScenarioRequest
+from .scenario_requests import A, ListVfsIn, ScenarioRequest, SetVfHoldersIn
 
 
 class LocalFirmware(Protocol):
@@ -81,6 +81,9 @@ class InProcessLink(FirmwareLink, ScenarioLink):
 
     async def list_vfs(self) -> list[VfInfo]:
         return await self.control(ListVfsIn())
+
+    async def set_vf_holders(self, vhca_id: int, principals: frozenset[str]) -> None:
+        await self.control(SetVfHoldersIn(vhca_id, frozenset(principals)))
 
     async def close(self) -> None:
         if not self._closed:

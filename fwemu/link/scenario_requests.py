@@ -113,6 +113,25 @@ class ClearFaultsIn(VfRequest[int]):
     """Disarm the VF's faults; answers how many were armed."""
 
 
+MAX_HOLDERS = 1024  # principals holding one VF's device open
+MAX_PRINCIPAL_LEN = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SetVfHoldersIn(VfRequest[None]):
+    """Which principals hold the VF's device open (a driver says it; README,
+    "Security"): they may use Scenario on the VF.  Empty: nobody."""
+
+    principals: frozenset[str] = frozenset()
+
+    def validate(self) -> None:
+        if len(self.principals) > MAX_HOLDERS:
+            raise ValueError(f"principals: at most {MAX_HOLDERS}")
+        for p in self.principals:
+            if not 0 < len(p) <= MAX_PRINCIPAL_LEN:
+                raise ValueError(f"principals: each 1 to {MAX_PRINCIPAL_LEN} characters")
+
+
 @dataclass(frozen=True, slots=True)
 class GetDigestIn(VfRequest[str]):
     """The digest of the VF's state, brought up to the current time."""

@@ -54,6 +54,7 @@ def remove_vf(fw: FirmwareState, vhca_id: int) -> None:
     vf = fw.vf(vhca_id)
     abort_save(fw, vf, "VF removed")
     del fw.vfs[vhca_id]
+    fw.holders.pop(vhca_id, None)
     vf.free()
     fw.stats.reconfigurations_retired += vf.reconfigurations
 
@@ -140,6 +141,14 @@ def inject_fault(fw: FirmwareState, vhca_id: int, fault: Fault) -> int:
         raise FirmwareError(str(e)) from None
     fw.stats.faults_injected[fault.kind.name.lower()] += 1
     return fault.fault_id
+
+
+def set_vf_holders(fw: FirmwareState, vhca_id: int, principals: frozenset[str]) -> None:
+    fw.vf(vhca_id)  # NoSuchVf for an unknown one
+    if principals:
+        fw.holders[vhca_id] = principals
+    else:
+        fw.holders.pop(vhca_id, None)
 
 
 def touch(fw: FirmwareState, vhca_id: int) -> Vf:

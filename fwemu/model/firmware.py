@@ -247,6 +247,7 @@ _CONTROL: dict[type[rq.ScenarioRequest[Any]], Callable[[Firmware, Any], Any]] = 
     rq.InjectFaultIn: lambda fw, r: fw.inject_fault(r.vhca_id, r.fault),
     rq.ClearFaultsIn: lambda fw, r: fw.clear_faults(r.vhca_id),
     rq.GetDigestIn: lambda fw, r: fw.digest(r.vhca_id),
+    rq.SetVfHoldersIn: lambda fw, r: control.set_vf_holders(fw, r.vhca_id, r.principals),
     rq.ApplyScenarioIn: lambda fw, r: [fw.info(v.vhca_id) for v in fw.apply_scenario(r.text)],
     rq.GetClockIn: lambda fw, r: fw.now(),
     rq.AdvanceClockIn: lambda fw, r: fw.advance_clock(r.seconds),

@@ -35,6 +35,8 @@ class FirmwareState:
         self.seed = seed
         self.defaults = defaults or VfConfig()
         self.vfs: dict[int, Vf] = {}  # by vhca_id
+        # Principals holding each VF's device open, as drivers say (SetVfHoldersIn).
+        self.holders: dict[int, frozenset[str]] = {}
         self.memory = MemoryBudget(memory_limit, allocator or Allocator())
         self.mkeys = MkeyTable(self.memory)
         self.events = CompletionQueue()
