@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+from grpcsvc.access import add_role_args, roles
 from grpcsvc.logs import add_log_flags, setup_logging
 from grpcsvc.memory import return_large_buffers_to_the_os
 from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_metrics
@@ -23,6 +24,7 @@ from grpcsvc.server import (
     served_address,
     stop_on_signals,
 )
+from grpcsvc.tls import TlsError, add_client_args
 from grpcsvc.units import byte_size, count_between, seconds_between
 
 from .demo import DemoError, run_demo
@@ -150,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a client with no Completions stream that sent no RPC for SECONDS loses its "
         f"mkeys (default {DEFAULT_IDLE_S:g}; at most {MAX_CLIENT_IDLE:g})",
     )
+    add_role_args(s, drivers=True)
     add_log_flags(s)
     add_metrics_flags(s, per="vf")
 
@@ -167,6 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--dirty-rate", type=byte_size, default=32 * MiB, metavar="BYTES_PER_S")
     d.add_argument("--seed", type=int, default=1)
     d.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_client_args(d)  # TLS to --firmware (else $VFIO_TLS_CA/CERT/KEY)
     add_loop_flag(d)
     return p
 
@@ -185,6 +189,7 @@ def _firmware_server(
         per_vf_limit=args.metrics_per_vf,
         max_mkeys_per_client=args.mkeys_per_client,
         client_idle=args.client_idle,
+        roles=roles(args),
     )
 
 
@@ -242,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         main = _serve(args)
     else:
         main = run_demo(args)
-    return run_main("fwemu", main, {ScenarioError: 2, (ListenError, LinkError, DemoError): 1}, loop)
+    failed = (ListenError, LinkError, DemoError, TlsError)
+    return run_main("fwemu", main, {ScenarioError: 2, failed: 1}, loop)
 
 
 if __name__ == "__main__":

@@ -143,9 +143,13 @@ async def migrate_by_hand(
 async def run_demo(args: argparse.Namespace) -> int:
     link: DemoLink
     if args.firmware:
+        from grpcsvc.tls import client_tls_from_args
+
         from .link.grpc import GrpcLink
 
-        link = await GrpcLink.connect(args.firmware)  # type: ignore[assignment]
+        # It creates VFs: with mutual TLS, an admin's certificate (README).
+        tls = client_tls_from_args(args)
+        link = await GrpcLink.connect(args.firmware, tls=tls)  # type: ignore[assignment]
     else:
         from .link.inproc import InProcessLink
         from .model.clock import LoopClock

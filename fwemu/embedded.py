@@ -10,6 +10,8 @@ from __future__ import annotations
 import grpc
 from prometheus_client.registry import Collector
 
+from grpcsvc.access import Roles
+
 from .api.v1 import scenario_pb2_grpc as sgrpc
 from .link.ifc import VfConfig
 from .link.inproc import InProcessLink
@@ -55,10 +57,13 @@ class EmbeddedFirmware:
                 raise ScenarioError(f"memory limit: {e}") from None
         return cls(fw)
 
-    def add_scenario_servicer(self, server: grpc.aio.Server) -> None:
+    def add_scenario_servicer(self, server: grpc.aio.Server, roles: Roles | None = None) -> None:
         """Serve the firmware's Scenario service (digests, reconfigurations,
-        faults) on `server`, as `fwemu serve` does."""
-        sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(self._fw), server)
+        faults) on `server`, as `fwemu serve` does: admins of `roles` reach
+        every VF, anyone else the VFs whose device it holds (as the driver
+        tells the link, set_vf_holders).  Default: everyone without a client
+        certificate may do anything, as before TLS."""
+        sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(self._fw, roles), server)
 
     def collector(self) -> Collector:
         """The firmware's metrics, for the driver's registry."""

@@ -1,24 +1,39 @@
 """Host memory shared between a driver and the firmware on one host: files in a
 shared memory directory (/dev/shm), mapped by both processes.  The driver
-creates and sizes a segment, the firmware maps it by name for an mkey, then the
-driver unlinks the name; both mappings live on until each side closes its own.
+creates and sizes a segment under a name no one can guess, the firmware maps it
+by name for an mkey, then the driver unlinks the name; both mappings live on
+until each side closes its own.
+
+Whoever maps a segment by name trusts nothing about it (README, "Host
+memory"): the name is one path component, a symbolic link is never followed,
+and only a regular file with no other name (one link), of an owner the caller
+trusts where it knows one, is mapped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
+import errno
 import mmap
 import os
 import re
+import secrets
+import stat
 import tempfile
+from collections.abc import Collection
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
-_serial = itertools.count(1)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+# Opening what may not be a regular file must not block (a FIFO) nor take a tty.
+_OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 class HostMemoryError(OSError):
     """A segment cannot be created or mapped."""
+
+
+class SegmentRefused(HostMemoryError):
+    """A segment that may not be mapped: a symbolic link, not a regular file,
+    a file with another name (a hard link), or of an owner not trusted."""
 
 
 def default_shm_dir() -> str:
@@ -28,21 +43,63 @@ def default_shm_dir() -> str:
 
 
 def segment_path(shm_dir: str, name: str) -> str:
-    """Where segment `name` is: HostMemoryError unless it is a plain file name."""
+    """Where segment `name` is: HostMemoryError unless it is a plain file name
+    (one path component: no '/', no '..', no NUL)."""
     return _path(shm_dir, name)
 
 
 def _path(shm_dir: str, name: str) -> str:
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise HostMemoryError(f"shared memory name {name!r} is not a plain file name")
     return os.path.join(shm_dir, name)
 
 
-class Segment:
-    """A mapping of one segment; `view` is the bytes."""
+def open_checked(
+    name: str, shm_dir: str | None = None, *, owners: Collection[int] | None = None
+) -> tuple[int, os.stat_result]:
+    """An fd (read-write) on segment `name` and its stat, after the checks:
+    never through a symbolic link, a regular file with one link, owned by one
+    of `owners` (uids; None: whoever the caller cannot know).  SegmentRefused
+    when one fails, HostMemoryError when it cannot be opened at all."""
+    shm_dir = shm_dir or default_shm_dir()
+    path = _path(shm_dir, name)
+    try:
+        dir_fd = os.open(shm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise HostMemoryError(e.errno, f"cannot open {shm_dir}: {e.strerror}") from None
+    try:
+        fd = os.open(name, _OPEN_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SegmentRefused(e.errno, f"{path} is a symbolic link") from None
+        if e.errno in (errno.EISDIR, errno.ENXIO):
+            raise SegmentRefused(e.errno, f"{path} is not a regular file") from None
+        raise HostMemoryError(e.errno, f"cannot open {path}: {e.strerror}") from None
+    finally:
+        os.close(dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SegmentRefused(errno.EINVAL, f"{path} is not a regular file")
+        if st.st_nlink != 1:
+            raise SegmentRefused(
+                errno.EINVAL, f"{path} has {st.st_nlink} links: another name reaches it"
+            )
+        if owners is not None and st.st_uid not in owners:
+            raise SegmentRefused(errno.EPERM, f"{path} belongs to uid {st.st_uid}, not a peer's")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
 
-    def __init__(self, name: str, mm: mmap.mmap) -> None:
+
+class Segment:
+    """A mapping of one segment; `view` is the bytes, `ident` the file's
+    (st_dev, st_ino) when it was opened by name."""
+
+    def __init__(self, name: str, mm: mmap.mmap, ident: tuple[int, int] | None = None) -> None:
         self.name = name
+        self.ident = ident
         self._mm = mm
         self.view = memoryview(mm)
 
@@ -56,16 +113,17 @@ class Segment:
 def create_segment(
     length: int, shm_dir: str | None = None, prefix: str = "fwemu", *, reserve: bool = False
 ) -> Segment:
-    """A new segment of `length` zero bytes.  `reserve`: allocate its pages
+    """A new segment of `length` zero bytes, named `prefix-PID-RANDOM` (no one
+    can guess it, so no one can map it first).  `reserve`: allocate its pages
     now, so a full tmpfs fails here (ENOSPC) rather than with SIGBUS on the
     first touch of a page it cannot back."""
     if length <= 0:
         raise HostMemoryError("a segment needs a positive length")
     shm_dir = shm_dir or default_shm_dir()
-    name = f"{prefix}-{os.getpid()}-{next(_serial)}"
+    name = f"{prefix}-{os.getpid()}-{secrets.token_hex(16)}"
     path = _path(shm_dir, name)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise HostMemoryError(e.errno, f"cannot create {path}: {e.strerror}") from None
     try:
@@ -82,23 +140,26 @@ def create_segment(
     return Segment(name, mm)
 
 
-def open_segment(name: str, length: int, shm_dir: str | None = None) -> Segment:
+def open_segment(
+    name: str,
+    length: int,
+    shm_dir: str | None = None,
+    *,
+    owners: Collection[int] | None = None,
+) -> Segment:
+    """Map `length` bytes of segment `name`, checked as open_checked does."""
+    fd, st = open_checked(name, shm_dir, owners=owners)
     path = _path(shm_dir or default_shm_dir(), name)
     try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError as e:
-        raise HostMemoryError(e.errno, f"cannot open {path}: {e.strerror}") from None
-    try:
-        if os.fstat(fd).st_size < length:
+        if st.st_size < length:
             raise HostMemoryError(f"{path} is smaller than {length} bytes")
-        mm = mmap.mmap(fd, length)
-    except OSError as e:
-        if isinstance(e, HostMemoryError):
-            raise
-        raise HostMemoryError(e.errno, f"cannot map {path}: {e.strerror}") from None
+        try:
+            mm = mmap.mmap(fd, length)
+        except OSError as e:
+            raise HostMemoryError(e.errno, f"cannot map {path}: {e.strerror}") from None
     finally:
         os.close(fd)
-    return Segment(name, mm)
+    return Segment(name, mm, (st.st_dev, st.st_ino))
 
 
 def unlink_segment(name: str, shm_dir: str | None = None) -> None:

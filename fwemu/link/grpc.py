@@ -13,6 +13,10 @@ DMA sync on it fail with LinkError instead of reaching a reused mkey.  While
 down, SAVE and alloc_buffer fail at once (their completion or mkey could not
 survive).
 
+Security: `tls` (grpcsvc.tls.ClientTls) makes the channel TLS, and mutual TLS
+with a client certificate: the firmware then knows the link by its principal
+(the driver's), and the mkeys it creates are that principal's alone.
+
 Host memory: on one host, buffers are shared memory segments the firmware maps
 (`memory="shm"`); across hosts the firmware holds the memory and the DMA syncs
 move the bytes (`memory="remote"`).  `memory="auto"` tries shared memory first;
@@ -35,6 +39,7 @@ import grpc
 
 from grpcsvc.errors import error_info
 from grpcsvc.server import CHANNEL_OPTIONS
+from grpcsvc.tls import ClientTls, aio_channel
 
 from ..api.v1 import firmware_pb2 as fpb
 from ..api.v1 import firmware_pb2_grpc as fgrpc
@@ -51,7 +56,7 @@ from .ifc import (
     SaveVhcaStateIn,
     VfInfo,
 )
-from .scenario_requests import A, ListVfsIn, ScenarioRequest
+from .scenario_requests import A, ListVfsIn, ScenarioRequest, SetVfHoldersIn
 from .wire import (
     CLIENT_KEY,
     RPCS,
@@ -97,8 +102,10 @@ class GrpcLink(FirmwareLink, ScenarioLink):
         shm_dir: str | None = None,
         client_id: str | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        tls: ClientTls | None = None,
     ) -> None:
-        """`interceptors`: for the channel (the driver's gRPC client metrics)."""
+        """`interceptors`: for the channel (the driver's gRPC client metrics);
+        `tls`: TLS (mutual with a client certificate), else plaintext."""
         super().__init__()
         self.target = target
         self.memory = memory
@@ -116,8 +123,8 @@ class GrpcLink(FirmwareLink, ScenarioLink):
             ("grpc.min_reconnect_backoff_ms", int(RECONNECT_FIRST_S * 1000)),
             ("grpc.max_reconnect_backoff_ms", max_ms),
         ]
-        self.channel = grpc.aio.insecure_channel(
-            target, options=options, interceptors=list(interceptors) or None
+        self.channel = aio_channel(
+            target, tls, options=options, interceptors=list(interceptors) or None
         )
         self.fw = fgrpc.FirmwareStub(self.channel)
         self.scenario = sgrpc.ScenarioStub(self.channel)
@@ -142,9 +149,11 @@ class GrpcLink(FirmwareLink, ScenarioLink):
         shm_dir: str | None = None,
         timeout: float = 10.0,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        tls: ClientTls | None = None,
     ) -> GrpcLink:
-        """Connect and subscribe to completions; fails if the firmware does not answer."""
-        link = cls(target, memory=memory, shm_dir=shm_dir, interceptors=interceptors)
+        """Connect and subscribe to completions; fails if the firmware does not
+        answer (or refuses the principal: PERMISSION_DENIED)."""
+        link = cls(target, memory=memory, shm_dir=shm_dir, interceptors=interceptors, tls=tls)
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         link._stream_task = asyncio.create_task(link._completions(ready))
         try:
@@ -362,8 +371,12 @@ class GrpcLink(FirmwareLink, ScenarioLink):
 
     async def control(self, req: ScenarioRequest[A]) -> A:
         rpc = SCENARIO_RPCS[type(req)]
-        m = await self._call(getattr(self.scenario, rpc.name), request_to_pb(req))
+        stub = self.fw if rpc.service == "Firmware" else self.scenario
+        m = await self._call(getattr(stub, rpc.name), request_to_pb(req))
         return cast(A, rpc.answer(m))
 
     async def list_vfs(self) -> list[VfInfo]:
         return await self.control(ListVfsIn())
+
+    async def set_vf_holders(self, vhca_id: int, principals: frozenset[str]) -> None:
+        await self.control(SetVfHoldersIn(vhca_id, frozenset(principals)))

@@ -147,6 +147,8 @@ class Syndrome(enum.IntEnum):
     ABORTED = 0x46570028
     IMAGE_TRAILING = 0x46570029
     TOO_MANY_MKEYS = 0x4657002A
+    SEGMENT_REFUSED = 0x4657002B  # not a lone regular file of the right owner (README)
+    SEGMENT_BUSY = 0x4657002C  # mapped for another principal's mkey
     INTERNAL = 0x465700F0  # the emulator itself failed (its log says how)
     INJECTED = 0x465700FF
 
@@ -299,6 +301,14 @@ class VhcaCommand(Command[R_co]):
     vhca_id: int
 
 
+# Commands that name an mkey (CREATE/DESTROY_MKEY, SAVE, LOAD) also carry the
+# principal of their caller: not on the wire, the firmware service fills in who
+# it authenticated.  An mkey answers only commands of the principal that created
+# it, as a real mkey answers only within its protection domain; to any other it
+# does not exist (BAD_RES / UNKNOWN_MKEY).  None: a caller in this process (the
+# embedded mode, tests), whose mkeys no principal reaches.
+
+
 @dataclass(frozen=True, slots=True)
 class QueryHcaCapIn(Command[HcaCapResult], opcode=Opcode.QUERY_HCA_CAP):
     op_mod: int
@@ -332,6 +342,7 @@ class SaveVhcaStateIn(VhcaCommand[SaveAccepted], opcode=Opcode.SAVE_VHCA_STATE):
     mkey: int = 0
     size: int = 0
     token: int = 0  # 0: the firmware picks one
+    principal: str | None = None  # the caller (not on the wire)
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +351,7 @@ class LoadVhcaStateIn(VhcaCommand[CmdResult], opcode=Opcode.LOAD_VHCA_STATE):
     va: int = 0
     mkey: int = 0
     size: int = 0
+    principal: str | None = None  # the caller (not on the wire)
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,12 +359,14 @@ class CreateMkeyIn(Command[MkeyResult], opcode=Opcode.CREATE_MKEY):
     """The memory itself stands for the PRM's translation entries."""
 
     view: memoryview
-    owner: str = ""
+    owner: str = ""  # who cleans it up (a link, a client)
+    principal: str | None = None  # whose it is
 
 
 @dataclass(frozen=True, slots=True)
 class DestroyMkeyIn(Command[CmdResult], opcode=Opcode.DESTROY_MKEY):
     mkey: int
+    principal: str | None = None  # the caller
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,7 +407,11 @@ class FirmwareError(Exception):
 
 
 class NoSuchVf(FirmwareError):
-    """No VF has that vhca_id."""
+    """No VF has that vhca_id (or none the caller may see: the same answer)."""
+
+    def __init__(self, vhca_id: int) -> None:
+        super().__init__(f"no VF with vhca_id {vhca_id}")
+        self.vhca_id = vhca_id
 
 
 @dataclass(slots=True)

@@ -58,6 +58,7 @@ from .scenario_requests import (
     ReconfigureIn,
     RemoveVfIn,
     ScenarioRequest,
+    SetVfHoldersIn,
 )
 
 # The metadata key naming a firmware client (GrpcLink sends it; a client's mkeys
@@ -108,12 +109,14 @@ RPCS: dict[type[Command[Any]], Rpc] = {
 
 @dataclass(frozen=True, slots=True)
 class ScenarioRpc:
-    """A scenario request's Scenario RPC: its method name, its request message
-    and how to read the answer from the response."""
+    """A scenario request's RPC: its method name, its request message, how to
+    read the answer from the response, and its service (Firmware for what
+    only drivers say)."""
 
     name: str
     request: type[Message]
     answer: Callable[[Any], Any]
+    service: str = "Scenario"
 
 
 def _vf(m: Any) -> VfInfo:
@@ -137,6 +140,9 @@ SCENARIO_RPCS: dict[type[ScenarioRequest[Any]], ScenarioRpc] = {
     ApplyScenarioIn: ScenarioRpc("ApplyScenario", spb.ApplyScenarioRequest, _vfs),
     GetClockIn: ScenarioRpc("GetClock", spb.ClockRequest, attrgetter("now")),
     AdvanceClockIn: ScenarioRpc("AdvanceClock", spb.AdvanceClockRequest, attrgetter("now")),
+    SetVfHoldersIn: ScenarioRpc(
+        "SetVfHolders", fpb.SetVfHoldersRequest, lambda m: None, service="Firmware"
+    ),
 }
 
 
@@ -321,10 +327,19 @@ def command_to_pb(cmd: Command[Any]) -> Message:
     return msg
 
 
-def command_from_pb(cls: type[Command[Any]], msg: Any) -> Command[Any]:
+def command_from_pb(
+    cls: type[Command[Any]], msg: Any, *, principal: str | None = None
+) -> Command[Any]:
+    """The in-struct of a request; `principal`, the caller the service
+    authenticated, goes into the commands that name an mkey (never from the wire)."""
+    given: dict[str, Any] = {"principal": principal} if _names_an_mkey(cls) else {}
     if cls is CreatePageTrackIn:
-        return from_pb(cls, msg, ranges=tuple((r.start_address, r.length) for r in msg.ranges))
-    return from_pb(cls, msg)
+        given["ranges"] = tuple((r.start_address, r.length) for r in msg.ranges)
+    return from_pb(cls, msg, **given)
+
+
+def _names_an_mkey(cls: type) -> bool:
+    return "principal" in getattr(cls, "__dataclass_fields__", ())
 
 
 def result_from_pb(cmd: Command[R], msg: Message) -> R:
@@ -335,6 +350,8 @@ def result_from_pb(cmd: Command[R], msg: Message) -> R:
 
 
 def request_to_pb(req: ScenarioRequest[Any]) -> Message:
+    if isinstance(req, SetVfHoldersIn):
+        return fpb.SetVfHoldersRequest(vhca_id=req.vhca_id, principals=sorted(req.principals))
     if isinstance(req, ConfigureVfIn):
         cfg = spb.VfConfig(**{k: v for k, v in req.changes.items() if k != "caps"})
         if req.changes.get("caps") is not None:

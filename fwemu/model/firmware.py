@@ -108,10 +108,16 @@ class Firmware(FirmwareState):
 
     # --- host memory -------------------------------------------------------------
 
-    def create_mkey(self, view: memoryview, owner: str = "") -> MkeyResult:
-        return self.exec(ifc.CreateMkeyIn(view, owner))
+    def create_mkey(
+        self, view: memoryview, owner: str = "", principal: str | None = None
+    ) -> MkeyResult:
+        """An mkey over `view`, `principal`'s (fwemu.link.ifc); `owner` names
+        who cleans it up (destroy_mkeys_of)."""
+        return self.exec(ifc.CreateMkeyIn(view, owner, principal))
 
-    def create_held_mkey(self, length: int, owner: str = "") -> MkeyResult:
+    def create_held_mkey(
+        self, length: int, owner: str = "", principal: str | None = None
+    ) -> MkeyResult:
         """An mkey over `length` zero bytes the firmware holds (for a driver on
         another host), charged to the memory limit until it is destroyed:
         beyond it, LIM_ERR / NO_MEMORY."""
@@ -121,21 +127,29 @@ class Firmware(FirmwareState):
             return MkeyResult(
                 status=CmdStatus.LIM_ERR, syndrome=Syndrome.NO_MEMORY, diagnostic=str(e)
             )
-        r = self.create_mkey(view, owner)
+        r = self.create_mkey(view, owner, principal)
         if r.ok:
             self.mkeys.hold(r.mkey, length)
         else:
             self.memory.credit(length)
         return r
 
-    def destroy_mkey(self, mkey: int) -> CmdResult:
-        return self.exec(ifc.DestroyMkeyIn(mkey))
+    def destroy_mkey(self, mkey: int, principal: str | None = None) -> CmdResult:
+        return self.exec(ifc.DestroyMkeyIn(mkey, principal))
 
     def destroy_mkeys_of(self, owner: str) -> int:
         return self.mkeys.destroy_owned(owner)
 
     def mkey_view(self, mkey: int) -> memoryview | None:
+        """The memory of `mkey`, whoever's it is (the firmware's own view)."""
         return self.mkeys.view(mkey)
+
+    def mkey_range(
+        self, mkey: int, offset: int, length: int, principal: str | None = None
+    ) -> memoryview | CmdResult:
+        """Bytes [offset, + length) of `principal`'s mkey (ReadMkey, WriteMkey),
+        or the failure a command naming that range gets."""
+        return self.mkeys.host_range(mkey, offset, length, principal)
 
     # --- completions (the command EQ) ------------------------------------------------
 

@@ -24,7 +24,7 @@ def load_vhca_state(fw: FirmwareState, vf: Vf, cmd: LoadVhcaStateIn) -> CmdResul
         return CmdResult(
             CmdStatus.BAD_PARAM_ERR, Syndrome.BAD_SIZE, f"size {size} must be between 1 and 2^32-1"
         )
-    src = fw.mkeys.host_range(cmd.mkey, cmd.va, size)
+    src = fw.mkeys.host_range(cmd.mkey, cmd.va, size, cmd.principal)
     if isinstance(src, CmdResult):
         return src
     if not vf.fully_suspended:

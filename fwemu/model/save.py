@@ -55,7 +55,7 @@ def save_vhca_state(fw: FirmwareState, vf: Vf, cmd: SaveVhcaStateIn) -> SaveAcce
             f"size {size} must be between 1 and 2^32-1",
         )
     if size or not cleanup:
-        dest = fw.mkeys.host_range(cmd.mkey, va, size)
+        dest = fw.mkeys.host_range(cmd.mkey, va, size, cmd.principal)
         if isinstance(dest, CmdResult):
             return cmd.result(dest.status, dest.syndrome, dest.diagnostic)
     else:

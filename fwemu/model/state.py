@@ -51,4 +51,4 @@ class FirmwareState:
         try:
             return self.vfs[vhca_id]
         except KeyError:
-            raise NoSuchVf(f"no VF with vhca_id {vhca_id}") from None
+            raise NoSuchVf(vhca_id) from None

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
 
+from grpcsvc.access import Roles
 from grpcsvc.metrics import GrpcServerMetrics
 from grpcsvc.server import GrpcService
+from grpcsvc.tls import unix_path
 
 from ..api.v1 import firmware_pb2, scenario_pb2
 from ..api.v1 import firmware_pb2_grpc as fgrpc
@@ -38,12 +41,16 @@ class FirmwareServer:
         per_vf_limit: int = 0,
         max_mkeys_per_client: int = MAX_MKEYS_PER_CLIENT,
         client_idle: float = DEFAULT_IDLE_S,
+        roles: Roles | None = None,
     ) -> None:
         """`metrics`: a registry to fill with the gRPC server metrics and the
         firmware's own (served at /metrics by whoever owns the registry).
         `max_mkeys_per_client`, `client_idle`: the mkeys a client may hold,
-        and how long a client without a completion stream keeps them idle."""
+        and how long a client without a completion stream keeps them idle.
+        `roles`: who may call what (fwemu.service.access; default: every
+        caller without a client certificate may do anything, as before TLS)."""
         self.fw = fw
+        self.roles = Roles() if roles is None else roles
         self.memory = MkeyMemory(
             fw,
             shm_dir=shm_dir,
@@ -52,11 +59,11 @@ class FirmwareServer:
             idle_s=client_idle,
         )
 
-        self.firmware = FirmwareServicer(fw, self.memory)
+        self.firmware = FirmwareServicer(fw, self.memory, self.roles)
 
         def register(server: grpc.aio.Server) -> None:
             fgrpc.add_FirmwareServicer_to_server(self.firmware, server)
-            sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(fw), server)
+            sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(fw, self.roles), server)
 
         interceptors = []
         if metrics is not None:
@@ -67,7 +74,11 @@ class FirmwareServer:
         )
 
     async def start(self, listen: str, **options: Any) -> int:
-        """Bind and start (`options`: GrpcService.start's TLS options)."""
+        """Bind and start (`options`: GrpcService.start's TLS options).  On a
+        unix socket (mode 0600 by default) the peers are this user or root, so
+        a segment must be one of theirs; over TCP the peer's uid is unknown."""
+        if unix_path(listen) is not None:
+            self.memory.segment_uids = frozenset({os.geteuid(), 0})
         return await self.service.start(listen, **options)
 
     async def stop(self, grace: float = 1.0) -> None:

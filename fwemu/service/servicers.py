@@ -1,15 +1,18 @@
-"""Thin gRPC adapters over the Firmware model: decode, call, encode, map errors."""
+"""Thin gRPC adapters over the Firmware model: decode, call, encode, map errors;
+and who may call what (fwemu.service.access), by the caller's principal."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from grpcsvc.access import Roles
 from grpcsvc.errors import abort
+from grpcsvc.tls import principal
 
 from ..api.v1 import firmware_pb2 as fpb
 from ..api.v1 import firmware_pb2_grpc as fgrpc
@@ -26,6 +29,7 @@ from ..link.ifc import (
     MiB,
     MkeyResult,
     ModifyPageTrackIn,
+    NoSuchVf,
     QueryHcaCapIn,
     QueryVhcaMigrationStateIn,
     ResumeVhcaIn,
@@ -44,8 +48,9 @@ from ..link.wire import (
 )
 from ..model.firmware import Firmware, vf_info
 from ..scenario import apply_scenario, parse_scenario
+from .access import SCENARIO_REACH, Reach, admin_only, firmware_denied, reaches_vf
 from .failures import failure
-from .memory import MkeyMemory
+from .memory import MkeyMemory, Owner
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 S = TypeVar("S")
@@ -63,14 +68,27 @@ def client_of(context: Ctx) -> str:
     return str(context.peer())
 
 
+async def _denied(context: Ctx, message: str, who: str) -> NoReturn:
+    await abort(
+        context,
+        grpc.StatusCode.PERMISSION_DENIED,
+        message,
+        reason="PERMISSION_DENIED",
+        domain=DOMAIN,
+        metadata={"principal": who},
+    )
+
+
 def _command(cls: type[Command[Any]]) -> Any:
-    """The RPC of one command: the request's in-struct through the model's
-    command path, the outbox back.  (Any: it stands for the typed stub method.)"""
+    """The RPC of one command: the request's in-struct, with its caller's
+    principal, through the model's command path, the outbox back.  (Any: it
+    stands for the typed stub method.)"""
 
     async def rpc(self: FirmwareServicer, request: Any, context: Ctx) -> Any:
-        self.memory.seen(client_of(context))
+        owner = await self.caller(context)
+        self.memory.seen(owner)
         try:
-            r = self.fw.exec(command_from_pb(cls, request))
+            r = self.fw.exec(command_from_pb(cls, request, principal=owner.principal))
         except Exception as e:  # the firmware answers every command, even so
             f = failure(e)
             r = cls.out(status=f.status, syndrome=f.syndrome, diagnostic=f.message)
@@ -82,10 +100,22 @@ def _command(cls: type[Command[Any]]) -> Any:
 
 
 class FirmwareServicer(fgrpc.FirmwareServicer):
-    def __init__(self, fw: Firmware, memory: MkeyMemory) -> None:
+    """The Firmware service, for the drivers' and admins' principals only
+    (`roles`; default: everyone without a client certificate, as before TLS)."""
+
+    def __init__(self, fw: Firmware, memory: MkeyMemory, roles: Roles | None = None) -> None:
         self.fw = fw
         self.memory = memory
+        self.roles = Roles() if roles is None else roles
         self.stopping = asyncio.Event()  # set when the server starts shutting down
+
+    async def caller(self, context: Ctx) -> Owner:
+        """Who calls: PERMISSION_DENIED unless a driver or an admin (a denial
+        is no firmware answer: the command never reached the firmware)."""
+        who = principal(context)
+        if not self.roles.may_use_firmware(who):
+            await _denied(context, firmware_denied(who), who)
+        return Owner(who, client_of(context))
 
     QueryHcaCap = _command(QueryHcaCapIn)
     QueryVhcaMigrationState = _command(QueryVhcaMigrationStateIn)
@@ -103,10 +133,10 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
     ) -> AsyncIterator[fpb.Completion]:
         """The completion EQ.  The first message (token 0) says the stream is
         subscribed; a client's mkeys go away with its last completion stream."""
-        client = client_of(context)
+        owner = await self.caller(context)
         queue: asyncio.Queue[SaveCompletion] = asyncio.Queue()
         unsubscribe = self.fw.subscribe(queue.put_nowait, request.vhca_ids or None)
-        self.memory.attach(client)
+        self.memory.attach(owner)
         try:
             yield fpb.Completion(token=0, timestamp=self.fw.clock.now())
             stopping = asyncio.ensure_future(self.stopping.wait())
@@ -122,13 +152,14 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
                 stopping.cancel()
         finally:
             unsubscribe()
-            self.memory.detach(client)
+            self.memory.detach(owner)
 
     async def CreateMkey(self, request: fpb.CreateMkeyRequest, context: Ctx) -> Any:
+        owner = await self.caller(context)
         backing = request.WhichOneof("backing")
         try:
             r = self.memory.create(
-                client_of(context),
+                owner,
                 request.length,
                 shm_name=request.shm_name if backing == "shm_name" else None,
                 remote=backing == "remote" and request.remote,
@@ -139,9 +170,10 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
         return to_pb(r, fpb.CreateMkeyResponse)
 
     async def DestroyMkey(self, request: fpb.DestroyMkeyRequest, context: Ctx) -> Any:
-        self.memory.seen(client_of(context))
+        owner = await self.caller(context)
+        self.memory.seen(owner)
         try:
-            r = self.memory.destroy(request.mkey)
+            r = self.memory.destroy(request.mkey, owner.principal)
         except Exception as e:
             f = failure(e)
             r = CmdResult(status=f.status, syndrome=f.syndrome, diagnostic=f.message)
@@ -150,8 +182,9 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
     async def ReadMkey(
         self, request: fpb.ReadMkeyRequest, context: Ctx
     ) -> AsyncIterator[fpb.MkeyData]:
-        self.memory.seen(client_of(context))
-        view = self.memory.range(request.mkey, request.offset, request.length)
+        owner = await self.caller(context)
+        self.memory.seen(owner)
+        view = self.memory.range(request.mkey, request.offset, request.length, owner.principal)
         if isinstance(view, CmdResult):
             await abort(
                 context,
@@ -170,12 +203,13 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
             )
 
     async def WriteMkey(self, request_iterator: AsyncIterator[fpb.MkeyData], context: Ctx) -> Any:
-        self.memory.seen(client_of(context))
+        owner = await self.caller(context)
+        self.memory.seen(owner)
         mkey = None
         written = 0
         async for msg in request_iterator:
             mkey = msg.mkey if mkey is None else mkey
-            view = self.memory.range(mkey, msg.offset, len(msg.data))
+            view = self.memory.range(mkey, msg.offset, len(msg.data), owner.principal)
             if isinstance(view, CmdResult):
                 return fpb.WriteMkeyResponse(
                     status=view.status,
@@ -187,15 +221,34 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
             written += len(msg.data)
         return fpb.WriteMkeyResponse(bytes_written=written)
 
+    async def SetVfHolders(self, request: fpb.SetVfHoldersRequest, context: Ctx) -> Any:
+        """No command: a refused request (an unknown VF) is a gRPC status."""
+        await self.caller(context)
+        try:
+            req = rq.SetVfHoldersIn(request.vhca_id, frozenset(request.principals))
+            self.fw.control(req)
+        except Exception as e:
+            f = failure(e)
+            await abort(context, f.code, f.message, reason=f.reason, domain=DOMAIN)
+        return fpb.SetVfHoldersResponse()
 
-def _answered(rpc: Rpc[S]) -> Rpc[S]:
-    """A Scenario RPC whose refused request, or whose failure in the model
-    (MemoryError, OSError, RecursionError...), aborts the call with a
-    google.rpc.Status whose ErrorInfo names the condition (fwemu.service.failures)."""
+
+def _answered(rpc: Rpc[ScenarioServicer]) -> Rpc[ScenarioServicer]:
+    """A Scenario RPC, after its reach (access.SCENARIO_REACH) is checked:
+    PERMISSION_DENIED for an admin-only one, a VF the caller does not hold as
+    no VF at all.  A refused request, or a failure in the model (MemoryError,
+    OSError, RecursionError...), aborts the call with a google.rpc.Status
+    whose ErrorInfo names the condition (fwemu.service.failures)."""
+    reach = SCENARIO_REACH[rpc.__name__]
 
     @functools.wraps(rpc)
-    async def answer(self: S, request: Any, context: Ctx) -> Any:
+    async def answer(self: ScenarioServicer, request: Any, context: Ctx) -> Any:
+        who = principal(context)
+        if reach is Reach.ADMIN and not self.roles.is_admin(who):
+            await _denied(context, admin_only(rpc.__name__, who), who)
         try:
+            if reach is Reach.HOLDER and not self.reaches(who, request.vhca_id):
+                raise NoSuchVf(request.vhca_id)
             return await rpc(self, request, context)
         except grpc.aio.AbortError:
             raise
@@ -208,10 +261,15 @@ def _answered(rpc: Rpc[S]) -> Rpc[S]:
 
 class ScenarioServicer(sgrpc.ScenarioServicer):
     """Each request through the model's one scenario path (Firmware.control),
-    which checks its values first."""
+    which checks its values first, for the principals `roles` lets reach it
+    (fwemu.service.access; default: everyone without a client certificate)."""
 
-    def __init__(self, fw: Firmware) -> None:
+    def __init__(self, fw: Firmware, roles: Roles | None = None) -> None:
         self.fw = fw
+        self.roles = Roles() if roles is None else roles
+
+    def reaches(self, who: str, vhca_id: int) -> bool:
+        return reaches_vf(self.roles, self.fw.holders, who, vhca_id)
 
     @_answered
     async def CreateVfs(self, request: spb.CreateVfsRequest, context: Ctx) -> Any:
@@ -236,7 +294,12 @@ class ScenarioServicer(sgrpc.ScenarioServicer):
 
     @_answered
     async def ListVfs(self, request: spb.ListVfsRequest, context: Ctx) -> Any:
-        return spb.ListVfsResponse(vfs=[to_pb(v, spb.VfInfo) for v in self.fw.list_vfs()])
+        who = principal(context)
+        if self.roles.is_admin(who):
+            vfs = self.fw.list_vfs()
+        else:  # only the VFs it holds: the others' are not even revealed
+            vfs = [self.fw.info(v) for v in sorted(self.fw.vfs) if self.reaches(who, v)]
+        return spb.ListVfsResponse(vfs=[to_pb(v, spb.VfInfo) for v in vfs])
 
     @_answered
     async def Reconfigure(self, request: spb.ReconfigureRequest, context: Ctx) -> Any:

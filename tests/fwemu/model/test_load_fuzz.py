@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import struct
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +24,8 @@ from tests.support.fwemu_model import load_bytes, save_image, suspend_fully
 
 EXAMPLES = int(os.environ.get("VFIO_FUZZ_EXAMPLES", "300"))
 SIZE = 16 * KiB
+
+pytestmark = pytest.mark.timeout(max(120, EXAMPLES // 100))
 
 
 def _setup() -> tuple[Firmware, int, list[bytes]]:

@@ -9,7 +9,8 @@ import pytest
 
 from fwemu.link.ifc import CmdStatus, Syndrome
 from fwemu.model import Firmware, VirtualClock
-from fwemu.service.memory import MAX_MKEYS_PER_CLIENT, MkeyMemory
+from fwemu.service.memory import MAX_MKEYS_PER_CLIENT, MkeyMemory, Owner
+from grpcsvc.tls import ANONYMOUS
 
 
 class Ticks:
@@ -29,8 +30,13 @@ def _memory(**kw: object) -> tuple[MkeyMemory, Ticks]:
     return mem, ticks
 
 
-def _mkey(mem: MkeyMemory, owner: str) -> int:
-    r = mem.create(owner, 4096, shm_name=None, remote=True)
+def _client(name: str) -> Owner:
+    """A client of the one principal callers without certificates are."""
+    return Owner(ANONYMOUS, name)
+
+
+def _mkey(mem: MkeyMemory, client: str) -> int:
+    r = mem.create(_client(client), 4096, shm_name=None, remote=True)
     assert r.ok, r.diagnostic
     return r.mkey
 
@@ -39,11 +45,11 @@ def test_a_client_holds_at_most_its_share_of_mkeys() -> None:
     mem, _ = _memory(max_mkeys_per_client=8)
     for _ in range(8):
         _mkey(mem, "a")
-    r = mem.create("a", 4096, shm_name=None, remote=True)
+    r = mem.create(_client("a"), 4096, shm_name=None, remote=True)
     assert (r.status, r.syndrome) == (CmdStatus.LIM_ERR, Syndrome.TOO_MANY_MKEYS)
     assert mem.remote_bytes == 8 * 4096  # the refusal took nothing
     assert _mkey(mem, "b")  # another client is not limited by a's
-    assert mem.destroy(_first := next(iter(mem._owned["a"]))).ok
+    assert mem.destroy(next(iter(mem._owned[_client("a")])), ANONYMOUS).ok
     assert _mkey(mem, "a")  # a freed one can be made again
 
 
@@ -56,20 +62,20 @@ def test_an_idle_client_without_a_stream_loses_its_mkeys_and_no_one_else_does() 
     gone = [_mkey(mem, "gone") for _ in range(3)]
     busy = [_mkey(mem, "busy") for _ in range(2)]
     streaming = _mkey(mem, "streaming")
-    mem.attach("streaming")  # a Completions stream open, idle meanwhile
+    mem.attach(_client("streaming"))  # a Completions stream open, idle meanwhile
     ticks.t = 50.0
-    mem.seen("busy")  # a command, a ReadMkey...
+    mem.seen(_client("busy"))  # a command, a ReadMkey...
     ticks.t = 100.0
-    mem.seen("busy")
+    mem.seen(_client("busy"))
     assert _mkey(mem, "new")  # creating an mkey reaps who is idle
     for mkey in gone:
         assert mem.fw.mkey_view(mkey) is None
     for mkey in [*busy, streaming]:
         assert mem.fw.mkey_view(mkey) is not None
-    assert mem.owned("gone") == 0 and mem.owned("busy") == 2
+    assert mem.owned(_client("gone")) == 0 and mem.owned(_client("busy")) == 2
     assert mem.remote_bytes == 4 * 4096
-    mem.detach("streaming")  # its last stream ends: its mkeys go, the others stay
-    assert mem.fw.mkey_view(streaming) is None and mem.owned("busy") == 2
+    mem.detach(_client("streaming"))  # its last stream ends: its mkeys go, the others stay
+    assert mem.fw.mkey_view(streaming) is None and mem.owned(_client("busy")) == 2
 
 
 def test_a_client_active_within_the_idle_time_keeps_its_mkeys() -> None:
