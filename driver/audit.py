@@ -8,6 +8,11 @@ Each rule names where it comes from (`RULES`), so a reader can check it
 against the kernel or QEMU source.  A finding is reported once per data
 stream (per reset for reset-with-open-stream): the log stays bounded and a
 client looping on a mistake is told once.
+
+Each finding belongs to the principal whose call (or whose data fd) it is
+about ("" when it has no caller).  Read by a principal that does not see
+everything, the log shows the findings of the devices it holds open, its
+own and the driver's, as the event bus does (driver/events.py).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from .events import CALLER, EventBus, Finding
+from .events import CALLER, PRINCIPAL, EventBus, Finding, HolderOf
 
 STOP_COPY_WITH_INITIAL_BYTES = "stop-copy-with-initial-bytes"
 REINIT_WITHOUT_V2 = "reinit-without-v2"
@@ -66,6 +71,7 @@ class _Stream:
 
     saving: bool = True
     client: str = ""  # who holds its data fd
+    principal: str = ""  # ... and the principal of that client
     fd: int = -1
     fd_open: bool = False
     ended: str = ""  # what ended it ("STOP_COPY -> STOP", "VFIO_DEVICE_RESET"); "" while live
@@ -83,27 +89,64 @@ class AuditLog:
         *,
         max_findings: int = 256,
         clock: Callable[[], float] = time.time,
+        holder_of: HolderOf | None = None,
     ) -> None:
+        """`holder_of(device)`: the principal holding the device open (default:
+        the event bus's), for readers that do not see everything."""
         self.events = events
         self.max_findings = max_findings
         self.clock = clock
+        self._holder_of = holder_of
         self.counts: Counter[str] = Counter()  # by rule id, all devices
-        self._findings: dict[str, deque[Finding]] = {}
+        # device -> (principal, finding), the newest max_findings
+        self._findings: dict[str, deque[tuple[str, Finding]]] = {}
         self._device_counts: dict[str, Counter[str]] = {}
+        # (device, principal) -> counts by rule
+        self._principal_counts: dict[tuple[str, str], Counter[str]] = {}
         self._streams: dict[tuple[str, int], _Stream] = {}
 
     # --- reading ----------------------------------------------------------------------
 
-    def findings(self, device: str | None = None) -> list[Finding]:
-        """A device's findings, or every device's, oldest first."""
-        if device is not None:
-            return list(self._findings.get(device, ()))
-        return sorted((f for q in self._findings.values() for f in q), key=lambda f: f.time)
+    def holder_of(self, device: str) -> str | None:
+        if self._holder_of is not None:
+            return self._holder_of(device)
+        return self.events.holder_of(device) if self.events is not None else None
 
-    def device_counts(self, device: str | None = None) -> Counter[str]:
-        if device is None:
-            return Counter(self.counts)
-        return Counter(self._device_counts.get(device, ()))
+    def _visible(self, device: str | None, principal: str) -> list[str]:
+        """The devices (of `device`, or all) whose findings `principal` may read."""
+        devices = self._findings if device is None else (device,)
+        return [d for d in devices if self.holder_of(d) == principal]
+
+    def findings(self, device: str | None = None, *, principal: str | None = None) -> list[Finding]:
+        """A device's findings, or every device's, oldest first; those
+        `principal` may read (None: all of them)."""
+        if principal is None:
+            if device is not None:
+                return [f for _, f in self._findings.get(device, ())]
+            every = (f for q in self._findings.values() for _, f in q)
+            return sorted(every, key=lambda f: f.time)
+        mine = (
+            f
+            for d in self._visible(device, principal)
+            for p, f in self._findings.get(d, ())
+            if p in (principal, "")
+        )
+        return sorted(mine, key=lambda f: f.time)
+
+    def device_counts(
+        self, device: str | None = None, *, principal: str | None = None
+    ) -> Counter[str]:
+        """Findings by rule, ever, of a device or all; those `principal` may
+        read (None: all of them)."""
+        if principal is None:
+            if device is None:
+                return Counter(self.counts)
+            return Counter(self._device_counts.get(device, ()))
+        out: Counter[str] = Counter()
+        for d in self._visible(device, principal):
+            for p in (principal, ""):
+                out.update(self._principal_counts.get((d, p), ()))
+        return out
 
     # --- reporting --------------------------------------------------------------------
 
@@ -116,11 +159,13 @@ class AuditLog:
         stream: int = 0,
         rec: _Stream | None = None,
         client: str | None = None,
+        principal: str | None = None,
     ) -> Finding | None:
         if rec is not None:
             if rule in rec.reported:
                 return None
             rec.reported.add(rule)
+        principal = PRINCIPAL.get() if principal is None else principal
         f = Finding(
             rule,
             device,
@@ -134,12 +179,19 @@ class AuditLog:
         q = self._findings.get(device)
         if q is None:
             q = self._findings[device] = deque(maxlen=self.max_findings)
-        q.append(f)
+        q.append((principal, f))
         self.counts[rule] += 1
         self._device_counts.setdefault(device, Counter())[rule] += 1
+        self._principal_counts.setdefault((device, principal), Counter())[rule] += 1
         if self.events is not None:
             self.events.publish(
-                device, f, client=f.client, data_fd=f.data_fd, stream=stream, at=f.time
+                device,
+                f,
+                client=f.client,
+                principal=principal,
+                data_fd=f.data_fd,
+                stream=stream,
+                at=f.time,
             )
         return f
 
@@ -151,9 +203,12 @@ class AuditLog:
 
     # --- the service's descriptor tables ---------------------------------------------
 
-    def fd_opened(self, device: str, stream: int, *, saving: bool, client: str, fd: int) -> None:
+    def fd_opened(
+        self, device: str, stream: int, *, saving: bool, client: str, fd: int, principal: str = ""
+    ) -> None:
         rec = self._stream(device, stream)
-        rec.saving, rec.client, rec.fd, rec.fd_open = saving, client, fd, True
+        rec.saving, rec.client, rec.principal = saving, client, principal
+        rec.fd, rec.fd_open = fd, True
 
     def fd_closed(self, device: str, stream: int) -> None:
         rec = self._streams.get((device, stream))
@@ -163,12 +218,12 @@ class AuditLog:
         if rec.ended:
             del self._streams[(device, stream)]
 
-    def owner(self, device: str, stream: int) -> tuple[str, int] | None:
-        """(client, fd) of the stream's open data fd, if any."""
+    def owner(self, device: str, stream: int) -> tuple[str, str, int] | None:
+        """(principal, client, fd) of the stream's open data fd, if any."""
         rec = self._streams.get((device, stream))
         if rec is None or not rec.fd_open:
             return None
-        return rec.client, rec.fd
+        return rec.principal, rec.client, rec.fd
 
     # --- the driver -------------------------------------------------------------------
 
@@ -201,6 +256,7 @@ class AuditLog:
                 stream=stream,
                 rec=rec,
                 client=rec.client,
+                principal=rec.principal,
             )
 
     def precopy_answered(

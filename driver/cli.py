@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from fwemu.embedded import ScenarioError
 from fwemu.link.base import LinkError
+from grpcsvc import access
 from grpcsvc.logs import add_log_flags, setup_logging
 from grpcsvc.memory import return_large_buffers_to_the_os
 from grpcsvc.metrics import GrpcClientMetrics
@@ -27,6 +28,7 @@ from grpcsvc.server import (
     served_address,
     stop_on_signals,
 )
+from grpcsvc.tls import ClientTls, TlsError, add_client_args, client_tls_from_args
 from grpcsvc.units import byte_size, byte_size_between, seconds_between
 
 from .mlx5.cmd import DEFAULT_BUFFER_BUDGET
@@ -96,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
         "HOST:PORT,HOST:PORT,... (shard i = the i-th) or TEMPLATE@N with {shard} in "
         f"TEMPLATE (shards 0..N-1); default ${SHARDS_ENV} when neither flag is given",
     )
+    add_client_args(s, prefix="firmware-tls")  # the firmware link's TLS
+    access.add_role_args(s, drivers=False)
     s.add_argument(
         "--firmware-wait",
         type=_wait,
@@ -197,6 +201,7 @@ def _driver_server(
         per_device_limit=args.metrics_per_device,
         shm_dir=args.shm_dir,
         client_idle=args.client_idle,
+        roles=access.roles(args),
     )
 
 
@@ -261,12 +266,15 @@ async def _connect(
     firmware pods may start after the driver)."""
     from fwemu.link.grpc import GrpcLink
 
+    tls: ClientTls | None = args.firmware_tls
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.firmware_wait
     delay = first_delay = 0.25
     while True:
         try:
-            return await GrpcLink.connect(target, memory=args.memory, interceptors=interceptors)
+            return await GrpcLink.connect(
+                target, memory=args.memory, interceptors=interceptors, tls=tls
+            )
         except LinkError as e:
             if loop.time() + delay > deadline:
                 if args.firmware_wait:
@@ -300,6 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]:
             if given:
                 parser.error(f"{flag} is for the embedded firmware, not with {given_with}")
+    try:
+        args.firmware_tls = client_tls_from_args(args, "firmware-tls")
+    except TlsError as e:
+        parser.error(str(e))
+    if args.firmware_tls is not None and not (args.firmware or args.firmware_shards):
+        parser.error("--firmware-tls-* are for a firmware link (--firmware or --firmware-shards)")
     loop: LoopName = args.loop
     return_large_buffers_to_the_os()
     setup_logging(args.log_level, args.log_format)

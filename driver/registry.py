@@ -16,6 +16,7 @@ from fwemu.link.ifc import VfInfo
 
 from .audit import AuditLog
 from .events import EventBus
+from .holders import DeviceHolders
 from .mlx5.cmd import DEFAULT_BUFFER_BUDGET, BufferBudget
 from .mlx5.main import Mlx5VfDevice
 from .shards import pci_name, shard_of
@@ -61,6 +62,10 @@ class DeviceRegistry:
         self.devices: dict[str, Registered] = {}
         self.events = events if events is not None else EventBus()
         self.audit = audit if audit is not None else AuditLog(self.events)
+        # Principals that do not see everything see the events and findings
+        # of the devices they hold open.
+        self.events.holder_of = self.holder_of
+        self.holders = DeviceHolders(self.links)
         self.budget = BufferBudget(buffer_budget)
 
     async def refresh(self) -> list[Registered]:
@@ -115,6 +120,11 @@ class DeviceRegistry:
         if len(self.links) == 1:
             return str(down[0])
         return "; ".join(f"shard {k}: {e}" for k, e in sorted(down.items()))
+
+    def holder_of(self, name: str) -> str | None:
+        """The principal holding device `name` open (None: nobody)."""
+        reg = self.devices.get(name)
+        return reg.core.group.opened_by if reg is not None else None
 
     async def lookup(self, name: str) -> Registered:
         if name not in self.devices:

@@ -103,6 +103,10 @@ STOP_COPY_DATA = struct.Struct("<Q")  # struct mlx5_vf_migration_tag_stop_copy_d
 DEFAULT_BUFFER_BUDGET = 1 << 30
 
 
+# A client of the budget: (principal, x-vfio-client), events.caller().
+Client = tuple[str, str]
+
+
 class BufferBudget:
     """Per-client accounting of the data buffers the driver holds for the
     client's files.  A charge that would take a client past `limit` is
@@ -111,25 +115,25 @@ class BufferBudget:
 
     def __init__(self, limit: int = DEFAULT_BUFFER_BUDGET) -> None:
         self.limit = limit
-        self.held: dict[str, int] = {}  # client -> bytes held (absent: 0)
+        self.held: dict[Client, int] = {}  # client -> bytes held (absent: 0)
 
-    def available(self, client: str) -> int:
+    def available(self, client: Client) -> int:
         return self.limit - self.held.get(client, 0)
 
-    def check(self, client: str, length: int, *, freed: int = 0) -> None:
-        """ENOMEM unless `length` more bytes (after `freed` are given back) fit."""
+    def check(self, client: Client, length: int, *, freed: int = 0) -> None:
+        """ENOMEM unless `length` more bytes (after `freed` are given back) fit.
+        The message says neither: a resuming stream's record declares them."""
         if length - freed > self.available(client):
             raise VfioError(
                 errno.ENOMEM,
-                f"cannot allocate a {length}-byte buffer: client {client or '(in-process)'} "
-                f"holds {self.held.get(client, 0)} of its {self.limit}-byte buffer budget",
+                f"a data buffer past this client's {self.limit}-byte buffer budget",
             )
 
-    def charge(self, client: str, length: int) -> None:
+    def charge(self, client: Client, length: int) -> None:
         self.check(client, length)
         self.held[client] = self.held.get(client, 0) + length
 
-    def release(self, client: str, length: int) -> None:
+    def release(self, client: Client, length: int) -> None:
         left = self.held.get(client, 0) - length
         if left > 0:
             self.held[client] = left
@@ -155,10 +159,21 @@ class CmdError(VfioError):
     """A firmware command answered with a failed status: the errno is
     cmd_status_to_err's; the outbox status and syndrome stay as numbers."""
 
-    def __init__(self, what: str, r: CmdResult, verb: str = "failed") -> None:
+    def __init__(
+        self, what: str, r: CmdResult, verb: str = "failed", *, diagnostic: bool = True
+    ) -> None:
+        """`diagnostic`: say the firmware's diagnostic too (not of a LOAD: it
+        may quote the image, which is the client's stream)."""
+        if diagnostic:
+            said = f" {r.diagnostic}" if r.diagnostic else ""
+        else:
+            try:
+                said = f" ({Syndrome(r.syndrome).name})"
+            except ValueError:
+                said = ""
         super().__init__(
             cmd_status_to_err(r.status),
-            f"{what} {verb}: status {r.status:#x} syndrome {r.syndrome:#x} {r.diagnostic}".strip(),
+            f"{what} {verb}: status {r.status:#x} syndrome {r.syndrome:#x}{said}",
         )
         self.status = r.status
         self.syndrome = r.syndrome
@@ -235,16 +250,18 @@ class Commands:
         locked: bool = True,
         check: bool = True,
         verb: str = "failed",
+        diagnostic: bool = True,
     ) -> R:
         """mlx5_cmd_exec(): every firmware command of the driver goes here.
         state_mutex is held (the mlx5vf_cmd_*() helpers' lockdep_assert_held;
         `locked=False` for the two that run without it); an unreachable
         firmware is EIO; a failed status is its errno (cmd_status_to_err) as
-        a CmdError, unless the caller checks the status itself (`check=False`)."""
+        a CmdError, unless the caller checks the status itself (`check=False`);
+        the error says the firmware's diagnostic unless `diagnostic=False`."""
         assert not locked or self.mvdev.state_mutex.locked(), f"{what} without state_mutex"
         r = await link_call(call)
         if check and r.status != CmdStatus.OK:
-            raise CmdError(what, r, verb)
+            raise CmdError(what, r, verb, diagnostic=diagnostic)
         return r
 
     def _attached(self) -> None:
@@ -391,6 +408,7 @@ class Commands:
         await self.exec(
             "LOAD_VHCA_STATE",
             lambda: self.link.load_vhca_state(self.vhca_id, mkey=buf.mkey, size=buf.length),
+            diagnostic=False,  # it may quote the image: the client's stream
         )
 
     async def function_level_reset(self) -> None:

@@ -356,17 +356,19 @@ class Mlx5VfDevice:
         owner_is_client: bool = False,
     ) -> None:
         """An event about the device (and its file `migf`): the data fd is
-        the file's, if a client holds it; the client is the caller's, or with
-        `owner_is_client` (completions: no caller of their own) the holder's."""
+        the file's, if a client holds it; the client (and its principal) is
+        the caller's, or with `owner_is_client` (completions: no caller of
+        their own) the holder's."""
         if migf is None:
             self.events.publish(self.name, payload)
             return
         owner = self.audit.owner(self.name, migf.stream_id)
-        client, fd = owner if owner is not None else (None, -1)
+        principal, client, fd = owner if owner is not None else (None, None, -1)
         self.events.publish(
             self.name,
             payload,
             client=client if owner_is_client else None,
+            principal=principal if owner_is_client else None,
             data_fd=fd,
             stream=migf.stream_id,
         )

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from fwemu.link.base import LinkError
 from fwemu.link.ifc import PAGE_SIZE
 
-from ..events import CALLER
+from ..events import caller
 from ..vfio.errors import VfioError
 from .cmd import MAX_NUM_CHUNKS, SIZEOF_MIGRATION_HEADER, DataBuffer, MigfState, link_errno
 
@@ -35,8 +35,9 @@ class Mlx5VfMigrationFile:
     def __init__(self, mvdev: Mlx5VfDevice) -> None:
         self.mvdev = mvdev
         self.stream_id = mvdev.new_stream_id()  # names the stream in events and the audit
-        # The client whose call made the file: its buffers count on its BufferBudget.
-        self.owner = CALLER.get()
+        # The client whose call made the file (of its principal): its buffers
+        # count on its BufferBudget.
+        self.owner = caller()
         self.io_in_progress = 0  # reads and writes in the file now
         self.state = MigfState.NONE
         self.f_pos = 0
@@ -102,7 +103,8 @@ class Mlx5VfMigrationFile:
             raise link_errno(e) from None
         except (OSError, MemoryError) as e:
             budget.release(self.owner, length)
-            raise VfioError(errno.ENOMEM, f"cannot allocate a {length}-byte buffer: {e}") from None
+            # No length: on the resuming side the stream declared it (README, errno).
+            raise VfioError(errno.ENOMEM, f"cannot allocate a data buffer: {e}") from None
         return DataBuffer(length, host=host, charged=True)
 
     def get_header_buffer(self, length: int = SIZEOF_MIGRATION_HEADER) -> DataBuffer:

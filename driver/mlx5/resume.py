@@ -120,8 +120,10 @@ class ResumeFile(Mlx5VfMigrationFile):
         if hdr.length < SIZEOF_MIGRATION_HEADER:
             return taken, False
         record_size, flags, tag = MIGRATION_HEADER.unpack_from(hdr.local, 0)
+        # The messages name the rule a record broke, never its bytes: the
+        # stream may be a file's the client cannot read itself (README).
         if record_size > MAX_LOAD_SIZE:
-            raise VfioError(errno.ENOMEM, f"record of {record_size} bytes")
+            raise VfioError(errno.ENOMEM, "a record larger than one LOAD takes (2^32 - 1 bytes)")
         self.record_size, self.record_tag = record_size, tag
         if tag == MLX5_MIGF_HEADER_TAG_FW_DATA:
             self.load_state = LoadState.PREP_IMAGE
@@ -130,7 +132,7 @@ class ResumeFile(Mlx5VfMigrationFile):
         elif flags & MLX5_MIGF_HEADER_FLAGS_TAG_OPTIONAL:
             self.load_state = LoadState.PREP_HEADER_DATA  # skipped
         else:
-            raise VfioError(errno.EOPNOTSUPP, f"unknown mandatory record tag {tag}")
+            raise VfioError(errno.EOPNOTSUPP, "a mandatory record of an unknown tag")
         self.max_pos += SIZEOF_MIGRATION_HEADER
         hdr.length = 0
         return taken, True

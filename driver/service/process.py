@@ -1,24 +1,34 @@
-"""A client's descriptor table: what its fds refer to, as a process's."""
+"""A client's descriptor table: what its fds refer to, as a process's.
+
+A client is its x-vfio-client within its principal (grpcsvc.tls.principal):
+the same id sent by two principals names two processes, which share
+nothing (README, "Principals and owned devices")."""
 
 from __future__ import annotations
 
 import errno
 import logging
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..audit import AuditLog
+from ..holders import DeviceHolders
 from ..vfio.device import VfioDevice
 from ..vfio.errors import VfioError
 from ..vfio.ops import MigrationFile
-from .usermap import UserMappings
+from .usermap import MappedSegments, UserMappings
 
 log = logging.getLogger("vfio-driver")
+K = TypeVar("K")
 
 FIRST_FD = 3  # 0-2 are a process's standard streams
 RLIMIT_NOFILE = 1024  # the usual soft limit: fd numbers stay below it
 # A client with no fd, no Session and no mapping is forgotten after this long
 # without a call (longer than a command may take: a call in progress is not cut).
 CLIENT_IDLE = 300.0
+
+# A process's key: (principal, x-vfio-client).
+ProcessKey = tuple[str, str]
 
 
 @dataclass(eq=False)
@@ -39,15 +49,31 @@ class Process:
     is released when its last user goes."""
 
     def __init__(
-        self, client: str, audit: AuditLog | None = None, shm_dir: str | None = None
+        self,
+        client: str,
+        audit: AuditLog | None = None,
+        shm_dir: str | None = None,
+        *,
+        principal: str = "",
+        holders: DeviceHolders | None = None,
+        segments: MappedSegments | None = None,
     ) -> None:
+        """`holders`: closes device fds (the owner of each device); without
+        it a device fd's close is the core's alone.  `segments`: the segments
+        mapped by every principal (MapUserMemory refuses another's)."""
         self.client = client
+        self.principal = principal
         self.audit = audit  # told of data fds opened and closed
-        self.memory = UserMappings(shm_dir)  # MapUserMemory's segments
+        self.holders = holders
+        self.memory = UserMappings(shm_dir, principal=principal, segments=segments)
         self.fds: dict[int, DeviceFd | DataFd] = {}
         self.sessions = 0
         self.exited = False
         self.last_used = 0.0  # when a call last named the client (the servicer's clock)
+
+    @property
+    def key(self) -> ProcessKey:
+        return self.principal, self.client
 
     @property
     def idle(self) -> bool:
@@ -73,6 +99,7 @@ class Process:
                 saving=entry.saving,
                 client=self.client,
                 fd=fd,
+                principal=self.principal,
             )
         return fd
 
@@ -104,7 +131,10 @@ class Process:
             self.audit.fd_closed(entry.device.name, entry.stream)
         try:
             if isinstance(entry, DeviceFd):
-                await entry.device.close()
+                if self.holders is not None:
+                    await self.holders.close(entry.device, self.principal)
+                else:
+                    await entry.device.close()
             else:
                 await entry.file.release()
         except VfioError as e:
@@ -121,7 +151,7 @@ class Process:
         self.memory.close()
 
 
-def reap_idle(processes: dict[str, Process], now: float, idle_for: float) -> int:
+def reap_idle(processes: dict[K, Process], now: float, idle_for: float) -> int:
     """Forget the clients idle (Process.idle) for `idle_for` seconds up to
     `now`; the number forgotten.  A forgotten table is exited, so a call still
     running for it cannot put an fd there (EBADF; the call releases it)."""

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from prometheus_client import CollectorRegistry
 
+from grpcsvc.access import Roles
 from grpcsvc.metrics import GrpcServerMetrics
 from grpcsvc.server import GrpcService
 
@@ -83,16 +84,22 @@ class DriverServer:
         per_device_limit: int = 0,
         shm_dir: str | None = None,
         client_idle: float = CLIENT_IDLE,
+        roles: Roles | None = None,
     ) -> None:
         """`metrics`: a registry to fill with the gRPC server metrics and the
         driver's own, and the embedded `firmware`'s (served at /metrics by
         whoever owns the registry).  `shm_dir`: where clients' user memory
         segments are (MapUserMemory; default /dev/shm).  `client_idle`: how
-        long a client with nothing open is remembered."""
+        long a client with nothing open is remembered.  `roles`: who sees
+        every device's events and audit, and (embedded) may use Scenario on
+        any VF; without client certificates everyone does."""
         if scenario_service and firmware is None:
             raise ValueError("the Scenario service is an embedded firmware's")
         self.registry = registry
-        self.servicer = VfioServicer(registry, shm_dir=shm_dir, client_idle=client_idle)
+        self.roles = roles if roles is not None else Roles()
+        self.servicer = VfioServicer(
+            registry, shm_dir=shm_dir, client_idle=client_idle, roles=self.roles
+        )
         scenario = firmware if scenario_service else None
         names = [VFIO_SERVICE]
         if scenario is not None:
@@ -101,7 +108,7 @@ class DriverServer:
         def register(server: grpc.aio.Server) -> None:
             add_vfio_servicer(self.servicer, server)
             if scenario is not None:
-                scenario.add_scenario_servicer(server)
+                scenario.add_scenario_servicer(server, self.roles)
 
         interceptors = []
         if metrics is not None:
@@ -142,8 +149,14 @@ class DriverServer:
         get `grace` seconds; then every client's fds are closed."""
         self.servicer.stopping.set()
         await self.service.stop(grace)
-        await self.servicer.close_all()
+        await self._close_all()
 
     async def serve_until(self, stop: asyncio.Event, grace: float = 5.0) -> None:
         await self.service.serve_until(stop, grace, on_stop=self.servicer.stopping.set)
+        await self._close_all()
+
+    async def _close_all(self) -> None:
+        """Every client's fds closed (the firmware told nobody holds its
+        VFs), then no more telling: the links close next."""
         await self.servicer.close_all()
+        await self.registry.holders.aclose()

@@ -1,5 +1,9 @@
 """The Vfio gRPC service: a thin adapter from RPCs to the VFIO core and the
-mlx5vf driver.  Decode, call, encode; a VfioError becomes its errno."""
+mlx5vf driver.  Decode, call, encode; a VfioError becomes its errno.
+
+Every call is made by a principal (grpcsvc.tls.principal: the client
+certificate's identity, else the one ANONYMOUS), and x-vfio-client names a
+process within it (README, "Principals and owned devices")."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -16,11 +21,14 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from grpcsvc.access import Roles
+from grpcsvc.tls import principal
+
 from ..api import CLIENT_KEY
 from ..api.v1 import vfio_pb2 as pb
 from ..api.v1 import vfio_pb2_grpc as pbg
 from ..api.wire import WriteChunk
-from ..events import CALLER, ErrorAnswered, Event, Payload, Subscription
+from ..events import CALLER, PRINCIPAL, ErrorAnswered, Event, Payload, Subscription
 from ..mlx5.migf import Mlx5VfMigrationFile
 from ..mlx5.save import SaveFile
 from ..registry import DRIVER_NAME, DeviceRegistry
@@ -35,7 +43,8 @@ from ..vfio.uapi import (
 )
 from ..vfio.usermem import UserMemory
 from .errnos import UNEXPECTED, abort_errno, as_vfio_error, errno_name, errno_of
-from .process import CLIENT_IDLE, DataFd, DeviceFd, Process, reap_idle
+from .process import CLIENT_IDLE, DataFd, DeviceFd, Process, ProcessKey, reap_idle
+from .usermap import MappedSegments
 
 log = logging.getLogger("vfio-driver")
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -65,17 +74,21 @@ class VfioServicer(pbg.VfioServicer):
         shm_dir: str | None = None,
         client_idle: float = CLIENT_IDLE,
         clock: Callable[[], float] = time.monotonic,
+        roles: Roles | None = None,
     ) -> None:
         """`shm_dir`: where MapUserMemory finds clients' segments (/dev/shm);
-        `client_idle`: how long a client with nothing open is remembered."""
+        `client_idle`: how long a client with nothing open is remembered;
+        `roles`: whose Events and Audit show every device (admins)."""
         self.registry = registry
+        self.roles = roles if roles is not None else Roles()
         self.client_idle = client_idle
         self.clock = clock
         self._next_reap = 0.0
         self.shm_dir = shm_dir
         self.events = registry.events
         self.audit = registry.audit
-        self.processes: dict[str, Process] = {}
+        self.processes: dict[ProcessKey, Process] = {}
+        self.segments = MappedSegments()  # MapUserMemory's files, of every client
         # Every errno answer the service gave, by errno name ("ENOMSG").
         self.errors_by_errno: Counter[str] = Counter()
         # Set when the server starts to stop: Session and Events streams end
@@ -85,29 +98,38 @@ class VfioServicer(pbg.VfioServicer):
 
     # --- callers -----------------------------------------------------------------------
 
-    def _client_id(self, context: Ctx) -> str:
-        """The caller's x-vfio-client (else its peer address); events of the
-        call name it."""
+    def _caller(self, context: Ctx) -> ProcessKey:
+        """The caller: its principal and its x-vfio-client (else its peer
+        address); events of the call name them."""
         client = None
         for key, value in context.invocation_metadata() or ():
             if key == CLIENT_KEY and isinstance(value, str):
                 client = value
         if client is None:
             client = f"peer:{context.peer()}"
+        who = principal(context)
         CALLER.set(client)
-        return client
+        PRINCIPAL.set(who)
+        return who, client
 
     def process(self, context: Ctx) -> Process:
         """The caller's descriptor table; events of the call name the caller."""
-        client = self._client_id(context)
+        key = self._caller(context)
         now = self.clock()
         if now >= self._next_reap:
             # A sweep at most every half idle time: a call stays O(1) amortized.
             reap_idle(self.processes, now, self.client_idle)
             self._next_reap = now + self.client_idle / 2
-        proc = self.processes.get(client)
+        proc = self.processes.get(key)
         if proc is None:
-            proc = self.processes[client] = Process(client, self.audit, self.shm_dir)
+            proc = self.processes[key] = Process(
+                key[1],
+                self.audit,
+                self.shm_dir,
+                principal=key[0],
+                holders=self.registry.holders,
+                segments=self.segments,
+            )
         proc.last_used = now
         return proc
 
@@ -194,6 +216,7 @@ class VfioServicer(pbg.VfioServicer):
                     "operation": operation,
                     "errno": name,
                     "client": proc.client if proc is not None else None,
+                    "principal": proc.principal if proc is not None else None,
                     "fd": fd if fd >= 0 else None,
                     "stream": stream or None,
                 },
@@ -215,8 +238,8 @@ class VfioServicer(pbg.VfioServicer):
 
     async def _exit(self, proc: Process) -> None:
         # Out of the table first: the client id starts afresh if it comes back.
-        if self.processes.get(proc.client) is proc:
-            del self.processes[proc.client]
+        if self.processes.get(proc.key) is proc:
+            del self.processes[proc.key]
         await proc.exit()
 
     async def close_all(self) -> None:
@@ -246,14 +269,19 @@ class VfioServicer(pbg.VfioServicer):
 
     async def OpenDevice(self, request: pb.OpenDeviceRequest, context: Ctx) -> Any:
         proc = self.process(context)
+        holders = self.registry.holders
         async with self._answering(context, "open", device=request.name):
             reg = await self.registry.lookup(request.name)
-            await reg.core.open()
+            # EBUSY while another principal holds it, as a VFIO group's second opener.
+            mvdev = reg.mvdev
+            telling = await holders.open(reg.core, proc.principal, mvdev.link, mvdev.caps.vhca_id)
             try:
                 fd = proc.install(DeviceFd(reg.core))
             except VfioError:
-                await reg.core.close()
+                await holders.close(reg.core, proc.principal)
                 raise
+        # The holder may use Scenario on its VF once the call returns.
+        await telling.wait(holders.wait)
         return pb.OpenDeviceResponse(fd=fd)
 
     async def Close(self, request: pb.CloseRequest, context: Ctx) -> Any:
@@ -345,7 +373,7 @@ class VfioServicer(pbg.VfioServicer):
         async with self._answering(context, "map_user_memory", proc=proc):
             if proc.exited:
                 raise VfioError(errno.EBADF, f"client {proc.client} has gone away")
-            addr = proc.memory.map(request.shm_name, request.length)
+            addr = proc.memory.map(request.shm_name, request.length, uids=_peer_uids(context))
         return pb.MapUserMemoryResponse(addr=addr)
 
     async def UnmapUserMemory(self, request: pb.UnmapUserMemoryRequest, context: Ctx) -> Any:
@@ -442,9 +470,12 @@ class VfioServicer(pbg.VfioServicer):
         return name
 
     async def Events(self, request: pb.EventsRequest, context: Ctx) -> AsyncIterator[pb.Event]:
+        who, client = self._caller(context)
         device = await self._device_filter(request.device, "events", context)
         async with self._answering(context, "events", device=device or ""):
-            sub = self.events.subscribe(device, client=self._client_id(context))
+            sub = self.events.subscribe(
+                device, client=client, principal=who, sees_all=self.roles.is_admin(who)
+            )
         ender = asyncio.ensure_future(self._end_on_stop(sub))
         try:
             await context.send_initial_metadata(((EVENTS_KEY, "subscribed"),))
@@ -459,10 +490,13 @@ class VfioServicer(pbg.VfioServicer):
         sub.close()
 
     async def Audit(self, request: pb.AuditRequest, context: Ctx) -> Any:
+        who, _ = self._caller(context)
         device = await self._device_filter(request.device, "audit", context)
+        # A principal that does not see everything reads the devices it holds.
+        seen_by = None if self.roles.is_admin(who) else who
         return pb.AuditResponse(
-            findings=[_payload_pb(f) for f in self.audit.findings(device)],
-            counts=dict(self.audit.device_counts(device)),
+            findings=[_payload_pb(f) for f in self.audit.findings(device, principal=seen_by)],
+            counts=dict(self.audit.device_counts(device, principal=seen_by)),
         )
 
 
@@ -494,6 +528,15 @@ async def _write_from(proc: Process, req: pb.WriteFromRequest) -> int:
     file = _data_fd(proc, req.fd, saving=False)
     with proc.memory.range(req.addr, min(req.count, MAX_WRITE)) as src:
         return await file.write(src.view)
+
+
+def _peer_uids(context: Ctx) -> frozenset[int] | None:
+    """Who may own a segment the caller maps: over a unix socket (whose file
+    mode admits the socket owner's uid and root) this uid or root; over TCP
+    the caller's uid is unknown (None)."""
+    if context.peer().startswith("unix:"):
+        return frozenset({os.geteuid(), 0})
+    return None
 
 
 def _data_fd(proc: Process, fd: int, *, saving: bool) -> MigrationFile:

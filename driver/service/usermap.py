@@ -14,6 +14,17 @@ at map time, not a crash at the first copy), and each copy checks the file
 still covers its range (a client that shrank its segment gets EFAULT).  What
 remains is a client shrinking its file during a copy: as any process of the
 driver's user can kill it, the driver does not defend against that.
+
+A segment is the client's own file, nothing else (README, "User memory"):
+fwemu.hostmem.open_checked opens it, as fwemu opens the driver's, by a name
+that is one path component of the shm directory and without following a
+symbolic link (O_NOFOLLOW: ELOOP); it must be a regular file with no other
+hard link, and, where the caller's uid is known (a unix:PATH listener, whose
+file mode admits the socket owner's uid and root), belong to that uid or
+root (EACCES otherwise).  Over TCP the caller's uid is unknown, and the
+checks of the file stand alone.  A file mapped by one principal cannot be
+mapped by another while it is (EACCES), so no principal reaches memory
+another principal gave the driver.
 """
 
 from __future__ import annotations
@@ -23,7 +34,13 @@ import errno
 import mmap
 import os
 
-from fwemu.hostmem import HostMemoryError, default_shm_dir, segment_path
+from fwemu.hostmem import (
+    HostMemoryError,
+    SegmentRefused,
+    default_shm_dir,
+    open_checked,
+    segment_path,
+)
 
 from ..vfio.errors import VfioError
 
@@ -33,12 +50,40 @@ MAX_MAPPING = 1 << 32  # bytes per mapping (4 GiB)
 MAX_MAPPINGS = 64  # per client (a small vm.max_map_count)
 
 
+# A file: (st_dev, st_ino).
+FileId = tuple[int, int]
+
+
+class MappedSegments:
+    """The files mapped by every client of the driver, each by one principal
+    at a time: another principal's map of a file is EACCES while it is mapped."""
+
+    def __init__(self) -> None:
+        self._by_file: dict[FileId, tuple[str, int]] = {}  # -> (principal, mappings)
+
+    def __len__(self) -> int:
+        return len(self._by_file)
+
+    def take(self, file: FileId, principal: str) -> None:
+        held = self._by_file.get(file)
+        if held is not None and held[0] != principal:
+            raise VfioError(errno.EACCES, "the segment is mapped by another principal")
+        self._by_file[file] = (principal, (held[1] if held else 0) + 1)
+
+    def give(self, file: FileId) -> None:
+        principal, n = self._by_file[file]
+        if n > 1:
+            self._by_file[file] = (principal, n - 1)
+        else:
+            del self._by_file[file]
+
+
 class _Mapping:
     """One mapped segment, unmapped once it is unmapped by the client and no
     read or write is using it."""
 
-    def __init__(self, fd: int, length: int) -> None:
-        self.fd, self.length = fd, length
+    def __init__(self, fd: int, length: int, file: FileId) -> None:
+        self.fd, self.length, self.file = fd, length, file
         self.mm: mmap.mmap | None = mmap.mmap(fd, length)
         self.view = memoryview(self.mm)
         self.users = 0
@@ -106,44 +151,64 @@ class UserMappings:
     """`addr -> (fd, length)` for one client; addresses are never reused
     while the table lives, so a stale address cannot land in a newer mapping."""
 
-    def __init__(self, shm_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        shm_dir: str | None = None,
+        *,
+        principal: str = "",
+        segments: MappedSegments | None = None,
+    ) -> None:
+        """`principal`: the client's; `segments`: the files mapped by every
+        client of the driver (default: this table's own)."""
         self.shm_dir = shm_dir
+        self.principal = principal
+        self.segments = segments if segments is not None else MappedSegments()
         self._maps: dict[int, _Mapping] = {}
         self._next = MMAP_BASE
 
     def __len__(self) -> int:
         return len(self._maps)
 
-    def map(self, shm_name: str, length: int) -> int:
+    def map(self, shm_name: str, length: int, *, uids: frozenset[int] | None = None) -> int:
         """Map `length` bytes of the segment: its address.  EINVAL for a bad
         name or length, ENOENT when the segment is not on this host (or not
-        in the driver's shm directory), ENOMEM over the per-client limit."""
+        in the driver's shm directory), ELOOP for a symbolic link, EACCES
+        for a file that is not the client's own (module docstring; `uids`:
+        who may own it, None when the caller's uid is unknown), ENOMEM over
+        the per-client limit."""
         if not 0 < length <= MAX_MAPPING:
             raise VfioError(errno.EINVAL, f"mapping length {length} is not in (0, {MAX_MAPPING}]")
         if len(self._maps) >= MAX_MAPPINGS:
             raise VfioError(errno.ENOMEM, f"a client maps at most {MAX_MAPPINGS} segments")
         try:
             path = segment_path(self.shm_dir or default_shm_dir(), shm_name)
+            fd, st = open_checked(shm_name, self.shm_dir, owners=uids)
+        except SegmentRefused as e:
+            # A symbolic link is open(2)'s own refusal (O_NOFOLLOW); the rest are ours.
+            refused = errno.ELOOP if e.errno == errno.ELOOP else errno.EACCES
+            raise VfioError(refused, e.strerror or str(e)) from None
         except HostMemoryError as e:
-            raise VfioError(errno.EINVAL, str(e)) from None
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
             code = e.errno if e.errno in (errno.ENOENT, errno.EACCES, errno.EPERM) else None
-            raise VfioError(code or errno.EINVAL, f"cannot open {path}: {e.strerror}") from None
+            raise VfioError(code or errno.EINVAL, e.strerror or str(e)) from None
         try:
-            if os.fstat(fd).st_size < length:
+            if st.st_size < length:
                 raise VfioError(errno.EINVAL, f"{path} is smaller than {length} bytes")
+            file = (st.st_dev, st.st_ino)
+            self.segments.take(file, self.principal)
             try:
-                os.posix_fallocate(fd, 0, length)  # every page backed before any copy
-            except OSError as e:
-                raise VfioError(
-                    errno.ENOMEM, f"no room for the pages of {path}: {e.strerror}"
-                ) from None
-            try:
-                mapping = _Mapping(fd, length)
-            except OSError as e:
-                raise VfioError(errno.ENOMEM, f"cannot map {path}: {e.strerror}") from None
+                try:
+                    os.posix_fallocate(fd, 0, length)  # every page backed before any copy
+                except OSError as e:
+                    raise VfioError(
+                        errno.ENOMEM, f"no room for the pages of {path}: {e.strerror}"
+                    ) from None
+                try:
+                    mapping = _Mapping(fd, length, file)
+                except OSError as e:
+                    raise VfioError(errno.ENOMEM, f"cannot map {path}: {e.strerror}") from None
+            except BaseException:
+                self.segments.give(file)
+                raise
         except BaseException:
             os.close(fd)
             raise
@@ -157,6 +222,7 @@ class UserMappings:
         mapping = self._maps.pop(addr, None)
         if mapping is None:
             raise VfioError(errno.EINVAL, f"no mapping starts at {addr:#x}")
+        self.segments.give(mapping.file)
         mapping.unmapped = True
         mapping.release()
 
@@ -171,6 +237,7 @@ class UserMappings:
     def close(self) -> None:
         """The client went away (exit unmaps everything)."""
         for m in self._maps.values():
+            self.segments.give(m.file)
             m.unmapped = True
             m.release()
         self._maps.clear()

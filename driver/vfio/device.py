@@ -9,6 +9,7 @@ from collections.abc import Callable
 from . import dma_logging
 from .errors import VfioError
 from .feature import vfio_check_feature
+from .group import VfioGroup
 from .ops import MigrationFile, VfioDeviceDriver, VfioMigrationOps
 from .uapi import (
     FEATURE_HEADER,
@@ -46,6 +47,7 @@ class VfioDevice:
     def __init__(self, name: str, driver: VfioDeviceDriver) -> None:
         self.name = name
         self.driver = driver
+        self.group = VfioGroup(name)  # struct vfio_device.group: who has it open
         self.open_count = 0
         # Set by VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2; device-wide, cleared
         # only at the last close.

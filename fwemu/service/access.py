@@ -40,7 +40,7 @@ SCENARIO_REACH: dict[str, Reach] = {
     "InjectFault": Reach.HOLDER,
     "ClearFaults": Reach.HOLDER,
     "GetDigest": Reach.HOLDER,
-    "ListVfs": Reach.ANYONE,  # lists only the VFs the caller reaches
+    "ListVfs": Reach.ANYONE,  # lists only the VFs the caller reaches (drivers: all)
     "GetClock": Reach.ANYONE,
 }
 

@@ -295,7 +295,8 @@ class ScenarioServicer(sgrpc.ScenarioServicer):
     @_answered
     async def ListVfs(self, request: spb.ListVfsRequest, context: Ctx) -> Any:
         who = principal(context)
-        if self.roles.is_admin(who):
+        # A driver probes every VF (what SR-IOV tells the kernel), as admins see them.
+        if self.roles.is_admin(who) or self.roles.is_driver(who):
             vfs = self.fw.list_vfs()
         else:  # only the VFs it holds: the others' are not even revealed
             vfs = [self.fw.info(v) for v in sorted(self.fw.vfs) if self.reaches(who, v)]

@@ -45,14 +45,17 @@ def fw_header(size: int) -> bytes:
 
 def test_budget_refuses_past_its_limit_and_charges_nothing() -> None:
     b = BufferBudget(10)
-    b.charge("a", 6)
+    a, a_of_p, other = ("", "a"), ("p", "a"), ("", "b")
+    b.charge(a, 6)
     with h.raises_errno(errno.ENOMEM):
-        b.charge("a", 5)
-    assert b.held == {"a": 6}
-    b.charge("b", 10)  # another client's account is its own
-    b.check("a", 8, freed=4)  # what a replaced buffer gives back counts
-    b.release("a", 6)
-    b.release("b", 10)
+        b.charge(a, 5)
+    assert b.held == {a: 6}
+    b.charge(other, 10)  # another client's account is its own
+    b.charge(a_of_p, 10)  # ... and so is the same id's of another principal
+    b.check(a, 8, freed=4)  # what a replaced buffer gives back counts
+    b.release(a, 6)
+    b.release(other, 10)
+    b.release(a_of_p, 10)
     assert b.held == {}
     assert BufferBudget().limit == DEFAULT_BUFFER_BUDGET == 1 << 30
 
@@ -128,17 +131,17 @@ async def test_one_client_exhausting_its_budget_leaves_others_migrating(
     a1, a2, b = await env.devices(3, h.vf_config(SIZE))
     fa1 = await copy_context().run(resuming_as, a1, "a")
     await copy_context().run(lambda: fa1.write(fw_header(3 * MiB) + b"x"))
-    assert budget.held == {"a": 3 * MiB}
+    assert budget.held == {("", "a"): 3 * MiB}
     fa2 = await copy_context().run(resuming_as, a2, "a")
     with h.raises_errno(errno.ENOMEM):
         await fa2.write(fw_header(2 * MiB) + b"x")
-    assert budget.held == {"a": 3 * MiB}
+    assert budget.held == {("", "a"): 3 * MiB}
     fb = await copy_context().run(resuming_as, b, "b")
     assert await fb.write(real) == len(real)
-    assert budget.held["b"] > 0
+    assert budget.held["", "b"] > 0
     await b.set_state(S.STOP)
     assert await b.digest() == digest
-    assert budget.held == {"a": 3 * MiB}
+    assert budget.held == {("", "a"): 3 * MiB}
     await a1.set_state(S.STOP)
     assert budget.held == {}
 
@@ -159,7 +162,7 @@ async def test_saving_buffers_count_on_the_budget(mlx5_inproc: h.Factory) -> Non
     assert budget.held == {}
     budget.limit = DEFAULT_BUFFER_BUDGET
     f = await dev.set_state(S.STOP_COPY)
-    assert budget.held["saver"] >= SIZE
+    assert budget.held["", "saver"] >= SIZE
     await h.read_to_eof(env, f)
     await dev.set_state(S.STOP)
     assert budget.held == {}

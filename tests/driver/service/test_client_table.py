@@ -48,7 +48,7 @@ async def test_idle_one_shot_clients_are_forgotten_busy_ones_kept(
         clock.now += CLIENT_IDLE  # every one-shot id and "late" idle past the limit
         async with VfioClient(inproc.target, "trigger") as t:
             await errno_of(t.close(99))
-        assert set(servicer.processes) == {"with-session", "with-fd", "trigger"}
+        assert {c for _, c in servicer.processes} == {"with-session", "with-fd", "trigger"}
         # A forgotten client that comes back starts afresh.
         async with VfioClient(inproc.target, "one-shot-3") as again:
             assert await errno_of(again.close(3)) == errno.EBADF
