@@ -22,6 +22,7 @@ import grpc
 from google.protobuf.message import Message
 
 from grpcsvc.access import Roles
+from grpcsvc.memory import return_free_memory_to_the_os
 from grpcsvc.tls import principal
 
 from ..api import CLIENT_KEY
@@ -241,6 +242,10 @@ class VfioServicer(pbg.VfioServicer):
         if self.processes.get(proc.key) is proc:
             del self.processes[proc.key]
         await proc.exit()
+        if not self.processes and not self.stopping.is_set():
+            # The last client went: the heap its migrations freed goes back to
+            # the OS (glibc keeps it resident otherwise; benchmarks/soak.py).
+            return_free_memory_to_the_os()
 
     async def close_all(self) -> None:
         self.stopping.set()
