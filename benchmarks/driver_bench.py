@@ -36,6 +36,7 @@ from driver.api.v1 import vfio_pb2_grpc as pbg
 from driver.vfio.uapi import MigState
 from fwemu.link.ifc import GiB, MiB
 from grpcsvc.server import CHANNEL_OPTIONS
+from grpcsvc.tls import ClientTls
 from grpcsvc.units import byte_size
 from vfioclient import VfioClient, VfioClientError
 
@@ -46,8 +47,11 @@ from report import Results, add_output_flag, parser, print_results, selected
 CHUNK = 1 << 20
 
 
-async def _driver_stop_copy_read(target: str, repeat: int) -> tuple[float, int]:
-    async with await VfioClient.connect(target) as c:
+async def _driver_stop_copy_read(
+    target: str, repeat: int, tls: ClientTls | None = None
+) -> tuple[float, int]:
+    """Median seconds of SET STOP_COPY plus reading the whole stream, and its bytes."""
+    async with await VfioClient.connect(target, tls=tls) as c:
         (dev,) = [d for d in await c.list_devices() if d.migratable][:1]
         fd = await c.open_device(dev.name)
         times = []
@@ -116,8 +120,11 @@ async def _rate(call: Callable[[], Awaitable[Any]], in_flight: int, seconds: flo
     return count / (time.perf_counter() - t0)
 
 
-async def _driver_precopy_rates(target: str, seconds: float) -> dict[int, float]:
-    async with await VfioClient.connect(target) as c:
+async def _driver_precopy_rates(
+    target: str, seconds: float, tls: ClientTls | None = None
+) -> dict[int, float]:
+    """PRECOPY_INFO calls per second on one device, at 1 and 16 in flight."""
+    async with await VfioClient.connect(target, tls=tls) as c:
         (dev,) = [d for d in await c.list_devices() if d.migratable][:1]
         fd = await c.open_device(dev.name)
         await c.enable_precopy_info_v2(fd)
@@ -190,7 +197,7 @@ class PeakRss:
 
 async def _migrate(target: str) -> int:
     """A plain QEMU-like migration between two devices of one driver."""
-    async with await VfioClient.connect(target) as c:
+    async with await VfioClient.connect(target, tls=None) as c:
         src_dev, dst_dev = [d for d in await c.list_devices() if d.migratable][:2]
         src = await c.open_device(src_dev.name)
         dst = await c.open_device(dst_dev.name)

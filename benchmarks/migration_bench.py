@@ -87,7 +87,9 @@ def bench(size: int, dirty_rate: int, two_drivers: bool, data_path: str) -> dict
         async def both() -> tuple[DemoResult, float, float, tuple[float, float]]:
             # one event loop for the process
             cpu0, t0 = _cpu_s(procs), time.perf_counter()
-            result = await run_demo(src, src, options, dst_driver=dst if two_drivers else None)
+            result = await run_demo(
+                src, src, options, dst_driver=dst if two_drivers else None, tls=None
+            )
             wall = time.perf_counter() - t0
             cpu1 = _cpu_s(procs)
             rep = result.report

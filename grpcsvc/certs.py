@@ -27,6 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 SPIFFE_DOMAIN = "vfio-mlx5-emu"
 DEFAULT_DAYS = 365
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+CA_CERT, CA_KEY = "ca.pem", "ca.key"  # a DevCa's files in its directory
 
 
 def spiffe_id(name: str) -> str:
@@ -104,9 +105,24 @@ class DevCa:
             )
             .sign(self._key, hashes.SHA256())
         )
-        self.cert_path = self.dir / "ca.pem"
+        self.cert_path = self.dir / CA_CERT
         _write(self.cert_path, self._cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        _write(self.dir / "ca.key", _key_pem(self._key), self.key_mode)
+        _write(self.dir / CA_KEY, _key_pem(self._key), self.key_mode)
+
+    @classmethod
+    def load(cls, directory: Path, *, days: int = DEFAULT_DAYS, key_mode: int = 0o600) -> DevCa:
+        """The CA a DevCa wrote into `directory` before, to issue more
+        certificates (OSError, ValueError when its files are missing or not a
+        CA's)."""
+        key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), None)
+        cert = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
+            raise ValueError(f"{directory / CA_KEY} is not the key of {directory / CA_CERT}")
+        ca = cls.__new__(cls)
+        ca.dir, ca.days, ca.key_mode = directory, days, key_mode
+        ca._key, ca._cert, ca._name = key, cert, cert.subject
+        ca.cert_path = directory / CA_CERT
+        return ca
 
     def _issue(
         self,

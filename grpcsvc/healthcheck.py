@@ -3,9 +3,14 @@ container HEALTHCHECKs and Kubernetes exec probes (grpc_health_probe's job,
 which is not to be had here).
 
 Exit 0 when the service is SERVING, 1 otherwise (NOT_SERVING, unknown service,
-unreachable, no answer in time) with one line on stderr saying why; 2 for
-usage errors. A probe is a short-lived process of its own, so it uses the sync
-gRPC stack.
+unreachable, no answer in time, a failed TLS handshake) with one line on stderr
+saying why; 2 for usage errors (a TLS file that cannot be read among them). A
+probe is a short-lived process of its own, so it uses the sync gRPC stack.
+
+TLS as every client's (grpcsvc.tls): --tls-ca/--tls-cert/--tls-key, else
+VFIO_TLS_CA/CERT/KEY; a service with --tls-client-ca needs the client
+certificate, which is why Kubernetes runs this as an exec probe rather than
+the kubelet's own gRPC probe (it has none to present).
 """
 
 from __future__ import annotations
@@ -17,13 +22,18 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .tls import ClientTls, TlsError, add_client_args, client_tls_from_args, sync_channel
+
 PROG = "grpc-health-check"
 
 
-def check(target: str, service: str = "", timeout: float = 1.0) -> str | None:
-    """None when `service` on `target` is SERVING, else why not (one line)."""
+def check(
+    target: str, service: str = "", timeout: float = 1.0, tls: ClientTls | None = None
+) -> str | None:
+    """None when `service` on `target` is SERVING, else why not (one line).
+    `tls`: over TLS (TlsError if its files cannot be read)."""
     request = health_pb2.HealthCheckRequest(service=service)
-    with grpc.insecure_channel(target) as channel:
+    with sync_channel(target, tls) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
         except grpc.RpcError as e:
@@ -41,6 +51,10 @@ def _name(service: str) -> str:
 def _rpc_failure(e: grpc.RpcError, service: str, timeout: float) -> str:
     code = e.code() if isinstance(e, grpc.Call) else None
     details = e.details() if isinstance(e, grpc.Call) else str(e)
+    if code == grpc.StatusCode.UNAVAILABLE and any(
+        w in (details or "").lower() for w in ("ssl", "handshake", "certificate")
+    ):
+        return f"TLS handshake failed (see --tls-ca/--tls-cert/--tls-key): {details}"
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"unreachable: {details}"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -84,12 +98,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="limit for connecting and the call, in seconds (default 1)",
     )
+    add_client_args(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    why = check(args.target, args.service, args.timeout)
+    try:
+        why = check(args.target, args.service, args.timeout, client_tls_from_args(args))
+    except TlsError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     if why is not None:
         print(f"{PROG}: {args.target}: {why}", file=sys.stderr)
         return 1

@@ -14,6 +14,12 @@
 Failures raise VfioClientError, an OSError whose errno is the kernel's.  The
 client keeps a Session open, so its fds close if it goes away.
 
+Over TLS: `tls=ClientTls(ca, cert, key)` (grpcsvc.tls; cert and key for
+mutual TLS, and then the certificate's identity is the principal the service
+knows this client by); by default the VFIO_TLS_CA, VFIO_TLS_CERT and
+VFIO_TLS_KEY environment variables, and plaintext without them; `tls=None`:
+plaintext whatever the environment says.
+
 Events (driver.api.events.Event) and the audit's findings (driver.api.events.Finding):
 
     async with c.events("0000:81:00.1") as events:
@@ -53,6 +59,9 @@ from driver.vfio.uapi import (
 )
 from grpcsvc.errors import error_info
 from grpcsvc.server import CHANNEL_OPTIONS
+from grpcsvc.tls import aio_channel
+
+from .transport import FROM_ENV, TlsChoice, resolve_tls
 
 T = TypeVar("T")
 EVENTS_KEY = "x-vfio-events"  # the Events stream's initial metadata once subscribed
@@ -127,11 +136,16 @@ class Device:
 class VfioClient(AsyncClosing):
     """One client (a 'process') of a vfio-driver service."""
 
-    def __init__(self, target: str, *, client_id: str | None = None) -> None:
+    def __init__(
+        self, target: str, *, client_id: str | None = None, tls: TlsChoice = FROM_ENV
+    ) -> None:
+        """`tls`: a grpcsvc.tls.ClientTls, None for plaintext, or (the
+        default) the VFIO_TLS_* environment variables' TLS if they are set."""
         self.target = target
         self.client_id = client_id or f"vfioclient-{secrets.token_hex(6)}"
         self._metadata = ((CLIENT_KEY, self.client_id),)
-        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.tls = resolve_tls(tls)
+        self.channel = aio_channel(target, self.tls, options=CHANNEL_OPTIONS)
         self.stub = pbg.VfioStub(self.channel)
         # Write's requests encoded with one copy of the data (driver/api/wire.py).
         self._write = self.channel.stream_unary(
@@ -143,10 +157,16 @@ class VfioClient(AsyncClosing):
 
     @classmethod
     async def connect(
-        cls, target: str, *, client_id: str | None = None, timeout: float = 10.0
+        cls,
+        target: str,
+        *,
+        client_id: str | None = None,
+        timeout: float = 10.0,
+        tls: TlsChoice = FROM_ENV,
     ) -> VfioClient:
-        """Connect and open the session (so this client's fds close with it)."""
-        c = cls(target, client_id=client_id)
+        """Connect and open the session (so this client's fds close with it).
+        A TLS file that cannot be read raises grpcsvc.tls.TlsError."""
+        c = cls(target, client_id=client_id, tls=tls)
         try:
             c._session = c.stub.Session(pb.SessionRequest(), metadata=c._metadata)
             await asyncio.wait_for(c._session.read(), timeout)

@@ -11,7 +11,8 @@ address (the embedded firmware's Scenario service on the driver's port):
 
 Only the Scenario service is used (no completion stream, which a driver port
 does not serve).  Failures raise `ScenarioClientError`; an unreachable
-service raises it with errno ECONNREFUSED.
+service raises it with errno ECONNREFUSED.  TLS as VfioClient's: `tls=`, by
+default the VFIO_TLS_* environment variables if they are set.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import CmdStatus, Fault, FaultKind, Opcode, Syndrome
 
 from .client import AsyncClosing
+from .transport import FROM_ENV, TlsChoice, resolve_tls
 
 __all__ = ["FAULT_KINDS", "ScenarioClient", "ScenarioClientError", "make_fault"]
 
@@ -107,9 +109,11 @@ class ScenarioClient(AsyncClosing):
         self.target = link.target
 
     @classmethod
-    async def connect(cls, target: str, *, timeout: float = 10.0) -> ScenarioClient:
+    async def connect(
+        cls, target: str, *, timeout: float = 10.0, tls: TlsChoice = FROM_ENV
+    ) -> ScenarioClient:
         """Connect and check the service answers (ListVfs) within `timeout`."""
-        link = GrpcLink(target)
+        link = GrpcLink(target, tls=resolve_tls(tls))
         c = cls(link)
         try:
             await asyncio.wait_for(link.list_vfs(), timeout)

@@ -33,6 +33,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 from driver.api.events import Event
 
 from .client import EventStream, VfioClient, VfioClientError
+from .transport import FROM_ENV, TlsChoice
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -96,13 +97,19 @@ class SyncVfioClient:
 
     @classmethod
     def connect(
-        cls, target: str, *, client_id: str | None = None, timeout: float = 10.0
+        cls,
+        target: str,
+        *,
+        client_id: str | None = None,
+        timeout: float = 10.0,
+        tls: TlsChoice = FROM_ENV,
     ) -> SyncVfioClient:
-        """Connect and open the session; VfioClientError(ENOTCONN) if unreachable."""
+        """Connect and open the session; VfioClientError(ENOTCONN) if
+        unreachable.  `tls` as VfioClient's (default: VFIO_TLS_* if set)."""
         runner = _LoopThread(f"vfioclient-{target}")
 
         async def connect() -> VfioClient:
-            return await VfioClient.connect(target, client_id=client_id, timeout=timeout)
+            return await VfioClient.connect(target, client_id=client_id, timeout=timeout, tls=tls)
 
         try:
             client = runner.run(connect())

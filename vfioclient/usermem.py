@@ -51,7 +51,11 @@ class SharedSegment:
 
     @classmethod
     def create(cls, length: int, shm_dir: str | None = None) -> SharedSegment:
-        """Raises OSError (ENOSPC on a full /dev/shm) when it cannot be had."""
+        """A new segment no one else can take over: an unguessable name
+        (vfioclient-PID-<128 random bits>), created with O_CREAT|O_EXCL|
+        O_NOFOLLOW and mode 0600 (fwemu.hostmem.create_segment), its pages
+        allocated now.  Raises OSError (ENOSPC on a full /dev/shm) when it
+        cannot be had."""
         return cls(create_segment(length, shm_dir, prefix="vfioclient", reserve=True), shm_dir)
 
     def __len__(self) -> int:

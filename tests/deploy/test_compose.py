@@ -1,16 +1,23 @@
 """deploy/compose.yaml: valid against the compose specification; every
 command of the project's image parses with the project's own CLI parsers and
-names the other services by their real ports; start order follows health
-checks; Prometheus scrapes exactly the metrics ports the services listen on;
-Grafana's provisioning finds the dashboard. No Docker engine is to be had
-here, so this is what checks the file."""
+names the other services by their real ports; every gRPC connection is mutual
+TLS with the certificates the one-shot `certs` job writes into a shared
+volume, and the principals line up with the roles; start order follows the
+job and the health checks; Prometheus scrapes exactly the metrics ports the
+services listen on; Grafana's provisioning finds the dashboard. No Docker
+engine is to be had here, so this is what checks the file, and a replay runs
+the project's services as the file says (the job, both services, their
+health checks, the demo) as local processes."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +28,13 @@ from driver.cli import _parser as driver_parser
 from driver.service.server import VFIO_SERVICE
 from fwemu.cli import _parser as fwemu_parser
 from fwemu.scenario import load_scenario_file
+from grpcsvc import spawn, tls
+from grpcsvc.certs import CA_CERT, CA_KEY, LOCAL_NAMES
 from grpcsvc.healthcheck import _parser as healthcheck_parser
 from tests.support.dockerfile import DOCKERFILE, ROOT
 from tests.support.tools import passes, tool
 from vfioclient.cli import build_parser as vfioctl_parser
+from vfioclient.cli.certs import principal
 from vfioclient.cli.demo import parser as demo_parser
 
 DEPLOY = ROOT / "deploy"
@@ -32,6 +42,8 @@ COMPOSE_FILE = DEPLOY / "compose.yaml"
 COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+NAMED_VOLUMES: dict[str, Any] = COMPOSE.get("volumes", {})
+SERVERS = ("fwemu", "driver")  # the services with a gRPC listener
 
 
 def built_here() -> dict[str, dict[str, Any]]:
@@ -72,7 +84,54 @@ def mounts(service: dict[str, Any]) -> dict[str, Path]:
     found = {}
     for volume in service.get("volumes", []):
         host, container, *_ = volume.split(":")
-        found[container] = (COMPOSE_FILE.parent / host).resolve()
+        if host not in NAMED_VOLUMES:
+            found[container] = (COMPOSE_FILE.parent / host).resolve()
+    return found
+
+
+def volume_mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """container path -> (named volume, read-only) of a service's volume mounts."""
+    found = {}
+    for volume in service.get("volumes", []):
+        name, container, *mode = volume.split(":")
+        if name in NAMED_VOLUMES:
+            found[container] = (name, mode == ["ro"])
+    return found
+
+
+def option(argv: list[str], flag: str) -> str | None:
+    """The value of `flag` in a command line (None without it)."""
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def certs_job() -> argparse.Namespace:
+    return parse_command(SERVICES["certs"]["command"])
+
+
+def pki_files() -> dict[str, str]:
+    """What the certs job writes: file in the container -> what it is
+    ("ca", "server", or the client's name)."""
+    job = certs_job()
+    files = {f"{job.dir}/{CA_CERT}": "ca", f"{job.dir}/{CA_KEY}": "ca key"}
+    for stem in ["server", *job.client]:
+        files[f"{job.dir}/{stem}.pem"] = files[f"{job.dir}/{stem}.key"] = stem
+    return files
+
+
+def tls_files(name: str) -> dict[str, str]:
+    """Every TLS file a service's command, health check or environment names:
+    its option (or variable) -> the file."""
+    service = SERVICES[name]
+    found: dict[str, str] = {}
+    command = service["command"]
+    health = service.get("healthcheck", {}).get("test", [])
+    for argv, where in ((command, ""), (health, "healthcheck ")):
+        for i, word in enumerate(argv[:-1]):
+            if word.startswith(("--tls-", "--firmware-tls-")):
+                found[where + word] = argv[i + 1]
+    for var in (tls.ENV_CA, tls.ENV_CERT, tls.ENV_KEY):
+        if var in service.get("environment", {}):
+            found[var] = service["environment"][var]
     return found
 
 
@@ -90,7 +149,7 @@ def test_the_compose_file_is_valid_against_the_compose_specification() -> None:
 
 
 def test_the_project_services_build_deploy_dockerfile_from_the_repository_root() -> None:
-    assert set(built_here()) == {"fwemu", "driver", "migrate"}
+    assert set(built_here()) == {"certs", "fwemu", "driver", "migrate"}
     for service in built_here().values():
         context = (COMPOSE_FILE.parent / service["build"]["context"]).resolve()
         assert context == ROOT
@@ -146,13 +205,178 @@ def test_the_drivers_health_follows_its_firmware() -> None:
     assert "--service" not in SERVICES["fwemu"]["healthcheck"]["test"]
 
 
-def test_services_start_once_what_they_need_is_healthy_and_the_job_runs_once() -> None:
+def test_services_start_once_what_they_need_is_healthy_and_the_jobs_run_once() -> None:
+    """A service waits for a long-running one to be healthy, and for a
+    one-shot job (certs) to have exited 0; the jobs are not restarted."""
     for name, service in SERVICES.items():
         for needed, how in service.get("depends_on", {}).items():
-            assert how == {"condition": "service_healthy"}, f"{name} -> {needed}"
-            assert not SERVICES[needed]["healthcheck"].get("disable"), needed
-    assert SERVICES["migrate"]["restart"] == "no"
+            if SERVICES[needed].get("restart") == "no":
+                assert how == {"condition": "service_completed_successfully"}, name
+            else:
+                assert how == {"condition": "service_healthy"}, f"{name} -> {needed}"
+                assert not SERVICES[needed]["healthcheck"].get("disable"), needed
+    assert SERVICES["migrate"]["restart"] == SERVICES["certs"]["restart"] == "no"
     assert parse_command(SERVICES["migrate"]["command"]).driver == "driver:50052"
+
+
+# --- mutual TLS -------------------------------------------------------------------------------
+
+
+def test_the_certs_job_writes_into_the_shared_volume_and_keeps_an_existing_ca() -> None:
+    job = certs_job()
+    assert job.command == "certs" and job.keep_ca and not job.force
+    (volume, read_only) = volume_mounts(SERVICES["certs"])[job.dir]
+    assert volume in NAMED_VOLUMES and not read_only
+    for name in SERVERS:
+        assert SERVICES[name]["depends_on"]["certs"] == {
+            "condition": "service_completed_successfully"
+        }
+
+
+@pytest.mark.parametrize("name", ["fwemu", "driver", "migrate"])
+def test_every_tls_file_a_service_names_is_one_the_job_writes_mounted_read_only(
+    name: str,
+) -> None:
+    files = tls_files(name)
+    assert files, f"{name} uses no TLS"
+    job = certs_job()
+    assert volume_mounts(SERVICES[name])[job.dir] == (
+        volume_mounts(SERVICES["certs"])[job.dir][0],
+        True,
+    )
+    written = pki_files()
+    for what, path in files.items():
+        assert path in written, f"{name} {what} {path}: the certs job does not write it"
+        kind = written[path]
+        if what.endswith(("-ca", tls.ENV_CA)):
+            assert kind == "ca", (name, what)
+        else:
+            assert kind not in ("ca", "ca key"), (name, what)
+
+
+@pytest.mark.parametrize("name", SERVERS)
+def test_every_grpc_listener_requires_client_certificates(name: str) -> None:
+    """0.0.0.0 inside the container, so only with TLS (never --insecure), and
+    mutual: a client without a certificate of the job's CA is refused."""
+    args = parse_command(SERVICES[name]["command"])
+    assert not args.insecure
+    server = tls.ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca)
+    assert server.mutual
+    tls.check_listen(args.listen, server, args.insecure)
+    assert pki_files()[args.tls_cert] == pki_files()[args.tls_key] == "server"
+    assert pki_files()[args.tls_client_ca] == "ca"
+
+
+@pytest.mark.parametrize("name", SERVERS)
+def test_the_health_checks_present_a_client_certificate_without_a_role(name: str) -> None:
+    test = SERVICES[name]["healthcheck"]["test"]
+    args = healthcheck_parser().parse_args(test[2:])
+    assert args.tls_ca and args.tls_cert and args.tls_key
+    probe = pki_files()[args.tls_cert]
+    assert principal(probe) not in admins(name)
+    assert principal(probe) not in parse_command(SERVICES["fwemu"]["command"]).driver_principals
+
+
+def admins(name: str) -> frozenset[str]:
+    principals: frozenset[str] = parse_command(SERVICES[name]["command"]).admin_principals
+    return principals
+
+
+def test_the_server_certificate_names_every_host_a_service_is_dialled_by() -> None:
+    hosts = set(certs_job().server_host) | set(LOCAL_NAMES)
+    dialled = [parse_command(SERVICES["driver"]["command"]).firmware]
+    demo = parse_command(SERVICES["migrate"]["command"])
+    dialled += [demo.driver, demo.scenario]
+    for address in dialled:
+        assert address.rpartition(":")[0] in hosts, address
+
+
+def test_the_principals_line_up_with_the_roles() -> None:
+    """The driver's firmware link is a driver to fwemu; the demo an admin of both."""
+    written = pki_files()
+    fwemu = parse_command(SERVICES["fwemu"]["command"])
+    link = parse_command(SERVICES["driver"]["command"])
+    assert written[link.firmware_tls_cert] == written[link.firmware_tls_key]
+    assert principal(written[link.firmware_tls_cert]) in fwemu.driver_principals
+    demo = SERVICES["migrate"]["environment"]
+    assert written[demo[tls.ENV_CERT]] == written[demo[tls.ENV_KEY]]
+    for name in SERVERS:
+        assert principal(written[demo[tls.ENV_CERT]]) in admins(name), name
+
+
+def _local(argv: list[str], certs: Path, addresses: dict[str, str]) -> list[str]:
+    """A container's command line for this host: /certs is `certs`, mounted
+    files their host paths, listeners on 127.0.0.1:0, services at `addresses`."""
+    out = []
+    for word in argv:
+        if word.startswith("/certs/"):
+            word = str(certs / word.removeprefix("/certs/"))
+        elif word.startswith("0.0.0.0:"):
+            word = "127.0.0.1:0"
+        elif word in addresses:
+            word = addresses[word]
+        elif word.startswith("/etc/"):
+            word = str(host_path(SERVICES["fwemu"], word))
+        out.append(word)
+    return out
+
+
+@contextlib.contextmanager
+def _compose_service(name: str, certs: Path, addresses: dict[str, str]) -> Iterator[str]:
+    """The service's command as a local process: its HOST:PORT."""
+    program, *args = _local(SERVICES[name]["command"], certs, addresses)
+    command = {"fwemu": spawn.FWEMU, "vfio-driver": spawn.DRIVER}[program]
+    with spawn.served(command, *args[1:], "--log-level", "warning", "--log-format", "text") as (
+        _,
+        target,
+    ):
+        yield target
+
+
+@pytest.mark.grpc
+@pytest.mark.timeout(180)
+def test_the_services_run_as_the_file_says(tmp_path: Path) -> None:
+    """The certs job (twice: the CA is kept), fwemu and the driver with their
+    compose commands, their health checks, and the demo with its
+    environment: the demo's migration completes with equal digests."""
+    certs = tmp_path / "certs"
+    job = _local(SERVICES["certs"]["command"], certs, {})
+    job[job.index("/certs")] = str(certs)
+
+    def run_job() -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "vfioclient.cli", *job[1:]],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    run_job()
+    ca = (certs / CA_CERT).read_bytes()
+    run_job()
+    assert (certs / CA_CERT).read_bytes() == ca
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith("VFIO_TLS_")}
+    with contextlib.ExitStack() as stack:
+        fw = stack.enter_context(_compose_service("fwemu", certs, {}))
+        drv = stack.enter_context(_compose_service("driver", certs, {"fwemu:50051": fw}))
+        for name, target in (("fwemu", fw), ("driver", drv)):
+            test = _local(SERVICES[name]["healthcheck"]["test"], certs, {})
+            test[-1] = target
+            done = subprocess.run(
+                [sys.executable, "-m", "grpcsvc.healthcheck", *test[2:]],
+                capture_output=True, text=True, timeout=30, check=False, env=clean_env,
+            )  # fmt: skip
+            assert done.returncode == 0, (name, done.stderr)
+        migrate = SERVICES["migrate"]
+        demo = _local(migrate["command"], certs, {"driver:50052": drv, "fwemu:50051": fw})
+        env = {k: _local([v], certs, {})[0] for k, v in migrate["environment"].items()}
+        done = subprocess.run(
+            [sys.executable, "-m", "vfioclient.cli", *demo[1:], "--json"],
+            capture_output=True, text=True, timeout=120, check=False,
+            env={**clean_env, **env},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert result["equal"] and result["report"]["status"] == "completed"
 
 
 def test_other_images_are_pinned_to_a_version() -> None:

@@ -24,6 +24,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from fwemu.cli import _parser as fwemu_parser
+from grpcsvc import tls
 from grpcsvc.spawn import served
 from tests.support.dockerfile import DOCKERFILE, ROOT, Stage, copy_context, parse
 from tests.support.tools import passes, tool
@@ -95,6 +97,29 @@ def test_the_runtime_runs_as_a_fixed_non_root_user_under_tini() -> None:
     assert entrypoint.exec_form() == ["tini", "--"]
     (stopsignal,) = runtime.all("STOPSIGNAL")
     assert stopsignal.args == "SIGTERM"
+
+
+def test_the_default_command_would_start_in_a_container() -> None:
+    """It listens on every interface: the listen policy wants TLS or an
+    explicit --insecure there (the replay below listens on loopback)."""
+    (cmd,) = stages()["runtime"].all("CMD")
+    program, *args = cmd.exec_form()
+    assert program == "fwemu"
+    parsed = fwemu_parser().parse_args(args)
+    assert not tls.is_local(parsed.listen)
+    tls.check_listen(parsed.listen, tls.server_tls(parsed), parsed.insecure)
+
+
+def test_the_pki_directory_belongs_to_the_runtime_user() -> None:
+    """A named volume mounted at /certs starts with the image directory's
+    owner: the certs job (that user) must be able to write there."""
+    runtime = stages()["runtime"]
+    (user,) = runtime.all("USER")
+    uid, _, gid = user.args.partition(":")
+    assert any(
+        re.search(rf"install -d -o {uid} -g {gid} -m 0750 /certs\b", step.args)
+        for step in runtime.all("RUN")
+    )
 
 
 def test_every_base_image_is_the_pinned_python_3_11_slim() -> None:

@@ -7,7 +7,9 @@ By default everything runs in this process (the firmware model, the driver
 service on a loopback port it picks, the orchestrator): nothing to start.
 With `--driver HOST:PORT --scenario HOST:PORT` it runs against running
 services (`vfio-driver serve --scenario-service`, or a `vfio-driver serve
---firmware` plus its `fwemu serve` as the scenario address).
+--firmware` plus its `fwemu serve` as the scenario address), over TLS with
+--tls-ca/--tls-cert/--tls-key or VFIO_TLS_CA/CERT/KEY; the embedded services
+are plaintext on loopback.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from fwemu.link.base import LinkError
 from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import VfConfig
 from grpcsvc.runner import run_main
+from grpcsvc.tls import TlsError, add_client_args, client_tls_from_args
 from grpcsvc.units import byte_size
 
 from ..client import VfioClient, VfioClientError
@@ -35,6 +38,7 @@ from ..migration import (
     migrate,
     report_text,
 )
+from ..transport import FROM_ENV, TlsChoice, resolve_tls
 from .args import add_byte_rate, add_data_path
 from .migrate import migration_options
 
@@ -81,16 +85,19 @@ async def run_demo(
     *,
     dst_driver: str | None = None,
     dst_scenario: str | None = None,
+    tls: TlsChoice = FROM_ENV,
 ) -> DemoResult:
     """Migrate the first migratable VF to the second one on `driver` (or to
     the first one on `dst_driver`: two hosts); the firmware behind `scenario`
     reconfigures the source at its first switchover-ack; each side's
     firmware (`dst_scenario`, default the `dst_driver` address) gives its
-    digest."""
-    fw = GrpcLink(scenario)  # its Scenario service only: no completion stream
-    dst_fw = fw if dst_driver is None else GrpcLink(dst_scenario or dst_driver)
-    src_c = await VfioClient.connect(driver)
-    dst_c = await VfioClient.connect(dst_driver or driver)
+    digest.  `tls` for every connection (as VfioClient's)."""
+    link_tls = resolve_tls(tls)
+    # Their Scenario services only: no completion stream.
+    fw = GrpcLink(scenario, tls=link_tls)
+    dst_fw = fw if dst_driver is None else GrpcLink(dst_scenario or dst_driver, tls=link_tls)
+    src_c = await VfioClient.connect(driver, tls=link_tls)
+    dst_c = await VfioClient.connect(dst_driver or driver, tls=link_tls)
     try:
         devices = [d for d in await src_c.list_devices() if d.migratable]
         if dst_driver is not None:
@@ -157,10 +164,11 @@ async def _main(args: argparse.Namespace) -> int:
             options,
             dst_driver=args.dst_driver,
             dst_scenario=args.dst_scenario,
+            tls=client_tls_from_args(args),
         )
     else:
         async with embedded_services(args.size, args.dirty_rate, args.seed) as (drv, scn):
-            result = await run_demo(drv, scn, options)
+            result = await run_demo(drv, scn, options, tls=None)
     if args.json:
         print(json.dumps({**result.__dict__, "equal": result.equal}, indent=2))
     else:
@@ -206,6 +214,7 @@ def parser() -> argparse.ArgumentParser:
         help="shared memory the drivers map (auto: where they can), or gRPC messages",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_client_args(p)
     return p
 
 
@@ -216,7 +225,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--dst-driver and --dst-scenario need --driver (running services)")
     if args.dst_scenario and not args.dst_driver:
         p.error("--dst-scenario needs --dst-driver")
-    return run_main("vfioctl demo", _main(args), {(VfioClientError, LinkError, MigrationError): 1})
+    if (args.tls_ca or args.tls_cert or args.tls_key) and not args.driver:
+        p.error("--tls-ca/--tls-cert/--tls-key need --driver (the embedded services are plaintext)")
+    return run_main(
+        "vfioctl demo", _main(args), {(VfioClientError, LinkError, MigrationError, TlsError): 1}
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -7,6 +7,9 @@ failure: {"error": {"errno": ..., "name": ..., "message": ..., "hint": ...}}).
 Each command group has its module, each command a Command (command.py) in
 COMMANDS below; `scenario` adds its own subcommands, and `demo` has its own
 parser (demo.py) and gets the rest of the command line.
+
+--tls-ca/--tls-cert/--tls-key (else VFIO_TLS_CA/CERT/KEY) apply to every
+connection a command makes: the driver(s), and the firmware Scenario services.
 """
 
 from __future__ import annotations
@@ -19,17 +22,19 @@ import os
 import sys
 from collections.abc import Sequence
 
+from grpcsvc.tls import TlsError, add_client_args, client_tls_from_args
+
 from ..client import VfioClient, VfioClientError
 from ..scenario import ScenarioClientError
-from . import data, demo, devices, events, migrate, precopy, scenario, state
+from . import certs, data, demo, devices, events, migrate, precopy, scenario, state
 from .args import seconds
-from .command import Command
+from .command import Command, LocalCommand
 from .output import HINTS, PROG, CliError, Out, fail
 
 DEFAULT_DRIVER = "127.0.0.1:50052"
 
 # In the order of the command list (`demo` first, `scenario` last).
-COMMANDS: dict[str, Command] = {
+COMMANDS: dict[str, Command | LocalCommand] = {
     "list": devices.LIST,
     "show": devices.SHOW,
     "set-state": state.SET_STATE,
@@ -40,7 +45,12 @@ COMMANDS: dict[str, Command] = {
     "migrate": migrate.MIGRATE,
     "events": events.EVENTS,
     "audit": events.AUDIT,
+    "certs": certs.CERTS,
 }
+TLS_HINT = (
+    "the TLS handshake failed: check --tls-ca (the CA of the service's certificate), and "
+    "--tls-cert/--tls-key (a service with --tls-client-ca requires a client certificate)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="connect timeout and limit for the whole operation (default 30)",
     )
+    add_client_args(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo.add_parser(sub)
@@ -79,20 +90,44 @@ async def _run(args: argparse.Namespace, out: Out) -> None:
     if args.command == "scenario":
         await scenario.run_scenario(args, out)
         return
-    c = await VfioClient.connect(args.driver, timeout=args.timeout)
+    command = COMMANDS[args.command]
+    if isinstance(command, LocalCommand):
+        await command.run(args, out)
+        return
+    c = await VfioClient.connect(args.driver, timeout=args.timeout, tls=args.tls)
     try:
-        await COMMANDS[args.command].run(c, args, out)
+        await command.run(c, args, out)
     finally:
         await c.aclose()
 
 
-def _hint(code: int, args: argparse.Namespace) -> str | None:
+def _hint(code: int, args: argparse.Namespace, message: str = "") -> str | None:
+    if code in (errno.ECONNREFUSED, errno.ENOTCONN) and _tls_failure(message):
+        return TLS_HINT
     if code in (errno.ECONNREFUSED, errno.ENOTCONN):
         if args.command == "scenario":
             where = args.firmware or args.driver
-            return f"is `fwemu serve` or `vfio-driver serve --scenario-service` running at {where}?"
-        return f"is vfio-driver serve running at {args.driver}?"
+            hint = f"is `fwemu serve` or `vfio-driver serve --scenario-service` running at {where}?"
+        else:
+            hint = f"is vfio-driver serve running at {args.driver}?"
+        if args.tls is None or args.tls.cert is None:  # a closed socket is all a refusal says
+            hint += " Over TLS it needs --tls-ca, and with --tls-client-ca --tls-cert/--tls-key."
+        return hint
     return HINTS.get(code)
+
+
+def _tls_argv(args: argparse.Namespace) -> list[str]:
+    """The --tls-* options given, as a command line."""
+    return [
+        f"--tls-{what}={value}"
+        for what in ("ca", "cert", "key")
+        if (value := getattr(args, f"tls_{what}")) is not None
+    ]
+
+
+def _tls_failure(message: str) -> bool:
+    text = message.lower()
+    return any(w in text for w in ("ssl", "handshake", "certificate", "tls"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,10 +136,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return demo.main(argv[1:])
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, rest = parser.parse_known_args(argv)
+        if args.command != "demo" and rest:
+            parser.parse_args(argv)  # the usual error for what is left over
     except SystemExit as e:  # --help: 0, usage errors: 2
         return e.code if isinstance(e.code, int) else 2
+    if args.command == "demo":  # `vfioctl --tls-... demo ...`: its own flags come later, and win
+        return demo.main([*_tls_argv(args), *(["--json"] if args.json else []), *rest])
     out = Out(args.json)
+    try:
+        # Every connection the command makes uses it (args.tls; None: plaintext).
+        args.tls = client_tls_from_args(args)
+    except TlsError as e:
+        return fail(out, errno.EINVAL, str(e), "give --tls-cert and --tls-key together")
 
     async def bounded() -> None:
         if args.command == "events":  # live until interrupted: only connecting is timed
@@ -116,7 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(bounded())
     except (VfioClientError, ScenarioClientError) as e:
         code = e.errno or errno.EIO
-        return fail(out, code, e.strerror or str(e), _hint(code, args))
+        message = e.strerror or str(e)
+        return fail(out, code, message, _hint(code, args, message))
+    except TlsError as e:  # a TLS file that cannot be read
+        return fail(out, errno.EINVAL, str(e), "see --tls-ca/--tls-cert/--tls-key")
     except CliError as e:
         return fail(out, e.errno, str(e), e.hint or _hint(e.errno, args))
     except TimeoutError:

@@ -45,7 +45,7 @@ async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None
     dst = c
     dst_driver = args.dst_driver or args.driver
     if dst_driver != args.driver:
-        dst = await VfioClient.connect(dst_driver, timeout=args.timeout)
+        dst = await VfioClient.connect(dst_driver, timeout=args.timeout, tls=args.tls)
     scenarios: list[ScenarioClient] = []
     try:
         sfd = await c.open_device(args.src)
@@ -125,7 +125,7 @@ async def _verifier(
             info = next((d for d in await client.list_devices() if d.name == device), None)
             if info is None:
                 raise CliError(errno.ENOENT, f"no device {device}", "see vfioctl list")
-            sc = await ScenarioClient.connect(target, timeout=args.timeout)
+            sc = await ScenarioClient.connect(target, timeout=args.timeout, tls=args.tls)
             keep.append(sc)
             await sc.list_vfs()
         except (ScenarioClientError, VfioClientError) as e:

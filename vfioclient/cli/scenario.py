@@ -39,7 +39,7 @@ async def _vhca(s: ScenarioClient, vf: str) -> int:
 
 async def run_scenario(args: argparse.Namespace, out: Out) -> None:
     target = args.firmware or args.driver
-    s = await ScenarioClient.connect(target, timeout=args.timeout)
+    s = await ScenarioClient.connect(target, timeout=args.timeout, tls=args.tls)
     try:
         if args.scenario_command == "vfs":
             if args.create:

@@ -1,9 +1,13 @@
 """deploy/k8s: every kustomization renders with `kubectl kustomize`, every
 object it renders validates strictly against Kubernetes' own schemas
-(kubernetes-validate; the Prometheus Operator's ServiceMonitor, which has no
-schema there, is checked here), and the invariants the design relies on hold:
-the shard count, probes, resources, the locked-down containers, the network
-policy, the headless Services.
+(kubernetes-validate; the Prometheus Operator's ServiceMonitor and
+cert-manager's Issuer and Certificate, which have no schema there, are checked
+here), and the invariants the design relies on hold: the shard count, probes,
+resources, the locked-down containers, the network policies, the headless
+Services, and with the mtls components mutual TLS on every gRPC listener and
+link, each certificate file mounted from the Secret that holds it, the
+principals matching the roles, and the server certificate naming every
+address it is dialled by.
 
 kubectl comes from PATH (.ci/run installs it where it is missing). Locally the
 tests skip without kubectl or kubernetes-validate; under CI they fail instead.
@@ -29,6 +33,9 @@ from driver.service.server import VFIO_SERVICE
 from driver.shards import SHARDS_ENV, parse_shards
 from fwemu.cli import _parser as fwemu_parser
 from fwemu.scenario import parse_scenario
+from grpcsvc import tls
+from grpcsvc.access import DEFAULT_DRIVER_PRINCIPAL
+from grpcsvc.healthcheck import _parser as healthcheck_parser
 
 K8S = Path(__file__).resolve().parents[3] / "deploy" / "k8s"
 # The newest Kubernetes whose schemas kubernetes-validate ships (pyproject pins
@@ -43,6 +50,18 @@ KUSTOMIZATIONS = {
     "overlays/small": (2, 1, False),
     "overlays/scale": (16, 4, True),
 }
+# kustomization -> where its certificates come from (None: plaintext)
+MTLS = {"base": None, "overlays/small": "secrets", "overlays/scale": "cert-manager"}
+# The Secrets components/mtls mounts: server, the drivers' firmware link, probes.
+SERVER_SECRET, DRIVER_SECRET, PROBE_SECRET = (
+    "vfio-server-tls",
+    "vfio-driver-client-tls",
+    "vfio-probe-tls",
+)
+SECRET_KEYS = {"tls.crt", "tls.key", "ca.crt"}  # kubernetes.io/tls, plus cert-manager's CA
+ADMIN = "spiffe://vfio-mlx5-emu/admin"
+MIGRATION_CLIENT = {"vfio-mlx5-emu/migration-client": "true"}
+ADMIN_POD = {"vfio-mlx5-emu/admin": "true"}
 LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/component", "app.kubernetes.io/part-of")
 FIRMWARE = {"app.kubernetes.io/name": "fwemu", "app.kubernetes.io/component": "firmware"}
 DRIVER = {"app.kubernetes.io/name": "vfio-driver", "app.kubernetes.io/component": "driver"}
@@ -181,9 +200,38 @@ def check_servicemonitor(sm: Obj) -> None:
             assert re.fullmatch(r"[0-9]+(ms|s|m|h)", ep.get(key, "1s")), ep
 
 
+def check_cert_manager(obj: Obj) -> None:
+    """cert-manager.io/v1 Issuer and Certificate (no schema in
+    kubernetes-validate): the fields this project uses, with their types."""
+    assert obj["apiVersion"] == "cert-manager.io/v1", obj["apiVersion"]
+    assert set(obj) == {"apiVersion", "kind", "metadata", "spec"}
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", obj["metadata"]["name"])
+    spec = obj["spec"]
+    if obj["kind"] == "Issuer":
+        assert len(spec) == 1 and set(spec) <= {"selfSigned", "ca"}, spec
+        if "ca" in spec:
+            assert set(spec["ca"]) == {"secretName"}
+        return
+    assert obj["kind"] == "Certificate", obj["kind"]
+    assert set(spec) <= {
+        "secretName", "commonName", "dnsNames", "ipAddresses", "uris", "usages", "isCA",
+        "duration", "privateKey", "issuerRef",
+    }, spec  # fmt: skip
+    assert isinstance(spec["secretName"], str) and spec["secretName"]
+    assert set(spec["issuerRef"]) == {"name", "kind"} and spec["issuerRef"]["kind"] == "Issuer"
+    assert spec["privateKey"] == {"algorithm": "ECDSA", "size": 256}
+    for key in ("dnsNames", "ipAddresses", "uris", "usages"):
+        assert all(isinstance(v, str) and v for v in spec.get(key, [])), key
+    assert set(spec.get("usages", [])) <= {"server auth", "client auth", "digital signature"}
+    assert spec.get("commonName") or spec.get("dnsNames") or spec.get("uris")
+    assert re.fullmatch(r"[0-9]+h", spec.get("duration", "1h"))
+
+
 def validate(obj: Obj) -> None:
     if obj["apiVersion"].startswith("monitoring.coreos.com/"):
         check_servicemonitor(obj)
+    elif obj["apiVersion"].startswith("cert-manager.io/"):
+        check_cert_manager(obj)
     else:
         kubernetes_validate().validate(obj, KUBERNETES_VERSION, strict=True)
 
@@ -206,6 +254,9 @@ def test_strict_validation_catches_a_misspelled_field() -> None:
     sm = one(objs, "ServiceMonitor", "fwemu")
     with pytest.raises(AssertionError):
         check_servicemonitor({**sm, "spec": {**sm["spec"], "endpoint": []}})
+    cert = one(objs, "Certificate", SERVER_SECRET)
+    with pytest.raises(AssertionError):
+        check_cert_manager({**cert, "spec": {**cert["spec"], "dnsName": ["x"]}})
 
 
 def test_the_servicemonitor_component_scrapes_both_metrics_ports() -> None:
@@ -294,22 +345,41 @@ def test_the_driver_serves_every_shard_over_the_network(
 
 # --- pods -------------------------------------------------------------------------------------
 
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 
-def test_every_container_has_requests_limits_and_grpc_probes(
+
+def probe_target(kustomization: str, probe: Obj) -> tuple[int, str, argparse.Namespace | None]:
+    """(port, grpc.health.v1 service, the exec probe's grpc-health-check
+    arguments) of a probe: the kubelet's own gRPC probe when plaintext, an
+    exec probe presenting a client certificate under mTLS (the kubelet's
+    cannot present one)."""
+    kinds = set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"}
+    if MTLS[kustomization] is None:
+        assert kinds == {"grpc"}
+        return probe["grpc"]["port"], probe["grpc"].get("service", ""), None
+    assert kinds == {"exec"}
+    program, *argv = probe["exec"]["command"]
+    assert program == "grpc-health-check"
+    args = healthcheck_parser().parse_args(argv)
+    host, _, port = args.target.rpartition(":")
+    assert host == "127.0.0.1", "over the pod's loopback, the server certificate names it"
+    assert probe["timeoutSeconds"] > args.timeout
+    return int(port), args.service, args
+
+
+def test_every_container_has_requests_limits_and_health_probes(
     objects: tuple[str, tuple[Obj, ...]],
 ) -> None:
-    """Native gRPC probes on the plaintext port the service listens on (where
-    grpc.health.v1 is served)."""
-    _, objs = objects
+    """Probes ask grpc.health.v1 on the port the service listens on."""
+    kustomization, objs = objects
     for name in ("fwemu", "vfio-driver"):
         w, args = workload(objs, name)
         listen = port_of(args.listen)
         for c in w["spec"]["template"]["spec"]["containers"]:
             for kind in ("requests", "limits"):
                 assert set(c["resources"][kind]) == {"cpu", "memory"}, (c["name"], kind)
-            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                assert set(c[probe]) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}
-                assert c[probe]["grpc"]["port"] == listen, (c["name"], probe)
+            for probe in PROBES:
+                assert probe_target(kustomization, c[probe])[0] == listen, (c["name"], probe)
             assert {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"] == listen
 
 
@@ -320,14 +390,143 @@ def test_the_drivers_readiness_follows_its_firmware_and_liveness_does_not(
     unreachable: the pod leaves the Service); startup and liveness ask the
     server (""), which stays SERVING: a restart would not bring a firmware back.
     fwemu's probes all ask the server."""
-    _, objs = objects
+    kustomization, objs = objects
     (driver,) = workload(objs, "vfio-driver")[0]["spec"]["template"]["spec"]["containers"]
-    assert driver["readinessProbe"]["grpc"].get("service") == VFIO_SERVICE
+    assert probe_target(kustomization, driver["readinessProbe"])[1] == VFIO_SERVICE
     for probe in ("startupProbe", "livenessProbe"):
-        assert driver[probe]["grpc"].get("service", "") == "", probe
+        assert probe_target(kustomization, driver[probe])[1] == "", probe
     for c in workload(objs, "fwemu")[0]["spec"]["template"]["spec"]["containers"]:
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"].get("service", "") == "", probe
+        for probe in PROBES:
+            assert probe_target(kustomization, c[probe])[1] == "", probe
+
+
+# --- transport security -----------------------------------------------------------------------
+
+
+def mounted_secrets(obj: Obj) -> dict[str, str]:
+    """mount path -> Secret name of a workload's Secret volumes."""
+    pod = obj["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    (c,) = pod["containers"]
+    return {m["mountPath"]: secrets[m["name"]] for m in c["volumeMounts"] if m["name"] in secrets}
+
+
+def secret_of(obj: Obj, path: str) -> str:
+    """The Secret a file of the container comes from (its key: the file's name)."""
+    directory, _, key = path.rpartition("/")
+    assert key in SECRET_KEYS, path
+    found = mounted_secrets(obj).get(directory)
+    assert found is not None, f"nothing mounts a Secret at {directory}"
+    return found
+
+
+def tls_options(args: argparse.Namespace, prefix: str = "tls") -> tuple[str, str, str]:
+    attr = prefix.replace("-", "_")
+    ca = getattr(args, f"{attr}_client_ca" if prefix == "tls" else f"{attr}_ca")
+    return getattr(args, f"{attr}_cert"), getattr(args, f"{attr}_key"), ca
+
+
+def test_grpc_listens_on_the_pod_network_only_with_tls_or_insecure(
+    objects: tuple[str, tuple[Obj, ...]],
+) -> None:
+    """The listen policy: 0.0.0.0 needs TLS or an explicit --insecure (base,
+    with NetworkPolicy its only guard); the mtls component requires client
+    certificates instead, and leaves no --insecure behind."""
+    kustomization, objs = objects
+    for name in ("fwemu", "vfio-driver"):
+        _, args = workload(objs, name)
+        server = tls.ServerTls(*tls_options(args)) if args.tls_cert else None
+        tls.check_listen(args.listen, server, args.insecure)
+        if MTLS[kustomization] is None:
+            assert server is None and args.insecure, name
+        else:
+            assert server is not None and server.mutual and not args.insecure, name
+
+
+WITH_MTLS = [k for k, source in MTLS.items() if source is not None]
+WITH_CERT_MANAGER = [k for k, source in MTLS.items() if source == "cert-manager"]
+
+
+@pytest.mark.parametrize("kustomization", WITH_MTLS)
+def test_every_certificate_file_comes_from_the_secret_that_holds_it(kustomization: str) -> None:
+    """Server certificate and CA, the driver's firmware link, the probes':
+    each file is a key of the Secret mounted at its directory."""
+    objs = rendered(kustomization)
+    for name in ("fwemu", "vfio-driver"):
+        w, args = workload(objs, name)
+        for path in tls_options(args):
+            assert secret_of(w, path) == SERVER_SECRET, (name, path)
+        (c,) = w["spec"]["template"]["spec"]["containers"]
+        for probe in PROBES:
+            _, _, health = probe_target(kustomization, c[probe])
+            assert health is not None
+            for path in (health.tls_ca, health.tls_cert, health.tls_key):
+                assert secret_of(w, path) == PROBE_SECRET, (name, probe, path)
+    dep, args = workload(objs, "vfio-driver")
+    for path in tls_options(args, "firmware-tls"):
+        assert secret_of(dep, path) == DRIVER_SECRET, path
+    sts, _ = workload(objs, "fwemu")
+    assert DRIVER_SECRET not in mounted_secrets(sts).values(), "fwemu is no driver"
+
+
+def issued_principal(cert: Obj) -> str:
+    """The principal the services see for a Certificate's: URI SAN, else CN."""
+    spec = cert["spec"]
+    return str(spec["uris"][0]) if spec.get("uris") else str(spec["commonName"])
+
+
+@pytest.mark.parametrize("kustomization", WITH_MTLS)
+def test_the_principals_match_the_roles(kustomization: str) -> None:
+    """fwemu takes the drivers' firmware link as a driver; both services take
+    the admin certificate as admin; the probes' certificate has no role."""
+    objs = rendered(kustomization)
+    _, fw = workload(objs, "fwemu")
+    _, drv = workload(objs, "vfio-driver")
+    assert fw.driver_principals == {DEFAULT_DRIVER_PRINCIPAL}
+    assert fw.admin_principals == drv.admin_principals == {ADMIN}
+    if MTLS[kustomization] == "cert-manager":
+        certs = {c["spec"]["secretName"]: c for c in objs if c["kind"] == "Certificate"}
+        assert issued_principal(certs[DRIVER_SECRET]) in fw.driver_principals
+        assert issued_principal(certs["vfio-admin-tls"]) == ADMIN
+        probe = issued_principal(certs[PROBE_SECRET])
+        assert probe not in fw.driver_principals | fw.admin_principals
+        assert "client auth" in certs[DRIVER_SECRET]["spec"]["usages"]
+        assert "server auth" in certs[SERVER_SECRET]["spec"]["usages"]
+
+
+def name_matches(pattern: str, host: str) -> bool:
+    """A certificate's DNS name against a host (a leading '*.' is one label)."""
+    if pattern.startswith("*."):
+        first, _, rest = host.partition(".")
+        return bool(first) and rest == pattern[2:]
+    return pattern == host
+
+
+@pytest.mark.parametrize("kustomization", WITH_CERT_MANAGER)
+def test_cert_manager_issues_every_secret_and_names_every_address_dialled(
+    kustomization: str,
+) -> None:
+    """The server certificate covers every firmware shard the drivers dial
+    (their shard map, as the kubelet expands it), the driver Service's names
+    and the probes' loopback; the CA chain is one Issuer from a self-signed root."""
+    objs = rendered(kustomization)
+    certs = {c["spec"]["secretName"]: c for c in objs if c["kind"] == "Certificate"}
+    issuers = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Issuer"}
+    for secret in (SERVER_SECRET, DRIVER_SECRET, PROBE_SECRET):
+        issuer = issuers[certs[secret]["spec"]["issuerRef"]["name"]]
+        ca = certs[issuer["spec"]["ca"]["secretName"]]
+        assert ca["spec"]["isCA"] is True
+        assert "selfSigned" in issuers[ca["spec"]["issuerRef"]["name"]]["spec"]
+    dep = one(objs, "Deployment", "vfio-driver")
+    namespace = dep["metadata"]["namespace"]
+    shards = parse_shards(container_env(dep, objs, namespace)[SHARDS_ENV])
+    server = certs[SERVER_SECRET]["spec"]
+    dialled = [a.rpartition(":")[0] for a in shards.addresses]
+    dialled += [f"vfio-driver.{namespace}.svc.cluster.local", f"vfio-driver.{namespace}.svc"]
+    for host in dialled:
+        assert any(name_matches(p, host) for p in server["dnsNames"]), host
+    assert "127.0.0.1" in server["ipAddresses"]
+    assert not any(name_matches(p, "fwemu-0.fwemu.elsewhere.svc") for p in server["dnsNames"])
 
 
 def test_containers_run_locked_down(objects: tuple[str, tuple[Obj, ...]]) -> None:
@@ -396,26 +595,70 @@ def test_services_are_headless_with_named_ports(objects: tuple[str, tuple[Obj, .
     assert services["vfio-driver"]["spec"]["publishNotReadyAddresses"] is False
 
 
-def test_only_drivers_reach_the_firmwares_grpc_port(objects: tuple[str, tuple[Obj, ...]]) -> None:
+def ingress_rules(objs: tuple[Obj, ...], labels: dict[str, str]) -> list[Obj]:
+    """The rules of the one NetworkPolicy selecting pods with `labels`;
+    every rule names both its ports and its peers (else it opens them all)."""
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    (np,) = [p for p in policies if selects(p["spec"]["podSelector"]["matchLabels"], labels)]
+    assert np["spec"]["policyTypes"] == ["Ingress"]
+    for rule in np["spec"]["ingress"]:
+        assert rule.get("ports") and rule.get("from"), "a rule without ports or peers opens all"
+    return list(np["spec"]["ingress"])
+
+
+def split_rules(obj: Obj, rules: list[Obj]) -> tuple[Obj, Obj]:
+    """(the gRPC port's rule, the metrics port's rule), and no other."""
+    ports = named_ports(obj)
+    by_port = {tuple(p["port"] for p in r["ports"]): r for r in rules}
+    assert set(by_port) == {(ports["grpc"],), (ports["metrics"],)}, by_port
+    return by_port[(ports["grpc"],)], by_port[(ports["metrics"],)]
+
+
+def test_metrics_ports_take_prometheus_only(objects: tuple[str, tuple[Obj, ...]]) -> None:
+    _, objs = objects
+    for obj in workloads(objs):
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        _, metrics = split_rules(obj, ingress_rules(objs, labels))
+        for peer in metrics["from"]:
+            assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+
+
+def test_only_drivers_and_admin_pods_reach_the_firmwares_grpc_port(
+    objects: tuple[str, tuple[Obj, ...]],
+) -> None:
     _, objs = objects
     sts = one(objs, "StatefulSet", "fwemu")
     dep = one(objs, "Deployment", "vfio-driver")
     fw_labels = sts["spec"]["template"]["metadata"]["labels"]
     driver_labels = dep["spec"]["template"]["metadata"]["labels"]
-    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
-    (np,) = [p for p in policies if selects(p["spec"]["podSelector"]["matchLabels"], fw_labels)]
-    assert not selects(np["spec"]["podSelector"]["matchLabels"], driver_labels)
-    assert np["spec"]["policyTypes"] == ["Ingress"]
-    grpc_rules = []
-    for rule in np["spec"]["ingress"]:
-        assert rule.get("ports") and rule.get("from"), "a rule without ports or peers opens all"
-        if any(p["port"] in (50051, "grpc") for p in rule["ports"]):
-            grpc_rules.append(rule)
-        else:
-            assert [p["port"] for p in rule["ports"]] == [named_ports(sts)["metrics"]]
-    (rule,) = grpc_rules
-    assert [p["port"] for p in rule["ports"]] == [50051]
-    for peer in rule["from"]:
-        assert set(peer) == {"podSelector"}, "driver pods of this namespace only"
-        assert selects(peer["podSelector"]["matchLabels"], driver_labels)
-        assert not selects(peer["podSelector"]["matchLabels"], fw_labels)
+    grpc_rule, _ = split_rules(sts, ingress_rules(objs, fw_labels))
+    admitted = []
+    for peer in grpc_rule["from"]:
+        assert set(peer) == {"podSelector"}, "pods of this namespace only"
+        selector = peer["podSelector"]["matchLabels"]
+        assert selector, "an empty selector admits every pod"
+        assert not selects(selector, fw_labels) and not selects(selector, MIGRATION_CLIENT)
+        admitted.append(selector)
+    assert any(selects(s, driver_labels) for s in admitted)
+    assert ADMIN_POD in admitted
+
+
+def test_only_migration_clients_and_admin_pods_reach_the_drivers_grpc_port(
+    objects: tuple[str, tuple[Obj, ...]],
+) -> None:
+    """Named workloads: pods labelled as migration clients or admins, of this
+    namespace or of namespaces labelled to hold clients; never any pod of any
+    namespace (the NetworkPolicy before issue 12)."""
+    _, objs = objects
+    dep = one(objs, "Deployment", "vfio-driver")
+    driver_labels = dep["spec"]["template"]["metadata"]["labels"]
+    grpc_rule, _ = split_rules(dep, ingress_rules(objs, driver_labels))
+    pods = []
+    for peer in grpc_rule["from"]:
+        assert set(peer) <= {"podSelector", "namespaceSelector"} and "podSelector" in peer
+        selector = peer["podSelector"]["matchLabels"]
+        assert selector in (MIGRATION_CLIENT, ADMIN_POD), selector
+        if "namespaceSelector" in peer:
+            assert peer["namespaceSelector"]["matchLabels"], "not every namespace"
+        pods.append(selector)
+    assert MIGRATION_CLIENT in pods and ADMIN_POD in pods

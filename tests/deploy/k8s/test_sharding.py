@@ -1,11 +1,15 @@
-"""Sharding across real processes, configured as deploy/k8s configures it.
+"""Sharding across real processes, configured as deploy/k8s configures it
+(the overlays, with components/mtls).
 
 Two `fwemu serve --shard 0/1` and two `vfio-driver serve --memory remote`
 over both shards: driver A gets the shard map by `--firmware-shards`, driver
 B from VFIO_FIRMWARE_SHARDS (as the manifests give it).  The shards listen on
 127.0.0.10 and 127.0.0.11 with one port, so the client's VFIO_FIRMWARE_SHARDS
 can be the template form the manifests use (`...{shard}...:PORT@2`) for the
-same map.
+same map.  Every connection is mutual TLS: one server certificate for every
+shard's address (the cert-manager one names every shard with a wildcard), the
+drivers' firmware links as "vfio-driver", the clients as a migration client
+(its Scenario calls reach the VFs of the devices it holds) or as the admin.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import pytest
 from driver.shards import SHARDS_ENV, parse_shards, pci_name
 from driver.vfio.uapi import MigState
 from fwemu.link.ifc import VfInfo
+from grpcsvc.certs import DevCa, Issued, spiffe_id
 from grpcsvc.spawn import DRIVER, FWEMU, served
+from grpcsvc.tls import ENV_CA, ENV_CERT, ENV_KEY, ClientTls
 from vfioclient import VfioClient
 from vfioclient.cli import main as vfioctl
 from vfioclient.scenario import ScenarioClient
@@ -34,6 +40,27 @@ QUIET = ("--log-level", "error", "--loop", "asyncio")
 # No workload: digests read after the migration (destination RUNNING) still compare.
 VFS = ("--vfs", "2", "--size", "256KiB", "--dirty-rate", "0")
 HOSTS = ("127.0.0.10", "127.0.0.11")  # shard k on 127.0.0.1{k}
+CLIENT, ADMIN = "orchestrator", "admin"
+
+
+@dataclass(frozen=True)
+class ClusterPki:
+    ca: str
+    server: Issued
+    clients: dict[str, Issued]
+
+    def tls(self, name: str) -> ClientTls:
+        c = self.clients[name]
+        return ClientTls(self.ca, str(c.cert), str(c.key))
+
+    def server_args(self) -> tuple[str, ...]:
+        return ("--tls-cert", str(self.server.cert), "--tls-key", str(self.server.key),
+                "--tls-client-ca", self.ca, "--admin-principals", spiffe_id(ADMIN))  # fmt: skip
+
+    def firmware_link_args(self) -> tuple[str, ...]:
+        d = self.clients["vfio-driver"]
+        return ("--firmware-tls-ca", self.ca, "--firmware-tls-cert", str(d.cert),
+                "--firmware-tls-key", str(d.key))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -42,6 +69,7 @@ class Cluster:
     driver_a: str  # --firmware-shards
     driver_b: str  # VFIO_FIRMWARE_SHARDS
     template_spec: str  # the same shard map, as a TEMPLATE@N
+    pki: ClusterPki
 
 
 def _common_free_port() -> int:
@@ -67,38 +95,61 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = old
 
 
-def _shard(k: int, port: int) -> contextlib.AbstractContextManager[tuple[object, str]]:
-    return served(FWEMU, "--listen", f"{HOSTS[k]}:{port}", "--shard", str(k), *VFS, *QUIET)
+def _shard(
+    k: int, port: int, pki: ClusterPki
+) -> contextlib.AbstractContextManager[tuple[object, str]]:
+    return served(FWEMU, "--listen", f"{HOSTS[k]}:{port}", "--shard", str(k), *VFS, *QUIET,
+                  *pki.server_args())  # fmt: skip
 
 
 @pytest.fixture(name="cluster", scope="module")
-def cluster_fixture() -> Iterator[Cluster]:
+def cluster_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     assert SHARDS_ENV not in os.environ
+    ca = DevCa(tmp_path_factory.mktemp("cluster-pki"))
+    pki = ClusterPki(
+        str(ca.cert_path),
+        ca.server("server", HOSTS),
+        {
+            "vfio-driver": ca.client("vfio-driver", uri=False),
+            CLIENT: ca.client(CLIENT),
+            ADMIN: ca.client(ADMIN),
+        },
+    )
     with contextlib.ExitStack() as stack:
         for attempt in range(5):  # another process may take the port in between
             port = _common_free_port()
             try:
-                fw = [stack.enter_context(_shard(k, port))[1] for k in range(2)]
+                fw = [stack.enter_context(_shard(k, port, pki))[1] for k in range(2)]
                 break
             except RuntimeError:
                 stack.close()
                 if attempt == 4:
                     raise
         spec = ",".join(fw)
-        as_deployed = ("--memory", "remote", "--firmware-wait", "10", *QUIET)
+        as_deployed = ("--memory", "remote", "--firmware-wait", "10", *QUIET,
+                       *pki.server_args(), *pki.firmware_link_args())  # fmt: skip
         _, a = stack.enter_context(served(DRIVER, "--firmware-shards", spec, *as_deployed))
         with _env(SHARDS_ENV, spec):
             _, b = stack.enter_context(served(DRIVER, *as_deployed))
-        yield Cluster((fw[0], fw[1]), a, b, f"127.0.0.1{{shard}}:{port}@2")
+        yield Cluster((fw[0], fw[1]), a, b, f"127.0.0.1{{shard}}:{port}@2", pki)
 
 
-async def _vfs(firmware: str) -> list[VfInfo]:
-    async with await ScenarioClient.connect(firmware) as s:
+@pytest.fixture(autouse=True)
+def as_the_migration_client(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """VFIO_TLS_* name the migration client's certificate (as a client pod mounts it)."""
+    c = cluster.pki.clients[CLIENT]
+    monkeypatch.setenv(ENV_CA, cluster.pki.ca)
+    monkeypatch.setenv(ENV_CERT, str(c.cert))
+    monkeypatch.setenv(ENV_KEY, str(c.key))
+
+
+async def _vfs(cluster: Cluster, firmware: str) -> list[VfInfo]:
+    async with await ScenarioClient.connect(firmware, tls=cluster.pki.tls(ADMIN)) as s:
         return await s.list_vfs()
 
 
-async def _digest(firmware: str, vhca_id: int) -> str:
-    async with await ScenarioClient.connect(firmware) as s:
+async def _digest(cluster: Cluster, firmware: str, vhca_id: int) -> str:
+    async with await ScenarioClient.connect(firmware, tls=cluster.pki.tls(ADMIN)) as s:
         return await s.digest(vhca_id)
 
 
@@ -108,7 +159,9 @@ def test_the_template_spec_is_the_same_shard_map(cluster: Cluster) -> None:
 
 async def test_shards_hold_different_vfs(cluster: Cluster) -> None:
     """--shard K: seed --seed + K, so shard 0's VF 1 is not shard 1's VF 1."""
-    assert await _digest(cluster.firmware[0], 1) != await _digest(cluster.firmware[1], 1)
+    assert await _digest(cluster, cluster.firmware[0], 1) != await _digest(
+        cluster, cluster.firmware[1], 1
+    )
 
 
 @pytest.mark.parametrize("driver", ["driver_a", "driver_b"])
@@ -134,7 +187,7 @@ async def test_a_shard_1_device_through_driver_a_reaches_shard_1s_firmware(
     try:
         fd = await c.open_device(pci_name(2, 1))
         await c.set_state(fd, MigState.STOP)
-        shard0, shard1 = [await _vfs(fw) for fw in cluster.firmware]
+        shard0, shard1 = [await _vfs(cluster, fw) for fw in cluster.firmware]
         assert [(v.vhca_id, v.initiator_suspended, v.responder_suspended) for v in shard1] == [
             (1, False, False),
             (2, True, True),
@@ -150,11 +203,12 @@ def test_vfioctl_migrates_across_shards_and_drivers_verifying_digests(
 ) -> None:
     """Shard 0's 0000:81:00.1 (driver A) to shard 1's 0001:81:00.2 (driver B):
     `--verify yes` finds each device's Scenario service through
-    VFIO_FIRMWARE_SHARDS alone, and the shards' digests end equal."""
+    VFIO_FIRMWARE_SHARDS alone and reads the digests there as the migration
+    client (it holds both devices), and the shards' digests end equal."""
     src, dst = pci_name(1, 0), pci_name(2, 1)
     before = (
-        asyncio.run(_digest(cluster.firmware[0], 1)),
-        asyncio.run(_digest(cluster.firmware[1], 2)),
+        asyncio.run(_digest(cluster, cluster.firmware[0], 1)),
+        asyncio.run(_digest(cluster, cluster.firmware[1], 2)),
     )
     assert before[0] != before[1]
     monkeypatch.setenv(SHARDS_ENV, cluster.template_spec)
@@ -165,8 +219,8 @@ def test_vfioctl_migrates_across_shards_and_drivers_verifying_digests(
     doc = json.loads(out)
     assert doc["status"] == "completed" and doc["verified"] is True
     after = (
-        asyncio.run(_digest(cluster.firmware[0], 1)),
-        asyncio.run(_digest(cluster.firmware[1], 2)),
+        asyncio.run(_digest(cluster, cluster.firmware[0], 1)),
+        asyncio.run(_digest(cluster, cluster.firmware[1], 2)),
     )
     assert after[0] == after[1] == before[0]
 

@@ -41,4 +41,3 @@ async def test_the_heap_is_trimmed_when_the_last_client_goes(
         await rig.dst.aclose()
         await _until(lambda: not procs, "the last client to go")
         assert trims == [1]
-
