@@ -114,9 +114,9 @@ class GrpcService:
         insecure: bool = False,
         socket_mode: int = tls.DEFAULT_SOCKET_MODE,
     ) -> int:
-        """Bind and start; returns the port (useful with port 0; 0 for a unix
-        socket, created with `socket_mode`: gRPC answers 1 there).  Off-host only with TLS or
-        `insecure` (ListenError)."""
+        """Bind and start; returns the port (useful with port 0; for a unix
+        socket, created with `socket_mode`, gRPC answers 1).  Off-host only
+        with TLS or `insecure` (ListenError)."""
         split_host_port(listen)
         path = tls.unix_path(listen)
         try:

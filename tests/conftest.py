@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
-from tests.support.tls import Pki, make_pki
+from tests.support import tls_mode
+from tests.support.tls import Pki
 
 
 @pytest.fixture(scope="session")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+def pki() -> Pki:
     """A development CA with a server certificate for 127.0.0.1 and client
-    certificates for the driver, two tenants and an admin (tests/support/tls.py)."""
-    return make_pki(tmp_path_factory.mktemp("pki"))
+    certificates for the driver, two tenants and an admin (tests/support/tls.py);
+    the same one the mTLS pass (VFIO_TEST_TLS=1) serves everything with."""
+    return tls_mode.session_pki()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tls_environment() -> Iterator[None]:
+    """VFIO_TLS_CA/CERT/KEY for the whole session: the admin's certificate in
+    the mTLS pass, so that library clients and `vfioctl` subprocesses present
+    it; unset otherwise, so that a shell's own settings change no test."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in tls_mode.client_environment().items():
+            if value is None:
+                mp.delenv(name, raising=False)
+            else:
+                mp.setenv(name, value)
+        yield

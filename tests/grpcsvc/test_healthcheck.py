@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 from grpcsvc.server import GrpcService
 from grpcsvc.spawn import FWEMU, served
 from grpcsvc.tls import ENV_CA, ENV_CERT, ENV_KEY
+from tests.support import tls_mode
 from tests.support.tls import TENANTS, Pki
 
 pytestmark = pytest.mark.grpc
@@ -72,7 +73,7 @@ def test_a_stopped_server_fails_as_unreachable() -> None:
 async def test_a_not_serving_server_fails() -> None:
     """What a service reports from SIGTERM on, before it stops."""
     service = GrpcService([], lambda server: None)
-    port = await service.start("127.0.0.1:0")
+    port = await service.start("127.0.0.1:0", tls_config=tls_mode.server_tls())
     try:
         await service.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         proc = await asyncio.create_subprocess_exec(

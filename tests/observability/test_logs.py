@@ -13,6 +13,7 @@ from driver.vfio.uapi import MigState
 from fwemu.link.grpc import GrpcLink
 from grpcsvc import spawn
 from grpcsvc.spawn import DRIVER, FWEMU
+from tests.support import tls_mode
 from vfioclient import VfioClient, VfioClientError
 
 pytestmark = pytest.mark.grpc
@@ -21,7 +22,10 @@ JSON_LOGS = ("--listen", "127.0.0.1:0", "--loop", "asyncio", "--log-format", "js
 
 
 def start(command: list[str], *args: str) -> tuple[subprocess.Popen[str], str]:
-    return spawn.start([*command, *JSON_LOGS, "--log-level", "info", *args])
+    """In the run's mode (tests/support/tls_mode.py)."""
+    tls = tls_mode.server_args()
+    proc, target = spawn.start([*command, *JSON_LOGS, "--log-level", "info", *args, *tls])
+    return proc, tls_mode.serving(target)
 
 
 def stop(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
@@ -65,7 +69,7 @@ async def test_driver_logs_state_changes_and_errors_with_identifiers() -> None:
 async def test_firmware_logs_failed_commands_and_suspends() -> None:
     proc, target = start(FWEMU, "--vfs", "1", "--size", "64KiB", "--dirty-rate", "0")
     try:
-        link = await GrpcLink.connect(target)
+        link = await GrpcLink.connect(target, tls=tls_mode.client_tls(target))  # the admin
         try:
             await link.resume_vhca(1, op_mod=0)  # not suspended: BAD_RES_STATE_ERR
             await link.suspend_vhca(1, op_mod=0)

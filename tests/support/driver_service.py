@@ -43,7 +43,6 @@ from driver.vfio.uapi import (
 )
 from fwemu.hostmem import Segment, create_segment, unlink_segment
 from fwemu.link.base import FirmwareLink as Link
-from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import VfConfig
 from fwemu.link.inproc import InProcessLink
 from fwemu.model.clock import LoopClock
@@ -51,6 +50,8 @@ from fwemu.model.firmware import Firmware
 from grpcsvc.errors import ErrorInfo, error_info
 from grpcsvc.server import CHANNEL_OPTIONS
 from grpcsvc.spawn import FWEMU, start, stop
+from grpcsvc.tls import ClientTls, aio_channel
+from tests.support import harness_link, tls_mode
 
 T = TypeVar("T")
 
@@ -93,22 +94,36 @@ class FeatureResult:
     data_fd: int = -1
 
 
-class VfioClient:
-    """One client of a driver server (one descriptor table)."""
+# A client's TLS when none is given: the harness's (tls_mode.client_tls).
+HARNESS: Any = object()
 
-    def __init__(self, target: str, client_id: str | None = None) -> None:
+
+class VfioClient:
+    """One client of a driver server (one descriptor table).  `tls`: what it
+    presents (None: plaintext); by default the admin's certificate towards a
+    server the harness serves with mutual TLS (tls_mode), else plaintext."""
+
+    def __init__(
+        self, target: str, client_id: str | None = None, *, tls: ClientTls | None = HARNESS
+    ) -> None:
         self.target = target
         self.client_id = client_id or f"test-{secrets.token_hex(6)}"
         self.metadata = ((CLIENT_KEY, self.client_id),)
-        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.tls = tls_mode.client_tls(target) if tls is HARNESS else tls
+        self.channel = aio_channel(target, self.tls, options=CHANNEL_OPTIONS)
         self.stub = pbg.VfioStub(self.channel)
         self.session: Any = None  # the Session call, while open
 
     @classmethod
     async def connect(
-        cls, target: str, client_id: str | None = None, *, session: bool = True
+        cls,
+        target: str,
+        client_id: str | None = None,
+        *,
+        session: bool = True,
+        tls: ClientTls | None = HARNESS,
     ) -> VfioClient:
-        client = cls(target, client_id)
+        client = cls(target, client_id, tls=tls)
         if session:
             try:
                 await client.open_session()
@@ -292,15 +307,17 @@ class DriverUnderTest:
 
     @classmethod
     async def start(cls, link: Link, kind: str) -> DriverUnderTest:
-        server = DriverServer(DeviceRegistry(link, cmd_timeout=CMD_TIMEOUT))
+        """Served in this run's mode (tls_mode: mutual TLS in the mTLS pass)."""
+        server = DriverServer(DeviceRegistry(link, cmd_timeout=CMD_TIMEOUT), roles=tls_mode.roles())
         try:
-            port = await server.start("127.0.0.1:0")
+            target = await tls_mode.start(server)
         except BaseException:
             await link.close()
             raise
-        return cls(link, server, f"127.0.0.1:{port}", kind)
+        return cls(link, server, target, kind)
 
     async def stop(self) -> None:
+        tls_mode.stopped(self.target)
         await self.server.stop(0)
         await self.link.close()
 
@@ -321,9 +338,11 @@ class DriverUnderTest:
 
 @pytest.fixture(scope="module", name="fwemu_target")
 def fwemu_target_fixture() -> Iterator[str]:
-    """One `fwemu serve` process per test module (each test makes its own VFs)."""
-    proc, target = start([*FWEMU, *LOCAL, "--vfs", "0"], "fwemu")
-    yield target
+    """One `fwemu serve` process per test module (each test makes its own VFs),
+    in this run's mode (tls_mode)."""
+    proc, target = start([*FWEMU, *LOCAL, "--vfs", "0", *tls_mode.server_args()], "fwemu")
+    yield tls_mode.serving(target)
+    tls_mode.stopped(target)
     stop(proc)
 
 
@@ -335,7 +354,7 @@ async def drv_fixture(request: pytest.FixtureRequest) -> AsyncIterator[DriverUnd
     if request.param == "inproc":
         link = InProcessLink(Firmware(LoopClock(), seed=7))
     else:
-        link = await GrpcLink.connect(request.getfixturevalue("fwemu_target"))
+        link = await harness_link.connect_link(request.getfixturevalue("fwemu_target"))
     d = await DriverUnderTest.start(link, request.param)
     yield d
     await d.stop()

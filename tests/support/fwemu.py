@@ -1,6 +1,7 @@
 """The fwemu behaviour tests' harness: a firmware link in one of its modes
 (in-process, gRPC, gRPC with firmware-held memory) and short names for what the
-tests do through it (tests/fwemu/conftest.py makes them fixtures)."""
+tests do through it (tests/fwemu/conftest.py makes them fixtures).  Over gRPC
+the server and the link are in the run's mode (tests/support/tls_mode.py)."""
 
 from __future__ import annotations
 
@@ -36,14 +37,19 @@ async def open_link(fw: Firmware, mode: str, closers: list[Callable[[], Awaitabl
     else:
         # Imported here so that the in-process tests collect without gRPC code;
         # a missing module must fail the grpc tests, never skip them.
-        from fwemu.link.grpc import GrpcLink
         from fwemu.service.server import FirmwareServer
+        from tests.support import harness_link, tls_mode
 
-        server = FirmwareServer(fw)
-        port = await server.start("127.0.0.1:0")
-        closers.append(server.stop)
+        server = FirmwareServer(fw, roles=tls_mode.roles())
+        target = await tls_mode.start(server)
+
+        async def stop() -> None:
+            tls_mode.stopped(target)
+            await server.stop()
+
+        closers.append(stop)
         memory = "remote" if mode == "grpc-remote" else "auto"
-        link = await GrpcLink.connect(f"127.0.0.1:{port}", memory=memory)
+        link = await harness_link.connect_link(target, memory=memory)
     closers.append(link.close)
     return link
 

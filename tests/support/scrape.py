@@ -1,5 +1,6 @@
 """fwemu and vfio-driver as processes (grpcsvc.spawn) with --metrics-listen,
-and their /metrics scraped."""
+and their /metrics scraped; in the run's mode (tests/support/tls_mode.py),
+the metrics listener plain HTTP in both."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from grpcsvc import spawn
 from grpcsvc.spawn import DRIVER, FWEMU
+from tests.support import tls_mode
 
 QUIET = ("--log-level", "error", "--loop", "asyncio")
 METRICS = re.compile(r"metrics on (http://\S+/metrics)")
@@ -36,7 +37,10 @@ class Served:
 def served(command: list[str], *args: str) -> Iterator[Served]:
     """The service on free ports of 127.0.0.1, its metrics included; the line
     after 'serving ...' says where the metrics are."""
-    with spawn.served(command, "--metrics-listen", "127.0.0.1:0", *QUIET, *args) as (proc, target):
+    with tls_mode.served(command, "--metrics-listen", "127.0.0.1:0", *QUIET, *args) as (
+        proc,
+        target,
+    ):
         assert proc.stdout is not None
         line = proc.stdout.readline()
         metrics = METRICS.search(line)
@@ -47,5 +51,9 @@ def served(command: list[str], *args: str) -> Iterator[Served]:
 
 @contextlib.contextmanager
 def firmware_and_driver() -> Iterator[tuple[Served, Served]]:
-    with served(FWEMU, "--vfs", "0") as fw, served(DRIVER, "--firmware", fw.target) as drv:
+    link = tls_mode.firmware_link_args()
+    with (
+        served(FWEMU, "--vfs", "0") as fw,
+        served(DRIVER, "--firmware", fw.target, *link) as drv,
+    ):
         yield fw, drv

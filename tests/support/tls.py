@@ -11,10 +11,13 @@ from grpcsvc.access import DEFAULT_DRIVER_PRINCIPAL, Roles
 from grpcsvc.certs import DevCa, Issued, spiffe_id
 from grpcsvc.tls import ClientTls, ServerTls
 
-# The principals tests use: the driver's own, two tenants, an admin.
+# The principals tests use: the driver's own, two tenants, an admin, and a
+# second driver (another lab's vfio-driver on the same firmware, for tests
+# whose firmware names it in --driver-principals).
 DRIVER = DEFAULT_DRIVER_PRINCIPAL
 TENANTS = ("team-a", "team-b")
 ADMIN = "lab-admin"
+OTHER_DRIVER = "vfio-driver-b"
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Pki:
 
     def principal(self, name: str) -> str:
         """The principal the services see for client certificate `name`."""
-        return name if name == DRIVER else spiffe_id(name)
+        return name if name in (DRIVER, OTHER_DRIVER) else spiffe_id(name)
 
     def roles(self) -> Roles:
         """The roles services of the tests run with: DRIVER drives, ADMIN administers."""
@@ -64,8 +67,9 @@ class Pki:
 def make_pki(directory: Path) -> Pki:
     ca = DevCa(directory)
     pki = Pki(directory, ca.cert_path, ca.server("server"))
-    # The driver's certificate has a CN only: its principal is its name.
-    pki.clients[DRIVER] = ca.client(DRIVER, uri=False)
+    # The drivers' certificates have a CN only: their principal is their name.
+    for name in (DRIVER, OTHER_DRIVER):
+        pki.clients[name] = ca.client(name, uri=False)
     for name in (*TENANTS, ADMIN):
         pki.clients[name] = ca.client(name)
     return pki

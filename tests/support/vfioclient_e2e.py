@@ -10,7 +10,10 @@ slow part) with VFs created per test through the firmware's Scenario service:
   runs in the driver process; its Scenario service is on the driver's port).
 
 The test process is the orchestrating client (`VfioClient` for the source
-and destination "processes", `ScenarioClient` for the firmware).
+and destination "processes", `ScenarioClient` for the firmware).  In the
+mTLS pass (tests/support/tls_mode.py) the services require client
+certificates, the drivers' links present the driver's, and the clients the
+admin's (from VFIO_TLS_*, which the session sets).
 
 Digests are read in `on_destinations_loaded`: every source has been read to
 the end of its STOP_COPY stream and every destination is in STOP, both VFs
@@ -26,7 +29,9 @@ from dataclasses import dataclass, field
 
 from driver.shards import pci_name
 from fwemu.link.ifc import MiB, VfCaps, VfConfig
-from grpcsvc.spawn import DRIVER, FWEMU, served
+from grpcsvc.spawn import DRIVER, FWEMU
+from tests.support import tls_mode
+from tests.support.tls_mode import served
 from tests.support.vfioclient_migration import options
 from vfioclient import VfioClient
 from vfioclient.migration import DeviceMigration, DevicePair, MigrationOptions
@@ -45,10 +50,11 @@ class Topology:
 
 @contextlib.contextmanager
 def three_process() -> Iterator[Topology]:
+    link = tls_mode.firmware_link_args()
     with (
         served(FWEMU, "--vfs", "0", *QUIET) as (_, fw),
-        served(DRIVER, "--firmware", fw, *QUIET) as (_, a),
-        served(DRIVER, "--firmware", fw, *QUIET) as (_, b),
+        served(DRIVER, "--firmware", fw, *QUIET, *link) as (_, a),
+        served(DRIVER, "--firmware", fw, *QUIET, *link) as (_, b),
     ):
         yield Topology(fw, a, b)
 

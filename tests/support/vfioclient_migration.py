@@ -17,6 +17,7 @@ from fwemu.link.ifc import VfConfig
 from fwemu.link.inproc import InProcessLink
 from fwemu.model.clock import LoopClock
 from fwemu.model.firmware import Firmware
+from tests.support import tls_mode
 from tests.support.vfioclient_usermem import record_user_memory
 from vfioclient import VfioClient
 from vfioclient.migration import DevicePair, MigrationOptions
@@ -104,9 +105,11 @@ class InProcessRig:
 @contextlib.asynccontextmanager
 async def in_process_rig(*, seed: int = 7, cmd_timeout: float = 5.0) -> AsyncIterator[InProcessRig]:
     fw = Firmware(LoopClock(), seed=seed)
-    server = DriverServer(DeviceRegistry(InProcessLink(fw), cmd_timeout=cmd_timeout))
-    port = await server.start("127.0.0.1:0")
-    target = f"127.0.0.1:{port}"
+    server = DriverServer(
+        DeviceRegistry(InProcessLink(fw), cmd_timeout=cmd_timeout), roles=tls_mode.roles()
+    )
+    target = await tls_mode.start(server)
+    # The library's clients take TLS from VFIO_TLS_* (the admin's in the mTLS pass).
     src = await VfioClient.connect(target)
     dst = await VfioClient.connect(target)
     try:
@@ -114,4 +117,5 @@ async def in_process_rig(*, seed: int = 7, cmd_timeout: float = 5.0) -> AsyncIte
     finally:
         await src.aclose()
         await dst.aclose()
+        tls_mode.stopped(target)
         await server.stop(0)

@@ -6,7 +6,9 @@ from one event loop at a time (the CLI's asyncio.run, or the sync client's
 private loop), never two at once.  The VFs have no workload (dirty rate 0):
 a VF's state then only changes by migration, so digests taken after the CLI
 exits (its device fds closed) still compare saved and loaded state.  It logs
-errors only: its stderr is a pipe read when it stops.
+errors only: its stderr is a pipe read when it stops.  In the mTLS pass
+(tests/support/tls_mode.py) it requires client certificates; `vfioctl` and
+the library present the admin's from VFIO_TLS_*, which the session sets.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 from dataclasses import dataclass
 
 from grpcsvc.spawn import DRIVER, start, stop
+from tests.support import tls_mode
 from vfioclient.scenario import ScenarioClient
 
 
@@ -33,9 +36,11 @@ class Driver:
         ]  # fmt: skip
         if scenario:
             argv.append("--scenario-service")
-        return cls(*start(argv, "vfio-driver"))
+        proc, target = start([*argv, *tls_mode.server_args()], "vfio-driver")
+        return cls(proc, tls_mode.serving(target))
 
     def stop(self) -> None:
+        tls_mode.stopped(self.target)
         with contextlib.suppress(subprocess.TimeoutExpired):  # killed: nothing more to do
             stop(self.proc, 10)
 

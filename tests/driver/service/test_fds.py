@@ -12,7 +12,7 @@ import pytest
 
 from driver.service.process import FIRST_FD
 from driver.vfio.uapi import VFIO_PRECOPY_INFO_REINIT, Feature, MigState
-from grpcsvc.tls import ANONYMOUS
+from tests.support import tls_mode
 from tests.support.driver_service import (
     GET,
     SET,
@@ -253,7 +253,7 @@ async def test_an_open_still_in_flight_when_the_client_goes_away_leaves_nothing_
     await gone.close_channel()
 
     async def exited() -> bool:  # the server saw the session end: the client exited
-        return (ANONYMOUS, gone.client_id) not in inproc.server.servicer.processes
+        return (tls_mode.client_principal(), gone.client_id) not in inproc.server.servicer.processes
 
     assert await eventually(exited)
     release.set()

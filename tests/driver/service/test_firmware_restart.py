@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -29,6 +28,7 @@ from driver.vfio.uapi import MigState
 from fwemu.link.grpc import GrpcLink
 from grpcsvc.spawn import DRIVER, FWEMU, start, stop
 from tests.driver.service.test_migration import check, migrate
+from tests.support import tls_mode
 from tests.support.driver_service import LOCAL, Vf, VfioCallError, VfioClient, eventually
 
 pytestmark = pytest.mark.grpc
@@ -79,13 +79,13 @@ def stack_fixture() -> Iterator[Stack]:
 
 
 async def vfio_health(target: str) -> int:
-    async with grpc.aio.insecure_channel(target) as ch:
+    async with tls_mode.channel(target) as ch:
         req = health_pb2.HealthCheckRequest(service=VFIO_SERVICE)
         return int((await health_pb2_grpc.HealthStub(ch).Check(req, timeout=5)).status)
 
 
 async def server_health(target: str) -> int:
-    async with grpc.aio.insecure_channel(target) as ch:
+    async with tls_mode.channel(target) as ch:
         req = health_pb2.HealthCheckRequest(service="")
         return int((await health_pb2_grpc.HealthStub(ch).Check(req, timeout=5)).status)
 

@@ -16,6 +16,7 @@ from fwemu.link.ifc import KiB, VfConfig
 from fwemu.link.inproc import InProcessLink
 from fwemu.model.clock import LoopClock
 from fwemu.model.firmware import Firmware
+from tests.support import tls_mode
 from tests.support.exposition import get, samples
 from vfioclient import VfioClient, VfioClientError
 
@@ -34,13 +35,15 @@ async def served_fixture() -> AsyncIterator[
         metrics=reg,
         per_device_limit=2,
         firmware=EmbeddedFirmware(fw),
+        roles=tls_mode.roles(),
     )
-    port = await server.start("127.0.0.1:0")
-    c = await VfioClient.connect(f"127.0.0.1:{port}")
+    target = await tls_mode.start(server)
+    c = await VfioClient.connect(target)  # TLS from VFIO_TLS_* in the mTLS pass
     try:
         yield fw, server, reg, c
     finally:
         await c.aclose()
+        tls_mode.stopped(target)
         await server.stop(0)
 
 

@@ -29,6 +29,7 @@ from fwemu.link.base import ScenarioLink
 from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import VfConfig
 from grpcsvc.spawn import DRIVER, start, stop
+from tests.support import harness_link, tls_mode
 from tests.support.driver_service import (
     LOCAL,
     SET,
@@ -152,13 +153,15 @@ async def three_processes_fixture(
 ) -> AsyncIterator[tuple[str, GrpcLink, Vf, Vf]]:
     """`fwemu serve` (module fixture), `vfio-driver serve --firmware` (here)
     and the test as the client; the fwemu Scenario service drives the firmware."""
-    firmware = await GrpcLink.connect(fwemu_target)
+    firmware = await harness_link.connect_link(fwemu_target)
     vfs = await firmware.create_vfs(2, VfConfig(**WORKLOAD))
     src, dst = (Vf(pci_name(v.function_id), v.vhca_id) for v in vfs)
-    proc, target = start([*DRIVER, *LOCAL, "--firmware", fwemu_target, "--cmd-timeout", "10"])
+    argv = [*DRIVER, *LOCAL, "--firmware", fwemu_target, "--cmd-timeout", "10"]
+    proc, target = start([*argv, *tls_mode.server_args(), *tls_mode.firmware_link_args()])
     try:
-        yield target, firmware, src, dst
+        yield tls_mode.serving(target), firmware, src, dst
     finally:
+        tls_mode.stopped(target)
         rc, err = stop(proc)
         await firmware.close()
     assert rc == 0 and "Traceback" not in err, err

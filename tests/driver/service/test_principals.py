@@ -15,7 +15,6 @@ import errno
 import pytest
 
 from driver.service.process import FIRST_FD
-from grpcsvc.tls import ANONYMOUS
 from tests.driver.service.tenancy import (
     WORKLOAD,
     A,
@@ -24,6 +23,7 @@ from tests.driver.service.tenancy import (
     finish_migration,
     start_migration,
 )
+from tests.support import tls_mode
 from tests.support.driver_service import DriverUnderTest, VfioClient, errno_of, eventually
 
 pytestmark = pytest.mark.grpc
@@ -83,6 +83,6 @@ async def test_without_client_certificates_the_same_id_is_the_same_process(
         VfioClient(inproc.target, "dev") as second,
     ):
         fd = await first.open_device(vf.name)
-        assert set(inproc.server.servicer.processes) == {(ANONYMOUS, "dev")}
+        assert set(inproc.server.servicer.processes) == {(tls_mode.client_principal(), "dev")}
         await second.close(fd)
         assert await errno_of(first.close(fd)) == errno.EBADF

@@ -20,7 +20,7 @@ from driver.api.v1 import vfio_pb2 as pb
 from driver.service.usermap import MAX_MAPPING, MAX_MAPPINGS
 from driver.vfio.uapi import MigState
 from fwemu.hostmem import Segment, create_segment, default_shm_dir, unlink_segment
-from grpcsvc.tls import ANONYMOUS
+from tests.support import tls_mode
 from tests.support.driver_service import (
     DriverUnderTest,
     VfioCallError,
@@ -181,11 +181,11 @@ async def test_mappings_are_per_client_limited_and_go_with_the_session(
         for _ in range(MAX_MAPPINGS - 1):
             await map_(a, segment.name, 4096)
         assert await errno_of(map_(a, segment.name, 4096)) == errno.ENOMEM
-        proc = inproc.server.servicer.processes[ANONYMOUS, a.client_id]
+        proc = inproc.server.servicer.processes[tls_mode.client_principal(), a.client_id]
         assert len(proc.memory) == MAX_MAPPINGS
         await a.end_session()
         for _ in range(100):
-            if (ANONYMOUS, a.client_id) not in inproc.server.servicer.processes:
+            if (tls_mode.client_principal(), a.client_id) not in inproc.server.servicer.processes:
                 break
             await asyncio.sleep(0.02)
         assert len(proc.memory) == 0

@@ -19,7 +19,8 @@ import pytest
 
 from driver.vfio.uapi import MigState
 from fwemu.link.ifc import MiB
-from grpcsvc.spawn import DRIVER, FWEMU, served
+from grpcsvc.spawn import DRIVER, FWEMU
+from tests.support.tls_mode import firmware_link_args, served
 from tests.support.vfioclient_e2e import QUIET, Rig, Topology, options, rig
 from vfioclient.migration import MigrationError, MigrationReport, migrate
 
@@ -33,12 +34,13 @@ SOURCE_ONLY = "shm (source), grpc (destination)"
 def topo_fixture() -> Iterator[tuple[Topology, Topology, Topology]]:
     """fwemu + three drivers: A and B look in /dev/shm (this host), C in a
     directory of its own (as a driver on another host would)."""
+    link = firmware_link_args()
     with (
         tempfile.TemporaryDirectory() as elsewhere,
         served(FWEMU, "--vfs", "0", *QUIET) as (_, fw),
-        served(DRIVER, "--firmware", fw, *QUIET) as (_, a),
-        served(DRIVER, "--firmware", fw, *QUIET) as (_, b),
-        served(DRIVER, "--firmware", fw, "--shm-dir", elsewhere, *QUIET) as (_, c),
+        served(DRIVER, "--firmware", fw, *QUIET, *link) as (_, a),
+        served(DRIVER, "--firmware", fw, *QUIET, *link) as (_, b),
+        served(DRIVER, "--firmware", fw, "--shm-dir", elsewhere, *QUIET, *link) as (_, c),
     ):
         yield Topology(fw, a, b), Topology(fw, a, c), Topology(fw, c, a)
 

@@ -30,6 +30,7 @@ from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import MiB, VfConfig
 from grpcsvc.spawn import DRIVER, FWEMU, start, stop
 from tests.driver.service.test_firmware_restart import Status, free_port, vfio_health
+from tests.support import tls_mode
 from tests.support.leftovers import shm_segments
 from tests.support.vfioclient_migration import options
 from vfioclient import VfioClient, VfioClientError
@@ -67,7 +68,9 @@ class Driver:
 def start_driver(firmware: str) -> Driver:
     argv = [*DRIVER, "--listen", "127.0.0.1:0", "--firmware", firmware]
     argv += ["--cmd-timeout", str(CMD_TIMEOUT), "--metrics-listen", "127.0.0.1:0", *QUIET]
+    argv += [*tls_mode.server_args(), *tls_mode.firmware_link_args()]
     proc, target = start(argv, "vfio-driver")
+    tls_mode.serving(target)
     assert proc.stdout is not None
     m = METRICS.search(proc.stdout.readline())
     assert m is not None
@@ -75,8 +78,9 @@ def start_driver(firmware: str) -> Driver:
 
 
 def start_fwemu(address: str) -> subprocess.Popen[str]:
-    proc, at = start([*FWEMU, "--listen", address, "--vfs", "0", *QUIET], "fwemu")
-    assert at == address
+    argv = [*FWEMU, "--listen", address, "--vfs", "0", *QUIET, *tls_mode.server_args()]
+    proc, at = start(argv, "fwemu")
+    assert at == tls_mode.serving(address)
     return proc
 
 
@@ -128,16 +132,23 @@ class Stack:
 @pytest.fixture(name="stack")
 def stack_fixture() -> Iterator[Stack]:
     address = f"127.0.0.1:{free_port()}"
-    s = Stack(address, start_fwemu(address), start_driver(address))
+    fwemu = start_fwemu(address)
+    try:
+        s = Stack(address, fwemu, start_driver(address))
+    except BaseException:
+        stop(fwemu, 10)  # a driver that did not start leaves no firmware behind
+        raise
     yield s
     for p in (s.driver.proc, s.fwemu):
         with contextlib.suppress(subprocess.TimeoutExpired):
             stop(p, 10)
+    tls_mode.stopped(s.driver.target)
+    tls_mode.stopped(address)
 
 
 @contextlib.asynccontextmanager
 async def scenario(address: str) -> AsyncIterator[GrpcLink]:
-    link = GrpcLink(address)
+    link = GrpcLink(address, tls=tls_mode.client_tls(address))
     try:
         yield link
     finally:
