@@ -267,6 +267,29 @@ class Victim:
         await self.stop_copy()
         return await self.complete()
 
+    async def under_attack(self, attack: Callable[[], Awaitable[int]], at_least: int) -> int:
+        """Drain and stop-copy while `attack` runs round after round (each
+        returning how many attempts it made), until the migration has moved
+        on and at least `at_least` attempts were made; then complete.  The
+        attempts made."""
+        migrating = True
+        attempts = 0
+
+        async def attacking() -> None:
+            nonlocal attempts
+            while migrating or attempts < at_least:
+                attempts += await attack()
+
+        async def migrating_() -> None:
+            nonlocal migrating
+            await self.drain()
+            await self.stop_copy()
+            migrating = False
+
+        await asyncio.gather(attacking(), migrating_())
+        await self.complete()
+        return attempts
+
 
 async def map_user_memory(client: VfioClient, name: str, length: int) -> int:
     r = await client._call(

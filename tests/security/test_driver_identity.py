@@ -56,24 +56,13 @@ async def test_the_victims_client_id_reaches_none_of_its_fds(mtls: Parties) -> N
     v = await Victim.start(mtls, victim)
     assert set(v.fds) <= set(GUESSES)
     thief = await mtls.vfio(ATTACKER, VICTIM_ID)
-    migrating = True
-    rounds = 0
 
-    async def attack() -> None:
-        nonlocal rounds
-        while migrating or rounds < 2:
-            for fd in GUESSES:
-                await _every_use_is_ebadf(thief, fd)
-            rounds += 1
+    async def attack() -> int:
+        for fd in GUESSES:
+            await _every_use_is_ebadf(thief, fd)
+        return 1
 
-    async def migrate() -> None:
-        nonlocal migrating
-        await v.drain()
-        await v.stop_copy()
-        migrating = False
-
-    await asyncio.gather(attack(), migrate())
-    await v.complete()
+    await v.under_attack(attack, at_least=2)
 
 
 async def test_a_session_under_the_victims_id_ends_only_the_attackers_process(

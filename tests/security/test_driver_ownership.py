@@ -7,8 +7,6 @@ equal digests."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from tests.security.rig import ADMIN, ATTACKER, VICTIM, Parties, S, Victim, refused
@@ -24,25 +22,16 @@ async def test_the_attacker_cannot_open_the_devices_the_victim_migrates(mtls: Pa
         await mtls.vfio(ADMIN),
     )
     v = await Victim.start(mtls, victim)
-    migrating = True
-    opens = 0
 
-    async def attack() -> None:
-        nonlocal opens
-        while migrating or opens < 12:
-            for name in sorted(v.devices):
-                for c in (attacker, other, admin):
-                    await refused(c.open_device(name), "EBUSY")
-                    opens += 1
+    async def attack() -> int:
+        opens = 0
+        for name in sorted(v.devices):
+            for c in (attacker, other, admin):
+                await refused(c.open_device(name), "EBUSY")
+                opens += 1
+        return opens
 
-    async def migrate() -> None:
-        nonlocal migrating
-        await v.drain()
-        await v.stop_copy()
-        migrating = False
-
-    await asyncio.gather(attack(), migrate())
-    await v.complete()
+    await v.under_attack(attack, at_least=12)
     # The victim's last close released both: the attacker may take them now,
     # and whatever it does there is no longer the victim's business.
     for name in v.devices:

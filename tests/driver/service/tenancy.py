@@ -8,7 +8,6 @@ tests pin."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +15,7 @@ from typing import Any
 import grpc
 import pytest
 
-from driver.api import CLIENT_KEY
 from driver.api.v1 import vfio_pb2 as pb
-from driver.api.v1 import vfio_pb2_grpc as pbg
 from driver.registry import DeviceRegistry, pci_name
 from driver.service.server import DriverServer
 from driver.service.servicer import EVENTS_KEY
@@ -27,8 +24,7 @@ from fwemu.embedded import EmbeddedFirmware
 from fwemu.link.ifc import VfConfig
 from fwemu.model.clock import LoopClock
 from fwemu.model.firmware import Firmware
-from grpcsvc.server import CHANNEL_OPTIONS
-from grpcsvc.tls import ClientTls, aio_channel
+from grpcsvc.tls import ClientTls
 from tests.support.driver_service import CMD_TIMEOUT, SMALL_VF, Vf, VfioClient
 from tests.support.tls import TENANTS, Pki
 
@@ -42,14 +38,6 @@ class TenantClient(VfioClient):
     """VfioClient over TLS (mutual with a client certificate): its calls are
     its certificate's principal's."""
 
-    def __init__(self, target: str, tls: ClientTls | None, client_id: str | None = None) -> None:
-        self.target = target
-        self.client_id = client_id or f"test-{secrets.token_hex(6)}"
-        self.metadata = ((CLIENT_KEY, self.client_id),)
-        self.channel = aio_channel(target, tls, options=CHANNEL_OPTIONS)
-        self.stub = pbg.VfioStub(self.channel)
-        self.session = None
-
     @classmethod
     async def of(
         cls,
@@ -59,13 +47,8 @@ class TenantClient(VfioClient):
         *,
         session: bool = True,
     ) -> TenantClient:
-        client = cls(target, tls, client_id)
-        if session:
-            try:
-                await client.open_session()
-            except BaseException:
-                await client.channel.close(None)
-                raise
+        client = await cls.connect(target, client_id, session=session, tls=tls)
+        assert isinstance(client, TenantClient)
         return client
 
     async def events(self, device: str = "") -> Any:
