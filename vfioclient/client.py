@@ -57,6 +57,7 @@ from driver.vfio.uapi import (
     Feature,
     MigState,
 )
+from grpcsvc.errnames import errno_name
 from grpcsvc.errors import error_info
 from grpcsvc.server import CHANNEL_OPTIONS
 from grpcsvc.tls import aio_channel
@@ -90,7 +91,7 @@ class VfioClientError(OSError):
 
     @property
     def name(self) -> str:
-        return errno.errorcode.get(self.errno or 0, f"E{self.errno}")
+        return errno_name(self.errno or 0)
 
 
 def _error(e: grpc.aio.AioRpcError) -> VfioClientError:

@@ -10,6 +10,7 @@ from typing import NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
+from grpcsvc.errnames import errno_name as kernel_errno_name
 from grpcsvc.errors import abort
 
 from ..vfio.errors import VfioError
@@ -49,7 +50,7 @@ ERRNO_CODES: dict[int, grpc.StatusCode] = {
 def errno_name(code: int) -> str:
     if code == ERESTARTSYS:
         return "ERESTARTSYS"
-    return errno.errorcode.get(code, f"E{code}")
+    return kernel_errno_name(code)
 
 
 def grpc_code(code: int) -> grpc.StatusCode:

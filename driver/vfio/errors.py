@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import errno
 import os
+
+from grpcsvc.errnames import errno_name
 
 from .uapi import MigState
 
@@ -29,7 +30,7 @@ class VfioError(OSError):
 
     @property
     def name(self) -> str:
-        return errno.errorcode.get(self.errno or 0, f"E{self.errno}")
+        return errno_name(self.errno or 0)
 
     def __str__(self) -> str:
         return f"[{self.name}] {self.detail or os.strerror(self.errno or 0)}"

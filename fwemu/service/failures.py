@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from grpcsvc.errnames import errno_name
+
 from ..link.ifc import CmdStatus, FirmwareError, NoSuchVf, Syndrome
 from ..model.limits import LimitReached
 from ..model.memory import OutOfMemory
@@ -96,7 +98,7 @@ def failure(e: Exception) -> Failure:
     log.error("internal error: %s", e, exc_info=e)
     reason = "RECURSION" if isinstance(e, RecursionError) else "INTERNAL_ERROR"
     if isinstance(e, OSError):
-        reason = errno.errorcode.get(e.errno or 0, "INTERNAL_ERROR")
+        reason = errno_name(e.errno or 0, "INTERNAL_ERROR")
     return Failure(
         CmdStatus.INT_ERR,
         Syndrome.INTERNAL,

@@ -37,6 +37,7 @@ from driver.vfio.uapi import (
     MigState,
 )
 from driver.vfio.usermem import UserMemory
+from grpcsvc.errnames import errno_name
 
 S = MigState
 GET = VFIO_DEVICE_FEATURE_GET
@@ -71,9 +72,7 @@ def raises_errno(code: int) -> Iterator[pytest.ExceptionInfo[VfioError]]:
     with pytest.raises(VfioError) as info:
         yield info
     got = info.value.errno or 0
-    assert got == code, (
-        f"expected {errno.errorcode[code]}, got {errno.errorcode.get(got, got)}: {info.value}"
-    )
+    assert got == code, f"expected {errno_name(code)}, got {errno_name(got)}: {info.value}"
 
 
 class FakeFile:

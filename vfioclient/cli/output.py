@@ -8,6 +8,8 @@ import json
 import sys
 from typing import Any
 
+from grpcsvc.errnames import errno_name
+
 PROG = "vfioctl"
 
 HINTS = {
@@ -51,7 +53,7 @@ class Out:
 
 
 def fail(out: Out, code: int, message: str, hint: str | None) -> int:
-    name = errno.errorcode.get(code, f"E{code}")
+    name = errno_name(code)
     if out.json:
         print(
             json.dumps({"error": {"errno": code, "name": name, "message": message, "hint": hint}}),
