@@ -15,9 +15,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
-from grpc_reflection.v1alpha import reflection
 
-from . import tls
+from . import reflection, tls
 
 MAX_MESSAGE = 64 << 20
 
@@ -100,9 +99,7 @@ class GrpcService:
         register(self.server)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*self.service_names, HEALTH_SERVICE, reflection.SERVICE_NAME], self.server
-        )
+        reflection.enable_server_reflection([*self.service_names, HEALTH_SERVICE], self.server)
         self.port = 0
         self._stopped = asyncio.Event()
 

@@ -39,7 +39,15 @@ def test_reflection_lists_the_services(served: tuple[subprocess.Popen[str], str]
         req = reflection_pb2.ServerReflectionRequest(list_services="")
         (resp,) = list(stub.ServerReflectionInfo(iter([req]), timeout=5))
         names = {s.name for s in resp.list_services_response.service}
+        # v1 too, with v1alpha's messages (the same bytes on the wire)
+        v1 = ch.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        (resp_v1,) = list(v1(iter([req]), timeout=5))
     assert {"fwemu.api.v1.Firmware", "fwemu.api.v1.Scenario", "grpc.health.v1.Health"} <= names
+    assert {s.name for s in resp_v1.list_services_response.service} == names
 
 
 def test_sigterm_stops_cleanly(served: tuple[subprocess.Popen[str], str]) -> None:
