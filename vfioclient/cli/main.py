@@ -26,7 +26,7 @@ from grpcsvc.tls import TlsError, add_client_args, client_tls_from_args
 
 from ..client import VfioClient, VfioClientError
 from ..scenario import ScenarioClientError
-from . import certs, data, demo, devices, events, migrate, precopy, scenario, state
+from . import certs, data, demo, devices, events, exam, migrate, precopy, scenario, state
 from .args import seconds
 from .command import Command, LocalCommand
 from .output import HINTS, PROG, CliError, Out, fail
@@ -46,6 +46,7 @@ COMMANDS: dict[str, Command | LocalCommand] = {
     "events": events.EVENTS,
     "audit": events.AUDIT,
     "certs": certs.CERTS,
+    "exam": exam.EXAM,
 }
 TLS_HINT = (
     "the TLS handshake failed: check --tls-ca (the CA of the service's certificate), and "

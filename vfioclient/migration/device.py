@@ -118,6 +118,11 @@ class DeviceMigration:
                     raise MigrationError(f"{why}; recovered to {recovery.name}") from e
                 except VfioClientError as e2:
                     why += f"; recovery {recovery.name} failed: {e2}"
+            # The reset ends the transfer under this side's data fd: closed first,
+            # so that no stream is cut under its holder (QEMU closes it in its
+            # cleanup, after the reset; the driver's audit asks for it before).
+            attr = "src_data_fd" if side == "source" else "dst_data_fd"
+            await self._close_data_fd(client, attr)
             await client.reset(fd)  # a failing reset propagates: nothing else to try
             raise MigrationError(f"{why}; device reset") from e
 
