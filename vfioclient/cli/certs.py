@@ -11,10 +11,12 @@ from typing import Any
 from grpcsvc.access import DEFAULT_DRIVER_PRINCIPAL
 from grpcsvc.certs import CA_CERT, CA_KEY, DEFAULT_DAYS, LOCAL_NAMES, DevCa, Issued, spiffe_id
 from grpcsvc.tls import ENV_CA, ENV_CERT, ENV_KEY
+from grpcsvc.units import count_between
 
-from .args import positive
 from .command import LocalCommand
 from .output import CliError, Out
+
+MAX_DAYS = 36_500  # a hundred years: later dates overflow X.509's UTCTime/GeneralizedTime use
 
 SERVER = "server"
 # The driver's (its firmware link's), an orchestrator's, an administrator's.
@@ -159,10 +161,10 @@ def _arguments(s: argparse.ArgumentParser) -> None:
     )
     s.add_argument(
         "--days",
-        type=positive,
+        type=count_between(1, MAX_DAYS),
         default=DEFAULT_DAYS,
         metavar="N",
-        help=f"validity of new certificates (default {DEFAULT_DAYS})",
+        help=f"validity of new certificates (default {DEFAULT_DAYS}; 1 to {MAX_DAYS})",
     )
     g = s.add_mutually_exclusive_group()
     g.add_argument("--force", action="store_true", help="replace an existing CA")

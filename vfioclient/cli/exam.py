@@ -9,12 +9,15 @@ import errno
 import shlex
 import time
 
+from grpcsvc.units import seconds_between
+
 from ..client import VfioClient
 from ..exam import TRAPS, Trap, Verdict, run_exam, summary
 from ..scenario import ScenarioClient
-from .args import seconds
 from .command import Command
 from .output import CliError, Out
+
+MAX_TRAP_TIMEOUT = 86_400.0  # a day
 
 STDERR_FD = 2
 MARGIN_S = 1.0  # the verdicts are printed this long before --timeout ends the command
@@ -131,9 +134,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--trap-timeout",
-        type=seconds,
+        type=seconds_between(0.0, MAX_TRAP_TIMEOUT),
         metavar="SECONDS",
-        help="how long to wait for the orchestrator on each trap (default: until --timeout)",
+        help="how long to wait for the orchestrator on each trap (default: until --timeout; "
+        "at most a day)",
     )
     p.add_argument(
         "--attempts",
