@@ -32,6 +32,7 @@ log = logging.getLogger("vfio-driver")
 class Registered:
     core: VfioDevice
     mvdev: Mlx5VfDevice
+    uid: str = ""  # the firmware's VfInfo.uid: another uid in the slot is another device
 
 
 class DeviceRegistry:
@@ -88,7 +89,11 @@ class DeviceRegistry:
             for vf in vfs
         }
         for name, reg in list(self.devices.items()):
-            if name not in present and shard_of(name) not in down:
+            gone = name not in present and shard_of(name) not in down
+            # Removed and created again in its slot between two looks: the old
+            # device went away (unplugged) and a new one came (replugged).
+            replaced = name in present and present[name][1].uid != reg.uid
+            if gone or replaced:
                 reg.mvdev.mdev_detach = True
                 if reg.core.open_count == 0:
                     del self.devices[name]
@@ -107,7 +112,7 @@ class DeviceRegistry:
             await mvdev.probe()
             core = VfioDevice(name, mvdev)
             mvdev.core = core
-            self.devices[name] = Registered(core, mvdev)
+            self.devices[name] = Registered(core, mvdev, vf.uid)
         return [self.devices[n] for n in sorted(self.devices)]
 
     async def _list_vfs(self, shard: int) -> list[VfInfo] | LinkError:

@@ -556,3 +556,7 @@ class VfInfo:
     reconfigurations: int
     save_in_flight: bool
     seed: int
+    # Unique to this VF's life on this firmware: a VF removed and created
+    # again in its slot (same vhca_id) is another device, as a hot-replugged
+    # function is to the kernel.
+    uid: str = ""

@@ -175,4 +175,5 @@ def vf_info(vf: Vf) -> VfInfo:
         reconfigurations=vf.reconfigurations,
         save_in_flight=vf.save_in_flight is not None,
         seed=vf.seed,
+        uid=vf.uid,
     )

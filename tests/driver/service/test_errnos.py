@@ -24,12 +24,13 @@ from driver.vfio.uapi import (
     Feature,
     MigState,
 )
-from fwemu.link.ifc import CmdStatus, Fault, FaultKind, Opcode, VfCaps
+from fwemu.link.ifc import CmdStatus, Fault, FaultKind, Opcode, VfCaps, VfConfig
 from grpcsvc.errnames import errno_name as kernel_name
 from tests.support.driver_service import (
     GET,
     MIG_STATE_ARGSZ,
     SET,
+    SMALL_VF,
     DriverUnderTest,
     VfioCallError,
     VfioClient,
@@ -185,6 +186,29 @@ async def test_commands_of_a_removed_vf_are_enotconn(
     await fails_with(client.set_state(fd, S.STOP), errno.ENOTCONN)
     await client.close(fd)
     assert vf.name not in [d.name for d in await client.list_devices()]
+
+
+async def test_a_vf_replaced_in_its_slot_is_a_new_device(
+    drv: DriverUnderTest, client: VfioClient
+) -> None:
+    """A VF removed and created again in its slot (same vhca_id, same PCI
+    name) between two looks is a new device, as a replugged function is to
+    the kernel: the old one's fd gets -ENOTCONN, and the name now offers the
+    new VF with its own caps."""
+    vf, fd = await drv.open_vf(client)
+    assert [d.migratable for d in await client.list_devices() if d.name == vf.name] == [True]
+    await drv.link.remove_vf(vf.vhca_id)
+    (new,) = await drv.link.create_vfs(
+        1, VfConfig(**{**SMALL_VF, "caps": VfCaps(migration_tracking_state=False)})
+    )
+    assert new.vhca_id == vf.vhca_id  # the same slot
+    listed = [d for d in await client.list_devices() if d.name == vf.name]
+    assert [d.migratable for d in listed] == [False]  # the new VF's caps, not the old's
+    await fails_with(client.set_state(fd, S.STOP), errno.ENOTCONN)
+    await client.close(fd)
+    fd2 = await client.open_device(vf.name)
+    await fails_with(client.set_state(fd2, S.STOP), errno.ENOTTY)  # not migratable
+    await client.close(fd2)
 
 
 async def test_dma_logging_argument_errors(inproc: DriverUnderTest) -> None:
