@@ -213,7 +213,7 @@ class VfioClient(AsyncClosing):
         return int(m.fd)
 
     async def close(self, fd: int) -> None:
-        await self._call(self.stub.Close, pb.CloseRequest(fd=fd))
+        await self._call(self.stub.CloseFd, pb.CloseFdRequest(fd=fd))
 
     async def reset(self, fd: int) -> None:
         await self._call(self.stub.DeviceReset, pb.DeviceResetRequest(fd=fd))

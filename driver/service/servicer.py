@@ -289,11 +289,11 @@ class VfioServicer(pbg.VfioServicer):
         await telling.wait(holders.wait)
         return pb.OpenDeviceResponse(fd=fd)
 
-    async def Close(self, request: pb.CloseRequest, context: Ctx) -> Any:
+    async def CloseFd(self, request: pb.CloseFdRequest, context: Ctx) -> Any:
         proc = self.process(context)
         async with self._answering(context, "close", proc=proc, fd=request.fd):
             await proc.close(request.fd)
-        return pb.CloseResponse()
+        return pb.CloseFdResponse()
 
     async def DeviceFeature(self, request: pb.DeviceFeatureRequest, context: Ctx) -> Any:
         proc = self.process(context)

@@ -176,7 +176,7 @@ class VfioClient:
         return r.fd
 
     async def close(self, fd: int) -> None:
-        await self._call(self.stub.Close, pb.CloseRequest(fd=fd))
+        await self._call(self.stub.CloseFd, pb.CloseFdRequest(fd=fd))
 
     async def device_feature(
         self,
