@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, NoReturn, TypeVar
 
@@ -30,8 +30,6 @@ from ..api.v1 import vfio_pb2 as pb
 from ..api.v1 import vfio_pb2_grpc as pbg
 from ..api.wire import WriteChunk
 from ..events import CALLER, PRINCIPAL, ErrorAnswered, Event, Payload, Subscription
-from ..mlx5.migf import Mlx5VfMigrationFile
-from ..mlx5.save import SaveFile
 from ..registry import DRIVER_NAME, DeviceRegistry
 from ..vfio.errors import VfioError
 from ..vfio.ops import MigrationFile
@@ -42,17 +40,16 @@ from ..vfio.uapi import (
     VFIO_MIG_GET_PRECOPY_INFO,
     Feature,
 )
-from ..vfio.usermem import UserMemory
 from .errnos import UNEXPECTED, abort_errno, as_vfio_error, errno_name, errno_of
+from .fdcalls import MAX_READ, read_into, stream_of, user_memory, write_from
 from .process import CLIENT_IDLE, DataFd, DeviceFd, Process, ProcessKey, reap_idle
+from .uninterruptible import Calls
 from .usermap import MappedSegments
 
 log = logging.getLogger("vfio-driver")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 EVENTS_KEY = "x-vfio-events"  # initial metadata of an Events stream: "subscribed"
-MAX_READ = 16 << 20  # one message; read(2) may return less than asked anyway
-MAX_WRITE = MAX_READ  # one WriteFrom; write(2) may take less (the count says)
 DEFAULT_CHUNK = 1 << 20
 
 # Event payload kind -> its message (the Event oneof's field of that name)
@@ -96,6 +93,8 @@ class VfioServicer(pbg.VfioServicer):
         # (they are no work in progress to drain) and fds are closed once
         # calls drained.
         self.stopping = asyncio.Event()
+        # ioctls, close(2) and write(2) run to their end if their caller goes away.
+        self.calls = Calls()
 
     # --- callers -----------------------------------------------------------------------
 
@@ -249,6 +248,7 @@ class VfioServicer(pbg.VfioServicer):
 
     async def close_all(self) -> None:
         self.stopping.set()
+        await self.calls.drain()
         for proc in list(self.processes.values()):
             await self._exit(proc)
 
@@ -277,14 +277,20 @@ class VfioServicer(pbg.VfioServicer):
         holders = self.registry.holders
         async with self._answering(context, "open", device=request.name):
             reg = await self.registry.lookup(request.name)
-            # EBUSY while another principal holds it, as a VFIO group's second opener.
-            mvdev = reg.mvdev
-            telling = await holders.open(reg.core, proc.principal, mvdev.link, mvdev.caps.vhca_id)
-            try:
-                fd = proc.install(DeviceFd(reg.core))
-            except VfioError:
-                await holders.close(reg.core, proc.principal)
-                raise
+
+            async def open_device() -> tuple[int, Any]:
+                # EBUSY while another principal holds it, as a VFIO group's second opener.
+                mvdev = reg.mvdev
+                telling = await holders.open(
+                    reg.core, proc.principal, mvdev.link, mvdev.caps.vhca_id
+                )
+                try:
+                    return proc.install(DeviceFd(reg.core)), telling
+                except VfioError:
+                    await holders.close(reg.core, proc.principal)
+                    raise
+
+            fd, telling = await self.calls.run(open_device())
         # The holder may use Scenario on its VF once the call returns.
         await telling.wait(holders.wait)
         return pb.OpenDeviceResponse(fd=fd)
@@ -292,7 +298,7 @@ class VfioServicer(pbg.VfioServicer):
     async def CloseFd(self, request: pb.CloseFdRequest, context: Ctx) -> Any:
         proc = self.process(context)
         async with self._answering(context, "close", proc=proc, fd=request.fd):
-            await proc.close(request.fd)
+            await self.calls.run(proc.close(request.fd))
         return pb.CloseFdResponse()
 
     async def DeviceFeature(self, request: pb.DeviceFeatureRequest, context: Ctx) -> Any:
@@ -304,17 +310,19 @@ class VfioServicer(pbg.VfioServicer):
         ):
             op = "set_state"
         async with self._answering(context, op, proc=proc, fd=request.fd):
-            user = _user_memory(request.user_memory)
+            user = user_memory(request.user_memory)
             device = proc.device(request.fd)
 
             def install(file: MigrationFile) -> int:
                 nonlocal new_fd
-                stream, saving = _stream_of(file)
+                stream, saving = stream_of(file)
                 new_fd = proc.install(DataFd(file, device, stream, saving))
                 return new_fd
 
-            data = await device.device_feature(
-                request.argsz, request.flags, request.data, user=user, install_fd=install
+            data = await self.calls.run(
+                device.device_feature(
+                    request.argsz, request.flags, request.data, user=user, install_fd=install
+                )
             )
         return pb.DeviceFeatureResponse(
             data=data,
@@ -325,7 +333,7 @@ class VfioServicer(pbg.VfioServicer):
     async def DeviceReset(self, request: pb.DeviceResetRequest, context: Ctx) -> Any:
         proc = self.process(context)
         async with self._answering(context, "reset", proc=proc, fd=request.fd):
-            await proc.device(request.fd).reset()
+            await self.calls.run(proc.device(request.fd).reset())
         return pb.DeviceResetResponse()
 
     # --- data fds ------------------------------------------------------------------------
@@ -367,7 +375,7 @@ class VfioServicer(pbg.VfioServicer):
                 if file is None:
                     answer.fd = req.fd
                     file = proc.data(req.fd)
-                written += await file.write(req.data)
+                written += await self.calls.run(file.write(req.data))
                 answer.extra["written"] = str(written)
         return pb.WriteResponse(written=written)
 
@@ -390,28 +398,31 @@ class VfioServicer(pbg.VfioServicer):
     async def ReadInto(self, request: pb.ReadIntoRequest, context: Ctx) -> Any:
         proc = self.process(context)
         async with self._answering(context, "read", proc=proc, fd=request.fd):
-            n = await _read_into(proc, request)
+            n = await read_into(proc, request)
         return pb.ReadIntoResponse(count=n)
 
     async def WriteFrom(self, request: pb.WriteFromRequest, context: Ctx) -> Any:
         proc = self.process(context)
         async with self._answering(context, "write", proc=proc, fd=request.fd):
-            n = await _write_from(proc, request)
+            n = await self.calls.run(write_from(proc, request))
         return pb.WriteFromResponse(count=n)
 
     async def ReadIntoStream(
         self, request_iterator: AsyncIterator[pb.ReadIntoRequest], context: Ctx
     ) -> AsyncIterator[pb.ReadIntoResponse]:
         async for answer in self._each(
-            request_iterator, context, "read", _read_into, pb.ReadIntoResponse
+            request_iterator, context, "read", read_into, pb.ReadIntoResponse
         ):
             yield answer
 
     async def WriteFromStream(
         self, request_iterator: AsyncIterator[pb.WriteFromRequest], context: Ctx
     ) -> AsyncIterator[pb.WriteFromResponse]:
+        def to_its_end(proc: Process, req: pb.WriteFromRequest) -> Awaitable[int]:
+            return self.calls.run(write_from(proc, req))
+
         async for answer in self._each(
-            request_iterator, context, "write", _write_from, pb.WriteFromResponse
+            request_iterator, context, "write", to_its_end, pb.WriteFromResponse
         ):
             yield answer
 
@@ -458,7 +469,7 @@ class VfioServicer(pbg.VfioServicer):
             arg = PRECOPY_INFO.pack(
                 request.argsz, request.flags, request.initial_bytes, request.dirty_bytes
             )
-            out = await entry.file.ioctl(VFIO_MIG_GET_PRECOPY_INFO, arg)
+            out = await self.calls.run(entry.file.ioctl(VFIO_MIG_GET_PRECOPY_INFO, arg))
         argsz, flags, initial, dirty = PRECOPY_INFO.unpack_from(out, 0)
         return pb.PrecopyInfoResponse(
             argsz=argsz, flags=flags, initial_bytes=initial, dirty_bytes=dirty
@@ -521,20 +532,6 @@ _Req = TypeVar("_Req", pb.ReadIntoRequest, pb.WriteFromRequest)
 _Resp = TypeVar("_Resp", pb.ReadIntoResponse, pb.WriteFromResponse)
 
 
-async def _read_into(proc: Process, req: pb.ReadIntoRequest) -> int:
-    """read(2) into the caller's mapped memory."""
-    file = _data_fd(proc, req.fd, saving=True)
-    with proc.memory.range(req.addr, min(req.count, MAX_READ)) as dest:
-        return await file.readinto(dest, nonblock=req.nonblock)
-
-
-async def _write_from(proc: Process, req: pb.WriteFromRequest) -> int:
-    """write(2) from the caller's mapped memory."""
-    file = _data_fd(proc, req.fd, saving=False)
-    with proc.memory.range(req.addr, min(req.count, MAX_WRITE)) as src:
-        return await file.write(src.view)
-
-
 def _peer_uids(context: Ctx) -> frozenset[int] | None:
     """Who may own a segment the caller maps: over a unix socket (whose file
     mode admits the socket owner's uid and root) this uid or root; over TCP
@@ -542,24 +539,6 @@ def _peer_uids(context: Ctx) -> frozenset[int] | None:
     if context.peer().startswith("unix:"):
         return frozenset({os.geteuid(), 0})
     return None
-
-
-def _data_fd(proc: Process, fd: int, *, saving: bool) -> MigrationFile:
-    """The data fd's file for read(2) (`saving`) or write(2): vfs_read/vfs_write
-    refuse the wrong direction (EBADF) before the user range is looked at."""
-    file = proc.data(fd)
-    entry = proc.get(fd)
-    if isinstance(entry, DataFd) and entry.saving != saving:
-        which = "write-only (resuming)" if saving else "read-only (saving)"
-        raise VfioError(errno.EBADF, f"fd {fd} is {which}")
-    return file
-
-
-def _stream_of(file: MigrationFile) -> tuple[int, bool]:
-    """An mlx5vf file's stream number and side (saving?)."""
-    if isinstance(file, Mlx5VfMigrationFile):
-        return file.stream_id, isinstance(file, SaveFile)
-    return 0, True
 
 
 def _payload_pb(p: Payload) -> Any:
@@ -575,17 +554,3 @@ def _event_pb(ev: Event) -> pb.Event:
         stream=ev.stream,
         **{ev.kind: _payload_pb(ev.payload)},
     )
-
-
-def _user_memory(buffers: Iterable[pb.UserBuffer]) -> UserMemory:
-    """The caller's address space; buffers that overlap (or share an address)
-    describe none, so their addresses are bad: EFAULT."""
-    mem: dict[int, bytearray] = {}
-    for b in buffers:
-        if b.addr in mem:
-            raise VfioError(errno.EFAULT, f"two user buffers at {b.addr:#x}")
-        mem[b.addr] = bytearray(b.data)
-    try:
-        return UserMemory(mem)
-    except ValueError as e:
-        raise VfioError(errno.EFAULT, f"user memory: {e}") from None
