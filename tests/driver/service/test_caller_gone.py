@@ -47,6 +47,16 @@ async def deadline_exceeded(client: VfioClient, rpc: str, request: object) -> No
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def to_pre_copy(fd: int) -> pb.DeviceFeatureRequest:
+    """MIG_DEVICE_STATE SET PRE_COPY, raw: its arc SAVEs the initial data."""
+    return pb.DeviceFeatureRequest(
+        fd=fd,
+        argsz=8 + MIG_STATE.size,
+        flags=SET | Feature.MIG_DEVICE_STATE,
+        data=MIG_STATE.pack(MigState.PRE_COPY, 0),
+    )
+
+
 async def nothing_held(drv: DriverUnderTest) -> bool:
     """No client has a data buffer charged (every mkey of theirs destroyed)."""
     return not drv.server.registry.budget.held
@@ -57,13 +67,7 @@ async def test_a_set_state_whose_caller_went_away_completes_its_arc(
 ) -> None:
     vf, fd = await drv.open_vf(client)
     await delay_next_save(drv, vf.vhca_id)
-    request = pb.DeviceFeatureRequest(
-        fd=fd,
-        argsz=8 + MIG_STATE.size,
-        flags=SET | Feature.MIG_DEVICE_STATE,
-        data=MIG_STATE.pack(MigState.PRE_COPY, 0),
-    )
-    await deadline_exceeded(client, "DeviceFeature", request)
+    await deadline_exceeded(client, "DeviceFeature", to_pre_copy(fd))
     # GET waits for the state mutex, i.e. for the arc the dead call began.
     got = await client.device_feature(
         fd, 8 + MIG_STATE.size, GET | Feature.MIG_DEVICE_STATE, MIG_STATE.pack(0, -1)
@@ -108,13 +112,7 @@ async def test_a_device_closed_by_a_caller_that_went_away_is_closed(
     that gives up still leaves the device closed and its buffers freed."""
     vf, fd = await drv.open_vf(client)
     await delay_next_save(drv, vf.vhca_id)
-    request = pb.DeviceFeatureRequest(
-        fd=fd,
-        argsz=8 + MIG_STATE.size,
-        flags=SET | Feature.MIG_DEVICE_STATE,
-        data=MIG_STATE.pack(MigState.PRE_COPY, 0),
-    )
-    await deadline_exceeded(client, "DeviceFeature", request)
+    await deadline_exceeded(client, "DeviceFeature", to_pre_copy(fd))
     await deadline_exceeded(client, "CloseFd", pb.CloseFdRequest(fd=fd))
 
     async def closed() -> bool:
