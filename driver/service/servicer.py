@@ -40,6 +40,7 @@ from ..vfio.uapi import (
     VFIO_MIG_GET_PRECOPY_INFO,
     Feature,
 )
+from . import typed
 from .errnos import UNEXPECTED, abort_errno, as_vfio_error, errno_name, errno_of
 from .fdcalls import MAX_READ, read_into, stream_of, user_memory, write_from
 from .process import CLIENT_IDLE, DataFd, DeviceFd, Process, ProcessKey, reap_idle
@@ -304,9 +305,14 @@ class VfioServicer(pbg.VfioServicer):
     async def DeviceFeature(self, request: pb.DeviceFeatureRequest, context: Ctx) -> Any:
         proc = self.process(context)
         new_fd = -1
+        argsz, flags, arg = request.argsz, request.flags, request.data
+        is_typed = request.HasField("typed")
+        if is_typed:
+            async with self._answering(context, "device_feature", proc=proc, fd=request.fd):
+                argsz, flags, arg = typed.pack(request)
         op = "device_feature"
-        if request.flags & VFIO_DEVICE_FEATURE_MASK == Feature.MIG_DEVICE_STATE and (
-            request.flags & VFIO_DEVICE_FEATURE_SET
+        if flags & VFIO_DEVICE_FEATURE_MASK == Feature.MIG_DEVICE_STATE and (
+            flags & VFIO_DEVICE_FEATURE_SET
         ):
             op = "set_state"
         async with self._answering(context, op, proc=proc, fd=request.fd):
@@ -320,14 +326,13 @@ class VfioServicer(pbg.VfioServicer):
                 return new_fd
 
             data = await self.calls.run(
-                device.device_feature(
-                    request.argsz, request.flags, request.data, user=user, install_fd=install
-                )
+                device.device_feature(argsz, flags, arg, user=user, install_fd=install)
             )
         return pb.DeviceFeatureResponse(
             data=data,
             user_memory=[pb.UserBuffer(addr=a, data=bytes(b)) for a, b in user.buffers.items()],
             data_fd=new_fd,
+            typed=typed.unpack(request, data) if is_typed else None,
         )
 
     async def DeviceReset(self, request: pb.DeviceResetRequest, context: Ctx) -> Any:
