@@ -184,11 +184,16 @@ async def run_trap(
     *,
     timeout: float = 60.0,
     on_ready: Ready | None = None,
+    after_run: Callable[[], Awaitable[None]] | None = None,
 ) -> Verdict:
-    """One trap: arm it, announce the devices, wait for the orchestrator, grade."""
+    """One trap: arm it, announce the devices, wait for the orchestrator
+    (`after_run` then, e.g. to reap it), grade, and remove the two VFs."""
     stream = client.events()
     await stream.ready()
     pair = await arm(client, scenario, trap)
+    # A VF made in a slot another used before has that one's findings under
+    # its name (the audit is by device name): those are not this run's.
+    earlier = {_key(f) for f in await _findings(client, pair)}
     watch = _Watch(scenario, trap, pair)
     follower = asyncio.ensure_future(_follow(stream, watch))
     try:
@@ -199,14 +204,34 @@ async def run_trap(
         finished = await _wait_done(client, pair, watch, timeout)
         await asyncio.sleep(SETTLE_S)
     finally:
-        await stream.aclose()
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
+        try:
+            if after_run is not None:
+                await after_run()
+        finally:
+            await stream.aclose()
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+    try:
+        return await _graded(client, scenario, trap, pair, watch, finished, earlier)
+    finally:
+        # The pair was the exam's: a lab's firmware keeps no VFs of it.
+        for vhca_id in (pair.source_vhca, pair.destination_vhca):
+            with contextlib.suppress(LinkError):
+                await scenario.link.remove_vf(vhca_id)
+
+
+async def _graded(
+    client: VfioClient,
+    scenario: ScenarioClient,
+    trap: Trap,
+    pair: Pair,
+    watch: _Watch,
+    finished: bool,
+    earlier: set[tuple[object, ...]],
+) -> Verdict:
     await watch.drain()
-    findings = [
-        f for name in (pair.source, pair.destination) for f in (await client.audit(name)).findings
-    ]
+    findings = [f for f in await _findings(client, pair) if _key(f) not in earlier]
     run = Run(
         pair.source,
         pair.destination,
@@ -217,6 +242,16 @@ async def run_trap(
         finished,
     )
     return grade(trap, run)
+
+
+async def _findings(client: VfioClient, pair: Pair) -> list[Any]:
+    return [
+        f for name in (pair.source, pair.destination) for f in (await client.audit(name)).findings
+    ]
+
+
+def _key(f: Any) -> tuple[object, ...]:
+    return (f.rule, f.device, f.time, f.client, f.stream, f.data_fd, f.message)
 
 
 async def run_exam(
@@ -244,11 +279,9 @@ async def run_exam(
             limit = timeout if deadline is None else min(timeout, deadline - time.monotonic())
             if limit <= 0:
                 break
-            try:
-                v = await run_trap(client, scenario, trap, timeout=limit, on_ready=on_ready)
-            finally:
-                if after_run is not None:
-                    await after_run()
+            v = await run_trap(
+                client, scenario, trap, timeout=limit, on_ready=on_ready, after_run=after_run
+            )
             v.attempts = attempt
             if v.fired or not v.passed:
                 break

@@ -29,6 +29,7 @@ TRAP_TIMEOUT = 10.0  # a migration here takes well under a second
 
 
 async def exam(run: Migrate, traps: list[Trap]) -> tuple[list[Verdict], Orchestrator]:
+    """The verdicts, and the orchestrator; the exam leaves no VF behind."""
     async with exam_driver() as target:
         client = await VfioClient.connect(target)
         scenario = await ScenarioClient.connect(target)
@@ -38,6 +39,8 @@ async def exam(run: Migrate, traps: list[Trap]) -> tuple[list[Verdict], Orchestr
                 client, scenario, traps, timeout=TRAP_TIMEOUT, on_ready=orch.ready
             )
             await asyncio.gather(*orch.tasks)
+            left = [d.name for d in await client.list_devices()]
+            assert left == [], f"the exam left VFs {left} on the firmware"
         finally:
             await scenario.aclose()
             await client.aclose()
