@@ -9,6 +9,7 @@ import asyncio
 import enum
 import errno
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
@@ -21,6 +22,7 @@ from fwemu.link.ifc import (
     CmdResult,
     CmdStatus,
     HcaCapResult,
+    QueryVhcaMigState,
     SaveCompletion,
     Syndrome,
 )
@@ -347,6 +349,9 @@ class Commands:
         state_size = q.required_umem_size
         total = q.remaining_total_size if chunk_mode else state_size
         mig_state = q.migration_state if self.mvdev.caps.mig_state_cap else 0
+        init = mig_state == QueryVhcaMigState.OPER_MIGRATION_INIT
+        if init and migf is not None and migf.init_reported_at is None:
+            migf.init_reported_at = time.monotonic()
         return state_size, total, mig_state
 
     async def save_vhca_state(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -39,6 +40,7 @@ from .cmd import (
     MigfState,
     MigrationCaps,
 )
+from .latency import LatencyHistogram
 from .migf import Mlx5VfMigrationFile
 from .resume import ResumeFile
 from .save import SaveFile
@@ -69,6 +71,9 @@ class DeviceStats:
     precopy_info_v2: int = 0  # answers after it (REINITs included)
     reinits: int = 0
     read_enomsg: int = 0  # reads answered ENOMSG
+    # From the QUERY that first reported migration_state INIT to the
+    # PRECOPY_INFO answer carrying REINIT.
+    reinit_detection: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
 class Mlx5VfDevice:
@@ -443,6 +448,9 @@ class Mlx5VfDevice:
         else:
             stats.precopy_info_v1 += 1
         stats.reinits += int(reinit)
+        init_at, migf.init_reported_at = migf.init_reported_at, None
+        if reinit and init_at is not None:
+            stats.reinit_detection.observe(time.monotonic() - init_at)
         if reinit or fw_init_end or (info.flags and not v2):
             self.audit.precopy_answered(
                 self.name,

@@ -49,6 +49,9 @@ class SaveFile(Mlx5VfMigrationFile):
         self.pre_copy_initial_bytes_start = 0
         self.num_ready_chunks = 0
         self.next_required_umem_size = 0
+        # When a QUERY first reported migration_state INIT (time.monotonic),
+        # until the precopy answer that follows (vfio_reinit_detection_seconds).
+        self.init_reported_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:

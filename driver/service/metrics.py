@@ -14,11 +14,17 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from grpcsvc.collector import ScrapeCollector, per_item_series
 
 from ..audit import RULES
+from ..mlx5.latency import LatencyHistogram
 from ..mlx5.main import DeviceStats, Mlx5VfDevice
 from ..registry import Registered
 from ..vfio.uapi import MigState
@@ -29,6 +35,7 @@ TRANSITIONS = "vfio_migration_state_transitions"
 READ_BYTES = "vfio_migration_read_bytes"
 WRITTEN_BYTES = "vfio_migration_written_bytes"
 PRECOPY_INFO = "vfio_precopy_info"
+REINIT_DETECTION = "vfio_reinit_detection_seconds"
 READ_ENOMSG = "vfio_read_enomsg"
 ERRORS = "vfio_errors"
 SAVES = "vfio_save_images"
@@ -48,14 +55,16 @@ class _Totals:
 
     transitions: Counter[tuple[str, str]] = field(default_factory=Counter)
     ints: Counter[str] = field(default_factory=Counter)
+    reinit_detection: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     def add(self, s: DeviceStats) -> None:
         self.transitions.update(s.transitions)
         for name in _INT_FIELDS:
             self.ints[name] += getattr(s, name)
+        self.reinit_detection.add(s.reinit_detection)
 
     def copy(self) -> _Totals:
-        return _Totals(Counter(self.transitions), Counter(self.ints))
+        return _Totals(Counter(self.transitions), Counter(self.ints), self.reinit_detection.copy())
 
 
 _INT_FIELDS = (
@@ -118,6 +127,14 @@ class DriverCollector(ScrapeCollector):
         pi.add_metric(["v2", "false"], ints["precopy_info_v2"] - ints["reinits"])
         pi.add_metric(["v2", "true"], ints["reinits"])
         yield pi
+        h = t.reinit_detection
+        yield HistogramMetricFamily(
+            REINIT_DETECTION,
+            "From the QUERY_VHCA_MIGRATION_STATE that first reported migration_state INIT "
+            "to the VFIO_MIG_GET_PRECOPY_INFO answer carrying REINIT (seconds).",
+            buckets=h.cumulative(),
+            sum_value=h.total,
+        )
         yield CounterMetricFamily(
             READ_ENOMSG, "Reads answered ENOMSG (PRE_COPY: nothing to read now).",
             value=ints["read_enomsg"],

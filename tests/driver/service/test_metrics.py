@@ -3,6 +3,7 @@ and monotonic."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator
 
 import pytest
@@ -93,3 +94,42 @@ async def test_counters_stay_when_a_device_goes_away(served) -> None:
     assert get(m, "vfio_devices") == 2
     assert get(m, "vfio_migration_state_transitions_total", from_state="RUNNING",
                to_state="RUNNING_P2P") == before  # fmt: skip
+
+
+async def test_a_reinit_is_timed_from_the_first_init_report_to_its_answer(served) -> None:
+    """vfio_reinit_detection_seconds: one observation per REINIT answer (the
+    QUERY that reported INIT, then the answer), none for answers without."""
+    fw, _, reg, c = served
+    fd = await c.open_device(pci_name(2))
+    assert await c.enable_precopy_info_v2(fd)
+    data_fd = await c.set_state(fd, MigState.PRE_COPY)
+    assert data_fd is not None
+
+    async def drain() -> None:  # to ENOMSG: what is there now was read
+        with pytest.raises(VfioClientError) as nothing_now:
+            async for _ in c.read_stream(data_fd):
+                pass
+        assert nothing_now.value.errno == errno.ENOMSG
+
+    await drain()
+
+    def histogram() -> tuple[float, float, float]:
+        m = samples(reg)
+        return (
+            get(m, "vfio_reinit_detection_seconds_count"),
+            get(m, "vfio_reinit_detection_seconds_sum"),
+            get(m, "vfio_reinit_detection_seconds_bucket", le="+Inf"),
+        )
+
+    assert not (await c.precopy_info(data_fd)).reinit
+    assert histogram() == (0, 0, 0)
+    for _ in range(2):
+        fw.reconfigure(2)  # now: new initial data while tracking
+        assert (await c.precopy_info(data_fd)).reinit
+        await drain()
+        assert not (await c.precopy_info(data_fd)).reinit
+    count, total, inf = histogram()
+    assert count == inf == 2
+    assert 0 < total < 5
+    await c.close(data_fd)
+    await c.close(fd)
