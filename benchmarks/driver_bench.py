@@ -33,12 +33,12 @@ import uvloop
 
 from driver.api.v1 import vfio_pb2 as pb
 from driver.api.v1 import vfio_pb2_grpc as pbg
-from driver.vfio.uapi import MigState
 from fwemu.link.ifc import GiB, MiB
 from grpcsvc.server import CHANNEL_OPTIONS
 from grpcsvc.tls import ClientTls
 from grpcsvc.units import byte_size
 from vfioclient import VfioClient, VfioClientError
+from vfioclient.uapi import MigState
 
 sys.path.insert(0, str(Path(__file__).parent))
 from procs import BASELINE, DRIVER, FWEMU, served

@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import math
 
-from driver.vfio.uapi import MigState
 from grpcsvc.units import byte_size
 
+from ..uapi import MigState
 from ..usermem import DATA_PATHS
 
 

@@ -9,9 +9,8 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from driver.vfio.uapi import MigState
-
 from ..client import VfioClient, VfioClientError
+from ..uapi import MigState
 from .args import positive
 from .command import Command
 from .output import CliError, Out

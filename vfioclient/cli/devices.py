@@ -7,15 +7,14 @@ import errno
 from dataclasses import asdict
 from typing import Any
 
-from driver.vfio.uapi import (
+from ..client import Device, VfioClient, VfioClientError
+from ..uapi import (
     VFIO_DEVICE_FEATURE_SET,
     VFIO_MIGRATION_P2P,
     VFIO_MIGRATION_PRE_COPY,
     VFIO_MIGRATION_STOP_COPY,
     Feature,
 )
-
-from ..client import Device, VfioClient, VfioClientError
 from .command import Command
 from .output import Out
 

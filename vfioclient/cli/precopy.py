@@ -7,9 +7,8 @@ import asyncio
 import errno
 from typing import Any
 
-from driver.vfio.uapi import VFIO_PRECOPY_INFO_REINIT, MigState
-
 from ..client import PrecopyInfo, VfioClient
+from ..uapi import VFIO_PRECOPY_INFO_REINIT, MigState
 from .args import positive, seconds
 from .command import Command
 from .output import CliError, Out

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from driver.vfio.uapi import MigState
-
 from ..client import VfioClient
+from ..uapi import MigState
 from .args import state
 from .command import Command
 from .output import Out

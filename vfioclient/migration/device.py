@@ -12,14 +12,13 @@ import errno
 import logging
 from collections.abc import AsyncIterator
 
-from driver.vfio.uapi import (
+from ..client import PrecopyInfo, VfioClient, VfioClientError
+from ..uapi import (
     VFIO_MIGRATION_P2P,
     VFIO_MIGRATION_PRE_COPY,
     VFIO_MIGRATION_STOP_COPY,
     MigState,
 )
-
-from ..client import PrecopyInfo, VfioClient, VfioClientError
 from ..usermem import DATA_PATHS, SharedSegment, Slot, Slots
 from .multifd import Multifd
 from .options import DevicePair, MigrationOptions

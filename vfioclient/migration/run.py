@@ -9,9 +9,8 @@ import logging
 import time
 from collections.abc import Sequence
 
-from driver.vfio.uapi import MigState
-
 from ..client import PrecopyInfo
+from ..uapi import MigState
 from .device import DeviceMigration
 from .options import DevicePair, DigestHook, MigrationOptions
 from .progress import notify
