@@ -131,10 +131,14 @@ class DeviceRegistry:
         reg = self.devices.get(name)
         return reg.core.group.opened_by if reg is not None else None
 
-    async def lookup(self, name: str) -> Registered:
-        if name not in self.devices:
+    async def lookup(self, name: str, *, fresh: bool = False) -> Registered:
+        """The device `name` (ENOENT if none).  `fresh`: look at the firmware's
+        VFs first, as open(2) of a device node meets the device that is there
+        now: a VF removed, or replaced in its slot, since the last refresh is
+        not opened as it was."""
+        if fresh or name not in self.devices:
             await self.refresh()
-        try:
-            return self.devices[name]
-        except KeyError:
-            raise VfioError(errno.ENOENT, f"no VFIO device {name}") from None
+        reg = self.devices.get(name)
+        if reg is None or reg.mvdev.mdev_detach:
+            raise VfioError(errno.ENOENT, f"no VFIO device {name}")
+        return reg

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -29,6 +30,7 @@ from .link.ifc import (
     FaultKind,
     FirmwareError,
     Opcode,
+    ReconfigMode,
     VfCaps,
     VfConfig,
     obj_type_index,
@@ -38,6 +40,7 @@ from .link.scenario_requests import (
     MAX_AT_TIME,
     MAX_RECONFIG_OBJECTS,
     MAX_SCENARIO_TEXT,
+    reconfig_mode,
 )
 from .model.clock import Clock
 from .model.firmware import Firmware
@@ -98,6 +101,20 @@ def _enum_value(enum_cls: Any) -> Any:
 
 OpcodeField = Annotated[int, _enum_value(Opcode), Field(ge=0, le=0xFFFF)]
 StatusField = Annotated[int, _enum_value(CmdStatus), Field(ge=1, le=0xFF)]
+# add, replace, remove (any case; or their numbers)
+_MODE_NAMES = [m.name.lower() for m in ReconfigMode] + [m.name for m in ReconfigMode]
+ModeField = Annotated[
+    int,
+    BeforeValidator(lambda v: int(reconfig_mode(v))),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"enum": _MODE_NAMES},
+                {"type": "integer", "minimum": min(ReconfigMode), "maximum": max(ReconfigMode)},
+            ]
+        }
+    ),
+]
 
 
 class _Strict(BaseModel):
@@ -127,6 +144,10 @@ class VfSpec(_Strict):
     )
     chunk_size: ByteSize | None = None
     reconfig_bytes: ByteSize | None = None
+    reconfig_rate_per_s: float | None = Field(
+        default=None, ge=0, le=VfConfig.MAX_RECONFIG_RATE, allow_inf_nan=False
+    )
+    reconfig_mode: ModeField | None = None
     caps: CapsSpec = Field(default_factory=CapsSpec)
 
     def overlay(self, base: VfConfig) -> VfConfig:
@@ -154,6 +175,7 @@ class ObjectSpecModel(_Strict):
 
 class ReconfigureSpec(_Strict):
     objects: list[ObjectSpecModel] = Field(default_factory=list, max_length=MAX_RECONFIG_OBJECTS)
+    mode: ModeField = int(ReconfigMode.ADD)
 
 
 class FaultSpec(_Strict):
@@ -364,6 +386,7 @@ class _Action:
     at_time: float | None
     after_saved_bytes: int | None
     runs_now: bool
+    mode: int = ReconfigMode.ADD
 
     @classmethod
     def of(cls, fw: Firmware, index: int, ev: EventSpec, vhca_id: int, now: float) -> _Action:
@@ -379,7 +402,8 @@ class _Action:
         at_time = None if ev.at is None else now + ev.at
         after = None if ev.after_saved_bytes is None else int(ev.after_saved_bytes)
         runs_now = fault is None and fw.reconfig_runs_now(vhca_id, at_time, after)
-        return cls(index, vhca_id, fault, objects, at_time, after, runs_now)
+        mode = ReconfigMode.ADD if ev.reconfigure is None else ev.reconfigure.mode
+        return cls(index, vhca_id, fault, objects, at_time, after, runs_now, mode)
 
     def reconfigure(self, fw: Firmware) -> int:
         return fw.reconfigure(
@@ -387,7 +411,18 @@ class _Action:
             self.objects,
             at_time=self.at_time,
             after_saved_bytes=self.after_saved_bytes,
+            mode=self.mode,
         )
+
+    def growth(self, vf: Vf) -> int:
+        """At most how much running now grows the VF's state (ADD appends,
+        REPLACE grows only beyond the whole state, REMOVE never)."""
+        size = sum(s for _, s in self.objects) or vf.config.reconfig_bytes
+        if self.mode == ReconfigMode.ADD:
+            return size
+        if self.mode == ReconfigMode.REPLACE:
+            return max(0, size - vf.state.size)
+        return 0
 
 
 def _check_caps(fw: Firmware, plan: list[_Action]) -> None:
@@ -401,7 +436,7 @@ def _check_caps(fw: Firmware, plan: list[_Action]) -> None:
         if act.fault is not None:
             faults[act.vhca_id] += 1
         elif act.runs_now:
-            grows[act.vhca_id] += sum(s for _, s in act.objects) or vf.config.reconfig_bytes
+            grows[act.vhca_id] += act.growth(vf)
         else:
             waiting[act.vhca_id] += 1
     for vhca_id, n in faults.items():

@@ -8,6 +8,9 @@ address (the embedded firmware's Scenario service on the driver's port):
         digest = await s.digest(vfs[0].vhca_id)
         await s.inject_fault(vfs[0].vhca_id, "fail", opcode="SAVE_VHCA_STATE")
         await s.reconfigure(vfs[0].vhca_id, [("QP", 4096)])
+        await s.reconfigure(vfs[0].vhca_id, [("QP", 4096)], mode="replace")
+        await s.configure_vf(vfs[0].vhca_id, reconfig_rate_per_s=5.0)
+        await s.reset_vf(vfs[0].vhca_id)
 
 Only the Scenario service is used (no completion stream, which a driver port
 does not serve).  Failures raise `ScenarioClientError`; an unreachable
@@ -24,14 +27,29 @@ from typing import Any, Concatenate, ParamSpec, TypedDict, TypeVar, Unpack
 
 from fwemu.link.base import LinkError
 from fwemu.link.grpc import GrpcLink
-from fwemu.link.ifc import CmdStatus, Fault, FaultKind, Opcode, Syndrome
+from fwemu.link.ifc import (
+    CmdStatus,
+    Fault,
+    FaultKind,
+    Opcode,
+    ReconfigMode,
+    Syndrome,
+)
+from fwemu.link.scenario_requests import reconfig_mode
 
 from .client import AsyncClosing
 from .transport import FROM_ENV, TlsChoice, resolve_tls
 
-__all__ = ["FAULT_KINDS", "ScenarioClient", "ScenarioClientError", "make_fault"]
+__all__ = [
+    "FAULT_KINDS",
+    "RECONFIG_MODES",
+    "ScenarioClient",
+    "ScenarioClientError",
+    "make_fault",
+]
 
 FAULT_KINDS = [k.name.lower().replace("_", "-") for k in FaultKind]
+RECONFIG_MODES = [m.name.lower() for m in ReconfigMode]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -132,18 +150,52 @@ class ScenarioClient(AsyncClosing):
 
     list_vfs = _scenario_call(GrpcLink.list_vfs)
     create_vfs = _scenario_call(GrpcLink.create_vfs)
+    get_vf = _scenario_call(GrpcLink.get_vf, "A snapshot of the VF (VfInfo).")
+    configure_vf = _scenario_call(
+        GrpcLink.configure_vf,
+        """Change VfConfig fields (not size) of a live VF, e.g.
+        reconfig_rate_per_s=5.0, reconfig_mode=ReconfigMode.REPLACE: its VfInfo.""",
+    )
+    remove_vf = _scenario_call(GrpcLink.remove_vf)
+    reset_vf = _scenario_call(
+        GrpcLink.reset_vf,
+        """Put the VF back to the state it was created in (its config and seed):
+        objects, contents, workload and automatic reconfigurations as new,
+        scheduled reconfigurations and faults dropped, migration context ended
+        as by an FLR (a SAVE in flight completes ABORTED): its VfInfo.""",
+    )
     digest = _scenario_call(
         GrpcLink.digest, "The VF's state digest (stable while the VF is suspended)."
     )
 
     # --- events ----------------------------------------------------------------------
 
-    reconfigure = _scenario_call(
-        GrpcLink.reconfigure,
-        """Reconfigure the VF (now, at a firmware time, or after N saved bytes):
-        the trigger id.  `objects`: (type, size) pairs, e.g. [("QP", 4096)].""",
-    )
+    _reconfigure = _scenario_call(GrpcLink.reconfigure)
     _inject_fault = _scenario_call(GrpcLink.inject_fault)
+
+    async def reconfigure(
+        self,
+        vhca_id: int,
+        objects: list[tuple[str, int]] | None = None,
+        *,
+        at_time: float | None = None,
+        after_saved_bytes: int | None = None,
+        mode: ReconfigMode | int | str = ReconfigMode.ADD,
+    ) -> int:
+        """Reconfigure the VF (now, at a firmware time, or after N saved bytes):
+        the trigger id.  `objects`: (type, size) pairs, e.g. [("QP", 4096)]
+        (none: one QP of the VF's reconfig_bytes).  `mode`: "add" appends them,
+        "replace" puts them in the place of the oldest objects (the state does
+        not grow), "remove" removes the oldest objects, at least the objects'
+        total size (ValueError for another mode)."""
+        return await self._reconfigure(
+            vhca_id,
+            objects,
+            at_time=at_time,
+            after_saved_bytes=after_saved_bytes,
+            mode=reconfig_mode(mode),
+        )
+
     clear_faults = _scenario_call(GrpcLink.clear_faults)
 
     async def inject_fault(

@@ -277,7 +277,7 @@ class VfioServicer(pbg.VfioServicer):
         proc = self.process(context)
         holders = self.registry.holders
         async with self._answering(context, "open", device=request.name):
-            reg = await self.registry.lookup(request.name)
+            reg = await self.registry.lookup(request.name, fresh=True)
 
             async def open_device() -> tuple[int, Any]:
                 # EBUSY while another principal holds it, as a VFIO group's second opener.

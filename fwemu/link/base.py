@@ -38,6 +38,7 @@ from .ifc import (
     PageTrackResult,
     QueryResult,
     R,
+    ReconfigMode,
     SaveAccepted,
     SaveCompletion,
     Syndrome,
@@ -254,7 +255,7 @@ class ScenarioLink(abc.ABC):
     async def remove_vf(self, vhca_id: int) -> None:
         await self.control(rq.RemoveVfIn(vhca_id))
 
-    async def configure_vf(self, vhca_id: int, **changes: Any) -> VfInfo:
+    async def configure_vf(self, vhca_id: int, /, **changes: Any) -> VfInfo:
         """Change VfConfig fields (not size) of a live VF."""
         return await self.control(rq.ConfigureVfIn(vhca_id, changes))
 
@@ -268,11 +269,17 @@ class ScenarioLink(abc.ABC):
         *,
         at_time: float | None = None,
         after_saved_bytes: int | None = None,
+        mode: int = ReconfigMode.ADD,
     ) -> int:
+        """`mode`: ADD, REPLACE or REMOVE (fwemu.link.ifc.ReconfigMode)."""
         if at_time is not None and after_saved_bytes is not None:
             raise LinkError("give a time or a byte count, not both")
-        req = rq.ReconfigureIn(vhca_id, tuple(objects or ()), at_time, after_saved_bytes)
+        req = rq.ReconfigureIn(vhca_id, tuple(objects or ()), at_time, after_saved_bytes, mode)
         return await self.control(req)
+
+    async def reset_vf(self, vhca_id: int) -> VfInfo:
+        """The VF back to the state it was created in (README, "Scenario files")."""
+        return await self.control(rq.ResetVfIn(vhca_id))
 
     async def inject_fault(self, vhca_id: int, fault: Fault) -> int:
         return await self.control(rq.InjectFaultIn(vhca_id, fault))

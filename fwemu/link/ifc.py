@@ -89,8 +89,9 @@ class QueryVhcaMigState(enum.IntEnum):
     * OPER_MIGRATION_READY: no tracking session and the VF is fully suspended:
       its state is frozen and a final SAVE captures all of it.
     * OPER_MIGRATION_DIRTY: tracking, state dirtied since the last tracked SAVE.
-    * OPER_MIGRATION_INIT: tracking, and a reconfiguration added initial data
-      that no tracked SAVE has captured yet (takes precedence over DIRTY).
+    * OPER_MIGRATION_INIT: tracking, and a reconfiguration changed objects (new
+      initial data) that no tracked SAVE has captured yet (takes precedence
+      over DIRTY).
     """
 
     UNINITIALIZED = 0x0
@@ -188,6 +189,15 @@ def obj_type_index(name: str) -> int:
         return OBJ_TYPES.index(name.upper() if name else "QP")
     except ValueError:
         raise ValueError(f"unknown object type {name!r}; one of {', '.join(OBJ_TYPES)}") from None
+
+
+class ReconfigMode(enum.IntEnum):
+    """What a reconfiguration does to a VF's objects (README, "Device state";
+    the numbers are scenario.proto's ReconfigureMode, where 0 means ADD)."""
+
+    ADD = 1  # append the objects: the state grows
+    REPLACE = 2  # remove the oldest object and its neighbours, the new ones in their place
+    REMOVE = 3  # remove the oldest objects (at least the objects' total size); add none
 
 
 # ---------------------------------------------------------------------------
@@ -443,6 +453,10 @@ class VfConfig:
     chunk_size: int = 8 * MiB
     reconfig_bytes: int = 256 * KiB
     caps: VfCaps = field(default_factory=VfCaps)
+    # Automatic reconfigurations: a Poisson process of this rate per second of
+    # the VF's running time (0: none), each of reconfig_bytes in reconfig_mode.
+    reconfig_rate_per_s: float = 0.0
+    reconfig_mode: int = ReconfigMode.REPLACE  # a ReconfigMode (an int on the wire)
 
     MIN_SIZE = 1 * KiB
     MAX_SIZE = 16 << 30
@@ -452,6 +466,7 @@ class VfConfig:
     MAX_LATENCY_S = 3600.0
     MIN_CHUNK = PAGE_SIZE
     MAX_CHUNK = (1 << 32) - PAGE_SIZE
+    MAX_RECONFIG_RATE = 1000.0  # automatic reconfigurations per second
 
     def validate(self) -> None:
         """Refuse a configuration with a field out of its range (ValueError
@@ -464,6 +479,8 @@ class VfConfig:
         check_float("save_latency_s", self.save_latency_s, 0.0, self.MAX_LATENCY_S)
         check_int("chunk_size", self.chunk_size, self.MIN_CHUNK, self.MAX_CHUNK)
         check_int("reconfig_bytes", self.reconfig_bytes, 1, self.MAX_SIZE)
+        check_float("reconfig_rate_per_s", self.reconfig_rate_per_s, 0.0, self.MAX_RECONFIG_RATE)
+        check_int("reconfig_mode", self.reconfig_mode, min(ReconfigMode), max(ReconfigMode))
 
 
 def check_int(name: str, value: object, lo: int, hi: int) -> None:
@@ -560,3 +577,4 @@ class VfInfo:
     # again in its slot (same vhca_id) is another device, as a hot-replugged
     # function is to the kernel.
     uid: str = ""
+    state_size: int = 0  # bytes of device state now (objects and free space)

@@ -7,7 +7,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from .ifc import MAX_U16, Fault, MiB, VfConfig, VfInfo, check_float, check_int, obj_type_index
+from .ifc import (
+    MAX_U16,
+    Fault,
+    MiB,
+    ReconfigMode,
+    VfConfig,
+    VfInfo,
+    check_float,
+    check_int,
+    obj_type_index,
+)
 
 # A request's answer type, for the code that handles requests.
 A = TypeVar("A")
@@ -20,6 +30,23 @@ MAX_SCENARIO_TEXT = 1 * MiB  # characters
 MAX_AT_TIME = 1e9  # seconds of firmware time (about 31 years)
 MAX_AFTER_SAVED_BYTES = 1 << 60
 MAX_ADVANCE_S = 86400.0 * 366
+
+
+def reconfig_mode(value: int | str) -> ReconfigMode:
+    """A mode from its number or its name (any case): ValueError naming the
+    modes otherwise."""
+    try:
+        if isinstance(value, str):
+            return ReconfigMode[value.strip().upper()]
+        if isinstance(value, bool):
+            raise ValueError
+        return ReconfigMode(value)
+    except (KeyError, ValueError):
+        names = ", ".join(m.name for m in ReconfigMode)
+        raise ValueError(
+            f"reconfiguration mode must be one of {names} "
+            f"({', '.join(str(int(m)) for m in ReconfigMode)}), got {value!r}"
+        ) from None
 
 
 class ScenarioRequest(Generic[A_co]):
@@ -76,14 +103,19 @@ class ListVfsIn(ScenarioRequest[list[VfInfo]]):
 
 @dataclass(frozen=True, slots=True)
 class ReconfigureIn(VfRequest[int]):
-    """Add objects (type name, size; none: one QP of reconfig_bytes) now, at a
-    firmware time or once that many image bytes were saved; answers the trigger id."""
+    """Reconfigure the VF now, at a firmware time or once that many image bytes
+    were saved; answers the trigger id.  `objects` (type name, size; none: one
+    QP of reconfig_bytes) are added (`mode` ADD), put in the place of the
+    oldest objects (REPLACE), or say how many bytes of the oldest objects go
+    (REMOVE)."""
 
     objects: tuple[tuple[str, int], ...] = ()
     at_time: float | None = None
     after_saved_bytes: int | None = None
+    mode: int = ReconfigMode.ADD  # a ReconfigMode
 
     def validate(self) -> None:
+        reconfig_mode(self.mode)
         if len(self.objects) > MAX_RECONFIG_OBJECTS:
             raise ValueError(
                 f"objects: at most {MAX_RECONFIG_OBJECTS} per reconfiguration, "
@@ -96,6 +128,12 @@ class ReconfigureIn(VfRequest[int]):
             check_float("at_time", self.at_time, 0.0, MAX_AT_TIME)
         if self.after_saved_bytes is not None:
             check_int("after_saved_bytes", self.after_saved_bytes, 0, MAX_AFTER_SAVED_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class ResetVfIn(VfRequest[VfInfo]):
+    """Put the VF back to the state it was created in (README, "Scenario
+    files"): its snapshot after."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,7 @@ from .scenario_requests import (
     ListVfsIn,
     ReconfigureIn,
     RemoveVfIn,
+    ResetVfIn,
     ScenarioRequest,
     SetVfHoldersIn,
 )
@@ -134,6 +135,7 @@ SCENARIO_RPCS: dict[type[ScenarioRequest[Any]], ScenarioRpc] = {
     GetVfIn: ScenarioRpc("GetVf", spb.GetVfRequest, _vf),
     ListVfsIn: ScenarioRpc("ListVfs", spb.ListVfsRequest, _vfs),
     ReconfigureIn: ScenarioRpc("Reconfigure", spb.ReconfigureRequest, attrgetter("trigger_id")),
+    ResetVfIn: ScenarioRpc("ResetVf", spb.ResetVfRequest, _vf),
     InjectFaultIn: ScenarioRpc("InjectFault", spb.InjectFaultRequest, attrgetter("fault_id")),
     ClearFaultsIn: ScenarioRpc("ClearFaults", spb.ClearFaultsRequest, attrgetter("cleared")),
     GetDigestIn: ScenarioRpc("GetDigest", spb.GetDigestRequest, attrgetter("digest")),

@@ -8,7 +8,7 @@ import itertools
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..link.ifc import Fault, FirmwareError, VfConfig, VfInfo
+from ..link.ifc import Fault, FirmwareError, ReconfigMode, VfConfig, VfInfo
 from .limits import MAX_PENDING_TRIGGERS, LimitReached
 from .memory import OutOfMemory
 from .save import abort_save
@@ -69,6 +69,16 @@ def configure_vf(fw: FirmwareState, vhca_id: int, changes: dict[str, object]) ->
     vf.advance(now)
     vf.config = cfg
     vf.workload.set_rate(cfg.dirty_bytes_per_s, now)
+    vf.auto.set_rate(cfg.reconfig_rate_per_s, now)
+    return vf
+
+
+def reset_vf(fw: FirmwareState, vhca_id: int) -> Vf:
+    """The VF as created (Vf.reset); a SAVE in flight completes with
+    INT_ERR / ABORTED, as on removal or FLR.  OutOfMemory changes nothing."""
+    vf = fw.vf(vhca_id)
+    vf.reset(fw.clock.now())
+    abort_save(fw, vf, "VF reset")
     return vf
 
 
@@ -78,6 +88,7 @@ def reconfigure(
     objects: list[tuple[int, int]],
     at_time: float | None,
     after_saved_bytes: int | None,
+    mode: int = ReconfigMode.ADD,
 ) -> int:
     """Schedule (or run now) a reconfiguration; returns its trigger id.
     One that runs now and does not fit (the VF's size limit, the firmware's
@@ -89,17 +100,20 @@ def reconfigure(
             raise FirmwareError("object size out of range")
     if at_time is not None and after_saved_bytes is not None:
         raise FirmwareError("give a time or a byte count, not both")
+    if mode not in set(ReconfigMode):
+        raise FirmwareError(f"unknown reconfiguration mode {mode}")
     adds = sum(size for _, size in objects) or vf.config.reconfig_bytes
-    if adds > vf.size_limit:
+    # What REMOVE names goes, whatever its size; the others must fit the VF.
+    if mode != ReconfigMode.REMOVE and adds > vf.size_limit:
         raise OutOfMemory(f"{adds} bytes of objects exceed the VF's size limit {vf.size_limit}")
-    trig = ReconfigTrigger(0, list(objects), at_time, after_saved_bytes)
+    trig = ReconfigTrigger(0, list(objects), at_time, after_saved_bytes, mode)
     now = fw.clock.now()
     vf.advance(now)  # time passing, not the request: due triggers leave the queue first
     runs_now = vf.running and trig.due(now, vf.saved_bytes)
     if not runs_now and len(vf.triggers) >= MAX_PENDING_TRIGGERS:
         raise LimitReached(f"a VF holds at most {MAX_PENDING_TRIGGERS} pending reconfigurations")
     if runs_now:
-        vf.reconfigure_now(trig.objects)
+        vf.reconfigure_now(trig.objects, mode)
     trig.trigger_id = next(fw.ids)  # taken only once accepted
     if not runs_now:
         vf.triggers.append(trig)  # a due one waits for the VF to run again
@@ -176,4 +190,5 @@ def vf_info(vf: Vf) -> VfInfo:
         save_in_flight=vf.save_in_flight is not None,
         seed=vf.seed,
         uid=vf.uid,
+        state_size=vf.state.size,
     )

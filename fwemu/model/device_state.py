@@ -1,8 +1,12 @@
 """The state a VF holds: device objects (QPs, CQs, MKEYs, ...) laid out in one
 contiguous arena of bytes, deterministic from a seed.
 
-Migration images carry the object table and arena bytes; two VFs have the same
-digest exactly when their object tables and arena contents are equal.
+Objects lie in the arena in offset order without overlapping.  A new VF's
+objects cover the arena exactly; reconfigurations that remove objects leave
+free space (bytes no object holds, kept as they were), which replacements
+reuse.  Migration images carry the object table and arena bytes, free space
+included; two VFs have the same digest exactly when their object tables and
+arena contents are equal.
 """
 
 from __future__ import annotations
@@ -167,6 +171,10 @@ class DeviceObject:
     def type_name(self) -> str:
         return OBJ_TYPES[self.obj_type]
 
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
 
 _POOL_SIZE = 1 << 20
 _PAGE_STAMP = struct.Struct("<QQ")
@@ -197,6 +205,49 @@ def _fill_random(dest: Arena, start: int, rng: random.Random, end: int | None = 
         _PAGE_STAMP.pack_into(view, page * PAGE_SIZE, tag, page)
 
 
+def _initial_layout(size: int, seed: int) -> tuple[list[DeviceObject], random.Random]:
+    """A new VF's objects (covering `size` bytes) and the generator, seeded
+    with `seed`, that then fills them."""
+    if size <= 0:
+        raise ValueError("device state size must be positive")
+    rng = random.Random(seed)
+    count = max(1, min(_MAX_INITIAL_OBJECTS, size // _OBJECT_GRAIN))
+    objects: list[DeviceObject] = []
+    offset = 0
+    for obj_id, length in enumerate(_partition(size, count, rng), start=1):
+        objects.append(DeviceObject(rng.randrange(len(OBJ_TYPES)), obj_id, offset, length))
+        offset += length
+    return objects, rng
+
+
+def _replace_span(objects: list[DeviceObject], arena_size: int, need: int) -> tuple[int, int, int]:
+    """Where a replacement of `need` bytes goes: the objects it removes,
+    objects[first:last], and the span's start.  From the oldest object the
+    span takes the free space before it and grows over the objects after it
+    (each with the free space that follows), then over those before it,
+    until it holds `need` bytes or is the whole arena."""
+    n = len(objects)
+    if n == 0:
+        return 0, 0, 0
+    first = min(range(n), key=lambda k: objects[k].obj_id)
+    last = first + 1
+
+    def start_of(i: int) -> int:
+        return objects[i - 1].end if i > 0 else 0
+
+    def end_of(j: int) -> int:
+        return objects[j].offset if j < n else arena_size
+
+    while end_of(last) - start_of(first) < need:
+        if last < n:
+            last += 1
+        elif first > 0:
+            first -= 1
+        else:
+            break  # the whole arena, and it grows
+    return first, last, start_of(first)
+
+
 def _partition(size: int, count: int, rng: random.Random) -> list[int]:
     """Split `size` bytes into `count` positive parts with seeded weights."""
     weights = [rng.randint(1, 8) for _ in range(count)]
@@ -223,18 +274,19 @@ class DeviceState:
     def generate(cls, size: int, seed: int, memory: MemoryBudget | None = None) -> DeviceState:
         """A fresh VF state of `size` bytes, the same for the same seed
         (OutOfMemory if `memory` cannot hold it)."""
-        if size <= 0:
-            raise ValueError("device state size must be positive")
-        rng = random.Random(seed)
-        count = max(1, min(_MAX_INITIAL_OBJECTS, size // _OBJECT_GRAIN))
-        objects: list[DeviceObject] = []
-        offset = 0
-        for obj_id, length in enumerate(_partition(size, count, rng), start=1):
-            objects.append(DeviceObject(rng.randrange(len(OBJ_TYPES)), obj_id, offset, length))
-            offset += length
+        objects, rng = _initial_layout(size, seed)
         arena = Arena(size, memory=memory)
         _fill_random(arena, 0, rng)
         return cls(arena, objects, len(objects) + 1)
+
+    def regenerate(self, size: int, seed: int) -> None:
+        """Become what generate(size, seed) makes, in this state's memory.
+        All or nothing: the arena is resized first (OutOfMemory changes nothing)."""
+        objects, rng = _initial_layout(size, seed)
+        self.arena.resize(size)
+        self.objects = objects
+        self.next_obj_id = len(objects) + 1
+        _fill_random(self.arena, 0, rng)
 
     @classmethod
     def empty(cls, size: int = 0, memory: MemoryBudget | None = None) -> DeviceState:
@@ -271,6 +323,55 @@ class DeviceState:
             start += length
         return range(old_size // PAGE_SIZE, self.num_pages)
 
+    def replace_objects(
+        self, specs: Sequence[tuple[int, int]], rng: random.Random, *, limit: int | None = None
+    ) -> range:
+        """Remove the oldest object and the objects after it in the arena
+        (before it, at the arena's end) until they and the free space around
+        them span the new objects; lay the new objects out from the start of
+        that span (what is left of it is free).  The arena grows only if the
+        new objects are larger than all of it.  Returns the pages written.
+        All or nothing, as add_objects."""
+        if any(length <= 0 for _, length in specs):
+            raise ValueError("object size must be positive")
+        need = sum(length for _, length in specs)
+        first, last, start = _replace_span(self.objects, len(self.arena), need)
+        new_size = max(len(self.arena), start + need)
+        if limit is not None and new_size > limit:
+            raise OutOfMemory(
+                f"the device state would grow to {new_size} bytes, beyond the size limit {limit}"
+            )
+        self.arena.resize(new_size)
+        new: list[DeviceObject] = []
+        at = start
+        for obj_type, length in specs:
+            new.append(DeviceObject(obj_type, self.next_obj_id, at, length))
+            self.next_obj_id += 1
+            _fill_random(self.arena, at, rng, at + length)
+            at += length
+        self.objects[first:last] = new
+        return range(start // PAGE_SIZE, -(-(start + need) // PAGE_SIZE))
+
+    def remove_objects(self, nbytes: int) -> int:
+        """Remove the oldest objects until at least `nbytes` of them are gone
+        (or none is left); their bytes become free space, unchanged.  Returns
+        how many were removed."""
+        taken: set[int] = set()
+        removed = 0
+        for o in sorted(self.objects, key=lambda o: o.obj_id):
+            if removed >= nbytes:
+                break
+            taken.add(o.obj_id)
+            removed += o.length
+        if taken:
+            self.objects = [o for o in self.objects if o.obj_id not in taken]
+        return len(taken)
+
+    @property
+    def object_bytes(self) -> int:
+        """Bytes the objects hold (the state's size less its free space)."""
+        return sum(o.length for o in self.objects)
+
     # --- serialization of the object table --------------------------------
 
     def table_bytes(self) -> bytes:
@@ -297,12 +398,13 @@ class DeviceState:
             t, _, oid, off, length = _TABLE_ENTRY.unpack_from(
                 data, _TABLE_HEAD.size + i * _TABLE_ENTRY.size
             )
-            if t >= len(OBJ_TYPES) or length == 0 or off != end or oid >= next_id:
+            # In offset order, not overlapping; free space between objects is allowed.
+            if t >= len(OBJ_TYPES) or length == 0 or off < end or oid >= next_id:
                 raise TableError(f"object table entry {i} is inconsistent")
             end = off + length
             objects.append(DeviceObject(t, oid, off, length))
-        if end != arena_size:
-            raise TableError("objects do not cover the arena exactly")
+        if end > arena_size:
+            raise TableError("objects run past the end of the arena")
         return arena_size, next_id, objects
 
     # --- identity -----------------------------------------------------------

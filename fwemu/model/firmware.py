@@ -170,6 +170,10 @@ class Firmware(FirmwareState):
     def configure_vf(self, vhca_id: int, **changes: object) -> Vf:
         return control.configure_vf(self, vhca_id, changes)
 
+    def reset_vf(self, vhca_id: int) -> Vf:
+        """The VF back to the state it was created in (control.reset_vf)."""
+        return control.reset_vf(self, vhca_id)
+
     def reconfigure(
         self,
         vhca_id: int,
@@ -177,9 +181,10 @@ class Firmware(FirmwareState):
         *,
         at_time: float | None = None,
         after_saved_bytes: int | None = None,
+        mode: int = ifc.ReconfigMode.ADD,
     ) -> int:
         """Schedule (or run now) a reconfiguration; returns its trigger id."""
-        return control.reconfigure(self, vhca_id, objects or [], at_time, after_saved_bytes)
+        return control.reconfigure(self, vhca_id, objects or [], at_time, after_saved_bytes, mode)
 
     def reconfig_runs_now(
         self, vhca_id: int, at_time: float | None, after_saved_bytes: int | None
@@ -257,7 +262,9 @@ _CONTROL: dict[type[rq.ScenarioRequest[Any]], Callable[[Firmware, Any], Any]] = 
         [(ifc.obj_type_index(t), size) for t, size in r.objects],
         at_time=r.at_time,
         after_saved_bytes=r.after_saved_bytes,
+        mode=r.mode,
     ),
+    rq.ResetVfIn: lambda fw, r: fw.info(fw.reset_vf(r.vhca_id).vhca_id),
     rq.InjectFaultIn: lambda fw, r: fw.inject_fault(r.vhca_id, r.fault),
     rq.ClearFaultsIn: lambda fw, r: fw.clear_faults(r.vhca_id),
     rq.GetDigestIn: lambda fw, r: fw.digest(r.vhca_id),

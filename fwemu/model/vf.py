@@ -9,13 +9,21 @@ from dataclasses import dataclass, replace
 
 import xxhash
 
-from ..link.ifc import PAGE_SIZE, MiB, QueryVhcaMigState, VfConfig, obj_type_index
+from ..link.ifc import (
+    PAGE_SIZE,
+    MiB,
+    QueryVhcaMigState,
+    ReconfigMode,
+    VfConfig,
+    obj_type_index,
+)
 from .device_state import DeviceState, Workload
 from .faults import FaultQueue
 from .image import Cursor, ImageKind, Plan
 from .memory import MemoryBudget, OutOfMemory
 from .page_track import PageTrackObject
 from .pages import DIRTY, INIT, PageStates
+from .reconfig_rate import MAX_PER_LOOK, ReconfigRate
 
 log = logging.getLogger("fwemu.firmware")
 
@@ -29,12 +37,18 @@ def size_limit(config: VfConfig) -> int:
     return config.size + max(config.size, MIN_GROWTH)
 
 
+def _reconfig_rng(seed: int) -> random.Random:
+    """The generator of what reconfigurations write (seeded from the VF's seed)."""
+    return random.Random(seed ^ 0x12EC_0F16)
+
+
 @dataclass(slots=True)
 class ReconfigTrigger:
     trigger_id: int
     objects: list[tuple[int, int]]  # (type index, size); empty = one QP of reconfig_bytes
     at_time: float | None = None
     after_saved_bytes: int | None = None
+    mode: int = ReconfigMode.ADD
 
     def due(self, now: float, saved_bytes: int) -> bool:
         if self.at_time is not None:
@@ -85,8 +99,10 @@ class Vf:
         self.state = DeviceState.generate(config.size, seed, memory)
         self.workload = Workload(seed, config.dirty_bytes_per_s, now)
         self.faults = FaultQueue()
-        self._reconfig_rng = random.Random(seed ^ 0x12EC_0F16)
+        self._reconfig_rng = _reconfig_rng(seed)
         self.triggers: list[ReconfigTrigger] = []
+        self.auto = ReconfigRate(seed, config.reconfig_rate_per_s, now)
+        self.auto_dropped = 0  # automatic reconfigurations that did not fit
         self.last_time = now
         # PCI/firmware function state
         self.initiator_suspended = False
@@ -144,21 +160,33 @@ class Vf:
     # --- time: workload and scheduled reconfigurations ----------------------
 
     def advance(self, now: float) -> None:
-        """Bring the VF to `now`: run the workload and due reconfigurations
-        (both only while the VF runs; a due reconfiguration waits for it)."""
+        """Bring the VF to `now`: run the workload, due reconfigurations and
+        automatic ones, each at its time (all only while the VF runs; a due
+        reconfiguration waits for it, an automatic one is void)."""
         if now < self.last_time:
             now = self.last_time
         if self.running:
-            for trig in sorted(
+            timed = sorted(
                 (t for t in self.triggers if t.at_time is not None and t.at_time <= now),
                 key=lambda t: (t.at_time or 0.0, t.trigger_id),
-            ):
-                at = max(self.last_time, trig.at_time or 0.0)
-                self._run_workload(at)
-                self._fire(trig)
+            )
+            fired = 0
+            while True:
+                auto_at = self.auto.due(now) if fired < MAX_PER_LOOK else None
+                trig_at = max(self.last_time, timed[0].at_time or 0.0) if timed else None
+                if trig_at is not None and (auto_at is None or trig_at <= auto_at):
+                    self._run_workload(trig_at)
+                    self._fire(timed.pop(0))
+                elif auto_at is not None:
+                    self._run_workload(auto_at)
+                    self._fire_auto()
+                    fired += 1
+                else:
+                    break
             self._run_workload(now)
             for trig in [t for t in self.triggers if t.due(now, self.saved_bytes)]:
                 self._fire(trig)
+        self.auto.restart(now)  # arrivals beyond MAX_PER_LOOK, or while suspended: void
         self.last_time = now
 
     def _run_workload(self, until: float) -> None:
@@ -176,7 +204,7 @@ class Vf:
     def _fire(self, trig: ReconfigTrigger) -> None:
         self.triggers.remove(trig)
         try:
-            self.reconfigure_now(trig.objects)
+            self.reconfigure_now(trig.objects, trig.mode)
         except OutOfMemory as e:
             # Scheduled, so no one to answer: dropped, the VF as it was.
             log.warning(
@@ -186,19 +214,63 @@ class Vf:
                 extra={"vhca_id": self.vhca_id},
             )
 
-    def reconfigure_now(self, objects: list[tuple[int, int]]) -> range:
-        """The guest reconfigures the function: new objects with new contents.
-        While tracking, their pages are new initial data (migration_state INIT).
-        All or nothing: OutOfMemory (no memory, or beyond the VF's size limit)
-        changes nothing (add_objects draws no seeded contents before it)."""
+    def _fire_auto(self) -> None:
+        self.auto.fired()
+        try:
+            self.reconfigure_now([], self.config.reconfig_mode)
+        except OutOfMemory as e:
+            self.auto_dropped += 1
+            n = self.auto_dropped
+            if n & (n - 1) == 0:  # the 1st, 2nd, 4th, ...: a steady rate does not flood the log
+                log.warning(
+                    "automatic reconfiguration dropped (%d so far): %s",
+                    n,
+                    e,
+                    extra={"vhca_id": self.vhca_id},
+                )
+
+    def reconfigure_now(
+        self, objects: list[tuple[int, int]], mode: int = ReconfigMode.ADD
+    ) -> range:
+        """The guest reconfigures the function: objects added, put in the place
+        of the oldest ones, or the oldest ones removed (`mode`).  While
+        tracking, the pages written are new initial data and the object table
+        changed (migration_state INIT), for removals too.  Returns the pages
+        written.  All or nothing: OutOfMemory (no memory, or beyond the VF's
+        size limit) changes nothing (no seeded contents are drawn before it)."""
         specs = objects or [(obj_type_index("QP"), self.config.reconfig_bytes)]
-        new_pages = self.state.add_objects(specs, self._reconfig_rng, limit=self.size_limit)
-        # A partly filled last page may now hold new bytes too.
-        if self.tracking:
+        rng, limit = self._reconfig_rng, self.size_limit
+        if mode == ReconfigMode.REMOVE:
+            changed = self.state.remove_objects(sum(length for _, length in specs)) > 0
+            new_pages = range(0)
+        elif mode == ReconfigMode.REPLACE:
+            new_pages = self.state.replace_objects(specs, rng, limit=limit)
+            changed = True
+        else:
+            new_pages = self.state.add_objects(specs, rng, limit=limit)
+            changed = True
+        # Partly filled first and last pages hold new bytes too.
+        if self.tracking and changed:
             self.pages.mark_init(new_pages)
             self.table_dirty = True
         self.reconfigurations += 1
         return new_pages
+
+    def reset(self, now: float) -> None:
+        """ResetVf: the state, workload and automatic reconfigurations as when
+        the VF was created with its config and seed; scheduled reconfigurations
+        and armed faults dropped; the migration context ended as by an FLR.
+        The uid, counters and DMA page trackers stay (the same device).  All
+        or nothing: OutOfMemory (for the state) changes nothing.  A SAVE in
+        flight is the caller's to abort."""
+        self.state.regenerate(self.config.size, self.seed)
+        self.reset_function(now)
+        self.workload = Workload(self.seed, self.config.dirty_bytes_per_s, now)
+        self._reconfig_rng = _reconfig_rng(self.seed)
+        self.auto = ReconfigRate(self.seed, self.config.reconfig_rate_per_s, now)
+        self.triggers.clear()
+        self.faults.clear()
+        self.last_time = now
 
     # --- migration_state ---------------------------------------------------
 

@@ -37,6 +37,7 @@ SCENARIO_REACH: dict[str, Reach] = {
     "ConfigureVf": Reach.HOLDER,
     "GetVf": Reach.HOLDER,
     "Reconfigure": Reach.HOLDER,
+    "ResetVf": Reach.HOLDER,  # as Reconfigure: what it undoes
     "InjectFault": Reach.HOLDER,
     "ClearFaults": Reach.HOLDER,
     "GetDigest": Reach.HOLDER,

@@ -32,6 +32,7 @@ from ..link.ifc import (
     NoSuchVf,
     QueryHcaCapIn,
     QueryVhcaMigrationStateIn,
+    ReconfigMode,
     ResumeVhcaIn,
     SaveCompletion,
     SaveVhcaStateIn,
@@ -313,9 +314,15 @@ class ScenarioServicer(sgrpc.ScenarioServicer):
                 after_saved_bytes=request.after_saved_bytes
                 if when == "after_saved_bytes"
                 else None,
+                # RECONFIGURE_MODE_UNSPECIFIED (a client from before the field): ADD.
+                mode=request.mode or ReconfigMode.ADD,
             )
         )
         return spb.ReconfigureResponse(trigger_id=tid)
+
+    @_answered
+    async def ResetVf(self, request: spb.ResetVfRequest, context: Ctx) -> Any:
+        return to_pb(self.fw.control(rq.ResetVfIn(request.vhca_id)), spb.VfInfo)
 
     @_answered
     async def InjectFault(self, request: spb.InjectFaultRequest, context: Ctx) -> Any:

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from fwemu.link.ifc import CmdStatus, Fault, FaultKind, FirmwareError, KiB, Opcode, VfConfig
+from fwemu.link.ifc import (
+    CmdStatus,
+    Fault,
+    FaultKind,
+    FirmwareError,
+    KiB,
+    Opcode,
+    ReconfigMode,
+    VfConfig,
+)
 from fwemu.model import Firmware, VirtualClock
 from fwemu.model.limits import MAX_ARMED_FAULTS, MAX_PENDING_TRIGGERS, LimitReached
 from fwemu.model.memory import OutOfMemory
@@ -318,3 +327,70 @@ def test_an_allocation_failing_mid_scenario_takes_back_what_it_can(error):
     assert {v: [f.fault_id for f in vf.faults.faults] for v, vf in fw.vfs.items()} == before[2]
     assert {v: [t.trigger_id for t in vf.triggers] for v, vf in fw.vfs.items()} == before[3]
     assert fw.vf(1).reconfigurations == 1 and fw.vf(2).reconfigurations == 0
+
+
+LOAD_TEST = """\
+seed: 5
+defaults: {size: 256KiB, dirty_bytes_per_s: 0, reconfig_bytes: 16KiB,
+           reconfig_rate_per_s: 8, reconfig_mode: replace}
+vfs:
+  - count: 1
+  - count: 1
+    reconfig_mode: ADD
+    reconfig_rate_per_s: 0.5
+events:
+  - {vf: 1, reconfigure: {mode: replace, objects: [{type: CQ, size: 100KiB}]}}
+  - {vf: 2, reconfigure: {mode: remove}}
+  - {vf: 2, at: 1, reconfigure: {mode: Replace}}
+"""
+
+
+def test_reconfiguration_modes_and_rates_in_a_scenario_file():
+    """Issue 13's keys: reconfig_rate_per_s and reconfig_mode in defaults and
+    VF groups, `mode` in a reconfigure event (names in any case)."""
+    fw = firmware()
+    vfs = apply_scenario(fw, parse_scenario(LOAD_TEST))
+    assert [(v.config.reconfig_rate_per_s, v.config.reconfig_mode) for v in vfs] == [
+        (8.0, ReconfigMode.REPLACE),
+        (0.5, ReconfigMode.ADD),
+    ]
+    one, two = fw.vf(1), fw.vf(2)
+    assert one.state.size == two.state.size == 256 * KiB  # replaced, removed: no growth
+    assert one.reconfigurations == two.reconfigurations == 1
+    assert len(two.state.objects) == 3 and two.triggers[0].mode == ReconfigMode.REPLACE
+    assert parse_scenario("events: [{vf: 1, reconfigure: {}}]").events[0].reconfigure.mode == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("defaults: {reconfig_mode: shuffle}", "defaults.reconfig_mode"),
+        ("vfs: [{reconfig_rate_per_s: .inf}]", "vfs.0.reconfig_rate_per_s"),
+        ("vfs: [{reconfig_rate_per_s: 1e4}]", "vfs.0.reconfig_rate_per_s"),
+        ("events: [{vf: 1, reconfigure: {mode: 0}}]", "events.0.reconfigure.mode"),
+    ],
+    ids=["unknown-mode", "infinite-rate", "absurd-rate", "mode-0"],
+)
+def test_bad_modes_and_rates_are_refused_naming_the_field(text, names):
+    with pytest.raises(ScenarioError, match=names):
+        parse_scenario(text)
+
+
+def test_replacements_and_removals_now_need_no_memory_to_grow():
+    """The memory check counts what a reconfiguration that runs at once can
+    grow: ADD its objects, REPLACE only beyond the whole state, REMOVE nothing.
+    A firmware with no room to spare takes replacements and removals; the same
+    objects added are refused and nothing is applied."""
+    fw = Firmware(VirtualClock(), seed=0, memory_limit=512 * KiB)
+    apply_scenario(fw, parse_scenario("vfs: [{count: 2, size: 256KiB}]"))
+    events = (
+        "events:\n"
+        "  - {vf: all, reconfigure: {mode: replace, objects: [{type: QP, size: 200KiB}]}}\n"
+        "  - {vf: 1, reconfigure: {mode: remove, objects: [{type: QP, size: 1GiB}]}}\n"
+    )
+    apply_scenario(fw, parse_scenario(events))
+    assert fw.memory.used == 512 * KiB and fw.vf(1).state.objects == []
+    before = _held(fw)
+    with pytest.raises(OutOfMemory, match="memory limit"):
+        apply_scenario(fw, parse_scenario(events.replace("replace", "add", 1)))
+    assert _held(fw) == before

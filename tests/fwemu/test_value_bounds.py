@@ -254,3 +254,21 @@ def test_the_service_defaults_are_checked_like_any_config() -> None:
             VirtualClock(), replace(VfConfig(), dirty_bytes_per_s=1 << 50), seed=1,
             scenario=None, vfs=1,
         )  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    value=st.one_of(
+        absurd_numbers,
+        st.floats(min_value=1000.001, max_value=1e12),
+        st.floats(max_value=-1e-9),
+    )
+)
+def test_reconfig_rate_is_finite_and_at_most_1000_per_s(value: Any) -> None:
+    """VfConfig.reconfig_rate_per_s (automatic reconfigurations, issue 13):
+    0 to 1000 per second, NaN and ±inf refused with the field and its range."""
+    with pytest.raises(ValueError, match=r"^reconfig_rate_per_s must be between 0 and 1000"):
+        replace(VfConfig(), reconfig_rate_per_s=value).validate()
+    replace(VfConfig(), reconfig_rate_per_s=1000.0).validate()
+    with pytest.raises(ScenarioError, match="reconfig_rate_per_s"):
+        parse_scenario(f"defaults: {{reconfig_rate_per_s: {value!r}}}".replace("nan", ".nan"))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 from dataclasses import asdict
 
-from fwemu.link.ifc import VfConfig
+from fwemu.link.ifc import ReconfigMode, VfConfig, VfInfo
+from fwemu.link.scenario_requests import reconfig_mode
 from grpcsvc.units import byte_size
 
-from ..scenario import FAULT_KINDS, ScenarioClient
+from ..scenario import FAULT_KINDS, RECONFIG_MODES, ScenarioClient
 from .args import object_spec, positive
 from .command import Subparsers
 from .output import CliError, Out
@@ -65,9 +67,20 @@ async def run_scenario(args: argparse.Namespace, out: Out) -> None:
                 args.object or None,
                 at_time=args.at_time,
                 after_saved_bytes=args.after_saved_bytes,
+                mode=args.mode,
             )
-            out.doc({"vhca_id": vhca, "trigger_id": tid})
-            out.line(f"vhca {vhca}: reconfiguration armed (trigger {tid})")
+            out.doc({"vhca_id": vhca, "trigger_id": tid, "mode": args.mode})
+            out.line(f"vhca {vhca}: {args.mode} reconfiguration armed (trigger {tid})")
+        elif args.scenario_command == "configure":
+            vhca = await _vhca(s, args.vf)
+            changes = _config_changes(args)
+            if not changes:
+                raise CliError(
+                    errno.EINVAL, "nothing to change", "see `vfioctl scenario configure --help`"
+                )
+            _show_vf(out, await s.configure_vf(vhca, **changes))
+        elif args.scenario_command == "reset":
+            _show_vf(out, await s.reset_vf(await _vhca(s, args.vf)), "reset to its seed")
         elif args.scenario_command == "fault":
             vhca = await _vhca(s, args.vf)
             try:
@@ -89,6 +102,43 @@ async def run_scenario(args: argparse.Namespace, out: Out) -> None:
             out.line(f"vhca {vhca}: {args.kind} fault armed (fault {fid})")
     finally:
         await s.aclose()
+
+
+def _config_changes(args: argparse.Namespace) -> dict[str, object]:
+    """The VfConfig fields `configure` sets (the options given)."""
+    changes: dict[str, object] = {}
+    if args.dirty_rate is not None:
+        changes["dirty_bytes_per_s"] = args.dirty_rate
+    if args.reconfig_rate is not None:
+        changes["reconfig_rate_per_s"] = args.reconfig_rate
+    if args.reconfig_mode is not None:
+        changes["reconfig_mode"] = reconfig_mode(args.reconfig_mode)
+    if args.reconfig_bytes is not None:
+        changes["reconfig_bytes"] = args.reconfig_bytes
+    return changes
+
+
+def _show_vf(out: Out, v: VfInfo, what: str = "configured") -> None:
+    cfg = v.config
+    out.doc({"vf": asdict(v)})
+    out.line(
+        f"vhca {v.vhca_id}: {what}: size {v.state_size}, {v.num_objects} objects, "
+        f"reconfigurations {cfg.reconfig_rate_per_s:g}/s of {cfg.reconfig_bytes} bytes "
+        f"({ReconfigMode(cfg.reconfig_mode).name.lower()})"
+    )
+
+
+def _rate(text: str) -> float:
+    """Automatic reconfigurations per second: 0 to VfConfig.MAX_RECONFIG_RATE."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= VfConfig.MAX_RECONFIG_RATE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rate from 0 to {VfConfig.MAX_RECONFIG_RATE:g} per second"
+        )
+    return value
 
 
 def _add_vf_action(
@@ -135,9 +185,44 @@ def add_parser(sub: Subparsers) -> None:
         metavar="TYPE[:SIZE]",
         help="an object to add (QP, CQ, MKEY, EQ, SRQ, RQ, SQ, TIR, TIS); repeatable",
     )
+    s.add_argument(
+        "--mode",
+        choices=RECONFIG_MODES,
+        default="add",
+        help="add the objects (default), replace the oldest objects by them (the state "
+        "does not grow), or remove the oldest objects (at least the objects' size)",
+    )
     g = s.add_mutually_exclusive_group()
     g.add_argument("--at-time", type=float, metavar="T", help="at firmware time T")
     g.add_argument("--after-saved-bytes", type=byte_size, metavar="N", help="after N saved bytes")
+    s = _add_vf_action(
+        ssub,
+        "configure",
+        help="change a VF's workload and automatic reconfigurations",
+        description="Change settings of a live VF (those given).",
+    )
+    s.add_argument("--dirty-rate", type=byte_size, metavar="BYTES_PER_S", help="workload")
+    s.add_argument(
+        "--reconfig-rate",
+        type=_rate,
+        metavar="PER_S",
+        help="automatic reconfigurations per second of running time (a Poisson process "
+        "seeded from the VF's seed; 0: none)",
+    )
+    s.add_argument(
+        "--reconfig-mode", choices=RECONFIG_MODES, help="what automatic reconfigurations do"
+    )
+    s.add_argument(
+        "--reconfig-bytes", type=byte_size, metavar="BYTES", help="size of each reconfiguration"
+    )
+    _add_vf_action(
+        ssub,
+        "reset",
+        help="put a VF back to the state it was created in",
+        description="Reset a VF to its seeded state (as created with its config and seed): "
+        "reconfigurations, scheduled reconfigurations and faults are dropped; a migration "
+        "of it ends as by an FLR (a SAVE in flight completes ABORTED).",
+    )
     s = _add_vf_action(
         ssub,
         "fault",

@@ -123,6 +123,7 @@ def _per_vf_requests(vhca_id: int) -> dict[str, Any]:
         ),
         "GetVf": spb.GetVfRequest(vhca_id=vhca_id),
         "Reconfigure": spb.ReconfigureRequest(vhca_id=vhca_id, now=True),
+        "ResetVf": spb.ResetVfRequest(vhca_id=vhca_id),  # as Reconfigure: holders and admins
         "InjectFault": spb.InjectFaultRequest(vhca_id=vhca_id, fault=fail),
         "ClearFaults": spb.ClearFaultsRequest(vhca_id=vhca_id),
         "GetDigest": spb.GetDigestRequest(vhca_id=vhca_id),
@@ -254,3 +255,22 @@ def test_without_roles_the_scenario_servicer_lets_anonymous_do_anything() -> Non
     servicer = ScenarioServicer(Firmware(VirtualClock()))
     assert servicer.reaches("anonymous", 12345)
     assert not servicer.reaches("spiffe://vfio-mlx5-emu/team-a", 1)
+
+
+async def test_reset_vf_reaches_only_the_holders_and_admins_vfs(mtls: Served) -> None:
+    """ResetVf follows Reconfigure's rule: team-b cannot undo team-a's VF (no
+    such VF, and it stays as it was); team-a and an admin reset it."""
+    await mtls.firmware(DRIVER).SetVfHolders(_holds(mtls, 1, "team-a"))
+    fresh = mtls.fw.digest(1)
+    mtls.fw.reconfigure(1, [(0, 4096)])
+    changed = mtls.fw.digest(1)
+    request = spb.ResetVfRequest(vhca_id=1)
+    info = await _refused(mtls.scenario("team-b").ResetVf(request))
+    assert (info.code, info.reason) == (grpc.StatusCode.NOT_FOUND, "NO_SUCH_VF")
+    assert mtls.fw.digest(1) == changed
+    reset = await mtls.scenario("team-a").ResetVf(request)
+    assert (reset.vhca_id, reset.state_size) == (1, VF.size)
+    assert mtls.fw.digest(1) == fresh
+    mtls.fw.reconfigure(1, [(0, 4096)])
+    await mtls.scenario(ADMIN).ResetVf(request)
+    assert mtls.fw.digest(1) == fresh
