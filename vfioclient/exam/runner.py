@@ -287,6 +287,15 @@ async def run_exam(
                 break
         if v is None:
             v = Verdict(trap.name, False, "timeout", False, ["not run: no time left"])
+        elif v.passed and not v.fired:
+            # Nothing was shown: an orchestrator that never meets the trap's
+            # moment (no PRECOPY_INFO after its switchover decision, say)
+            # cannot pass by avoiding it.
+            v.passed = False
+            v.reasons = [
+                f"not shown: the trap's moment never came in {v.attempts} run(s) "
+                f"(it waits for this: {trap.what})"
+            ]
         if on_verdict is not None:
             on_verdict(v)
         verdicts.append(v)

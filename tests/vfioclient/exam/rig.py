@@ -97,6 +97,29 @@ class IgnoresReinit(DeviceMigration):
         return None
 
 
+class NoFinalCheck(DeviceMigration):
+    """Asks PRECOPY_INFO until the switchover decision, never after it."""
+
+    async def query_precopy_info(self) -> PrecopyInfo | None:
+        if self.ack.decided:
+            return None
+        return await super().query_precopy_info()
+
+
+class WithoutFinalCheck(Migration):
+    def __init__(self, pairs: Sequence[DevicePair], options: MigrationOptions) -> None:
+        super().__init__(pairs, options)
+        self.devices = [NoFinalCheck(p, i, self.ack, options) for i, p in enumerate(pairs)]
+        self.report.devices = [d.report for d in self.devices]
+
+
+async def migrate_without_final_check(
+    pairs: Sequence[DevicePair], options: MigrationOptions
+) -> MigrationReport:
+    """The project's orchestrator minus QEMU 11.1's final save_query_pending."""
+    return await WithoutFinalCheck(pairs, options).run()
+
+
 class NaiveMigration(Migration):
     def __init__(self, pairs: Sequence[DevicePair], options: MigrationOptions) -> None:
         super().__init__(pairs, options)

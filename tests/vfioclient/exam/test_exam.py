@@ -13,7 +13,13 @@ import asyncio
 
 import pytest
 
-from tests.vfioclient.exam.rig import Migrate, Orchestrator, exam_driver, naive_migrate
+from tests.vfioclient.exam.rig import (
+    Migrate,
+    Orchestrator,
+    exam_driver,
+    migrate_without_final_check,
+    naive_migrate,
+)
 from vfioclient import VfioClient
 from vfioclient.exam import TRAPS, Trap, Verdict, run_exam
 from vfioclient.migration import migrate
@@ -80,3 +86,12 @@ async def test_a_reinit_after_the_ack_is_met_in_precopy_with_a_new_ack() -> None
     assert v.passed and v.outcome == "completed", v.reasons
     assert orch.results[v.trap] == "ok"
     assert orch.reinits[v.trap] and set(orch.reinits[v.trap]) == {"precopy"}
+
+
+async def test_an_orchestrator_without_the_final_check_does_not_pass_by_avoiding_the_trap() -> None:
+    """No PRECOPY_INFO after the decision: the trap's REINIT never comes (its
+    SAVE is the stop-copy one, so the data is whole), and a trap that never
+    fired shows nothing: not passed."""
+    (v,), _ = await exam(migrate_without_final_check, [TRAPS["reinit-after-switchover-decision"]])
+    assert not v.fired and not v.passed
+    assert v.reasons[0].startswith("not shown: the trap's moment never came in 3 run(s)")
