@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("fwemu", "driver", "vfioclient", "grpcsvc")
+PACKAGES = ("fwemu", "driver", "vfioclient", "vfioload", "grpcsvc")
 
 
 def table_paths() -> set[str]:

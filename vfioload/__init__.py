@@ -1,0 +1,1 @@
+"""vfio-loadtest: load tests of the REINIT paths on Locust (vfioload/locustfile.py)."""
