@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -46,10 +47,17 @@ def _pinned(cpu: int) -> Any:
     return pin
 
 
-def _locust(argv: list[str], seconds: float, users: int, csv_prefix: Path) -> None:
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _locust(argv: list[str], seconds: float, users: int, csv_prefix: Path) -> float:
+    """Run Locust; the CPU time it used (seconds)."""
     cmd = [*argv, "--headless", "-u", str(users), "-r", str(users), "-t", f"{round(seconds)}s",
            "--csv", str(csv_prefix), "--only-summary", "--loglevel", "ERROR"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("VFIO_TLS_")}
+    before = _children_cpu()
     subprocess.run(
         cmd,
         check=False,  # failures are counted from the CSV
@@ -59,6 +67,7 @@ def _locust(argv: list[str], seconds: float, users: int, csv_prefix: Path) -> No
         stdout=subprocess.DEVNULL,
         stderr=None if os.environ.get("BENCH_DEBUG") else subprocess.DEVNULL,
     )
+    return _children_cpu() - before
 
 
 def _rows(csv_prefix: Path) -> list[dict[str, str]]:
@@ -76,7 +85,7 @@ def _reinit_loop(target: str, proc: psutil.Process, users: int, seconds: float) 
         prefix = Path(tmp) / "run"
         argv = [sys.executable, "-m", "vfioload.cli", "--driver", target, "--mix", "reinit-loop"]
         before = _cpu(proc)
-        _locust(argv, seconds, users, prefix)
+        load = _locust(argv, seconds, users, prefix)
         busy = _cpu(proc) - before
         rows = _rows(prefix)
     by_name = {r["Name"]: r for r in rows}
@@ -90,6 +99,7 @@ def _reinit_loop(target: str, proc: psutil.Process, users: int, seconds: float) 
         "detection_p50_ms": float(detect["50%"]) if detect else None,
         "detection_p99_ms": float(detect["99%"]) if detect else None,
         "driver_cpu_cores": busy / seconds,
+        "locust_cpu_cores": load / seconds,
         "failures": sum(int(r["Failure Count"]) for r in rows),
     }
 
@@ -101,13 +111,14 @@ def _raw_rate(seconds: float, users: int) -> Results:
             prefix = Path(tmp) / "raw"
             argv = [sys.executable, "-m", "locust", "-f", str(RAW_LOCUSTFILE), "--host", target]
             before = _cpu(proc)
-            _locust(argv, seconds, users, prefix)
+            load = _locust(argv, seconds, users, prefix)
             busy = _cpu(proc) - before
             (row,) = [r for r in _rows(prefix) if r["Name"] == "PrecopyInfo"]
     return {
         "users": users,
         "calls_per_s": int(row["Request Count"]) / seconds,
         "server_cpu_cores": busy / seconds,
+        "locust_cpu_cores": load / seconds,
     }
 
 
@@ -130,17 +141,18 @@ def bench(seconds: float) -> Results:
 
 def text(r: Results) -> list[str]:
     out = [f"reinit-loop, {r['seconds']:g} s per point (driver on one CPU, Locust on the other)"]
-    out.append("users  loops/s  RPCs/loop  detection p50/p99 ms  driver CPU  failures")
+    out.append("users  loops/s  RPCs/loop  detection p50/p99 ms  driver CPU  Locust CPU  failures")
     for p in r["reinit_loop"]:
         out.append(
             f"{p['users']:>5}  {p['loops_per_s']:>7.1f}  {p['rpcs_per_loop']:>9.2f}  "
             f"{p['detection_p50_ms']!s:>9} / {p['detection_p99_ms']!s:<9}  "
-            f"{p['driver_cpu_cores']:>9.2f}  {p['failures']:>8}"
+            f"{p['driver_cpu_cores']:>9.2f}  {p['locust_cpu_cores']:>10.2f}  {p['failures']:>8}"
         )
     raw = r["raw_unary"]
     out.append(
         f"raw unary (baseline PrecopyInfo, {raw['users']} users): "
-        f"{raw['calls_per_s']:.0f} calls/s, server CPU {raw['server_cpu_cores']:.2f}"
+        f"{raw['calls_per_s']:.0f} calls/s, server CPU {raw['server_cpu_cores']:.2f}, "
+        f"Locust CPU {raw['locust_cpu_cores']:.2f}"
     )
     out.append(
         f"loops/s x RPCs/loop at {r['reinit_loop'][-1]['users']} users = "
