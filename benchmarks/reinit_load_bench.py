@@ -5,7 +5,8 @@ The driver (`vfio-driver serve --scenario-service`, its firmware embedded,
 process with its users to the second.  For 1, 8 and 64 users it reports
 the REINIT loops per second, the RPCs a loop makes, p50/p99 of the REINIT
 detection latency (the reconfiguration to the answer carrying REINIT), and
-the driver's CPU (cores busy).  In the same run, the same Locust setup
+the driver's CPU (cores busy); each reconfiguration replaces vfio-loadtest's
+default 64 KiB of objects.  In the same run, the same Locust setup
 calls a raw unary RPC (PrecopyInfo of benchmarks/baseline_server.py, a
 gRPC server with nothing behind it, on the same CPU) as fast as it answers:
 the raw rate.  Goals: at 64 users the driver is the bottleneck (its CPU at

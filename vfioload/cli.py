@@ -24,6 +24,7 @@ from .mix import CLASS_NAMES, DEFAULT_MIX, parse_mix
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MIN_VF, MAX_VF = 64 << 10, 1 << 30
+MIN_RECONFIG, MAX_RECONFIG, DEFAULT_RECONFIG = 4 << 10, 64 << 20, 64 << 10
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="state size of the VFs the users lease (made through Scenario; default 1MiB)",
     )
+    p.add_argument(
+        "--reconfig-bytes",
+        type=byte_size_between(MIN_RECONFIG, MAX_RECONFIG),
+        default=DEFAULT_RECONFIG,
+        metavar="BYTES",
+        help="what one reconfiguration of those VFs replaces (default 64KiB): the new initial "
+        "data each REINIT announces",
+    )
     add_client_args(p)
     return p
 
@@ -86,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["VFIO_LOADTEST_SCENARIO"] = args.scenario or args.driver
     os.environ["VFIO_LOADTEST_MIX"] = args.mix
     os.environ["VFIO_LOADTEST_VF_SIZE"] = str(args.vf_size)
+    os.environ["VFIO_LOADTEST_RECONFIG_BYTES"] = str(args.reconfig_bytes)
     for env, value in ((ENV_CA, args.tls_ca), (ENV_CERT, args.tls_cert), (ENV_KEY, args.tls_key)):
         if value:
             os.environ[env] = value

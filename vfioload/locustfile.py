@@ -42,6 +42,7 @@ log = logging.getLogger("vfio-loadtest")
 DRIVER = os.environ.get("VFIO_LOADTEST_DRIVER", "127.0.0.1:50052")
 SCENARIO = os.environ.get("VFIO_LOADTEST_SCENARIO") or DRIVER
 VF_SIZE = int(os.environ.get("VFIO_LOADTEST_VF_SIZE", str(1 << 20)))
+RECONFIG_BYTES = int(os.environ.get("VFIO_LOADTEST_RECONFIG_BYTES", str(64 << 10)))
 MIX = parse_mix(os.environ.get("VFIO_LOADTEST_MIX", DEFAULT_MIX))
 
 # The VFs of each flow: no workload for the flows that count REINITs and
@@ -64,7 +65,11 @@ class _Shared:
             if self.scenario is None:
                 self.scenario = SyncScenario(SCENARIO, resolve_tls(FROM_ENV))
             if kind not in self.pools:
-                config = {"size": VF_SIZE, "dirty_bytes_per_s": WORKLOAD.get(kind, 0)}
+                config = {
+                    "size": VF_SIZE,
+                    "dirty_bytes_per_s": WORKLOAD.get(kind, 0),
+                    "reconfig_bytes": RECONFIG_BYTES,
+                }
                 self.pools[kind] = DevicePool(self.scenario, self._lister, config)
             return self.pools[kind]
 
