@@ -24,7 +24,18 @@ from .mix import CLASS_NAMES, DEFAULT_MIX, parse_mix
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MIN_VF, MAX_VF = 64 << 10, 1 << 30
+MAX_SHARDS = 1 << 16  # PCI domains
 MIN_RECONFIG, MAX_RECONFIG, DEFAULT_RECONFIG = 4 << 10, 64 << 20, 64 << 10
+
+
+def _shard(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= k < MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"{k} is not a PCI domain (0 to {MAX_SHARDS - 1})")
+    return k
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
         help="what one reconfiguration of those VFs replaces (default 64KiB): the new initial "
         "data each REINIT announces",
     )
+    p.add_argument(
+        "--shard",
+        type=_shard,
+        default=0,
+        metavar="K",
+        help="which of the driver's firmware shards --scenario is (its devices' PCI domain; "
+        "default 0)",
+    )
     add_client_args(p)
     return p
 
@@ -96,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["VFIO_LOADTEST_MIX"] = args.mix
     os.environ["VFIO_LOADTEST_VF_SIZE"] = str(args.vf_size)
     os.environ["VFIO_LOADTEST_RECONFIG_BYTES"] = str(args.reconfig_bytes)
+    os.environ["VFIO_LOADTEST_SHARD"] = str(args.shard)
     for env, value in ((ENV_CA, args.tls_ca), (ENV_CERT, args.tls_cert), (ENV_KEY, args.tls_key)):
         if value:
             os.environ[env] = value

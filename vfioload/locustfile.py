@@ -43,6 +43,7 @@ DRIVER = os.environ.get("VFIO_LOADTEST_DRIVER", "127.0.0.1:50052")
 SCENARIO = os.environ.get("VFIO_LOADTEST_SCENARIO") or DRIVER
 VF_SIZE = int(os.environ.get("VFIO_LOADTEST_VF_SIZE", str(1 << 20)))
 RECONFIG_BYTES = int(os.environ.get("VFIO_LOADTEST_RECONFIG_BYTES", str(64 << 10)))
+SHARD = int(os.environ.get("VFIO_LOADTEST_SHARD", "0"))
 MIX = parse_mix(os.environ.get("VFIO_LOADTEST_MIX", DEFAULT_MIX))
 
 # The VFs of each flow: no workload for the flows that count REINITs and
@@ -70,7 +71,7 @@ class _Shared:
                     "dirty_bytes_per_s": WORKLOAD.get(kind, 0),
                     "reconfig_bytes": RECONFIG_BYTES,
                 }
-                self.pools[kind] = DevicePool(self.scenario, self._lister, config)
+                self.pools[kind] = DevicePool(self.scenario, self._lister, config, shard=SHARD)
             return self.pools[kind]
 
     def _lister(self) -> SyncVfioClient:

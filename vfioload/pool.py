@@ -39,11 +39,15 @@ class DevicePool:
         lister: Callable[[], SyncVfioClient],
         config: dict[str, Any],
         *,
+        shard: int = 0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         """`lister`: a client to list the driver's devices with (the names of
-        new VFs); `config`: the VfConfig fields of this pool's VFs."""
+        new VFs); `config`: the VfConfig fields of this pool's VFs; `shard`:
+        which of the driver's firmwares Scenario is, the PCI domain of its
+        devices (shards number their VFs alike: only the domain tells)."""
         self.scenario = scenario
+        self.domain = f"{shard:04x}:"
         self.lister = lister
         self.config = config
         self.sleep = sleep
@@ -85,7 +89,11 @@ class DevicePool:
         """The driver's names of new VFs (it lists them once it refreshed)."""
         deadline = time.monotonic() + LIST_TIMEOUT_S
         while True:
-            names = {(d.vhca_id, d.function_id): d.name for d in self.lister().list_devices()}
+            names = {
+                (d.vhca_id, d.function_id): d.name
+                for d in self.lister().list_devices()
+                if d.name.startswith(self.domain)
+            }
             found = [names.get((v.vhca_id, v.function_id)) for v in vfs]
             if all(found):
                 return [Device(v.vhca_id, n) for v, n in zip(vfs, found, strict=True) if n]
@@ -93,6 +101,7 @@ class DevicePool:
                 raise OSError(
                     errno.ENOENT,
                     f"the driver does not list the VFs {[v.vhca_id for v in vfs]} Scenario "
-                    f"made at {self.scenario.target}: is --scenario the firmware of --driver?",
+                    f"made at {self.scenario.target} in PCI domain {self.domain[:-1]}: is "
+                    "--scenario the firmware of --driver, and --shard its shard?",
                 )
             self.sleep(LIST_POLL_S)

@@ -56,3 +56,9 @@ def test_help_lists_our_options_and_points_to_locusts() -> None:
     assert r.returncode == 0
     for option in ("--driver", "--scenario", "--mix", "--vf-size", "--tls-ca", "--locust-help"):
         assert option in r.stdout
+
+
+def test_a_shard_outside_the_pci_domains_is_refused() -> None:
+    r = subprocess.run([*LOADTEST, "--shard", "65536"], capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "not a PCI domain" in r.stderr
