@@ -4,10 +4,12 @@ names the other services by their real ports; every gRPC connection is mutual
 TLS with the certificates the one-shot `certs` job writes into a shared
 volume, and the principals line up with the roles; start order follows the
 job and the health checks; Prometheus scrapes exactly the metrics ports the
-services listen on; Grafana's provisioning finds the dashboard. No Docker
-engine is to be had here, so this is what checks the file, and a replay runs
-the project's services as the file says (the job, both services, their
-health checks, the demo) as local processes."""
+services listen on; Grafana's provisioning finds the dashboard; the
+`loadtest` profile's load run is built with the loadtest extra, its command
+parses with vfio-loadtest's and Locust's parsers, and it runs as an admin.
+No Docker engine is to be had here, so this is what checks the file, and a
+replay runs the project's services as the file says (the job, both services,
+their health checks, the demo) as local processes."""
 
 from __future__ import annotations
 
@@ -31,11 +33,14 @@ from fwemu.scenario import load_scenario_file
 from grpcsvc import spawn, tls
 from grpcsvc.certs import CA_CERT, CA_KEY, LOCAL_NAMES
 from grpcsvc.healthcheck import _parser as healthcheck_parser
+from tests.deploy.locust_cli import locust_argv, locust_options
 from tests.support.dockerfile import DOCKERFILE, ROOT
 from tests.support.tools import passes, tool
 from vfioclient.cli import build_parser as vfioctl_parser
 from vfioclient.cli.certs import principal
 from vfioclient.cli.demo import parser as demo_parser
+from vfioload.cli import _parser as loadtest_parser
+from vfioload.mix import CLASS_NAMES, parse_mix
 
 DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = DEPLOY / "compose.yaml"
@@ -62,6 +67,9 @@ def parse_command(command: list[str]) -> argparse.Namespace:
     }
     if program == "vfioctl" and args[:1] == ["demo"]:
         return demo_parser().parse_args(args[1:])  # as vfioctl's main hands it over
+    if program == "vfio-loadtest":
+        # Its own options; the rest goes to Locust (test_the_load_run_...).
+        return loadtest_parser().parse_known_args(args)[0]
     return parsers[program]().parse_args(args)
 
 
@@ -149,11 +157,42 @@ def test_the_compose_file_is_valid_against_the_compose_specification() -> None:
 
 
 def test_the_project_services_build_deploy_dockerfile_from_the_repository_root() -> None:
-    assert set(built_here()) == {"certs", "fwemu", "driver", "migrate"}
+    """The services' image without build arguments; the load run's with
+    EXTRAS=loadtest (its lock exists), under another name: one tag built two
+    ways would hold whichever was built last."""
+    assert set(built_here()) == {"certs", "fwemu", "driver", "migrate", "loadtest"}
     for service in built_here().values():
         context = (COMPOSE_FILE.parent / service["build"]["context"]).resolve()
         assert context == ROOT
         assert context / service["build"]["dockerfile"] == DOCKERFILE
+    images = {name: s["image"] for name, s in built_here().items()}
+    for name, service in built_here().items():
+        if name == "loadtest":
+            assert service["build"]["args"] == {"EXTRAS": "loadtest"}
+            assert (DEPLOY / "requirements-loadtest.lock").is_file()
+        else:
+            assert "args" not in service["build"], name
+            assert images[name] == images["fwemu"], name
+    assert images["loadtest"] != images["fwemu"]
+
+
+def test_the_load_run_is_a_profile_and_a_headless_run_of_every_user_class(
+    tmp_path: Path,
+) -> None:
+    """Only `--profile loadtest` starts it (a plain `up` starts what it did);
+    Locust's parser takes the rest of its command: a headless run with a
+    user count, a spawn rate and a run time, of every user class."""
+    assert {n: s.get("profiles") for n, s in SERVICES.items() if s.get("profiles")} == {
+        "loadtest": ["loadtest"]
+    }
+    program, *args = SERVICES["loadtest"]["command"]
+    assert program == "vfio-loadtest"
+    ours, rest = loadtest_parser().parse_known_args(args)
+    (opts,) = locust_options([locust_argv(rest, ours.mix)], tmp_path)
+    assert opts["headless"] is True and opts["master"] is False and opts["worker"] is False
+    assert opts["user_classes"] == [CLASS_NAMES[k] for k in parse_mix(ours.mix)]
+    assert set(parse_mix(ours.mix)) == set(CLASS_NAMES)
+    assert opts["num_users"] > 0 and opts["spawn_rate"] > 0 and opts["run_time"] > 0
 
 
 @pytest.mark.parametrize("name", sorted(built_here()))
@@ -174,6 +213,7 @@ def test_every_address_of_another_service_is_its_listen_port() -> None:
     named = {
         "driver": ["firmware"],
         "migrate": ["driver", "scenario"],
+        "loadtest": ["driver", "scenario"],
     }
     for name, options in named.items():
         args = parse_command(SERVICES[name]["command"])
@@ -233,7 +273,7 @@ def test_the_certs_job_writes_into_the_shared_volume_and_keeps_an_existing_ca() 
         }
 
 
-@pytest.mark.parametrize("name", ["fwemu", "driver", "migrate"])
+@pytest.mark.parametrize("name", ["fwemu", "driver", "migrate", "loadtest"])
 def test_every_tls_file_a_service_names_is_one_the_job_writes_mounted_read_only(
     name: str,
 ) -> None:
@@ -285,14 +325,16 @@ def admins(name: str) -> frozenset[str]:
 def test_the_server_certificate_names_every_host_a_service_is_dialled_by() -> None:
     hosts = set(certs_job().server_host) | set(LOCAL_NAMES)
     dialled = [parse_command(SERVICES["driver"]["command"]).firmware]
-    demo = parse_command(SERVICES["migrate"]["command"])
-    dialled += [demo.driver, demo.scenario]
+    for client in ("migrate", "loadtest"):
+        args = parse_command(SERVICES[client]["command"])
+        dialled += [args.driver, args.scenario]
     for address in dialled:
         assert address.rpartition(":")[0] in hosts, address
 
 
 def test_the_principals_line_up_with_the_roles() -> None:
-    """The driver's firmware link is a driver to fwemu; the demo an admin of both."""
+    """The driver's firmware link is a driver to fwemu; the demo an admin of
+    both; the load run an admin of fwemu at least (Scenario's CreateVfs)."""
     written = pki_files()
     fwemu = parse_command(SERVICES["fwemu"]["command"])
     link = parse_command(SERVICES["driver"]["command"])
@@ -302,6 +344,9 @@ def test_the_principals_line_up_with_the_roles() -> None:
     assert written[demo[tls.ENV_CERT]] == written[demo[tls.ENV_KEY]]
     for name in SERVERS:
         assert principal(written[demo[tls.ENV_CERT]]) in admins(name), name
+    load = SERVICES["loadtest"]["environment"]
+    assert written[load[tls.ENV_CERT]] == written[load[tls.ENV_KEY]]
+    assert principal(written[load[tls.ENV_CERT]]) in admins("fwemu")
 
 
 def _local(argv: list[str], certs: Path, addresses: dict[str, str]) -> list[str]:

@@ -1,16 +1,21 @@
 """deploy/Dockerfile: hadolint finds nothing, the lock pins the project's whole
 dependency closure, and its build and install steps, replayed in a fresh
 virtual environment, give a venv whose entry points run and whose default
-command serves and passes the image's HEALTHCHECK.
+command serves and passes the image's HEALTHCHECK. The load-test image
+(`--build-arg EXTRAS=loadtest`) is replayed too: its lock pins the closure
+with the `loadtest` extra, and its venv runs vfio-loadtest with Locust.
 
 No Docker engine is to be had here: the replay stands in for a build. It runs
 the Dockerfile's own RUN lines (all but the OS's: apt-get, groupadd) with
-${SRC}, ${WHEELS} and ${VENV} pointing into a temporary directory and
-`python` a fresh python3.11 venv's, from the context .dockerignore lets through.
+${SRC}, ${WHEELS} and ${VENV} pointing into a temporary directory, ${EXTRAS}
+the build argument, and `python` a fresh python3.11 venv's, from the context
+.dockerignore lets through.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import re
 import shutil
@@ -31,28 +36,61 @@ from tests.support.dockerfile import DOCKERFILE, ROOT, Stage, copy_context, pars
 from tests.support.tools import passes, tool
 
 LOCK = ROOT / "deploy" / "requirements.lock"
+LOADTEST = "loadtest"  # the extra of the load-test image (--build-arg EXTRAS=loadtest)
+LOADTEST_LOCK = ROOT / "deploy" / f"requirements-{LOADTEST}.lock"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]["name"]
 # Steps the replay leaves to the base image's OS; every other RUN is replayed.
 OS_STEPS = ("apt-get", "groupadd")
-# What the replay points into its temporary directory.
-REPLAYED_VARIABLES = ("SRC", "WHEELS", "VENV")
+# What the replay points into its temporary directory, and the build argument.
+REPLAYED_VARIABLES = ("SRC", "WHEELS", "VENV", "EXTRAS")
 
 
 def stages() -> dict[str, Stage]:
     return {s.name: s for s in parse()}
 
 
-def locked() -> dict[str, str]:
-    """name (canonical) -> version, from deploy/requirements.lock."""
-    pins = {}
-    for raw in LOCK.read_text().splitlines():
+def locked(lock: Path = LOCK) -> dict[str, str]:
+    """name (canonical) -> version, from deploy/requirements.lock (or another lock)."""
+    pins: dict[str, str] = {}
+    for raw in lock.read_text().splitlines():
         line = raw.split("#", 1)[0].strip()
         if line:
             name, sep, version = line.partition("==")
-            assert sep, f"{line!r} in {LOCK.name} is not an exact pin (NAME==VERSION)"
+            assert sep, f"{line!r} in {lock.name} is not an exact pin (NAME==VERSION)"
+            assert canonicalize_name(name) not in pins, f"{name} twice in {lock.name}"
             pins[canonicalize_name(name)] = version.strip()
     return pins
+
+
+def closure(requirements: list[str]) -> set[str]:
+    """The distributions these requirements need, transitive ones included,
+    read from the installed distributions' metadata; a requirement's extras
+    bring theirs (locust needs python-socketio[client])."""
+    found: set[tuple[str, str]] = set()  # (name, extra or "")
+    todo = [r for r in map(Requirement, requirements) if applies(r, "")]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        for extra in ("", *sorted(req.extras)):
+            if (name, extra) not in found:
+                found.add((name, extra))
+                needs = map(Requirement, metadata.requires(req.name) or [])
+                todo += [r for r in needs if applies(r, extra)]
+    return {name for name, _ in found}
+
+
+def applies(req: Requirement, extra: str) -> bool:
+    """Whether a requirement of a distribution's metadata holds here (this
+    Python and platform), for that distribution installed with `extra`."""
+    return req.marker is None or req.marker.evaluate({"extra": extra})
+
+
+def test_closure_follows_the_extras_a_requirement_asks_for() -> None:
+    """python-socketio alone does not need websocket-client; its `client`
+    extra does (Locust asks for it)."""
+    assert "websocket-client" not in closure(["python-socketio"])
+    assert "websocket-client" in closure(["python-socketio[client]"])
 
 
 def test_hadolint_finds_nothing() -> None:
@@ -65,20 +103,42 @@ def test_hadolint_finds_nothing() -> None:
 def test_the_lock_pins_the_whole_dependency_closure_and_meets_the_minimums() -> None:
     """Every runtime dependency, transitive ones included, exactly once; the
     closure is read from the installed distributions' metadata."""
-    closure: set[str] = set()
-    todo = [Requirement(r) for r in PYPROJECT["project"]["dependencies"]]
-    while todo:
-        req = todo.pop()
-        name = canonicalize_name(req.name)
-        if name in closure or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
-            continue
-        closure.add(name)
-        todo += [Requirement(r) for r in metadata.requires(req.name) or []]
     pins = locked()
-    assert set(pins) == closure
+    assert set(pins) == closure(PYPROJECT["project"]["dependencies"])
     for r in PYPROJECT["project"]["dependencies"]:
         req = Requirement(r)
         assert req.specifier.contains(pins[canonicalize_name(req.name)]), r
+
+
+def test_the_loadtest_lock_pins_the_closure_with_the_extra_and_keeps_the_lock() -> None:
+    """deploy/requirements-loadtest.lock: the closure of the dependencies and
+    the `loadtest` extra (Locust's included), exactly once each, meeting the
+    minimums; the services' dependencies at deploy/requirements.lock's
+    versions, so both images run the same ones."""
+    extra = PYPROJECT["project"]["optional-dependencies"][LOADTEST]
+    assert any(canonicalize_name(Requirement(r).name) == "locust" for r in extra)
+    pins = locked(LOADTEST_LOCK)
+    assert set(pins) == closure([*PYPROJECT["project"]["dependencies"], *extra])
+    for r in [*PYPROJECT["project"]["dependencies"], *extra]:
+        req = Requirement(r)
+        assert req.specifier.contains(pins[canonicalize_name(req.name)]), r
+    base = locked()
+    assert {name: pins[name] for name in base} == base
+
+
+def test_every_extra_the_build_takes_has_a_lock_and_is_an_extra() -> None:
+    """EXTRAS is empty by default (the services' image); each
+    deploy/requirements-NAME.lock is the lock of the extra NAME."""
+    arg = re.search(r"^ARG EXTRAS=(\S*)$", DOCKERFILE.read_text(), re.MULTILINE)
+    assert arg is not None and arg[1] == ""
+    for stage in stages().values():
+        if any("${EXTRAS" in run.args for run in stage.all("RUN")):
+            assert any(a.args == "EXTRAS" for a in stage.all("ARG")), stage.name
+    locks = sorted(LOCK.parent.glob("requirements-*.lock"))
+    assert locks == [LOADTEST_LOCK]
+    for lock in locks:
+        name = lock.name.removeprefix("requirements-").removesuffix(".lock")
+        assert name in PYPROJECT["project"]["optional-dependencies"], lock.name
 
 
 def test_the_image_labels_carry_the_project_version_and_license() -> None:
@@ -165,15 +225,19 @@ def replayed_steps() -> list[str]:
     return steps
 
 
-@pytest.fixture(scope="module")
-def replay(tmp_path_factory: pytest.TempPathFactory) -> Replay:
+def replay_build(tmp_path_factory: pytest.TempPathFactory, extras: str) -> Replay:
+    """The build's steps replayed with the build argument EXTRAS=`extras`."""
     python = shutil.which("python3.11")
     if python is None:
         pytest.fail("python3.11 is not on PATH (the image's Python)")
-    root = tmp_path_factory.mktemp("image")
+    root = tmp_path_factory.mktemp(f"image-{extras or 'services'}")
     copy_context(root / "src")
     subprocess.run([python, "-m", "venv", str(root / "python")], check=True, timeout=120)
-    env = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"}
+    # Nor this run's VFIO_* (the mTLS pass names its certificates there): the
+    # image sets none.
+    env = {
+        k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS" and not k.startswith("VFIO_")
+    }
     env |= {
         # As in a docker build: no pip configuration of this machine (its
         # find-links could hide a dependency missing from the lock). pip's
@@ -183,6 +247,7 @@ def replay(tmp_path_factory: pytest.TempPathFactory) -> Replay:
         "SRC": str(root / "src"),
         "WHEELS": str(root / "wheels"),
         "VENV": str(root / "venv"),
+        "EXTRAS": extras,
     }
     steps = replayed_steps()
     for command in steps:
@@ -200,11 +265,21 @@ def replay(tmp_path_factory: pytest.TempPathFactory) -> Replay:
     return Replay(root, env, steps)
 
 
-@pytest.mark.timeout(300)
-def test_the_replay_builds_the_wheels_and_installs_exactly_the_lock(replay: Replay) -> None:
-    assert any("pip wheel" in s and '${SRC}"' in s for s in replay.steps)
-    assert any("install --no-index" in s for s in replay.steps)
-    frozen = subprocess.run(
+@pytest.fixture(scope="module")
+def replay(tmp_path_factory: pytest.TempPathFactory) -> Replay:
+    """The services' image (no build argument)."""
+    return replay_build(tmp_path_factory, "")
+
+
+@pytest.fixture(scope="module")
+def loadtest_replay(tmp_path_factory: pytest.TempPathFactory) -> Replay:
+    """The load-test image (--build-arg EXTRAS=loadtest)."""
+    return replay_build(tmp_path_factory, LOADTEST)
+
+
+def frozen(replay: Replay) -> dict[str, str]:
+    """What the replayed venv holds besides the project: name -> version."""
+    lines = subprocess.run(
         [str(replay.venv_bin / "python"), "-m", "pip", "freeze", "--exclude", PROJECT],
         env=replay.env,
         capture_output=True,
@@ -212,8 +287,14 @@ def test_the_replay_builds_the_wheels_and_installs_exactly_the_lock(replay: Repl
         check=True,
         timeout=60,
     ).stdout.splitlines()
-    installed = {canonicalize_name(n): v for n, _, v in (line.partition("==") for line in frozen)}
-    assert installed == locked()
+    return {canonicalize_name(n): v for n, _, v in (line.partition("==") for line in lines)}
+
+
+@pytest.mark.timeout(300)
+def test_the_replay_builds_the_wheels_and_installs_exactly_the_lock(replay: Replay) -> None:
+    assert any("pip wheel" in s and '${SRC}"' in s for s in replay.steps)
+    assert any("install --no-index" in s for s in replay.steps)
+    assert frozen(replay) == locked()
 
 
 @pytest.mark.timeout(300)
@@ -251,3 +332,45 @@ def test_the_default_command_serves_and_passes_the_healthcheck(replay: Replay) -
         )
     assert done.returncode == 0, done.stderr
     assert "SERVING" in done.stdout
+
+
+# --- the load-test image ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(420)
+def test_the_loadtest_replay_installs_exactly_the_loadtest_lock(loadtest_replay: Replay) -> None:
+    assert frozen(loadtest_replay) == locked(LOADTEST_LOCK)
+
+
+@pytest.mark.timeout(420)
+def test_the_loadtest_image_runs_a_load_test(loadtest_replay: Replay, tmp_path: Path) -> None:
+    """Its vfio-loadtest has Locust and the locustfile: a short headless run
+    against the replayed vfio-driver (with its own Scenario service, plaintext
+    on loopback) answers every request and leaves no VF behind."""
+    env = loadtest_replay.env
+    bin_ = loadtest_replay.venv_bin
+    done = subprocess.run(
+        [str(bin_ / "vfio-loadtest"), "--locust-help"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and "--master-host" in done.stdout, done.stderr
+    driver = [str(bin_ / "vfio-driver"), "serve", "--vfs", "0", "--scenario-service"]
+    with served(driver, "--log-level", "error") as (_, target):
+        done = subprocess.run(
+            [str(bin_ / "vfio-loadtest"), "--driver", target, "--mix", "reinit-loop:1",
+             "--vf-size", "256KiB", "--headless", "-u", "2", "-r", "2", "-t", "3s",
+             "--csv", str(tmp_path / "run"), "--only-summary"],
+            env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-4000:]
+        listed = subprocess.run(
+            [str(bin_ / "vfioctl"), "--driver", target, "--json", "list"],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    with (tmp_path / "run_stats.csv").open(newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row["Type"]]
+    counts = {(r["Type"], r["Name"]): int(r["Request Count"]) for r in rows}
+    assert counts.get(("reinit-loop", "REINIT detection"), 0) > 0, counts
+    assert all(r["Failure Count"] == "0" for r in rows), rows
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["devices"] == [], "the run left VFs behind"

@@ -7,7 +7,10 @@ resources, the locked-down containers, the network policies, the headless
 Services, and with the mtls components mutual TLS on every gRPC listener and
 link, each certificate file mounted from the Secret that holds it, the
 principals matching the roles, and the server certificate naming every
-address it is dialled by.
+address it is dialled by. The load generator's component (components/loadtest,
+with loadtest-mtls) is rendered over both mTLS overlays: overlays/small-loadtest,
+and the scale overlay with the components added (a kustomization made in a
+temporary directory); test_loadtest.py checks what is its own.
 
 kubectl comes from PATH (.ci/run installs it where it is missing). Locally the
 tests skip without kubectl or kubernetes-validate; under CI they fail instead.
@@ -21,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,14 +48,38 @@ KUBERNETES_VERSION = "1.37.0"
 IMAGE = "vfio-mlx5-emu"
 UID = 10001  # the image's user (deploy/Dockerfile)
 
+# A kustomization "X+loadtest" is X with components/loadtest added, and
+# loadtest-mtls where X has mTLS (rendered from a temporary kustomization).
+WITH_LOADTEST = "+loadtest"
+LOADTEST_COMPONENTS = ("components/loadtest", "components/loadtest-mtls")
 # kustomization -> (shards, driver replicas, has ServiceMonitors)
 KUSTOMIZATIONS = {
     "base": (2, 2, False),
     "overlays/small": (2, 1, False),
     "overlays/scale": (16, 4, True),
+    "base" + WITH_LOADTEST: (2, 2, False),
+    "overlays/small-loadtest": (2, 1, False),
+    "overlays/scale" + WITH_LOADTEST: (16, 4, True),
 }
 # kustomization -> where its certificates come from (None: plaintext)
-MTLS = {"base": None, "overlays/small": "secrets", "overlays/scale": "cert-manager"}
+MTLS = {
+    "base": None,
+    "overlays/small": "secrets",
+    "overlays/scale": "cert-manager",
+    "base" + WITH_LOADTEST: None,
+    "overlays/small-loadtest": "secrets",
+    "overlays/scale" + WITH_LOADTEST: "cert-manager",
+}
+# The kustomizations with the load generator (components/loadtest).
+LOADTEST = ("base" + WITH_LOADTEST, "overlays/small-loadtest", "overlays/scale" + WITH_LOADTEST)
+LOADTEST_MASTER, LOADTEST_WORKER = "vfio-loadtest-master", "vfio-loadtest-worker"
+LOADTEST_SECRET = "vfio-loadtest-tls"
+LOADTEST_PRINCIPAL = "spiffe://vfio-mlx5-emu/loadtest"
+LOADTEST_WORKER_POD = {
+    "app.kubernetes.io/name": "vfio-loadtest",
+    "app.kubernetes.io/component": "loadtest-worker",
+}
+SERVICES = ("fwemu", "vfio-driver")  # the workloads of base
 # The Secrets components/mtls mounts: server, the drivers' firmware link, probes.
 SERVER_SECRET, DRIVER_SECRET, PROBE_SECRET = (
     "vfio-server-tls",
@@ -81,12 +109,34 @@ def _render(kustomization: str) -> tuple[Obj, ...] | str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         return "kubectl"
-    done = subprocess.run(
-        [kubectl, "kustomize", str(K8S / kustomization)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        if kustomization.endswith(WITH_LOADTEST):
+            # kustomize takes other directories by relative paths only.
+            here = Path(tmp)
+            (here / "kustomization.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                        "kind": "Kustomization",
+                        **({"namespace": "vfio"} if MTLS[kustomization] else {}),
+                        "resources": [
+                            os.path.relpath(K8S / kustomization.removesuffix(WITH_LOADTEST), here)
+                        ],
+                        "components": [
+                            os.path.relpath(K8S / c, here)
+                            for c in LOADTEST_COMPONENTS[: 2 if MTLS[kustomization] else 1]
+                        ],
+                    }
+                )
+            )
+        else:
+            here = K8S / kustomization
+        done = subprocess.run(
+            [kubectl, "kustomize", str(here)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     if done.returncode != 0:
         return f"error: kubectl kustomize {kustomization} failed: {done.stderr}"
     return tuple(d for d in yaml.safe_load_all(done.stdout) if d)
@@ -121,6 +171,10 @@ def one(objects: tuple[Obj, ...], kind: str, name: str) -> Obj:
 
 def workloads(objects: tuple[Obj, ...]) -> list[Obj]:
     return [o for o in objects if o["kind"] in ("StatefulSet", "Deployment")]
+
+
+# The services' workloads (kind, name): every kustomization has them.
+SERVICE_WORKLOADS = (("StatefulSet", "fwemu"), ("Deployment", "vfio-driver"))
 
 
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -478,18 +532,25 @@ def issued_principal(cert: Obj) -> str:
 @pytest.mark.parametrize("kustomization", WITH_MTLS)
 def test_the_principals_match_the_roles(kustomization: str) -> None:
     """fwemu takes the drivers' firmware link as a driver; both services take
-    the admin certificate as admin; the probes' certificate has no role."""
+    the admin certificate as admin; the probes' certificate has no role. With
+    components/loadtest-mtls fwemu takes the load test's principal as an admin
+    too (its users create VFs), the drivers do not (a migration client there)."""
     objs = rendered(kustomization)
     _, fw = workload(objs, "fwemu")
     _, drv = workload(objs, "vfio-driver")
     assert fw.driver_principals == {DEFAULT_DRIVER_PRINCIPAL}
-    assert fw.admin_principals == drv.admin_principals == {ADMIN}
+    assert drv.admin_principals == {ADMIN}
+    loadtest = {LOADTEST_PRINCIPAL} if kustomization in LOADTEST else set()
+    assert fw.admin_principals == {ADMIN, *loadtest}
     if MTLS[kustomization] == "cert-manager":
         certs = {c["spec"]["secretName"]: c for c in objs if c["kind"] == "Certificate"}
         assert issued_principal(certs[DRIVER_SECRET]) in fw.driver_principals
         assert issued_principal(certs["vfio-admin-tls"]) == ADMIN
         probe = issued_principal(certs[PROBE_SECRET])
         assert probe not in fw.driver_principals | fw.admin_principals
+        # Issued with or without the load generator; a role only with it.
+        assert issued_principal(certs[LOADTEST_SECRET]) == LOADTEST_PRINCIPAL
+        assert "client auth" in certs[LOADTEST_SECRET]["spec"]["usages"]
         assert "client auth" in certs[DRIVER_SECRET]["spec"]["usages"]
         assert "server auth" in certs[SERVER_SECRET]["spec"]["usages"]
 
@@ -538,8 +599,10 @@ def test_containers_run_locked_down(objects: tuple[str, tuple[Obj, ...]]) -> Non
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert pod["terminationGracePeriodSeconds"] > 5  # the services drain for 5 s
         assert pod["automountServiceAccountToken"] is False
+        # The load generator runs the image built with the loadtest extra.
+        image = IMAGE if w["metadata"]["name"] in SERVICES else f"{IMAGE}-loadtest"
         for c in pod["containers"]:
-            assert re.fullmatch(rf"{IMAGE}:[\w.-]+", c["image"]), c["image"]
+            assert re.fullmatch(rf"{image}:[\w.-]+", c["image"]), c["image"]
             sc = c["securityContext"]
             assert sc["runAsNonRoot"] is True
             assert sc["allowPrivilegeEscalation"] is False
@@ -562,10 +625,15 @@ def test_objects_carry_the_recommended_labels(objects: tuple[str, tuple[Obj, ...
 
 
 def test_each_workload_has_a_disruption_budget(objects: tuple[str, tuple[Obj, ...]]) -> None:
+    """The services' workloads; the load generator has none (a drain may end
+    a load run: it is no service anybody depends on)."""
     _, objs = objects
     pdbs = [o for o in objs if o["kind"] == "PodDisruptionBudget"]
     for w in workloads(objs):
         template = w["spec"]["template"]["metadata"]["labels"]
+        if w["metadata"]["name"] not in SERVICES:
+            assert not any(selects(p["spec"]["selector"]["matchLabels"], template) for p in pdbs)
+            continue
         (pdb,) = [p for p in pdbs if selects(p["spec"]["selector"]["matchLabels"], template)]
         assert pdb["spec"] == {**pdb["spec"], "maxUnavailable": 1}
 
@@ -574,10 +642,12 @@ def test_each_workload_has_a_disruption_budget(objects: tuple[str, tuple[Obj, ..
 
 
 def test_services_are_headless_with_named_ports(objects: tuple[str, tuple[Obj, ...]]) -> None:
-    _, objs = objects
+    """The services' (the load generator's master Service: test_loadtest.py)."""
+    kustomization, objs = objects
     services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
-    assert set(services) == {"fwemu", "vfio-driver"}
-    for w in workloads(objs):
+    loadtest = {"vfio-loadtest"} if kustomization in LOADTEST else set()
+    assert set(services) == {"fwemu", "vfio-driver", *loadtest}
+    for w in (one(objs, kind, name) for kind, name in SERVICE_WORKLOADS):
         (svc,) = [
             s
             for s in services.values()
@@ -593,6 +663,10 @@ def test_services_are_headless_with_named_ports(objects: tuple[str, tuple[Obj, .
     # driver that is not ready is not offered to clients.
     assert services["fwemu"]["spec"]["publishNotReadyAddresses"] is True
     assert services["vfio-driver"]["spec"]["publishNotReadyAddresses"] is False
+
+
+def sorted_items(labels: dict[str, str]) -> list[tuple[str, str]]:
+    return sorted(labels.items())
 
 
 def ingress_rules(objs: tuple[Obj, ...], labels: dict[str, str]) -> list[Obj]:
@@ -616,7 +690,7 @@ def split_rules(obj: Obj, rules: list[Obj]) -> tuple[Obj, Obj]:
 
 def test_metrics_ports_take_prometheus_only(objects: tuple[str, tuple[Obj, ...]]) -> None:
     _, objs = objects
-    for obj in workloads(objs):
+    for obj in (one(objs, kind, name) for kind, name in SERVICE_WORKLOADS):
         labels = obj["spec"]["template"]["metadata"]["labels"]
         _, metrics = split_rules(obj, ingress_rules(objs, labels))
         for peer in metrics["from"]:
@@ -626,7 +700,8 @@ def test_metrics_ports_take_prometheus_only(objects: tuple[str, tuple[Obj, ...]]
 def test_only_drivers_and_admin_pods_reach_the_firmwares_grpc_port(
     objects: tuple[str, tuple[Obj, ...]],
 ) -> None:
-    _, objs = objects
+    """And, with components/loadtest, its workers (for Scenario)."""
+    kustomization, objs = objects
     sts = one(objs, "StatefulSet", "fwemu")
     dep = one(objs, "Deployment", "vfio-driver")
     fw_labels = sts["spec"]["template"]["metadata"]["labels"]
@@ -641,6 +716,9 @@ def test_only_drivers_and_admin_pods_reach_the_firmwares_grpc_port(
         admitted.append(selector)
     assert any(selects(s, driver_labels) for s in admitted)
     assert ADMIN_POD in admitted
+    loadtest = [LOADTEST_WORKER_POD] if kustomization in LOADTEST else []
+    expected = [DRIVER, ADMIN_POD, *loadtest]
+    assert sorted(map(sorted_items, admitted)) == sorted(map(sorted_items, expected))
 
 
 def test_only_migration_clients_and_admin_pods_reach_the_drivers_grpc_port(
@@ -648,17 +726,24 @@ def test_only_migration_clients_and_admin_pods_reach_the_drivers_grpc_port(
 ) -> None:
     """Named workloads: pods labelled as migration clients or admins, of this
     namespace or of namespaces labelled to hold clients; never any pod of any
-    namespace (the NetworkPolicy before issue 12)."""
-    _, objs = objects
+    namespace (the NetworkPolicy before issue 12). With components/loadtest,
+    its workers of this namespace too."""
+    kustomization, objs = objects
     dep = one(objs, "Deployment", "vfio-driver")
     driver_labels = dep["spec"]["template"]["metadata"]["labels"]
     grpc_rule, _ = split_rules(dep, ingress_rules(objs, driver_labels))
     pods = []
+    loadtest = 0
     for peer in grpc_rule["from"]:
         assert set(peer) <= {"podSelector", "namespaceSelector"} and "podSelector" in peer
         selector = peer["podSelector"]["matchLabels"]
+        if selector == LOADTEST_WORKER_POD and kustomization in LOADTEST:
+            assert set(peer) == {"podSelector"}, "the load test's workers of this namespace"
+            loadtest += 1
+            continue
         assert selector in (MIGRATION_CLIENT, ADMIN_POD), selector
         if "namespaceSelector" in peer:
             assert peer["namespaceSelector"]["matchLabels"], "not every namespace"
         pods.append(selector)
     assert MIGRATION_CLIENT in pods and ADMIN_POD in pods
+    assert loadtest == (kustomization in LOADTEST)
