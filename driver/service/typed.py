@@ -54,7 +54,8 @@ def pack(request: pb.DeviceFeatureRequest) -> tuple[int, int, bytes]:
     flags |= VFIO_DEVICE_FEATURE_PROBE if typed.probe else 0
     data = b""
     if layout is MIG_STATE:
-        data = MIG_STATE.pack(typed.mig_device_state.device_state, -1)
+        # The struct's __u32, as a C caller's value lands in it (-1: 0xffffffff).
+        data = MIG_STATE.pack(typed.mig_device_state.device_state & 0xFFFFFFFF, -1)
     elif layout is not None:
         data = bytes(layout.size)
     return FEATURE_HEADER.size + len(data), flags, data

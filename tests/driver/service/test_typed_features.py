@@ -174,3 +174,25 @@ async def test_the_readmes_typed_json_example_does_what_it_says(
     response = await client.stub.DeviceFeature(request, metadata=client.metadata)
     got = json.loads(json_format.MessageToJson(response))
     assert got == json.loads(answer_json)
+
+
+@pytest.mark.parametrize("state", [-1, 8, 99, 2**31 - 1, -(2**31)])
+async def test_an_absurd_typed_state_is_refused_as_the_raw_struct_would_be(
+    drv: DriverUnderTest, client: VfioClient, state: int
+) -> None:
+    """device_state is a u32 in the struct: what an ioctl caller's value
+    becomes there (-1: 0xffffffff) reaches the kernel's check, EINVAL, and
+    the device stays as it was."""
+    _, fd = await drv.open_vf(client)
+    t = pb.TypedFeature(set=True)
+    t.mig_device_state.device_state = state  # type: ignore[assignment]
+    code, _ = await answer(client, pb.DeviceFeatureRequest(fd=fd, typed=t))
+    raw = MIG_STATE.pack(state & 0xFFFFFFFF, -1)[:4] + MIG_STATE.pack(0, -1)[4:]
+    raw_code, _ = await answer(
+        client,
+        pb.DeviceFeatureRequest(
+            fd=fd, argsz=16, flags=VFIO_DEVICE_FEATURE_SET | Feature.MIG_DEVICE_STATE, data=raw
+        ),
+    )
+    assert code == raw_code == errno.EINVAL
+    assert await client.get_state(fd) == MigState.RUNNING
