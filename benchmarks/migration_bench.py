@@ -16,13 +16,26 @@ no migration data crosses gRPC; grpc moves every byte over gRPC twice (the
 source's ReadStream, the destination's Write).  Every process runs with the
 same (default) settings, the raw stream's included.
 
-    .venv/bin/python benchmarks/migration_bench.py [--size 256MiB] [--two-drivers]
-        [--data-path auto|shm|grpc] [--json]
+--cross-host (issue 16) is the topology of two hosts as QEMU and libvirt
+run it: two `vfio-driver serve --vfs 1 --scenario-service` processes (no
+memory shared between them), a destination agent process beside the
+destination driver (`vfioctl migrate --incoming tcp:127.0.0.1:0 DST`) and
+the source agent in this process (`vfioclient.migration.migrate_to`); each
+agent moves its data to and from its own driver through its own user memory
+(--data-path), and one TCP connection carries the stream between them.
+--rounds (default 3) fresh sets of processes; the medians of the ratios
+against the one-hop raw stream bound of the same round.  Goals: total <=
+1.5x, downtime <= 1.2x.  CPU is printed per process.
+
+    .venv/bin/python benchmarks/migration_bench.py [--size 256MiB] [--two-drivers | --cross-host]
+        [--rounds 3] [--data-path auto|shm|grpc] [--json]
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -35,11 +48,18 @@ import uvloop
 
 from driver.api.v1 import vfio_pb2 as pb
 from driver.api.v1 import vfio_pb2_grpc as pbg
+from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import MiB
 from grpcsvc.server import CHANNEL_OPTIONS
 from grpcsvc.units import byte_size
+from vfioclient import VfioClient
 from vfioclient.cli.demo import DemoResult, run_demo
-from vfioclient.migration import MigrationOptions
+from vfioclient.migration import (
+    DeviceMigration,
+    MigrationOptions,
+    OutgoingDevice,
+    migrate_to,
+)
 from vfioclient.usermem import DATA_PATHS
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -128,6 +148,166 @@ def bench(size: int, dirty_rate: int, two_drivers: bool, data_path: str) -> dict
     }
 
 
+VFIOCTL = [sys.executable, "-m", "vfioclient.cli"]
+
+
+async def _cross_host_round(
+    src: str, dst: str, base: str, procs: list[psutil.Process], size: int, data_path: str
+) -> dict[str, Any]:
+    """One migration from the driver at `src` to the one at `dst` through a
+    destination agent process and the source agent here (with a REINIT at
+    the first switchover-ack, as the demo makes it)."""
+    src_c = await VfioClient.connect(src, tls=None)
+    dst_c = await VfioClient.connect(dst, tls=None)
+    fw = GrpcLink(src, tls=None)
+    try:
+        s = next(d for d in await src_c.list_devices() if d.migratable)
+        t = next(d for d in await dst_c.list_devices() if d.migratable)
+        agent = await asyncio.create_subprocess_exec(
+            *VFIOCTL, "--driver", dst, "--timeout", "600", "migrate",
+            "--incoming", "tcp:127.0.0.1:0", t.name, "--data-path", data_path,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert agent.stdout is not None
+        line = (await agent.stdout.readline()).decode()
+        if " on " not in line:
+            raise SystemExit(f"the destination agent did not start: {line}")
+        uri = line.rsplit(" on ", 1)[1].strip()
+        everyone = [*procs, psutil.Process(agent.pid), psutil.Process()]
+        reconfigured: list[bool] = []
+
+        async def on_ack(_: DeviceMigration) -> None:
+            if not reconfigured:  # the guest adds a queue pair: new initial data
+                reconfigured.append(True)
+                await fw.reconfigure(s.vhca_id)
+
+        async def digests(d: DeviceMigration) -> tuple[str, str]:
+            return await fw.digest(s.vhca_id), d.destination_digest
+
+        options = MigrationOptions(
+            downtime_limit_s=0.3,
+            bandwidth_estimate=2 * size * 4,
+            data_path=data_path,
+            on_switchover_ack=on_ack,
+            digests=digests,
+        )
+        sfd = await src_c.open_device(s.name)
+        cpu0 = [p.cpu_times() for p in everyone]
+        t0 = time.perf_counter()
+        try:
+            report = await migrate_to(
+                [OutgoingDevice(src_c, sfd, t.name, name=s.name)], uri, options
+            )
+        except BaseException:
+            agent.terminate()
+            _, err = await agent.communicate()
+            print(err.decode(), file=sys.stderr)
+            raise
+        wall = time.perf_counter() - t0
+        cpu1 = [p.cpu_times() for p in everyone]
+        await src_c.close(sfd)
+        _, err = await agent.communicate()
+        if agent.returncode != 0:
+            raise SystemExit(f"the destination agent failed: {err.decode()}")
+        rep = report.to_dict()
+        if not report.verified or not report.reinits:
+            raise SystemExit(f"no verified migration with a REINIT: {rep}")
+        moved = report.precopy_bytes + report.stop_copy_bytes
+        raw = await _raw_stream_seconds(base, moved)
+        cores = [
+            (b.user + b.system - a.user - a.system) / wall for a, b in zip(cpu0, cpu1, strict=True)
+        ]
+        return {
+            "report": rep,
+            "raw_s": raw,
+            "cores": dict(
+                zip(
+                    ["source driver", "destination driver", "destination agent", "source agent"],
+                    cores,
+                    strict=True,
+                )
+            ),
+        }
+    finally:
+        await src_c.aclose()
+        await dst_c.aclose()
+        await fw.close()
+
+
+def bench_cross_host(size: int, dirty_rate: int, data_path: str, rounds: int) -> dict[str, Any]:
+    """--cross-host: `rounds` migrations, each between fresh driver processes."""
+    driver_args = (
+        "--vfs", "1", "--size", str(size), "--dirty-rate", str(dirty_rate),
+        "--scenario-service", "--log-level", "warning",
+    )  # fmt: skip
+    runs = []
+    with served(BASELINE) as (_, base):
+        for _ in range(rounds):
+            with (
+                served(DRIVER, *driver_args) as (ps, src),
+                served(DRIVER, *driver_args) as (pd, dst),
+            ):
+                runs.append(
+                    uvloop.run(_cross_host_round(src, dst, base, [ps, pd], size, data_path))
+                )
+    per_round = []
+    for r in runs:
+        rep = r["report"]
+        moved = rep["precopy_bytes"] + rep["stop_copy_bytes"]
+        rate = moved / r["raw_s"]
+        downtime_bound = rep["stop_copy_bytes"] / rate
+        per_round.append(
+            {
+                "total_s": rep["total_s"],
+                "total_bound_s": r["raw_s"],
+                "total_ratio": rep["total_s"] / r["raw_s"],
+                "downtime_s": rep["downtime_s"],
+                "downtime_bound_s": downtime_bound,
+                "downtime_ratio": rep["downtime_s"] / downtime_bound,
+                "raw_stream_GBps": rate / 1e9,
+                "precopy_bytes": rep["precopy_bytes"],
+                "stop_copy_bytes": rep["stop_copy_bytes"],
+                "reinits": len(rep["reinits"]),
+                "cores": r["cores"],
+            }
+        )
+    last = runs[-1]["report"]
+
+    def med(key: str) -> float:
+        return float(statistics.median(p[key] for p in per_round))
+
+    return {
+        "topology": "cross-host (two agents)",
+        "data_path": last["devices"][0]["data_path"],
+        "channel": "tcp (loopback)",
+        "vf_bytes": size,
+        "rounds": per_round,
+        "total_ratio": med("total_ratio"),
+        "downtime_ratio": med("downtime_ratio"),
+        "total_s": med("total_s"),
+        "downtime_s": med("downtime_s"),
+        "goals": {"total_ratio": "<= 1.5", "downtime_ratio": "<= 1.2"},
+    }
+
+
+def cross_host_text(r: Results) -> Iterator[str]:
+    yield (
+        f"cross-host migration of a {r['vf_bytes'] / MiB:.0f} MiB VF with a REINIT "
+        f"(two drivers, two agents, data path {r['data_path']}), {len(r['rounds'])} rounds:"
+    )
+    for i, p in enumerate(r["rounds"], 1):
+        cpu = ", ".join(f"{k} {v:.2f}" for k, v in p["cores"].items())
+        yield (
+            f"  round {i}: total {p['total_s']:.2f} s / bound {p['total_bound_s']:.2f} s = "
+            f"{p['total_ratio']:.2f}x; downtime {p['downtime_s']:.2f} s / bound "
+            f"{p['downtime_bound_s']:.2f} s = {p['downtime_ratio']:.2f}x "
+            f"(raw {p['raw_stream_GBps']:.2f} GB/s; {p['reinits']} REINIT)"
+        )
+        yield f"           CPU cores: {cpu}"
+    yield f"  median total    {r['total_ratio']:.2f}x (goal <= 1.5)"
+    yield f"  median downtime {r['downtime_ratio']:.2f}x (goal <= 1.2)"
+
+
 def text(r: Results) -> Iterator[str]:
     yield (
         f"migration of a {r['vf_bytes'] / MiB:.0f} MiB VF with {r['reinits']} REINIT "
@@ -162,9 +342,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="source and destination on two driver processes (two hosts)",
     )
+    p.add_argument(
+        "--cross-host",
+        action="store_true",
+        help="two drivers, a destination agent and a source agent, one TCP stream (issue 16)",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="--cross-host: migrations (medians)")
     p.add_argument("--data-path", choices=DATA_PATHS, default="auto")
     add_output_flag(p)
     args = p.parse_args(argv)
+    if args.cross_host:
+        if args.two_drivers:
+            p.error("--cross-host has two drivers already")
+        r = bench_cross_host(args.size, args.dirty_rate, args.data_path, max(1, args.rounds))
+        return print_results(r, args.json, cross_host_text)
     r = bench(args.size, args.dirty_rate, args.two_drivers, args.data_path)
     return print_results(r, args.json, text)
 

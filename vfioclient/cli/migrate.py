@@ -1,22 +1,39 @@
-"""migrate: one device to another with vfioclient.migration, and the report."""
+"""migrate: one device to another with vfioclient.migration, and the report;
+across hosts, the two agents: `--incoming LISTEN [DST]` (the destination
+agent, as `qemu -incoming`) and `SRC DST --to URI` (the source agent)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
+import json
 import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from driver.shards import SHARDS_ENV, ShardMap, ShardSpecError, shards_argument, shards_from_env
+from grpcsvc.tls import TlsError
 
 from ..client import VfioClient, VfioClientError
 from ..migration import (
+    Address,
+    DeviceMigration,
     DevicePair,
+    IncomingOptions,
+    IncomingReport,
     MigrationError,
     MigrationOptions,
+    OutgoingDevice,
     TerminalProgress,
+    incoming_text,
+    listener_tls,
     migrate,
+    migrate_to,
     report_text,
+    serve_incoming,
 )
 from ..scenario import ScenarioClient, ScenarioClientError
 from .args import add_byte_rate, add_data_path, positive, seconds
@@ -36,12 +53,37 @@ def migration_options(args: argparse.Namespace, **more: Any) -> MigrationOptions
     )
 
 
+def _usage(message: str) -> None:
+    """A usage error: exit 2, as argparse's."""
+    print(f"vfioctl migrate: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
-    """migrate a device to another (QEMU-style)
+    """migrate a device to another (QEMU-style), here or across hosts
 
     Migrate SRC to DST with vfioclient.migration (precopy, switchover-ack,
     REINIT handling) and print the report. On failure the source is left
-    RUNNING."""
+    RUNNING and the destination reset.
+
+    Across hosts, two agents, each beside its driver: `migrate --incoming
+    LISTEN [DST]` is the destination agent (as qemu -incoming; LISTEN is
+    tcp:HOST:PORT or unix:PATH): with DST it accepts one migration into DST
+    and exits 0 (1 if it failed), without DST it serves migrations until
+    SIGTERM/SIGINT.  `migrate SRC DST --to URI` is the source agent: it
+    migrates SRC on --driver to DST on the destination agent's driver."""
+    if args.incoming is not None:
+        if args.to is not None or args.dst is not None:
+            _usage("--incoming takes at most one device (DST) and no --to")
+        await _incoming(c, args, out)
+        return
+    if args.src is None or args.dst is None:
+        _usage("SRC and DST are required (or --incoming LISTEN [DST])")
+    if args.to is not None:
+        if args.dst_driver or args.dst_firmware:
+            _usage("--dst-driver and --dst-firmware are the destination agent's (see --to)")
+        await _outgoing(c, args, out)
+        return
     dst = c
     dst_driver = args.dst_driver or args.driver
     if dst_driver != args.driver:
@@ -85,6 +127,194 @@ async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None
             await dst.aclose()
     out.doc(report.to_dict())
     out.line(report_text(report.to_dict()))
+
+
+async def _outgoing(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    """The source agent: SRC on --driver to DST behind the agent at --to."""
+    scenarios: list[ScenarioClient] = []
+    try:
+        sfd = await c.open_device(args.src)
+        opts = migration_options(
+            args,
+            max_precopy_iterations=args.max_iterations,
+            fail_on_late_reinit=not args.allow_late_reinit,
+        )
+        verify = args.verify
+        if args.verify != "no":
+            fw = args.firmware or _shard_firmware(_shard_map(args), args.src) or args.driver
+            source_digest = await _digest_source(c, fw, args, scenarios, out)
+            if source_digest is not None:
+                digest = source_digest
+
+                async def digests(d: DeviceMigration) -> tuple[str, str]:
+                    return await digest(args.src), d.destination_digest
+
+                opts.digests = digests
+            else:
+                verify = "no"
+        try:
+            report = await migrate_to(
+                [OutgoingDevice(c, sfd, args.dst, name=args.src)],
+                args.to,
+                opts,
+                tls=args.tls,
+                verify=verify,
+                idle_timeout_s=args.idle_timeout,
+                note=out.note,
+            )
+        except MigrationError as e:
+            if e.report is not None:
+                out.doc(e.report.to_dict())
+                out.line(report_text(e.report.to_dict()))
+            raise CliError(
+                e.errno or errno.EIO,
+                f"migration failed: {e}",
+                "the source was left RUNNING and the destination reset; see the report above",
+            ) from None
+        except (TlsError, ValueError) as e:
+            raise CliError(
+                errno.EINVAL, str(e), "see --to and --tls-ca/--tls-cert/--tls-key"
+            ) from None
+    finally:
+        for s in scenarios:
+            await s.aclose()
+    out.doc(report.to_dict())
+    out.line(report_text(report.to_dict()))
+
+
+async def _incoming(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
+    """The destination agent: migrations into devices of --driver."""
+    only: str | None = args.src  # the one positional: DST
+    try:
+        address = Address.parse(args.incoming)
+        tls = listener_tls(args.tls, args.incoming_tls_cert, args.incoming_tls_key)
+    except (ValueError, TlsError) as e:
+        raise CliError(errno.EINVAL, str(e), "LISTEN is tcp:HOST:PORT or unix:PATH") from None
+    scenarios: list[ScenarioClient] = []
+    digest = None
+    if args.verify != "no":
+        shards = _shard_map(args)
+        if args.firmware is None and only is None and shards is not None:
+            # A standing agent serves any device: each one's digest comes
+            # from its PCI domain's shard, asked when its migration loads.
+            digest = _shard_digest_source(c, shards, args, scenarios)
+        else:
+            fw = args.firmware or (_shard_firmware(shards, only) if only else None)
+            digest = await _digest_source(c, fw or args.driver, args, scenarios, out)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def listening(bound: Address) -> None:
+        if out.json:
+            print(json.dumps({"listening": str(bound)}), flush=True)
+        else:
+            into = f" into {only}" if only else ""
+            print(f"vfioctl migrate: serving incoming migrations{into} on {bound}", flush=True)
+
+    def reported(r: IncomingReport) -> None:
+        if out.json:
+            print(json.dumps(r.to_dict()), flush=True)
+        else:
+            out.line(incoming_text(r.to_dict()))
+
+    try:
+        reports = await serve_incoming(
+            c,
+            address,
+            only=only,
+            once=only is not None,
+            options=IncomingOptions(
+                stream_depth=16, data_path=args.data_path, idle_timeout_s=args.idle_timeout
+            ),
+            digest=digest,
+            tls=tls,
+            insecure=args.insecure,
+            on_listening=listening,
+            on_report=reported,
+            stop=stop,
+        )
+    except TlsError as e:
+        raise CliError(
+            errno.EACCES, str(e), "give --incoming-tls-cert/--tls-cert, or --insecure"
+        ) from None
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        for s in scenarios:
+            await s.aclose()
+    if only is not None:  # one-shot: its one migration's outcome
+        served = [r for r in reports if r.status != "refused"]
+        if not served:
+            raise CliError(errno.ECANCELED, f"stopped before a migration into {only} came")
+        if served[0].status != "completed":
+            raise CliError(
+                served[0].errno or errno.EIO,
+                f"incoming migration failed: {served[0].error}",
+                "the destination was reset; see the report above",
+            )
+
+
+async def _digest_source(
+    c: VfioClient,
+    target: str,
+    args: argparse.Namespace,
+    keep: list[ScenarioClient],
+    out: Out,
+) -> Callable[[str], Awaitable[str]] | None:
+    """A device's digest from its firmware's Scenario service at `target`;
+    None (with a note) under --verify auto when there is none."""
+    try:
+        sc = await ScenarioClient.connect(target, timeout=args.timeout, tls=args.tls)
+    except ScenarioClientError as e:
+        if args.verify == "yes":
+            raise CliError(
+                errno.ENOTSUP,
+                f"cannot verify: no firmware Scenario service at {target} ({e})",
+                "give --firmware (or --firmware-shards), or --verify no",
+            ) from None
+        out.note(f"not verifying: no firmware Scenario service at {target}")
+        return None
+    keep.append(sc)
+
+    async def digest(device: str) -> str:
+        info = next((d for d in await c.list_devices() if d.name == device), None)
+        if info is None:
+            raise CliError(errno.ENOENT, f"no device {device}", "see vfioctl list")
+        return await sc.digest(info.vhca_id)
+
+    return digest
+
+
+def _shard_digest_source(
+    c: VfioClient, shards: ShardMap, args: argparse.Namespace, keep: list[ScenarioClient]
+) -> Callable[[str], Awaitable[str]]:
+    """A device's digest from the Scenario service of its shard (its PCI
+    domain's firmware), each shard connected once, when first needed."""
+    clients: dict[str, ScenarioClient] = {}
+
+    async def digest(device: str) -> str:
+        target = _shard_firmware(shards, device)
+        assert target is not None
+        sc = clients.get(target)
+        if sc is None:
+            try:
+                sc = await ScenarioClient.connect(target, timeout=args.timeout, tls=args.tls)
+            except ScenarioClientError as e:
+                raise CliError(
+                    errno.ENOTSUP,
+                    f"cannot verify {device}: no firmware Scenario service at {target} ({e})",
+                    f"check the shard map ({SHARDS_ENV}), or migrate with --verify no",
+                ) from None
+            clients[target] = sc
+            keep.append(sc)
+        info = next((d for d in await c.list_devices() if d.name == device), None)
+        if info is None:
+            raise CliError(errno.ENOENT, f"no device {device}", "see vfioctl list")
+        return await sc.digest(info.vhca_id)
+
+    return digest
 
 
 def _shard_map(args: argparse.Namespace) -> ShardMap | None:
@@ -147,11 +377,22 @@ async def _verifier(
 
 
 def _arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("src", metavar="SRC", help="source device (on --driver)")
-    s.add_argument("dst", metavar="DST", help="destination device (on --dst-driver)")
+    s.add_argument(
+        "src",
+        metavar="SRC",
+        nargs="?",
+        help="source device (on --driver); with --incoming: DST, the one device it accepts",
+    )
+    s.add_argument(
+        "dst",
+        metavar="DST",
+        nargs="?",
+        help="destination device (on --dst-driver, or the --to agent's driver)",
+    )
     s.add_argument(
         "--dst-driver", metavar="HOST:PORT", help="the destination's service (default --driver)"
     )
+    add_agent_args(s)
     s.add_argument("--downtime-limit", type=seconds, default=0.3, metavar="S", help="default 0.3 s")
     add_byte_rate(
         s,
@@ -195,6 +436,42 @@ def _arguments(s: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="the firmware shard map (HOST:PORT,... or TEMPLATE@N, as vfio-driver's): a "
         "device's firmware is its PCI domain's shard (default: $" + SHARDS_ENV + ")",
+    )
+
+
+def add_agent_args(s: argparse.ArgumentParser) -> None:
+    """The agents' options (across hosts)."""
+    g = s.add_argument_group("across hosts: the two agents")
+    g.add_argument(
+        "--incoming",
+        metavar="LISTEN",
+        help="be the destination agent: listen on tcp:HOST:PORT (or HOST:PORT) or unix:PATH "
+        "for migrations into devices of --driver (as qemu -incoming)",
+    )
+    g.add_argument(
+        "--to",
+        metavar="URI",
+        help="be the source agent: migrate to the destination agent at tcp:HOST:PORT or "
+        "unix:PATH (DST is a device of its driver)",
+    )
+    g.add_argument(
+        "--incoming-tls-cert",
+        metavar="FILE",
+        help="the certificate the destination agent presents (default --tls-cert); clients "
+        "need certificates signed by --tls-ca when it is given",
+    )
+    g.add_argument("--incoming-tls-key", metavar="FILE", help="its key (default --tls-key)")
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        help="let the destination agent listen off-host without TLS",
+    )
+    g.add_argument(
+        "--idle-timeout",
+        type=seconds,
+        default=60.0,
+        metavar="S",
+        help="end a migration whose peer stays silent this long (default 60 s)",
     )
 
 

@@ -29,13 +29,48 @@ state is tried, and if that fails too the device is reset (QEMU's
 vfio_migration_set_state).  A failed migration leaves the sources RUNNING and
 resets the destinations (aborting RESUMING).
 
-Multifd (multifd.py), the destination's writes (writer.py), progress
-(progress.py) and the report (report.py) each have their module.
+The source half is `DeviceMigration` (device.py), the destination half
+`DestinationDevice` (destination.py); what joins them (link.py) is either in
+this process (local.py: a queue per device and the shared ack, the user
+memory one segment both drivers map) or a socket (remote.py).  run.py's
+logic (precopy rounds, the switchover decision, the final PRECOPY_INFO
+check, the REINIT re-arm, stop-copy, recovery) is the same for both.
+
+Across hosts, as QEMU and libvirt run it, two agents, each beside its
+driver and moving data to and from it through its own user memory:
+
+    # destination host: the destination agent (`vfioctl migrate --incoming`)
+    reports = await serve_incoming(dst_client, "tcp:0.0.0.0:7000", only="0000:81:00.2",
+                                   once=True, tls=listener_tls(client_tls()), digest=fw_digest)
+    # source host: the source agent (`vfioctl migrate SRC DST --to URI`)
+    report = await migrate_to([OutgoingDevice(src_client, src_fd, "0000:81:00.2")],
+                              "tcp:dst-host:7000", options, tls=client_tls())
+
+One connection carries the migration stream one way and the return path the
+other (wire.py: QEMU's be64 tags, a per-device section, COMPLETE/RUN/ABORT;
+READY, SWITCHOVER_ACK with the ack generation, LOADED with the destination
+digests, RUNNING, ERROR with an errno); connection.py has the addresses,
+TLS and a socket reader that receives payloads straight into user memory.
+The destination agent's side reports on its own (`IncomingReport`).
+
+Multifd (multifd.py, in this process only), the destination's writes
+(writer.py), progress (progress.py) and the report (report.py) each have
+their module.
 """
 
+from .connection import Address, ListenerTls, dialer_tls, listener_tls
+from .destination import DestinationDevice
 from .device import DeviceMigration
-from .options import BUFFER_CAP, DevicePair, MigrationOptions
+from .incoming import (
+    IncomingAgent,
+    IncomingOptions,
+    IncomingReport,
+    incoming_text,
+    serve_incoming,
+)
+from .options import BUFFER_CAP, DevicePair, MigrationOptions, OutgoingDevice
 from .progress import Progress, TerminalProgress
+from .remote import migrate_to
 from .report import (
     DeviceReport,
     MigrationError,
@@ -50,18 +85,30 @@ from .switchover import SwitchoverAck
 
 __all__ = [
     "BUFFER_CAP",
+    "Address",
     "Chunk",
+    "DestinationDevice",
     "DeviceMigration",
     "DevicePair",
     "DeviceReport",
+    "IncomingAgent",
+    "IncomingOptions",
+    "IncomingReport",
+    "ListenerTls",
     "MigrationError",
     "MigrationOptions",
     "MigrationReport",
+    "OutgoingDevice",
     "Progress",
     "ReinitEvent",
     "SwitchoverAck",
     "TerminalProgress",
+    "dialer_tls",
     "format_bytes",
+    "incoming_text",
+    "listener_tls",
     "migrate",
+    "migrate_to",
     "report_text",
+    "serve_incoming",
 ]

@@ -1,7 +1,8 @@
-"""One device's migration: the source half (saving: discovery, setup,
-precopy iterations, the stop-copy drain) and the destination half (resuming:
-the loader writing the stream in order), as QEMU's hw/vfio/migration.c does
-for one VFIODevice."""
+"""One device's migration as its source half runs it (saving: discovery,
+setup, precopy iterations, the stop-copy drain), as QEMU's
+hw/vfio/migration.c does for one VFIODevice; its destination half is behind
+`self.link` (link.py): in this process (local.py) or a destination agent
+across hosts (remote.py)."""
 
 from __future__ import annotations
 
@@ -11,22 +12,25 @@ import contextlib
 import errno
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
-from ..client import PrecopyInfo, VfioClient, VfioClientError
+from ..client import PrecopyInfo, VfioClientError
 from ..uapi import (
     VFIO_MIGRATION_P2P,
     VFIO_MIGRATION_PRE_COPY,
     VFIO_MIGRATION_STOP_COPY,
     MigState,
 )
-from ..usermem import DATA_PATHS, SharedSegment, Slot, Slots
+from ..usermem import Slot, Slots
+from .link import DestinationLink
+from .memory import both, user_memory
 from .multifd import Multifd
-from .options import DevicePair, MigrationOptions
+from .options import DevicePair, MigrationOptions, OutgoingDevice
 from .progress import notify
 from .report import DeviceReport, MigrationError
-from .stream import Chunk, InitDataSent, Marker, StreamItem, put
+from .states import set_state
+from .stream import Chunk, InitDataSent, Marker, StreamItem
 from .switchover import SwitchoverAck
-from .writer import DataWriter
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +38,20 @@ S = MigState
 
 
 class DeviceMigration:
-    """One device: the source half (saving) and the destination half (resuming)."""
+    """One device's source half; `link` is its destination (an in-process
+    half for a DevicePair, set by the remote Destinations for an
+    OutgoingDevice)."""
 
     def __init__(
-        self, pair: DevicePair, index: int, ack: SwitchoverAck, options: MigrationOptions
+        self,
+        pair: DevicePair | OutgoingDevice,
+        index: int,
+        ack: SwitchoverAck,
+        options: MigrationOptions,
     ) -> None:
         self.pair = pair
         self.name = pair.name or f"dev{index}"
         self.src = pair.source
-        self.dst = pair.destination
         self.ack = ack
         self.options = options
         self.report = DeviceReport(self.name)
@@ -50,20 +59,34 @@ class DeviceMigration:
         self.v2 = False
         self.buffer_size = 0
         self.src_data_fd: int | None = None
-        self.dst_data_fd: int | None = None
         self.src_state = S.RUNNING
-        self.dst_state = S.RUNNING
         self.in_precopy = False
         self.initial_bytes = 0  # cached
         self.dirty_bytes = 0  # cached
         self.initial_data_sent = False
-        self._stream: asyncio.Queue[StreamItem] = asyncio.Queue(max(1, options.stream_depth))
-        self._writer: DataWriter | None = None
-        self._loader: asyncio.Task[None] | None = None
         self._slots: Slots | None = None  # the local data path (user memory)
-        self._multifd: Multifd | None = None
+        self.multifd: Multifd | None = None
         if options.multifd_channels > 0:
-            self._multifd = Multifd(self.name, options, self.report)
+            self.multifd = Multifd(self.name, options, self.report)
+        self._link: DestinationLink | None = None
+        if isinstance(pair, DevicePair):
+            from .local import LocalLink  # (local imports this module's type)
+
+            self._link = LocalLink(self, pair)
+
+    @property
+    def link(self) -> DestinationLink:
+        assert self._link is not None, "no destination yet"
+        return self._link
+
+    @link.setter
+    def link(self, link: DestinationLink) -> None:
+        self._link = link
+
+    @property
+    def destination_digest(self) -> str:
+        """The destination's digest once loaded (across hosts: from the return path)."""
+        return self.link.digest
 
     @property
     def pre_copy(self) -> bool:
@@ -82,8 +105,7 @@ class DeviceMigration:
 
     async def discover(self) -> None:
         self.flags = await self.src.migration_flags(self.pair.source_fd)
-        dst_flags = await self.dst.migration_flags(self.pair.destination_fd)
-        if not self.flags & VFIO_MIGRATION_STOP_COPY or not dst_flags & VFIO_MIGRATION_STOP_COPY:
+        if not self.flags & VFIO_MIGRATION_STOP_COPY:
             raise MigrationError(f"{self.name}: not migratable (no VFIO_MIGRATION_STOP_COPY)")
         if self.pre_copy:
             # v2 opt-in (REINIT); on failure keep v1 semantics: flags ignored.
@@ -102,50 +124,20 @@ class DeviceMigration:
 
     # --- state changes -----------------------------------------------------------------
 
-    async def _set_state(
-        self, client: VfioClient, fd: int, state: MigState, recovery: MigState | None, side: str
-    ) -> int | None:
-        """vfio_migration_set_state: `state`, else `recovery`, else DeviceReset
-        (recovery None = QEMU's ERROR: reset straight away)."""
-        try:
-            return await client.set_state(fd, state)
-        except VfioClientError as e:
-            why = f"{self.name} {side}: -> {state.name} failed: {e}"
-            if recovery is not None:
-                try:
-                    await client.set_state(fd, recovery)
-                    raise MigrationError(f"{why}; recovered to {recovery.name}") from e
-                except VfioClientError as e2:
-                    why += f"; recovery {recovery.name} failed: {e2}"
-            # The reset ends the transfer under this side's data fd: closed first,
-            # so that no stream is cut under its holder (QEMU closes it in its
-            # cleanup, after the reset; the driver's audit asks for it before).
-            attr = "src_data_fd" if side == "source" else "dst_data_fd"
-            await self._close_data_fd(client, attr)
-            await client.reset(fd)  # a failing reset propagates: nothing else to try
-            raise MigrationError(f"{why}; device reset") from e
-
     async def set_source(self, state: MigState, recovery: MigState | None) -> int | None:
-        fd = await self._set_state(self.src, self.pair.source_fd, state, recovery, "source")
+        fd = await set_state(
+            self.src, self.pair.source_fd, state, recovery, f"{self.name} source",
+            self._close_src_data_fd,
+        )  # fmt: skip
         self.src_state = state
-        return fd
-
-    async def set_destination(self, state: MigState, recovery: MigState | None) -> int | None:
-        fd = await self._set_state(
-            self.dst, self.pair.destination_fd, state, recovery, "destination"
-        )
-        self.dst_state = state
         return fd
 
     # --- setup -------------------------------------------------------------------------
 
     async def setup(self) -> None:
-        """Destination to RESUMING (load_setup); source to PRE_COPY (save_setup)."""
+        """The destination's load_setup (its link's), then save_setup: PRE_COPY."""
         await self._setup_user_memory()
-        self.dst_data_fd = await self.set_destination(S.RESUMING, None)
-        if self.dst_data_fd is None:
-            raise MigrationError(f"{self.name}: RESUMING gave no data fd")
-        self._loader = asyncio.create_task(self._load(), name=f"load-{self.name}")
+        await self.link.start()
         if self.pre_copy and self.src_state == S.RUNNING:
             self.src_data_fd = await self.set_source(S.PRE_COPY, S.RUNNING)
             if self.src_data_fd is None:
@@ -158,35 +150,22 @@ class DeviceMigration:
 
     async def _setup_user_memory(self) -> None:
         """The local data path: one segment of stream_depth buffers, mapped
-        by the source's driver (else no use: gRPC) and, if it can, the
-        destination's (else writes copy out of it onto a Write call)."""
-        mode = self.options.data_path
-        if mode not in DATA_PATHS:
-            raise MigrationError(f"unknown data path {mode!r} (auto, shm or grpc)")
-        self.report.data_path = "grpc"
-        if mode == "grpc":
-            return
-        count = max(2, self.options.stream_depth)
-        try:
-            mem = SharedSegment.create(self.buffer_size * count)
-        except OSError as e:
-            if mode == "shm":
-                raise MigrationError(f"{self.name}: no user memory: {e}") from e
-            log.info("%s: no user memory (%s): the data goes over gRPC", self.name, e)
-            return
-        try:
-            src, dst = await mem.attach(self.src), await mem.attach(self.dst)
-            mem.seal()
-        except BaseException:
-            await mem.close()
-            raise
-        if src is None or (mode == "shm" and dst is None):
-            await mem.close()
-            if mode == "shm":
-                raise MigrationError(f"{self.name}: a driver cannot map our user memory")
-            return
-        self._slots = Slots(mem, self.buffer_size, count)
-        self.report.data_path = "shm" if dst is not None else "shm (source), grpc (destination)"
+        by the source's driver (else no use: gRPC) and, in this process, if
+        it can, the destination's (else writes copy out of it onto a Write
+        call)."""
+        link = self.link
+        slots, mapped = await user_memory(
+            self.name,
+            self.options.data_path,
+            self.buffer_size,
+            max(2, self.options.stream_depth),
+            [self.src, *link.memory_clients],
+        )
+        self._slots = slots
+        link.memory_mapped(slots is not None and all(mapped[1:]))
+        self.report.data_path = both(
+            "shm" if slots is not None else "grpc", link.data_path, per_side=link.per_side
+        )
 
     async def close_user_memory(self) -> None:
         if self._slots is not None:
@@ -195,12 +174,13 @@ class DeviceMigration:
 
     async def _free_slot(self) -> Slot:
         """A free slot: waits for one, or for the destination to fail."""
-        assert self._slots is not None and self._loader is not None
+        assert self._slots is not None
         slot = self._slots.try_acquire()
         if slot is not None:
             return slot
         get = asyncio.ensure_future(self._slots.acquire())
-        await asyncio.wait({get, self._loader}, return_when=asyncio.FIRST_COMPLETED)
+        waits: list[asyncio.Future[Any]] = [get, self.link.failed]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         if not get.done():
             get.cancel()
             self.check_loader()
@@ -278,11 +258,7 @@ class DeviceMigration:
 
     async def _send(self, item: StreamItem) -> None:
         """Onto the migration stream (bounded: waits while the destination is behind)."""
-        assert self._loader is not None
-        try:
-            await put(self._stream, item, self._loader)
-        except VfioClientError as e:  # what the loader failed with
-            raise MigrationError(f"{self.name} destination: load failed: {e}") from e
+        await self.link.send(item)
 
     async def iterate(self) -> int:
         """save_live_iterate: one read of up to the buffer size; the bytes read."""
@@ -364,8 +340,8 @@ class DeviceMigration:
         assert self.src_data_fd is not None
         self.initial_bytes = self.dirty_bytes = 0
         self._pending_progress()
-        if self._multifd is not None:
-            await self._drain_multifd(self._multifd)
+        if self.multifd is not None:
+            await self._drain_multifd(self.multifd)
             return
         async for chunk in self._read_chunks():
             await self._send(chunk)
@@ -394,91 +370,33 @@ class DeviceMigration:
         finally:
             await mf.stop()
 
-    # --- destination -------------------------------------------------------------------
-
-    async def _load(self) -> None:
-        """load_state: write data in stream order; approve on INIT_DATA_SENT;
-        with multifd, then the stop-copy packets in index order.  Then
-        load_cleanup: the data fd is closed while the device is still
-        RESUMING (RESUMING -> STOP ends the stream, and nothing must hold it
-        after)."""
-        assert self.dst_data_fd is not None
-        writer = self._writer = DataWriter(self.dst, self.dst_data_fd, self.options.stream_depth)
-        try:
-            await self._load_main(writer)
-            if self._multifd is not None:
-                await self._multifd.write_in_order(writer.write)
-                await writer.flush()
-        except BaseException as e:
-            await writer.cancel()
-            if self._multifd is not None:
-                await self._multifd.fail(e)
-            raise
-        await self._close_data_fd(self.dst, "dst_data_fd")
-
-    async def _load_main(self, writer: DataWriter) -> None:
-        while True:
-            item = await self._stream.get()
-            if item is Marker.END:
-                await writer.flush()
-                return
-            if isinstance(item, InitDataSent):
-                # Approve only once everything before the marker is written.
-                await writer.flush()
-                if self.options.on_switchover_ack is not None:
-                    await self.options.on_switchover_ack(self)
-                if self.ack.approve(self.name, item.generation):
-                    self.report.acks += 1
-                continue
-            assert isinstance(item, bytes | Slot)
-            await writer.write(item)
+    # --- the destination, as the source sees it ---------------------------------------
 
     def check_loader(self) -> None:
-        """Raise what the loader failed with, if it did."""
-        if self._loader is not None and self._loader.done() and not self._loader.cancelled():
-            exc = self._loader.exception()
-            if exc is not None:
-                raise MigrationError(f"{self.name} destination: load failed: {exc}") from exc
+        """Raise what the destination failed with, if it did."""
+        self.link.check()
 
     async def loaded(self) -> None:
-        assert self._loader is not None
-        try:
-            await self._loader
-        except VfioClientError as e:
-            raise MigrationError(f"{self.name} destination: load failed: {e}") from e
+        await self.link.written()
 
     # --- cleanup -----------------------------------------------------------------------
 
-    async def _close_data_fd(self, client: VfioClient, attr: str) -> None:
-        fd = getattr(self, attr)
+    async def _close_src_data_fd(self) -> None:
+        fd, self.src_data_fd = self.src_data_fd, None
         if fd is not None:
-            setattr(self, attr, None)
             with contextlib.suppress(VfioClientError):  # EBADF: the session ended
-                await client.close(fd)
+                await self.src.close(fd)
 
     async def close_data_fds(self) -> None:
-        await self._close_data_fd(self.src, "src_data_fd")
-        await self._close_data_fd(self.dst, "dst_data_fd")
+        await self._close_src_data_fd()
 
     async def abort(self) -> None:
-        """Migration failed: data fds closed (nothing more moves on them, and
-        the reset below must not cut a stream under a holder), source back to
-        RUNNING, destination reset."""
-        if self._loader is not None:
-            if not self._loader.done():
-                self._loader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._loader  # (also retrieves what it failed with)
-        await self.close_data_fds()
+        """Migration failed: the data fd closed (nothing more moves on it),
+        the source back to RUNNING."""
+        await self._close_src_data_fd()
         self.in_precopy = False
         if self.src_state != S.RUNNING:
             try:
                 await self.set_source(S.RUNNING, None)
             except (MigrationError, VfioClientError) as e:
                 log.error("%s: source recovery failed: %s", self.name, e)
-        if self.dst_state != S.RUNNING:
-            try:
-                await self.dst.reset(self.pair.destination_fd)  # aborts RESUMING
-                self.dst_state = S.RUNNING
-            except VfioClientError as e:
-                log.error("%s: destination reset failed: %s", self.name, e)

@@ -32,11 +32,15 @@ class MigrationOptions:
     buffer_cap: int = BUFFER_CAP
     # Hooks (tests, tracing): awaited at the named points.
     on_iteration: IterationHook | None = None  # before each precopy iteration
-    on_switchover_ack: DeviceHook | None = None  # destination, just before it approves
+    # The destination, just before it approves (across hosts: the source, as
+    # the approval arrives, before it counts).
+    on_switchover_ack: DeviceHook | None = None
     on_switchover_decision: Hook | None = None  # after the decision, before the final check
     on_destinations_loaded: Hook | None = None  # every destination in STOP, before it runs
     # Verification: (source digest, destination digest) of a device, asked for
     # while both are stopped (destinations loaded); unequal fails the migration.
+    # Across hosts the destination digest comes on the return path:
+    # DeviceMigration.destination_digest.
     digests: DigestHook | None = None
     # Multifd stop-copy (0 = off: the stop-copy data goes on the main stream).
     multifd_channels: int = 0
@@ -62,4 +66,16 @@ class DevicePair:
     source_fd: int
     destination: VfioClient
     destination_fd: int
+    name: str = ""
+
+
+@dataclass
+class OutgoingDevice:
+    """One device to migrate to a destination agent (`migrate_to`): the
+    source's fd on its client (opened by the caller, who keeps it), and the
+    destination device's name on the agent's driver."""
+
+    source: VfioClient
+    source_fd: int
+    destination: str
     name: str = ""

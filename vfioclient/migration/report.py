@@ -71,6 +71,9 @@ class MigrationReport:
     total_s: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
     devices: list[DeviceReport] = field(default_factory=list)
+    # How the stream travelled: "" in this process, else the destination
+    # agent's address (tcp:HOST:PORT, unix:PATH).
+    channel: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,11 +83,16 @@ class MigrationReport:
 
 
 class MigrationError(Exception):
-    """The migration failed; `report` says how far it got (sources left RUNNING)."""
+    """The migration failed; `report` says how far it got (sources left
+    RUNNING); `errno` the kernel errno behind it when there is one (a
+    destination's failed LOAD, say)."""
 
-    def __init__(self, message: str, report: MigrationReport | None = None) -> None:
+    def __init__(
+        self, message: str, report: MigrationReport | None = None, *, errno: int | None = None
+    ) -> None:
         super().__init__(message)
         self.report = report
+        self.errno = errno
 
 
 def format_bytes(n: float) -> str:
@@ -118,6 +126,8 @@ def report_text(r: dict[str, Any]) -> str:
             f"  throughput {format_bytes(r['throughput_Bps'])}/s overall, stop-copy "
             f"{format_bytes(r.get('stop_copy_throughput_Bps', 0.0))}/s"
         )
+    if r.get("channel"):
+        lines.append(f"  channel    {r['channel']} (a destination agent)")
     if r.get("phases"):
         lines.append("  phases     " + ", ".join(f"{k} {v:.3f} s" for k, v in r["phases"].items()))
     reinits = r.get("reinits", [])

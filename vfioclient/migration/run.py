@@ -1,6 +1,9 @@
 """The migration of a set of devices together: precopy rounds, the
 switchover decision (with QEMU 11.1's final save_query_pending), the
-stop-copy, verification and cleanup; a failure leaves the sources RUNNING."""
+stop-copy, verification and cleanup; a failure leaves the sources RUNNING
+and the destinations reset.  The destinations are behind a `Destinations`
+(link.py): in this process, or a destination agent (remote.py); this logic
+is the same for both."""
 
 from __future__ import annotations
 
@@ -12,7 +15,9 @@ from collections.abc import Sequence
 from ..client import PrecopyInfo
 from ..uapi import MigState
 from .device import DeviceMigration
-from .options import DevicePair, DigestHook, MigrationOptions
+from .link import Destinations
+from .local import LocalDestinations
+from .options import DevicePair, DigestHook, MigrationOptions, OutgoingDevice
 from .progress import notify
 from .report import MigrationError, MigrationReport, ReinitEvent
 from .switchover import SwitchoverAck
@@ -23,11 +28,19 @@ S = MigState
 
 
 class Migration:
-    def __init__(self, pairs: Sequence[DevicePair], options: MigrationOptions) -> None:
+    def __init__(
+        self,
+        pairs: Sequence[DevicePair | OutgoingDevice],
+        options: MigrationOptions,
+        destinations: Destinations | None = None,
+    ) -> None:
         self.options = options
         self.ack = SwitchoverAck()
+        self.destinations = destinations or LocalDestinations()
         self.devices = [DeviceMigration(p, i, self.ack, options) for i, p in enumerate(pairs)]
-        self.report = MigrationReport(devices=[d.report for d in self.devices])
+        self.report = MigrationReport(
+            devices=[d.report for d in self.devices], channel=self.destinations.channel
+        )
         self.t0 = time.monotonic()
         self._phase_start = self.t0
         notify(options.progress, "devices", [d.name for d in self.devices])
@@ -61,9 +74,11 @@ class Migration:
             await self._run()
         except BaseException as e:
             self.report.error = str(e) or type(e).__name__
+            await self.destinations.abort(self.devices, e)
             for d in self.devices:
                 await d.abort()
                 await d.close_user_memory()
+            await self.destinations.close()
             self._finish("failed")
             if isinstance(e, MigrationError):
                 e.report = self.report
@@ -71,6 +86,7 @@ class Migration:
             if isinstance(e, Exception):
                 raise MigrationError(self.report.error, self.report) from e
             raise
+        await self.destinations.close()
         self._finish("completed")
         return self.report
 
@@ -92,6 +108,8 @@ class Migration:
             await d.discover()
         if len(devs) > 1 and not all(d.p2p for d in devs):
             raise MigrationError("several devices migrate together only if all support P2P")
+        await self.destinations.setup(devs)
+        self.report.channel = self.destinations.channel
         for d in devs:
             await d.setup()
         self._phase("precopy")
@@ -187,19 +205,14 @@ class Migration:
             await d.to_stop_copy()
         await asyncio.gather(*(d.drain() for d in devs))
         self.report.stop_copy_s = time.monotonic() - t_copy
-        for d in devs:  # RESUMING -> STOP: the driver loads and validates
-            await d.set_destination(S.STOP, None)
+        await self.destinations.complete(devs)  # RESUMING -> STOP: loaded and validated
         t = time.monotonic()
         if self.options.on_destinations_loaded is not None:
             await self.options.on_destinations_loaded()
         if self.options.digests is not None:
             await self._verify(self.options.digests)
         self.report.hook_s = time.monotonic() - t
-        for d in devs:
-            if d.p2p:
-                await d.set_destination(S.RUNNING_P2P, None)
-        for d in devs:
-            await d.set_destination(S.RUNNING, None)
+        await self.destinations.start(devs)
         self.report.downtime_s = time.monotonic() - stop - self.report.hook_s
         self._phase("cleanup")
         for d in devs:  # save_cleanup, outside the downtime
