@@ -6,7 +6,10 @@ volume, and the principals line up with the roles; start order follows the
 job and the health checks; Prometheus scrapes exactly the metrics ports the
 services listen on; Grafana's provisioning finds the dashboard; the
 `loadtest` profile's load run is built with the loadtest extra, its command
-parses with vfio-loadtest's and Locust's parsers, and it runs as an admin.
+parses with vfio-loadtest's and Locust's parsers, and it runs as an admin; the
+`cross-host` profile's second host, its standing incoming agent and the source
+agent share their drivers' IPC namespaces (/dev/shm) and use vfioctl's
+migrate --incoming / --to (test_compose_cross_host.py).
 No Docker engine is to be had here, so this is what checks the file, and a
 replay runs the project's services as the file says (the job, both services,
 their health checks, the demo) as local processes."""
@@ -48,7 +51,10 @@ COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 NAMED_VOLUMES: dict[str, Any] = COMPOSE.get("volumes", {})
-SERVERS = ("fwemu", "driver")  # the services with a gRPC listener
+SERVERS = ("fwemu", "driver", "driver-b")  # the services with a gRPC listener
+# The `cross-host` profile: host B's driver and its agent, the REINIT's arming
+# job, the source agent.
+CROSS_HOST = ("driver-b", "agent-b", "cross-host-reinit", "migrate-cross-host")
 
 
 def built_here() -> dict[str, dict[str, Any]]:
@@ -160,7 +166,7 @@ def test_the_project_services_build_deploy_dockerfile_from_the_repository_root()
     """The services' image without build arguments; the load run's with
     EXTRAS=loadtest (its lock exists), under another name: one tag built two
     ways would hold whichever was built last."""
-    assert set(built_here()) == {"certs", "fwemu", "driver", "migrate", "loadtest"}
+    assert set(built_here()) == {"certs", "fwemu", "driver", "migrate", "loadtest", *CROSS_HOST}
     for service in built_here().values():
         context = (COMPOSE_FILE.parent / service["build"]["context"]).resolve()
         assert context == ROOT
@@ -183,7 +189,8 @@ def test_the_load_run_is_a_profile_and_a_headless_run_of_every_user_class(
     Locust's parser takes the rest of its command: a headless run with a
     user count, a spawn rate and a run time, of every user class."""
     assert {n: s.get("profiles") for n, s in SERVICES.items() if s.get("profiles")} == {
-        "loadtest": ["loadtest"]
+        "loadtest": ["loadtest"],
+        **{name: ["cross-host"] for name in CROSS_HOST},
     }
     program, *args = SERVICES["loadtest"]["command"]
     assert program == "vfio-loadtest"
@@ -214,6 +221,9 @@ def test_every_address_of_another_service_is_its_listen_port() -> None:
         "driver": ["firmware"],
         "migrate": ["driver", "scenario"],
         "loadtest": ["driver", "scenario"],
+        "agent-b": ["driver"],
+        "cross-host-reinit": ["driver", "firmware"],
+        "migrate-cross-host": ["driver", "firmware"],
     }
     for name, options in named.items():
         args = parse_command(SERVICES[name]["command"])
@@ -273,7 +283,9 @@ def test_the_certs_job_writes_into_the_shared_volume_and_keeps_an_existing_ca() 
         }
 
 
-@pytest.mark.parametrize("name", ["fwemu", "driver", "migrate", "loadtest"])
+@pytest.mark.parametrize(
+    "name", ["fwemu", "driver", "migrate", "loadtest", "driver-b", "agent-b", *CROSS_HOST[2:]]
+)
 def test_every_tls_file_a_service_names_is_one_the_job_writes_mounted_read_only(
     name: str,
 ) -> None:
@@ -328,6 +340,10 @@ def test_the_server_certificate_names_every_host_a_service_is_dialled_by() -> No
     for client in ("migrate", "loadtest"):
         args = parse_command(SERVICES[client]["command"])
         dialled += [args.driver, args.scenario]
+    dialled.append(parse_command(SERVICES["agent-b"]["command"]).driver)
+    reinit = parse_command(SERVICES["cross-host-reinit"]["command"])
+    source = parse_command(SERVICES["migrate-cross-host"]["command"])
+    dialled += [reinit.driver, reinit.firmware, source.driver, source.firmware]
     for address in dialled:
         assert address.rpartition(":")[0] in hosts, address
 

@@ -313,9 +313,9 @@ class Peer:
 
 
 def container_ports(obj: Obj) -> dict[str, int]:
-    """name -> number of the ports a workload's container declares (none: {})."""
-    (c,) = obj["spec"]["template"]["spec"]["containers"]
-    return {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    """name -> number of the ports a workload's containers declare (none: {})."""
+    containers = obj["spec"]["template"]["spec"]["containers"]
+    return {p["name"]: p["containerPort"] for c in containers for p in c.get("ports", [])}
 
 
 def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:

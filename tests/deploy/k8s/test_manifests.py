@@ -181,9 +181,23 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and selector.items() <= labels.items()
 
 
+# The drivers' migration agent: a second container of every driver pod.
+AGENT = "migration-agent"
+
+
+def container(obj: Obj, name: str | None = None) -> Obj:
+    """A workload's container `name`; by default its own, the one named as the
+    workload's app.kubernetes.io/name (a driver pod also runs its agent)."""
+    template = obj["spec"]["template"]
+    wanted = name or template["metadata"]["labels"]["app.kubernetes.io/name"]
+    (c,) = [c for c in template["spec"]["containers"] if c["name"] == wanted]
+    found: Obj = c
+    return found
+
+
 def container_args(obj: Obj, parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The container's args through the service's own command-line parser."""
-    (c,) = obj["spec"]["template"]["spec"]["containers"]
+    c = container(obj)
     assert "command" not in c, "args only: the image's ENTRYPOINT (tini) stays PID 1"
     return parser.parse_args(c["args"][1:])
 
@@ -201,9 +215,8 @@ def port_of(listen: str) -> int:
     return int(listen.rpartition(":")[2])
 
 
-def named_ports(obj: Obj) -> dict[str, int]:
-    (c,) = obj["spec"]["template"]["spec"]["containers"]
-    return {p["name"]: p["containerPort"] for p in c["ports"]}
+def named_ports(obj: Obj, name: str | None = None) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container(obj, name)["ports"]}
 
 
 def expand(value: str, env: dict[str, str]) -> str:
@@ -215,10 +228,12 @@ def expand(value: str, env: dict[str, str]) -> str:
     )
 
 
-def container_env(obj: Obj, objects: tuple[Obj, ...], namespace: str) -> dict[str, str]:
+def container_env(
+    obj: Obj, objects: tuple[Obj, ...], namespace: str, name: str | None = None
+) -> dict[str, str]:
     """The container's environment as the kubelet gives it (downward API and
     ConfigMap references resolved, $(VAR) expanded)."""
-    (c,) = obj["spec"]["template"]["spec"]["containers"]
+    c = container(obj, name)
     env: dict[str, str] = {}
     for e in c.get("env", []):
         source = e.get("valueFrom")
@@ -377,7 +392,7 @@ def test_the_scenario_is_mounted_and_parses(
     sts, args = workload(objs, "fwemu")
     pod = sts["spec"]["template"]["spec"]
     (mount,) = [
-        m for m in pod["containers"][0]["volumeMounts"] if args.scenario.startswith(m["mountPath"])
+        m for m in container(sts)["volumeMounts"] if args.scenario.startswith(m["mountPath"])
     ]
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     cm = one(objs, "ConfigMap", volume["configMap"]["name"])
@@ -393,7 +408,7 @@ def test_the_driver_serves_every_shard_over_the_network(
     assert args.command == "serve" and args.memory == "remote"
     assert args.firmware is None and args.firmware_shards is None, f"from {SHARDS_ENV}"
     assert args.listen == "0.0.0.0:50052" and args.metrics_listen == "0.0.0.0:9102"
-    startup = dep["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    startup = container(dep)["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] > args.firmware_wait > 0
 
 
@@ -432,6 +447,8 @@ def test_every_container_has_requests_limits_and_health_probes(
         for c in w["spec"]["template"]["spec"]["containers"]:
             for kind in ("requests", "limits"):
                 assert set(c["resources"][kind]) == {"cpu", "memory"}, (c["name"], kind)
+            if c["name"] == AGENT:
+                continue  # its probes: test_migration_agent.py
             for probe in PROBES:
                 assert probe_target(kustomization, c[probe])[0] == listen, (c["name"], probe)
             assert {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"] == listen
@@ -445,7 +462,7 @@ def test_the_drivers_readiness_follows_its_firmware_and_liveness_does_not(
     server (""), which stays SERVING: a restart would not bring a firmware back.
     fwemu's probes all ask the server."""
     kustomization, objs = objects
-    (driver,) = workload(objs, "vfio-driver")[0]["spec"]["template"]["spec"]["containers"]
+    driver = container(workload(objs, "vfio-driver")[0])
     assert probe_target(kustomization, driver["readinessProbe"])[1] == VFIO_SERVICE
     for probe in ("startupProbe", "livenessProbe"):
         assert probe_target(kustomization, driver[probe])[1] == "", probe
@@ -457,19 +474,20 @@ def test_the_drivers_readiness_follows_its_firmware_and_liveness_does_not(
 # --- transport security -----------------------------------------------------------------------
 
 
-def mounted_secrets(obj: Obj) -> dict[str, str]:
-    """mount path -> Secret name of a workload's Secret volumes."""
+def mounted_secrets(obj: Obj, name: str | None = None) -> dict[str, str]:
+    """mount path -> Secret name of a workload's Secret volumes (in its
+    container `name`, by default its own)."""
     pod = obj["spec"]["template"]["spec"]
     secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
-    (c,) = pod["containers"]
+    c = container(obj, name)
     return {m["mountPath"]: secrets[m["name"]] for m in c["volumeMounts"] if m["name"] in secrets}
 
 
-def secret_of(obj: Obj, path: str) -> str:
+def secret_of(obj: Obj, path: str, name: str | None = None) -> str:
     """The Secret a file of the container comes from (its key: the file's name)."""
     directory, _, key = path.rpartition("/")
     assert key in SECRET_KEYS, path
-    found = mounted_secrets(obj).get(directory)
+    found = mounted_secrets(obj, name).get(directory)
     assert found is not None, f"nothing mounts a Secret at {directory}"
     return found
 
@@ -510,7 +528,7 @@ def test_every_certificate_file_comes_from_the_secret_that_holds_it(kustomizatio
         w, args = workload(objs, name)
         for path in tls_options(args):
             assert secret_of(w, path) == SERVER_SECRET, (name, path)
-        (c,) = w["spec"]["template"]["spec"]["containers"]
+        c = container(w)
         for probe in PROBES:
             _, _, health = probe_target(kustomization, c[probe])
             assert health is not None
@@ -681,10 +699,15 @@ def ingress_rules(objs: tuple[Obj, ...], labels: dict[str, str]) -> list[Obj]:
 
 
 def split_rules(obj: Obj, rules: list[Obj]) -> tuple[Obj, Obj]:
-    """(the gRPC port's rule, the metrics port's rule), and no other."""
+    """(the gRPC port's rule, the metrics port's rule); the one other rule a
+    pod's policy may have is its migration agent's port's, where the pod runs
+    one (test_migration_agent.py checks that rule)."""
     ports = named_ports(obj)
     by_port = {tuple(p["port"] for p in r["ports"]): r for r in rules}
-    assert set(by_port) == {(ports["grpc"],), (ports["metrics"],)}, by_port
+    expected = {(ports["grpc"],), (ports["metrics"],)}
+    if any(c["name"] == AGENT for c in obj["spec"]["template"]["spec"]["containers"]):
+        expected.add((named_ports(obj, AGENT)["migration"],))
+    assert set(by_port) == expected, by_port
     return by_port[(ports["grpc"],)], by_port[(ports["metrics"],)]
 
 
