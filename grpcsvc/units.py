@@ -4,18 +4,31 @@ the benchmarks): byte sizes as people write them, and bounded values."""
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from pydantic import ByteSize, TypeAdapter, ValidationError
+if TYPE_CHECKING:
+    from pydantic import ByteSize, TypeAdapter
 
-_bytes = TypeAdapter(ByteSize)
+
+@functools.cache
+def _bytes() -> TypeAdapter[ByteSize]:
+    # pydantic and its adapter cost ~50 ms of CPU to import and build: paid
+    # by the first size parsed, not by every command that imports this module
+    # (64 `vfioctl migrate` processes at once parse none).
+    from pydantic import ByteSize, TypeAdapter
+
+    return TypeAdapter(ByteSize)
 
 
 def byte_size(text: str) -> int:
     """argparse type: '16MiB', '1.5GiB', '4096'."""
+    from pydantic import ValidationError
+
     try:
-        return int(_bytes.validate_python(text))
+        return int(_bytes().validate_python(text))
     except ValidationError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a size (e.g. 4096, 64KiB, 16MiB)"

@@ -10,13 +10,15 @@ import argparse
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
-from ..client import VfioClient
 from .output import Out
 
+if TYPE_CHECKING:  # a LocalCommand (certs) needs no grpc
+    from ..client import VfioClient
+
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-Run = Callable[[VfioClient, argparse.Namespace, Out], Awaitable[None]]
+Run = Callable[["VfioClient", argparse.Namespace, Out], Awaitable[None]]
 LocalRun = Callable[[argparse.Namespace, Out], Awaitable[None]]
 
 

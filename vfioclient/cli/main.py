@@ -18,43 +18,64 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import importlib
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
+from typing import NoReturn
 
 from grpcsvc.tls import TlsError, add_client_args, client_tls_from_args
 
-from ..client import VfioClient, VfioClientError
-from ..scenario import ScenarioClientError
-from . import certs, data, demo, devices, events, exam, migrate, precopy, scenario, state
 from .args import seconds
 from .command import Command, LocalCommand
 from .output import HINTS, PROG, CliError, Out, fail
 
 DEFAULT_DRIVER = "127.0.0.1:50052"
 
-# In the order of the command list (`demo` first, `scenario` last).
-COMMANDS: dict[str, Command | LocalCommand] = {
-    "list": devices.LIST,
-    "show": devices.SHOW,
-    "set-state": state.SET_STATE,
-    "save": data.SAVE,
-    "load": data.LOAD,
-    "precopy-info": precopy.PRECOPY_INFO,
-    "reset": devices.RESET,
-    "migrate": migrate.MIGRATE,
-    "events": events.EVENTS,
-    "audit": events.AUDIT,
-    "certs": certs.CERTS,
-    "exam": exam.EXAM,
+# Each command's module and object, in the order of the command list (`demo`
+# first, `scenario` last: their modules add their own parsers).  A command
+# line imports only its command's module; the whole list (--help, a usage
+# error before the command) imports them all.  64 `vfioctl migrate` at once
+# on 2 cores: what each process does not import is CPU the driver gets.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "list": ("devices", "LIST"),
+    "show": ("devices", "SHOW"),
+    "set-state": ("state", "SET_STATE"),
+    "save": ("data", "SAVE"),
+    "load": ("data", "LOAD"),
+    "precopy-info": ("precopy", "PRECOPY_INFO"),
+    "reset": ("devices", "RESET"),
+    "migrate": ("migrate", "MIGRATE"),
+    "events": ("events", "EVENTS"),
+    "audit": ("events", "AUDIT"),
+    "certs": ("certs", "CERTS"),
+    "exam": ("exam", "EXAM"),
 }
+NAMES = ("demo", *COMMANDS, "scenario")
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f".{name}", __package__)
+
+
+def command(name: str) -> Command | LocalCommand:
+    """The Command of COMMANDS[name] (importing its module)."""
+    module, attr = COMMANDS[name]
+    found: Command | LocalCommand = getattr(_module(module), attr)
+    return found
+
+
 TLS_HINT = (
     "the TLS handshake failed: check --tls-ca (the CA of the service's certificate), and "
     "--tls-cert/--tls-key (a service with --tls-client-ca requires a client certificate)"
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """vfioctl's parser: every command, or `only` that one (one of NAMES),
+    which imports that command's module alone and parses its command lines
+    as the whole parser does."""
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Drive VFIO migration devices of a vfio-driver service "
@@ -63,6 +84,43 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples: vfioctl list; vfioctl save 0000:81:00.1 vf1.img; "
         "vfioctl load 0000:81:00.2 vf1.img --run; vfioctl migrate 0000:81:00.1 0000:81:00.2",
     )
+    _add_options(p)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in NAMES if only is None else (only,):
+        if name in COMMANDS:
+            command(name).add_to(sub, name)
+        else:  # demo, scenario
+            _module(name).add_parser(sub)
+    return p
+
+
+class _PeekError(Exception):
+    pass
+
+
+class _Peek(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _PeekError(message)
+
+
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The command `argv` names after vfioctl's own options, if that is all
+    it is (else None: the whole parser reads it, and says what is wrong)."""
+    peek = _Peek(prog=PROG, add_help=False)
+    _add_options(peek)
+    peek.add_argument("words", nargs=argparse.REMAINDER)
+    try:
+        args, unknown = peek.parse_known_args(argv)
+    except _PeekError:
+        return None
+    words: list[str] = args.words
+    if unknown or not words or words[0] not in NAMES:
+        return None
+    return words[0]
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    """vfioctl's own options (before the command)."""
     p.add_argument(
         "--driver",
         default=DEFAULT_DRIVER,
@@ -78,28 +136,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="connect timeout and limit for the whole operation (default 30)",
     )
     add_client_args(p)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    demo.add_parser(sub)
-    for name, command in COMMANDS.items():
-        command.add_to(sub, name)
-    scenario.add_parser(sub)
-    return p
 
 
 async def _run(args: argparse.Namespace, out: Out) -> None:
     if args.command == "scenario":
-        await scenario.run_scenario(args, out)
+        await _module("scenario").run_scenario(args, out)
         return
-    command = COMMANDS[args.command]
-    if isinstance(command, LocalCommand):
-        await command.run(args, out)
+    cmd = command(args.command)
+    if isinstance(cmd, LocalCommand):
+        await cmd.run(args, out)
         return
+    from ..client import VfioClient
+
     c = await VfioClient.connect(args.driver, timeout=args.timeout, tls=args.tls)
     try:
-        await command.run(c, args, out)
+        await cmd.run(c, args, out)
     finally:
         await c.aclose()
+
+
+def _client_errors() -> tuple[type[OSError], ...]:
+    """The errors of the service clients (VfioClientError, ScenarioClientError)
+    this run imported: a client that was never imported raised nothing."""
+    found = []
+    for module, name in (
+        ("vfioclient.calls", "VfioClientError"),
+        ("vfioclient.scenario", "ScenarioClientError"),
+    ):
+        if (m := sys.modules.get(module)) is not None:
+            found.append(getattr(m, name))
+    return tuple(found)
 
 
 def _hint(code: int, args: argparse.Namespace, message: str = "") -> str | None:
@@ -134,8 +200,8 @@ def _tls_failure(message: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
-        return demo.main(argv[1:])
-    parser = build_parser()
+        return int(_module("demo").main(argv[1:]))
+    parser = build_parser(_command_word(argv))
     try:
         args, rest = parser.parse_known_args(argv)
         if args.command != "demo" and rest:
@@ -143,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help: 0, usage errors: 2
         return e.code if isinstance(e.code, int) else 2
     if args.command == "demo":  # `vfioctl --tls-... demo ...`: its own flags come later, and win
-        return demo.main([*_tls_argv(args), *(["--json"] if args.json else []), *rest])
+        demo_argv = [*_tls_argv(args), *(["--json"] if args.json else []), *rest]
+        return int(_module("demo").main(demo_argv))
     out = Out(args.json)
     try:
         # Every connection the command makes uses it (args.tls; None: plaintext).
@@ -152,14 +219,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(out, errno.EINVAL, str(e), "give --tls-cert and --tls-key together")
 
     async def bounded() -> None:
-        if args.command == "events":  # live until interrupted: only connecting is timed
+        # Live until interrupted (events, an incoming migration agent): only
+        # connecting is timed.
+        if args.command == "events" or getattr(args, "incoming", None) is not None:
             await _run(args, out)
         else:
             await asyncio.wait_for(_run(args, out), args.timeout)
 
     try:
         asyncio.run(bounded())
-    except (VfioClientError, ScenarioClientError) as e:
+    except _client_errors() as e:
         code = e.errno or errno.EIO
         message = e.strerror or str(e)
         return fail(out, code, message, _hint(code, args, message))
