@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from driver.shards import SHARDS_ENV, ShardMap, ShardSpecError, shards_argument, shards_from_env
 from grpcsvc.tls import TlsError
@@ -35,10 +35,12 @@ from ..migration import (
     report_text,
     serve_incoming,
 )
-from ..scenario import ScenarioClient, ScenarioClientError
 from .args import add_byte_rate, add_data_path, positive, seconds
 from .command import Command
 from .output import CliError, Out
+
+if TYPE_CHECKING:  # imported where verification needs it: `--verify no` skips fwemu.link
+    from ..scenario import ScenarioClient
 
 
 def migration_options(args: argparse.Namespace, **more: Any) -> MigrationOptions:
@@ -265,6 +267,8 @@ async def _digest_source(
 ) -> Callable[[str], Awaitable[str]] | None:
     """A device's digest from its firmware's Scenario service at `target`;
     None (with a note) under --verify auto when there is none."""
+    from ..scenario import ScenarioClient, ScenarioClientError
+
     try:
         sc = await ScenarioClient.connect(target, timeout=args.timeout, tls=args.tls)
     except ScenarioClientError as e:
@@ -292,6 +296,8 @@ def _shard_digest_source(
 ) -> Callable[[str], Awaitable[str]]:
     """A device's digest from the Scenario service of its shard (its PCI
     domain's firmware), each shard connected once, when first needed."""
+    from ..scenario import ScenarioClient, ScenarioClientError
+
     clients: dict[str, ScenarioClient] = {}
 
     async def digest(device: str) -> str:
@@ -348,6 +354,8 @@ async def _verifier(
 ) -> Any:
     """A MigrationOptions.digests hook from each side's firmware Scenario
     service; None (with a note) under --verify auto when a side has none."""
+    from ..scenario import ScenarioClient, ScenarioClientError
+
     vhcas: list[int] = []
     clients: list[ScenarioClient] = []
     for client, device, target in (src, dst):

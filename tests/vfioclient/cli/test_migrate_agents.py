@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,9 +59,19 @@ def tls_args() -> list[str]:
 class Agent:
     """`vfioctl --driver D migrate --incoming tcp:127.0.0.1:0 [DST]`."""
 
-    def __init__(self, driver: Driver, *more: str, json_out: bool = False) -> None:
+    def __init__(
+        self, driver: Driver, *more: str, json_out: bool = False, timeout: float = 300
+    ) -> None:
         argv = [*VFIOCTL, "--driver", driver.target, *(["--json"] if json_out else [])]
-        argv += ["--timeout", "300", "migrate", "--incoming", "tcp:127.0.0.1:0", *more, *tls_args()]
+        argv += [
+            "--timeout",
+            str(timeout),
+            "migrate",
+            "--incoming",
+            "tcp:127.0.0.1:0",
+            *more,
+            *tls_args(),
+        ]
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -282,3 +293,19 @@ def test_a_standing_agent_asks_each_devices_shard_for_its_digest(
     finally:
         bad.finish(term=True)
         bad.kill()
+
+
+def test_an_agent_outlives_the_global_timeout(drivers: tuple[Driver, Driver]) -> None:
+    """--timeout bounds a command's calls, not an agent's life: it serves a
+    migration that comes after its --timeout has passed."""
+    a, b = drivers
+    agent = Agent(b, json_out=True, timeout=2)
+    try:
+        time.sleep(3)
+        assert agent.proc.poll() is None, agent.proc.communicate()
+        s = source(a, pci_name(1), pci_name(1), agent.uri)
+        assert s.returncode == 0, s.stderr
+    finally:
+        rc, _, err = agent.finish(term=True)
+        agent.kill()
+    assert rc == 0, err
