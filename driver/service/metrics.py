@@ -21,6 +21,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from fwemu.link.grpc import GrpcLink
 from grpcsvc.collector import ScrapeCollector, per_item_series
 
 from ..audit import RULES
@@ -47,6 +48,7 @@ QUEUED_BYTES = "vfio_saving_queued_bytes"
 AUDIT_FINDINGS = "vfio_audit_findings"
 DEVICE_READ_BYTES = "vfio_device_migration_read_bytes"
 DEVICE_STATE = "vfio_device_migration_state"
+FIRMWARE_COMMANDS = "vfio_firmware_commands"
 
 
 @dataclass
@@ -176,8 +178,28 @@ class DriverCollector(ScrapeCollector):
         for rule in sorted(RULES.keys() | counts.keys()):  # every rule, 0 until it fires
             audit.add_metric([rule], counts.get(rule, 0))
         yield audit
+        yield self._firmware_commands()
         if self.per_device_limit:
             yield from self._per_device(regs[: self.per_device_limit])
+
+    def _firmware_commands(self) -> Metric:
+        """The commands the links to firmware processes sent: one command
+        queue stream carries them all, so the gRPC client series count the
+        stream, not the commands."""
+        family = CounterMetricFamily(
+            FIRMWARE_COMMANDS,
+            "Firmware commands sent to firmware processes, by Firmware RPC and how they "
+            "ended (OK: the firmware answered, with the outbox status as data; else the "
+            "gRPC code).",
+            labels=["command", "code"],
+        )
+        counts: Counter[tuple[str, str]] = Counter()
+        for link in self.servicer.registry.links:
+            if isinstance(link, GrpcLink):
+                counts.update(link.commands)
+        for (command, code), n in sorted(counts.items()):
+            family.add_metric([command, code], n)
+        return family
 
     @staticmethod
     def _per_device(regs: list[Registered]) -> Iterator[Metric]:

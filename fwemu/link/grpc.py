@@ -1,5 +1,10 @@
 """The firmware link to a `fwemu serve` process over gRPC.
 
+Commands go on the firmware's CommandQueue stream (fwemu.link.cmdqueue: up to
+32 in flight, answers matched by token), or as their unary RPCs to a firmware
+without one.  `commands` counts them per RPC and outcome, since the gRPC
+client metrics see one stream where they used to see a call per command.
+
 SAVE completions arrive on one long-lived Completions stream and are handed to
 the callback registered for their token (tokens are chosen here, in a space of
 this client's own, so a completion can never race its own command's answer).
@@ -31,6 +36,7 @@ import contextlib
 import itertools
 import logging
 import secrets
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
@@ -46,6 +52,7 @@ from ..api.v1 import firmware_pb2_grpc as fgrpc
 from ..api.v1 import scenario_pb2_grpc as sgrpc
 from ..hostmem import HostMemoryError, Segment, create_segment, unlink_segment
 from .base import ByteBuffer, FirmwareLink, LinkError, ScenarioLink
+from .cmdqueue import CommandQueue, RpcFailed, Unqueued, rpc_failed
 from .ifc import (
     MAX_U32,
     Command,
@@ -61,6 +68,7 @@ from .wire import (
     CLIENT_KEY,
     RPCS,
     SCENARIO_RPCS,
+    Rpc,
     command_to_pb,
     from_pb,
     request_to_pb,
@@ -68,6 +76,7 @@ from .wire import (
 )
 
 T = TypeVar("T")
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
 MemoryMode = Literal["auto", "shm", "remote"]
 DMA_CHUNK = 1 * MiB
 RECONNECT_FIRST_S = 0.05  # the completion stream's backoff: first wait ...
@@ -130,6 +139,10 @@ class GrpcLink(FirmwareLink, ScenarioLink):
         self.scenario = sgrpc.ScenarioStub(self.channel)
         self._token_base = secrets.randbits(31) << 32
         self._tokens = itertools.count(1)
+        # Firmware commands: on the CommandQueue stream, in a token space of their own.
+        self.queue = CommandQueue(self._open_queue, secrets.randbits(31) << 32)
+        # Commands sent, by (Firmware RPC, how they ended: OK or the gRPC code).
+        self.commands: Counter[tuple[str, str]] = Counter()
         self._buffers: dict[int, ShmBuffer | ByteBuffer] = {}
         # Buffers of a completion stream that broke, by the mkey they have
         # now (above 32 bits: no firmware's), with why their mkey went away.
@@ -211,6 +224,7 @@ class GrpcLink(FirmwareLink, ScenarioLink):
         self._up = True
         self._streams += 1
         self._shm_retry_at = 0.0  # perhaps another firmware, on this host
+        self.queue.unimplemented = False  # perhaps another firmware, with a command queue
         log.info("firmware link to %s up", self.target)
         self._state_changed(True, "completion stream subscribed")
 
@@ -245,18 +259,42 @@ class GrpcLink(FirmwareLink, ScenarioLink):
         try:
             return await fn(request, metadata=self._metadata)
         except grpc.aio.AioRpcError as e:
-            info = error_info(e)
-            raise LinkError(info.message or f"{e.code().name}: {e.details()}") from None
+            raise rpc_failed(e) from None
 
     # --- FirmwareLink --------------------------------------------------------------
 
     async def exec(self, cmd: Command[R]) -> R:
+        """One command on the command queue (fwemu.link.cmdqueue); as its unary
+        RPC when the firmware has no queue.  Counted in `commands`."""
         if isinstance(cmd, (SaveVhcaStateIn, LoadVhcaStateIn)):
             self._check_live(cmd.mkey)
             if isinstance(cmd, SaveVhcaStateIn) and not self._up:
                 raise LinkError("completion stream down: a SAVE's completion would be lost")
-        m = await self._call(getattr(self.fw, RPCS[type(cmd)].name), command_to_pb(cmd))
+        rpc = RPCS[type(cmd)]
+        try:
+            m = await self._answer(cmd, rpc)
+        except RpcFailed as e:
+            self.commands[rpc.name, e.code.name] += 1
+            raise
+        self.commands[rpc.name, "OK"] += 1
         return result_from_pb(cmd, m)
+
+    async def _answer(self, cmd: Command[Any], rpc: Rpc) -> Any:
+        """The response message of `cmd`, from the queue or its unary RPC."""
+        if not self.queue.unimplemented:
+            try:
+                a = await self.queue.run(cmd)
+            except Unqueued:
+                pass  # the firmware predates the queue: as a unary RPC
+            else:
+                if a.WhichOneof("answer") == "refused":
+                    r = a.refused
+                    raise RpcFailed(r.message, _CODES.get(r.code, grpc.StatusCode.UNKNOWN))
+                return getattr(a, rpc.queued)
+        return await self._call(getattr(self.fw, rpc.name), command_to_pb(cmd))
+
+    def _open_queue(self, requests: AsyncIterator[fpb.CommandQueueRequest]) -> Any:
+        return self.fw.CommandQueue(requests, metadata=self._metadata)
 
     def _save_token(self) -> int:
         # This client's own token space: a completion never races its command's answer.
@@ -356,6 +394,7 @@ class GrpcLink(FirmwareLink, ScenarioLink):
         if self._closed:
             return
         self._closed = True
+        await self.queue.close()
         if self._stream_task is not None:
             self._stream_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, LinkError):

@@ -17,8 +17,9 @@ of the same name.  The rules where the two differ:
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from operator import attrgetter
 from typing import Any, TypeVar, cast, get_type_hints
 
@@ -75,11 +76,16 @@ _RENAMED: dict[type, dict[str, str]] = {PageTrackResult: {"dirty": "dirty_addres
 
 @dataclass(frozen=True, slots=True)
 class Rpc:
-    """A command's Firmware RPC: its method name and messages."""
+    """A command's Firmware RPC: its method name and messages, and the field
+    naming it in a CommandQueue command and answer (the name in snake case)."""
 
     name: str
     request: type[Message]
     response: type[Message]
+    queued: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "queued", re.sub(r"(?<!^)(?=[A-Z])", "_", self.name).lower())
 
 
 RPCS: dict[type[Command[Any]], Rpc] = {
@@ -106,6 +112,11 @@ RPCS: dict[type[Command[Any]], Rpc] = {
         "DestroyPageTracker", fpb.DestroyPageTrackerRequest, fpb.CommandResponse
     ),
 }
+
+# A CommandQueue command's field (QueuedCommand.command) -> its in-struct.
+QUEUED: dict[str, type[Command[Any]]] = {rpc.queued: cls for cls, rpc in RPCS.items()}
+# The most commands a CommandQueue stream holds in flight (mlx5's command queue has 32 slots).
+QUEUE_SLOTS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,11 +333,25 @@ def overlay(base: T, msg: Message) -> T:
 
 
 def command_to_pb(cmd: Command[Any]) -> Message:
-    msg = to_pb(cmd, RPCS[type(cmd)].request)
+    msg = RPCS[type(cmd)].request()
+    _fill_command(msg, cmd)
+    return msg
+
+
+def queued_to_pb(token: int, cmd: Command[Any]) -> fpb.QueuedCommand:
+    """A CommandQueue command: `cmd`'s request in its field, with `token`."""
+    msg = fpb.QueuedCommand(token=token)
+    request = getattr(msg, RPCS[type(cmd)].queued)
+    request.SetInParent()
+    _fill_command(request, cmd)
+    return msg
+
+
+def _fill_command(msg: Message, cmd: Command[Any]) -> None:
+    _fill(msg, cmd)
     if isinstance(cmd, CreatePageTrackIn):
         assert isinstance(msg, fpb.CreatePageTrackerRequest)
         msg.ranges.extend(fpb.PageTrackRange(start_address=a, length=n) for a, n in cmd.ranges)
-    return msg
 
 
 def command_from_pb(
@@ -342,6 +367,15 @@ def command_from_pb(
 
 def _names_an_mkey(cls: type) -> bool:
     return "principal" in getattr(cls, "__dataclass_fields__", ())
+
+
+def answer_to_pb(token: int, cls: type[Command[Any]], result: Any) -> fpb.CommandAnswer:
+    """A CommandQueue answer: the outbox of a `cls` command in its field, with `token`."""
+    msg = fpb.CommandAnswer(token=token)
+    response = getattr(msg, RPCS[cls].queued)
+    response.SetInParent()
+    _fill(response, result)
+    return msg
 
 
 def result_from_pb(cmd: Command[R], msg: Message) -> R:

@@ -20,6 +20,8 @@ from ..scenario import ScenarioError
 
 log = logging.getLogger("fwemu.service")
 
+DOMAIN = "fwemu.emulator"  # ErrorInfo.domain of what the service refuses
+
 
 @dataclass(frozen=True, slots=True)
 class Failure:

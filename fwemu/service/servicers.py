@@ -50,14 +50,14 @@ from ..link.wire import (
 from ..model.firmware import Firmware, vf_info
 from ..scenario import apply_scenario, parse_scenario
 from .access import SCENARIO_REACH, Reach, admin_only, firmware_denied, reaches_vf
-from .failures import failure
+from .cmdqueue import CommandQueueStream
+from .failures import DOMAIN, failure
 from .memory import MkeyMemory, Owner
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 S = TypeVar("S")
 Rpc = Callable[[S, Any, Ctx], Awaitable[Any]]
 
-DOMAIN = "fwemu.emulator"
 _MAX_READ_CHUNK = 4 * MiB
 
 
@@ -81,20 +81,15 @@ async def _denied(context: Ctx, message: str, who: str) -> NoReturn:
 
 
 def _command(cls: type[Command[Any]]) -> Any:
-    """The RPC of one command: the request's in-struct, with its caller's
-    principal, through the model's command path, the outbox back.  (Any: it
-    stands for the typed stub method.)"""
+    """The unary RPC of one command: the caller checked, the command run
+    (FirmwareServicer.execute), its outbox back after an injected DELAY.
+    (Any: it stands for the typed stub method.)"""
+    response = RPCS[cls].response
 
     async def rpc(self: FirmwareServicer, request: Any, context: Ctx) -> Any:
-        owner = await self.caller(context)
-        self.memory.seen(owner)
-        try:
-            r = self.fw.exec(command_from_pb(cls, request, principal=owner.principal))
-        except Exception as e:  # the firmware answers every command, even so
-            f = failure(e)
-            r = cls.out(status=f.status, syndrome=f.syndrome, diagnostic=f.message)
+        r = self.execute(await self.caller(context), cls, request)
         await self.fw.sleep(r.delay_s)  # an injected DELAY fault
-        return to_pb(r, RPCS[cls].response)
+        return to_pb(r, response)
 
     rpc.__name__ = RPCS[cls].name
     return rpc
@@ -118,6 +113,19 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
             await _denied(context, firmware_denied(who), who)
         return Owner(who, client_of(context))
 
+    def execute(self, owner: Owner, cls: type[Command[Any]], request: Any) -> CmdResult:
+        """The service's one command path, for the unary RPCs and the command
+        queue alike: the request's in-struct, with its caller's principal,
+        through the model's command path; its outbox (the answer is due
+        `delay_s` later)."""
+        self.memory.seen(owner)
+        try:
+            r: CmdResult = self.fw.exec(command_from_pb(cls, request, principal=owner.principal))
+            return r
+        except Exception as e:  # the firmware answers every command, even so
+            f = failure(e)
+            return cls.out(status=f.status, syndrome=f.syndrome, diagnostic=f.message)
+
     QueryHcaCap = _command(QueryHcaCapIn)
     QueryVhcaMigrationState = _command(QueryVhcaMigrationStateIn)
     SaveVhcaState = _command(SaveVhcaStateIn)
@@ -128,6 +136,21 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
     CreatePageTracker = _command(CreatePageTrackIn)
     ReportPageTracker = _command(ModifyPageTrackIn)
     DestroyPageTracker = _command(DestroyPageTrackIn)
+
+    async def CommandQueue(
+        self, request_iterator: AsyncIterator[fpb.CommandQueueRequest], context: Ctx
+    ) -> AsyncIterator[fpb.CommandQueueResponse]:
+        """Every command on one stream (fwemu.service.cmdqueue): the caller is
+        checked once, as the stream has one principal and one client id."""
+        owner = await self.caller(context)
+        queue = CommandQueueStream(
+            functools.partial(self.execute, owner), self.fw.sleep, self.stopping
+        )
+        async for answers in queue.answers(request_iterator):
+            yield answers
+        if queue.violation is not None:
+            v = queue.violation
+            await abort(context, v.code, v.message, reason=v.reason, domain=DOMAIN)
 
     async def Completions(
         self, request: fpb.CompletionsRequest, context: Ctx

@@ -126,9 +126,18 @@ async def test_counters_agree_with_each_other_and_with_the_client(
         assert started("ReadInto") == started("ReadIntoStream") == started("WriteFrom") == 0
     saves = d_fw("fwemu_commands_total", opcode="SAVE_VHCA_STATE", status="OK")
     assert saves > 0
-    fw_calls = {"grpc_service": "fwemu.api.v1.Firmware", "grpc_method": "SaveVhcaState"}
-    assert d_drv("grpc_client_handled_total", grpc_code="OK", **fw_calls) == saves
-    assert d_fw("grpc_server_handled_total", grpc_code="OK", **fw_calls) == saves
+    # The driver's commands travel on the command queue stream: the link counts
+    # each command, the gRPC series the stream's messages (no unary command call).
+    assert d_drv("vfio_firmware_commands_total", command="SaveVhcaState", code="OK") == saves
+    queries = d_fw("fwemu_commands_total", opcode="QUERY_VHCA_MIGRATION_STATE", status="OK")
+    assert d_drv("vfio_firmware_commands_total", command="QueryVhcaMigrationState") == queries
+    queue = {"grpc_service": "fwemu.api.v1.Firmware", "grpc_method": "CommandQueue"}
+    batches = d_fw("grpc_server_msg_received_total", **queue)
+    assert 0 < batches <= d_drv("vfio_firmware_commands_total")
+    assert d_drv("grpc_client_msg_sent_total", **queue) == batches
+    unary = {"grpc_service": "fwemu.api.v1.Firmware", "grpc_method": "SaveVhcaState"}
+    assert d_drv("grpc_client_started_total", **unary) == 0
+    assert d_fw("grpc_server_started_total", **unary) == 0
     # the state changes of both devices: source and destination arcs
     assert d_drv("vfio_migration_state_transitions_total", from_state="PRE_COPY",
                  to_state="PRE_COPY_P2P") == 1  # fmt: skip
