@@ -162,6 +162,20 @@ def open_segment(
     return Segment(name, mm, (st.st_dev, st.st_ino))
 
 
+def release_pages(view: memoryview) -> bool:
+    """Drop this process's mappings of the pages of the mapping `view` is of
+    (madvise MADV_DONTNEED, the whole mapping): they leave the resident size,
+    and the next touch maps them again.  Of a segment (a shared mapping of a
+    file) the bytes stay; of a private mapping they would read as zeros, so
+    this is for a buffer whose bytes are spent.  False, and nothing done,
+    when `view` is not of a mapping (a bytearray) or the mapping is closed."""
+    mm = view.obj
+    if not isinstance(mm, mmap.mmap) or mm.closed:
+        return False
+    mm.madvise(mmap.MADV_DONTNEED)
+    return True
+
+
 def unlink_segment(name: str, shm_dir: str | None = None) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(_path(shm_dir or default_shm_dir(), name))

@@ -10,6 +10,7 @@ import errno
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from fwemu.hostmem import release_pages
 from fwemu.link.base import LinkError
 from fwemu.link.ifc import PAGE_SIZE, CmdStatus, QueryVhcaMigState, SaveCompletion
 
@@ -308,6 +309,7 @@ class SaveFile(Mlx5VfMigrationFile):
                 raise VfioError(errno.ENODEV, "the data stream is in error")
             out: bytearray | None = None
             first_chunk = b""
+            spent: list[DataBuffer] = []  # read to their end
             done = 0
             first = True
             while count:
@@ -349,6 +351,13 @@ class SaveFile(Mlx5VfMigrationFile):
                 count -= n
                 if self.f_pos >= buf.start_pos + buf.length:
                     self._buf_read_done(buf)
+                    spent.append(buf)
+            for b in spent:
+                # Its bytes are read: its pages leave our RSS until the next
+                # SAVE into it is read (mapping them again costs little: a
+                # read fault maps a run of pages).  The buffer stays, as mlx5vf's.
+                if b.host is not None:
+                    release_pages(b.host.view)
             data = bytes(out) if out is not None else first_chunk
             if not done and count and self.state == MigfState.COMPLETE:
                 self.eof_returned = True
