@@ -16,7 +16,7 @@ from grpcsvc.server import GrpcService
 
 from ..api.v1 import vfio_pb2
 from ..api.v1 import vfio_pb2_grpc as pbg
-from ..api.wire import decode_write_request
+from ..api.wire import decode_write_request, encode_read_response
 from ..registry import DeviceRegistry
 from .metrics import DriverCollector
 from .process import CLIENT_IDLE
@@ -47,14 +47,19 @@ class _Captured:
 
 
 def add_vfio_servicer(servicer: VfioServicer, server: grpc.aio.Server) -> None:
-    """The generated registration, but Write's requests decoded by
-    driver/service/wire.py (the data as a view of the received message)."""
+    """The generated registration, but Write's requests decoded and Read's
+    and ReadStream's answers encoded by driver/api/wire.py (the data as a view
+    of the received message; the answer's data copied once)."""
     captured = _Captured()
     pbg.add_VfioServicer_to_server(servicer, captured)  # type: ignore[arg-type]  # a stand-in
     handlers = dict(captured.handlers)
     handlers["Write"] = handlers["Write"]._replace(  # type: ignore[attr-defined]
         request_deserializer=decode_write_request
     )
+    for name in ("Read", "ReadStream"):
+        handlers[name] = handlers[name]._replace(  # type: ignore[attr-defined]
+            response_serializer=encode_read_response
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(VFIO_SERVICE, handlers),))
     server.add_registered_method_handlers(VFIO_SERVICE, handlers)  # type: ignore[attr-defined]
 

@@ -28,7 +28,7 @@ from grpcsvc.tls import principal
 from ..api import CLIENT_KEY
 from ..api.v1 import vfio_pb2 as pb
 from ..api.v1 import vfio_pb2_grpc as pbg
-from ..api.wire import WriteChunk
+from ..api.wire import ReadChunk, WriteChunk
 from ..events import CALLER, PRINCIPAL, ErrorAnswered, Event, Payload, Subscription
 from ..registry import DRIVER_NAME, DeviceRegistry
 from ..vfio.errors import VfioError
@@ -348,11 +348,12 @@ class VfioServicer(pbg.VfioServicer):
         async with self._answering(context, "read", proc=proc, fd=request.fd):
             file = proc.data(request.fd)
             data = await file.read(min(request.count, MAX_READ), nonblock=request.nonblock)
-        return pb.ReadResponse(data=data)
+        return ReadChunk(data)  # a ReadResponse (wire.encode_read_response)
 
     async def ReadStream(
         self, request: pb.ReadStreamRequest, context: Ctx
-    ) -> AsyncIterator[pb.ReadResponse]:
+    ) -> AsyncIterator[Any]:
+        """Answers ReadResponses, as ReadChunk (wire.encode_read_response)."""
         chunk = min(request.chunk_size or DEFAULT_CHUNK, MAX_READ)
         left = request.limit or -1
         proc = self.process(context)
@@ -365,7 +366,7 @@ class VfioServicer(pbg.VfioServicer):
                     return
                 if left > 0:
                     left -= len(data)
-                yield pb.ReadResponse(data=data)
+                yield ReadChunk(data)
 
     async def Write(self, request_iterator: Any, context: Ctx) -> Any:
         """`request_iterator` yields WriteChunk (wire.decode_write_request, see
