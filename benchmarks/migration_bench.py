@@ -268,6 +268,7 @@ def bench_cross_host(size: int, dirty_rate: int, data_path: str, rounds: int) ->
                 "precopy_bytes": rep["precopy_bytes"],
                 "stop_copy_bytes": rep["stop_copy_bytes"],
                 "reinits": len(rep["reinits"]),
+                "phases": rep["phases"],
                 "cores": r["cores"],
             }
         )
@@ -304,6 +305,7 @@ def cross_host_text(r: Results) -> Iterator[str]:
             f"(raw {p['raw_stream_GBps']:.2f} GB/s; {p['reinits']} REINIT)"
         )
         yield f"           CPU cores: {cpu}"
+        yield "           phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in p["phases"].items())
     yield f"  median total    {r['total_ratio']:.2f}x (goal <= 1.5)"
     yield f"  median downtime {r['downtime_ratio']:.2f}x (goal <= 1.2)"
 
