@@ -350,9 +350,7 @@ class VfioServicer(pbg.VfioServicer):
             data = await file.read(min(request.count, MAX_READ), nonblock=request.nonblock)
         return ReadChunk(data)  # a ReadResponse (wire.encode_read_response)
 
-    async def ReadStream(
-        self, request: pb.ReadStreamRequest, context: Ctx
-    ) -> AsyncIterator[Any]:
+    async def ReadStream(self, request: pb.ReadStreamRequest, context: Ctx) -> AsyncIterator[Any]:
         """Answers ReadResponses, as ReadChunk (wire.encode_read_response)."""
         chunk = min(request.chunk_size or DEFAULT_CHUNK, MAX_READ)
         left = request.limit or -1
