@@ -165,7 +165,11 @@ class ScenarioClient(AsyncClosing):
         as by an FLR (a SAVE in flight completes ABORTED): its VfInfo.""",
     )
     digest = _scenario_call(
-        GrpcLink.digest, "The VF's state digest (stable while the VF is suspended)."
+        GrpcLink.digest,
+        """The VF's state digest (stable while the VF is suspended); with
+        suspended=True, the digest of the state it had while it was last
+        suspended ("" if it never was): a migration's source as its stop-copy
+        saw it, whenever it is asked.""",
     )
 
     # --- events ----------------------------------------------------------------------

@@ -287,8 +287,8 @@ class ScenarioLink(abc.ABC):
     async def clear_faults(self, vhca_id: int) -> int:
         return await self.control(rq.ClearFaultsIn(vhca_id))
 
-    async def digest(self, vhca_id: int) -> str:
-        return await self.control(rq.GetDigestIn(vhca_id))
+    async def digest(self, vhca_id: int, *, suspended: bool = False) -> str:
+        return await self.control(rq.GetDigestIn(vhca_id, suspended))
 
     async def apply_scenario(self, text: str) -> list[VfInfo]:
         return await self.control(rq.ApplyScenarioIn(text))

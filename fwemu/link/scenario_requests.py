@@ -172,7 +172,11 @@ class SetVfHoldersIn(VfRequest[None]):
 
 @dataclass(frozen=True, slots=True)
 class GetDigestIn(VfRequest[str]):
-    """The digest of the VF's state, brought up to the current time."""
+    """The digest of the VF's state, brought up to the current time; with
+    `suspended`, of the state it had while it was last suspended ("" if it
+    never was)."""
+
+    suspended: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -208,8 +208,9 @@ class Firmware(FirmwareState):
         """The VF brought up to the current time (for inspection)."""
         return control.touch(self, vhca_id)
 
-    def digest(self, vhca_id: int) -> str:
-        return self.touch(vhca_id).digest()
+    def digest(self, vhca_id: int, *, suspended: bool = False) -> str:
+        vf = self.touch(vhca_id)
+        return vf.suspended_digest() if suspended else vf.digest()
 
     def info(self, vhca_id: int) -> VfInfo:
         """A snapshot of the VF brought up to the current time."""
@@ -267,7 +268,7 @@ _CONTROL: dict[type[rq.ScenarioRequest[Any]], Callable[[Firmware, Any], Any]] = 
     rq.ResetVfIn: lambda fw, r: fw.info(fw.reset_vf(r.vhca_id).vhca_id),
     rq.InjectFaultIn: lambda fw, r: fw.inject_fault(r.vhca_id, r.fault),
     rq.ClearFaultsIn: lambda fw, r: fw.clear_faults(r.vhca_id),
-    rq.GetDigestIn: lambda fw, r: fw.digest(r.vhca_id),
+    rq.GetDigestIn: lambda fw, r: fw.digest(r.vhca_id, suspended=r.suspended),
     rq.SetVfHoldersIn: lambda fw, r: control.set_vf_holders(fw, r.vhca_id, r.principals),
     rq.ApplyScenarioIn: lambda fw, r: [fw.info(v.vhca_id) for v in fw.apply_scenario(r.text)],
     rq.GetClockIn: lambda fw, r: fw.now(),

@@ -50,6 +50,7 @@ def load_vhca_state(fw: FirmwareState, vf: Vf, cmd: LoadVhcaStateIn) -> CmdResul
         if image.header.payload_len + IMAGE_HEADER_SIZE != size:
             raise ImageError(Syndrome.IMAGE_TRAILING, f"LOAD size {size} is larger than the image")
         starts = _check_chain(vf, image.header)
+        vf.state_changing()
         vf.state = apply_image(vf.state, image, starts_chain=starts, size_limit=vf.size_limit)
     except ImageError as e:
         return CmdResult(e.status, e.syndrome, str(e))

@@ -107,6 +107,12 @@ class Vf:
         # PCI/firmware function state
         self.initiator_suspended = False
         self.responder_suspended = False
+        # The state as it was while the VF was last suspended (what a stop-copy
+        # image of it holds), for suspended_digest(): while the state has not
+        # changed since, it is the state itself; its digest is kept at the
+        # first change, so that no digest is taken unless the VF changes.
+        self._as_suspended = False
+        self._suspended_digest = ""
         # saving side
         self.tracking = False
         self.pages = PageStates()  # CLEAN/DIRTY/INIT while tracking
@@ -147,6 +153,20 @@ class Vf:
 
     def digest(self) -> str:
         return self.state.digest()
+
+    def suspended_digest(self) -> str:
+        """The digest of the state the VF had while it was last suspended (its
+        state now, while it is; "" if it never was): a migration's source,
+        whatever ran on it since its stop-copy, should have the digest its
+        destination loaded."""
+        return self.state.digest() if self._as_suspended else self._suspended_digest
+
+    def state_changing(self) -> None:
+        """Called before anything changes the state: the first change after
+        the VF left suspension keeps the digest of the suspended state."""
+        if self._as_suspended and self.running:
+            self._suspended_digest = self.state.digest()
+            self._as_suspended = False
 
     @property
     def size_limit(self) -> int:
@@ -193,6 +213,7 @@ class Vf:
         self.last_time = max(self.last_time, until)
         writes = self.workload.due(until)
         if writes:
+            self.state_changing()
             first = self.workload.counter + 1
             pages = self.workload.run(self.state, writes)
             if self.tracking:
@@ -240,6 +261,7 @@ class Vf:
         size limit) changes nothing (no seeded contents are drawn before it)."""
         specs = objects or [(obj_type_index("QP"), self.config.reconfig_bytes)]
         rng, limit = self._reconfig_rng, self.size_limit
+        self.state_changing()
         if mode == ReconfigMode.REMOVE:
             changed = self.state.remove_objects(sum(length for _, length in specs)) > 0
             new_pages = range(0)
@@ -263,6 +285,9 @@ class Vf:
         The uid, counters and DMA page trackers stay (the same device).  All
         or nothing: OutOfMemory (for the state) changes nothing.  A SAVE in
         flight is the caller's to abort."""
+        if self._as_suspended:  # the reset ends the suspension and changes the state
+            self._suspended_digest = self.state.digest()
+            self._as_suspended = False
         self.state.regenerate(self.config.size, self.seed)
         self.reset_function(now)
         self.workload = Workload(self.seed, self.config.dirty_bytes_per_s, now)
@@ -352,6 +377,7 @@ class Vf:
             self.workload.resume(now)
         else:
             self.workload.pause(now)
+            self._as_suspended = True
 
     def reset_function(self, now: float) -> None:
         """PCI FLR: the function runs again and forgets any migration context."""

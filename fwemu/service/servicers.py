@@ -359,8 +359,9 @@ class ScenarioServicer(sgrpc.ScenarioServicer):
     @_answered
     async def GetDigest(self, request: spb.GetDigestRequest, context: Ctx) -> Any:
         vf = self.fw.touch(request.vhca_id)
+        digest = vf.suspended_digest() if request.suspended else vf.digest()
         return spb.GetDigestResponse(
-            digest=vf.digest(), size=vf.state.size, num_objects=len(vf.state.objects)
+            digest=digest, size=vf.state.size, num_objects=len(vf.state.objects)
         )
 
     @_answered

@@ -41,7 +41,7 @@ class Run:
     destination: str
     events: list[Event] = field(default_factory=list)  # of both devices, in order
     findings: list[Finding] = field(default_factory=list)  # of both devices
-    source_digest: str = ""  # taken while the source was suspended (STOP_COPY/STOP)
+    source_digest: str = ""  # of the state the source had while last suspended (stop-copy)
     destination_digest: str = ""  # at the end
     finished: bool = True  # the orchestrator let go of both devices in time
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from driver.api.events import Event, StateChanged
+from driver.api.events import Event
 from fwemu.link.base import LinkError
 
 from ..client import VfioClient, VfioClientError
@@ -111,25 +111,19 @@ async def _fire(scenario: ScenarioClient, trigger: Trigger, pair: Pair) -> None:
 
 
 class _Watch:
-    """The pair's events as they come; fires the trigger once, takes the
-    source's digest while it is suspended."""
+    """The pair's events as they come; fires the trigger once."""
 
     def __init__(self, scenario: ScenarioClient, trap: Trap, pair: Pair) -> None:
         self.scenario, self.trap, self.pair = scenario, trap, pair
         self.events: list[Event] = []
         self.fired = False
         self.matched = 0  # events the trigger's `when` held for
-        self.source_digest = ""
         self.tasks: set[asyncio.Task[None]] = set()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-    async def _digest(self) -> None:
-        with contextlib.suppress(ScenarioClientError):
-            self.source_digest = await self.scenario.digest(self.pair.source_vhca)
 
     def see(self, ev: Event) -> None:
         if ev.device not in (self.pair.source, self.pair.destination):
@@ -141,14 +135,6 @@ class _Watch:
             if self.matched >= trigger.nth:
                 self.fired = True
                 self._spawn(_fire(self.scenario, trigger, self.pair))
-        p = ev.payload
-        if (
-            ev.device == self.pair.source
-            and isinstance(p, StateChanged)
-            and p.to_state in ("STOP_COPY", "STOP")
-            and not p.reset
-        ):
-            self._spawn(self._digest())
 
     async def drain(self) -> None:
         while self.tasks:
@@ -232,12 +218,15 @@ async def _graded(
 ) -> Verdict:
     await watch.drain()
     findings = [f for f in await _findings(client, pair) if _key(f) not in earlier]
+    # The source as its stop-copy saw it: the state it had while last
+    # suspended.  Not its state when its events come in: the orchestrator may
+    # have closed it by then, and the close's FLR runs its workload again.
     run = Run(
         pair.source,
         pair.destination,
         watch.events,
         findings,
-        watch.source_digest,
+        await scenario.digest(pair.source_vhca, suspended=True),
         await scenario.digest(pair.destination_vhca),
         finished,
     )

@@ -118,6 +118,21 @@ async def test_workload_changes_the_state_only_while_running(h):
     assert await h.digest(vhca) != d1
 
 
+async def test_the_suspended_digest_is_the_state_while_last_suspended(h):
+    """GetDigest(suspended=True): "" before any suspension, the state now while
+    suspended, and that state still once the VF resumed and its workload ran."""
+    vhca = await h.vf(size=64 * KiB, dirty_bytes_per_s=64 * KiB)
+    assert await h.link.digest(vhca, suspended=True) == ""
+    assert (await h.suspend(vhca, 0)).ok
+    assert (await h.suspend(vhca, 1)).ok
+    frozen = await h.digest(vhca)
+    assert await h.link.digest(vhca, suspended=True) == frozen
+    await h.resume_fully(vhca)
+    await h.advance(0.5)
+    assert await h.digest(vhca) != frozen
+    assert await h.link.digest(vhca, suspended=True) == frozen
+
+
 async def test_vf_without_workload_keeps_its_digest(h):
     """dirty_bytes_per_s 0: time passes, the state stays."""
     vhca = await h.vf(size=64 * KiB, dirty_bytes_per_s=0)

@@ -10,6 +10,7 @@ passes the others as the project's does."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -34,11 +35,13 @@ REINIT_TRAPS = {name for name, t in TRAPS.items() if t.reinit}
 TRAP_TIMEOUT = 10.0  # a migration here takes well under a second
 
 
-async def exam(run: Migrate, traps: list[Trap]) -> tuple[list[Verdict], Orchestrator]:
+async def exam(
+    run: Migrate, traps: list[Trap], scenario_client: type[ScenarioClient] = ScenarioClient
+) -> tuple[list[Verdict], Orchestrator]:
     """The verdicts, and the orchestrator; the exam leaves no VF behind."""
     async with exam_driver() as target:
         client = await VfioClient.connect(target)
-        scenario = await ScenarioClient.connect(target)
+        scenario = await scenario_client.connect(target)
         orch = Orchestrator(target, run)
         try:
             verdicts = await run_exam(
@@ -95,3 +98,26 @@ async def test_an_orchestrator_without_the_final_check_does_not_pass_by_avoiding
     (v,), _ = await exam(migrate_without_final_check, [TRAPS["reinit-after-switchover-decision"]])
     assert not v.fired and not v.passed
     assert v.reasons[0].startswith("not shown: the trap's moment never came in 3 run(s)")
+
+
+class LateDigests(ScenarioClient):
+    """Digests read late, as a loaded exam's may be (its events, and its calls
+    on them, come when they come): only once the VF runs again (its
+    orchestrator closed it: the FLR) and its workload ran a while."""
+
+    async def digest(self, vhca_id: int, *, suspended: bool = False) -> str:
+        deadline = time.monotonic() + TRAP_TIMEOUT
+        while (await self.get_vf(vhca_id)).initiator_suspended and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # a 2 MiB/s workload writes a hundred pages
+        return await super().digest(vhca_id, suspended=suspended)
+
+
+async def test_the_source_digest_is_its_stop_copy_state_however_late_the_exam_reads_it() -> None:
+    """A completed migration's source runs its workload again once its
+    orchestrator closes it; the exam compares the destination with the state
+    the source had while suspended (its stop-copy), not with whatever state
+    it has by the time the exam gets to ask."""
+    (v,), orch = await exam(migrate, [TRAPS["completion-delayed"]], LateDigests)
+    assert orch.results[v.trap] == "ok"
+    assert v.passed and v.outcome == "completed", v.reasons
