@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as alpha
+from grpc_reflection.v1alpha import reflection_pb2_grpc as alpha_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer
+
+from .generic import GenericHandlersOnly
 
 V1_PACKAGE = "grpc.reflection.v1"
 V1_SERVICE = f"{V1_PACKAGE}.ServerReflection"
@@ -60,8 +64,11 @@ def enable_server_reflection(service_names: Sequence[str], server: grpc.aio.Serv
     reflection services are added to the list)."""
     _add_v1_descriptor()
     names = [*service_names, reflection.SERVICE_NAME, V1_SERVICE]
-    reflection.enable_server_reflection(names, server)
     servicer = ReflectionServicer(names)
+    # What reflection.enable_server_reflection adds to an aio server, as
+    # generic handlers (GenericHandlersOnly: no per-call cost to the others).
+    generic: Any = GenericHandlersOnly(server)
+    alpha_grpc.add_ServerReflectionServicer_to_server(servicer, generic)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=alpha.ServerReflectionRequest.FromString,

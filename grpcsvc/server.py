@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 
 from . import reflection, tls
+from .generic import GenericHandlersOnly
 
 MAX_MESSAGE = 64 << 20
 
@@ -98,7 +99,10 @@ class GrpcService:
         )
         register(self.server)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # Health as generic handlers (reflection's are too): no per-call cost
+        # to the other services (GenericHandlersOnly).
+        generic: Any = GenericHandlersOnly(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, generic)
         reflection.enable_server_reflection([*self.service_names, HEALTH_SERVICE], self.server)
         self.port = 0
         self._stopped = asyncio.Event()

@@ -11,6 +11,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from grpcsvc.access import Roles
+from grpcsvc.generic import GenericHandlersOnly
 from grpcsvc.metrics import GrpcServerMetrics
 from grpcsvc.server import GrpcService
 
@@ -111,9 +112,11 @@ class DriverServer:
             names.append(scenario.scenario_service)
 
         def register(server: grpc.aio.Server) -> None:
-            add_vfio_servicer(self.servicer, server)
+            # Generic handlers only: grpc.aio costs each call O(registered methods).
+            generic: Any = GenericHandlersOnly(server)
+            add_vfio_servicer(self.servicer, generic)
             if scenario is not None:
-                scenario.add_scenario_servicer(server, self.roles)
+                scenario.add_scenario_servicer(generic, self.roles)
 
         interceptors = []
         if metrics is not None:

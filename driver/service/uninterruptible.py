@@ -38,7 +38,7 @@ class Calls:
 
     async def run(self, call: Coroutine[Any, Any, T]) -> T:
         """`call`'s result; if the caller is cancelled, `call` still runs to its end."""
-        task = asyncio.ensure_future(call)
+        task = asyncio.get_running_loop().create_task(call)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:

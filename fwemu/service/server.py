@@ -10,6 +10,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from grpcsvc.access import Roles
+from grpcsvc.generic import GenericHandlersOnly
 from grpcsvc.metrics import GrpcServerMetrics
 from grpcsvc.server import GrpcService
 from grpcsvc.tls import unix_path
@@ -62,8 +63,10 @@ class FirmwareServer:
         self.firmware = FirmwareServicer(fw, self.memory, self.roles)
 
         def register(server: grpc.aio.Server) -> None:
-            fgrpc.add_FirmwareServicer_to_server(self.firmware, server)
-            sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(fw, self.roles), server)
+            # Generic handlers only: grpc.aio costs each call O(registered methods).
+            generic: Any = GenericHandlersOnly(server)
+            fgrpc.add_FirmwareServicer_to_server(self.firmware, generic)
+            sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(fw, self.roles), generic)
 
         interceptors = []
         if metrics is not None:

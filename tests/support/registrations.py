@@ -1,0 +1,33 @@
+"""A fixture recording the services added to any grpc.aio server with
+add_registered_method_handlers while a test runs (grpcsvc.generic says why
+the services add none)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+
+@pytest.fixture
+def registrations(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The services added with add_registered_method_handlers to any grpc.aio
+    server made while the test runs."""
+    seen: list[str] = []
+    real = grpc.aio.server
+
+    def spying(*args: Any, **kwargs: Any) -> grpc.aio.Server:
+        server = real(*args, **kwargs)
+        add = server.add_registered_method_handlers  # type: ignore[attr-defined]
+
+        def recorded(service: str, handlers: Any) -> None:
+            seen.append(service)
+            add(service, handlers)
+
+        server.add_registered_method_handlers = recorded  # type: ignore[attr-defined]
+        return server
+
+    monkeypatch.setattr(grpc.aio, "server", spying)
+    yield seen
