@@ -44,7 +44,7 @@ from fwemu.link.ifc import GiB, MiB
 from grpcsvc.server import CHANNEL_OPTIONS
 from grpcsvc.tls import ClientTls
 from grpcsvc.units import byte_size
-from vfioclient import VfioClient, VfioClientError
+from vfioclient import VfioClient, VfioClientError, calls
 from vfioclient.uapi import MigState
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -79,16 +79,21 @@ async def _driver_stop_copy_read(
 
 
 async def _baseline_read(target: str, size: int, repeat: int) -> float:
+    """Median seconds of reading `size` bytes.  The client does what the
+    driver's reader does (_driver_stop_copy_read, through VfioClient.read_stream):
+    the same multicallable and decoding (vfioclient.calls), each chunk held
+    until the next arrives, so the two differ only by what serves them."""
     import grpc
 
     async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as ch:
-        stub = pbg.VfioStub(ch)
+        read_stream = calls.read_stream_method(ch)
         times = []
         for _ in range(repeat):
             t0 = time.perf_counter()
             n = 0
-            async for m in stub.ReadStream(pb.ReadStreamRequest(chunk_size=CHUNK, limit=size)):
-                n += len(m.data)
+            async for m in read_stream(pb.ReadStreamRequest(chunk_size=CHUNK, limit=size)):
+                chunk = calls.chunk(m)
+                n += len(chunk)
             times.append(time.perf_counter() - t0)
             assert n == size
         return statistics.median(times)

@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import functools
 
+M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
 
@@ -19,17 +20,27 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def return_large_buffers_to_the_os(threshold: int = 4 << 20) -> bool:
+def return_large_buffers_to_the_os(threshold: int = 4 << 20, keep: int = 3 << 20) -> bool:
     """glibc raises its mmap threshold each time a large block is freed (up to
     32 MiB), after which freed multi-megabyte buffers stay in the heap and the
     resident size grows with every migration.  A fixed threshold keeps blocks
     above it in their own mappings, returned on free.  4 MiB keeps 1 MiB
     message buffers in the heap: mapping each one anew costs page faults that
-    halve stream throughput (benchmarks/driver_bench.py (a)).  False where
-    glibc is not in use."""
+    halve stream throughput (benchmarks/driver_bench.py (a)).
+
+    A fixed mmap threshold also fixes glibc's trim threshold, at 128 KiB: each
+    1 MiB message freed at the top of the heap went back to the OS and the
+    next one faulted its pages in again (a quarter of the driver's CPU in a
+    stop-copy stream).  The heap keeps up to `keep` bytes free at its top
+    instead: the two copies of a 1 MiB message in flight (the driver's answer,
+    gRPC's copy of it) and some.  False where glibc is not in use."""
     libc = _libc()
     try:
-        return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+        return (
+            libc is not None
+            and bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+            and bool(libc.mallopt(M_TRIM_THRESHOLD, keep))
+        )
     except AttributeError:
         return False
 

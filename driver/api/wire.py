@@ -93,19 +93,76 @@ def encode_write_request(chunk: WriteChunk) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class ReadChunk:
-    """A ReadResponse the servicer answers with (Read, ReadStream): its data,
-    encoded by encode_read_response with one copy."""
+    """A ReadResponse the servicer answers with (Read, ReadStream), already on
+    the wire: encode_read_response passes `wire` through."""
 
-    data: bytes
+    wire: bytes
+
+    @classmethod
+    def of(cls, data: bytes | memoryview) -> ReadChunk:
+        """A ReadResponse of `data`, in one copy."""
+        return cls(b"".join((_read_head(len(data)), data)))
+
+
+def _read_head(n: int) -> bytes:
+    """ReadResponse.data's tag and length; nothing for no data (proto3 leaves
+    an empty bytes field off the wire)."""
+    return bytes((_READ_DATA_TAG,)) + _put_varint(n) if n else b""
+
+
+class ReadAnswer:
+    """A ReadResponse as the memory a read(2) copies into (a UserBuffer for
+    MigrationFile.readinto): what is read lands in the `bytes` of the answer,
+    after the field's tag and length.  So the data is copied once on its way
+    from the driver's buffer to the answer, where reading it into a `bytes`
+    first and then encoding copied it twice, each time into a fresh buffer
+    whose pages fault in (gRPC copies the answer once more: it must be
+    `bytes`).
+
+    Pieces come in order (the stream's); a read that spans two of the
+    driver's buffers copies the first piece again, as the length before it
+    changes."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self.size = 0  # bytes of data in `wire`
+        self.wire = b""
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __setitem__(self, key: slice, value: memoryview, /) -> None:
+        if key.start != self.size or len(value) > self._count - self.size:
+            raise ValueError("a ReadAnswer takes the pieces of one read, in order")
+        if self.size:
+            data = memoryview(self.wire)[len(self.wire) - self.size :]
+            self.wire = b"".join((_read_head(self.size + len(value)), data, value))
+        else:
+            self.wire = b"".join((_read_head(len(value)), value))
+        self.size += len(value)
+
+    def chunk(self) -> ReadChunk:
+        return ReadChunk(self.wire)
+
+
+def decode_read_response(raw: bytes) -> bytes:
+    """A ReadResponse's data, in one copy (the protobuf runtime parses it into
+    its arena, then `.data` copies it again).  Anything but the one field is
+    handed to the protobuf runtime."""
+    if not raw:
+        return b""
+    if raw[0] == _READ_DATA_TAG:
+        try:
+            n, pos = _varint(raw, 1)
+        except ValueError:
+            n = pos = -1
+        if pos + n == len(raw):
+            return raw[pos:]
+    return pb.ReadResponse.FromString(raw).data  # raises DecodeError on a malformed message
 
 
 def encode_read_response(m: ReadChunk | pb.ReadResponse) -> bytes:
-    """A ReadResponse's bytes: `data` (field 2) after its tag and length, in
-    one copy (the protobuf runtime copies it into its arena, serializes it
-    into a buffer of its own and copies that into `bytes`: three copies of a
-    fresh 1 MiB each, for every message of a stop-copy stream)."""
+    """A ReadResponse's bytes: a ReadChunk is already encoded."""
     if isinstance(m, pb.ReadResponse):
         return m.SerializeToString()
-    if not m.data:
-        return b""  # proto3: an empty bytes field is not on the wire
-    return b"".join((bytes((_READ_DATA_TAG,)), _put_varint(len(m.data)), m.data))
+    return m.wire

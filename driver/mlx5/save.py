@@ -307,8 +307,7 @@ class SaveFile(Mlx5VfMigrationFile):
         async with self.lock:
             if self.state == MigfState.ERROR:
                 raise VfioError(errno.ENODEV, "the data stream is in error")
-            out: bytearray | None = None
-            first_chunk = b""
+            pieces: list[memoryview] = []  # of what is read, joined in one copy
             spent: list[DataBuffer] = []  # read to their end
             done = 0
             first = True
@@ -338,27 +337,20 @@ class SaveFile(Mlx5VfMigrationFile):
                             raise
                         break  # a short read: nothing copied is lost
                 else:
-                    # One copy out of the buffer; a second only when a read spans buffers.
-                    piece = bytes(buf.view[off : off + n])
-                    if out is None and not first_chunk:
-                        first_chunk = piece
-                    else:
-                        if out is None:
-                            out = bytearray(first_chunk)
-                        out += piece
+                    pieces.append(buf.view[off : off + n])
                 done += n
                 self.f_pos += n
                 count -= n
                 if self.f_pos >= buf.start_pos + buf.length:
                     self._buf_read_done(buf)
                     spent.append(buf)
+            data = b"".join(pieces)  # before a spent buffer's pages go
             for b in spent:
                 # Its bytes are read: its pages leave our RSS until the next
                 # SAVE into it is read (mapping them again costs little: a
                 # read fault maps a run of pages).  The buffer stays, as mlx5vf's.
                 if b.host is not None:
                     release_pages(b.host.view)
-            data = bytes(out) if out is not None else first_chunk
             if not done and count and self.state == MigfState.COMPLETE:
                 self.eof_returned = True
             self.mvdev.bytes_read(done)

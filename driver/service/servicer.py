@@ -28,7 +28,7 @@ from grpcsvc.tls import principal
 from ..api import CLIENT_KEY
 from ..api.v1 import vfio_pb2 as pb
 from ..api.v1 import vfio_pb2_grpc as pbg
-from ..api.wire import ReadChunk, WriteChunk
+from ..api.wire import ReadAnswer, WriteChunk
 from ..events import CALLER, PRINCIPAL, ErrorAnswered, Event, Payload, Subscription
 from ..registry import DRIVER_NAME, DeviceRegistry
 from ..vfio.errors import VfioError
@@ -344,27 +344,30 @@ class VfioServicer(pbg.VfioServicer):
     # --- data fds ------------------------------------------------------------------------
 
     async def Read(self, request: pb.ReadRequest, context: Ctx) -> Any:
+        """Answers a ReadResponse as ReadChunk (wire.encode_read_response),
+        the data read straight into it."""
         proc = self.process(context)
         async with self._answering(context, "read", proc=proc, fd=request.fd):
             file = proc.data(request.fd)
-            data = await file.read(min(request.count, MAX_READ), nonblock=request.nonblock)
-        return ReadChunk(data)  # a ReadResponse (wire.encode_read_response)
+            answer = ReadAnswer(min(request.count, MAX_READ))
+            await file.readinto(answer, nonblock=request.nonblock)
+        return answer.chunk()
 
     async def ReadStream(self, request: pb.ReadStreamRequest, context: Ctx) -> AsyncIterator[Any]:
-        """Answers ReadResponses, as ReadChunk (wire.encode_read_response)."""
+        """Answers ReadResponses as ReadChunk (wire.encode_read_response),
+        the data read straight into each."""
         chunk = min(request.chunk_size or DEFAULT_CHUNK, MAX_READ)
         left = request.limit or -1
         proc = self.process(context)
         async with self._answering(context, "read", proc=proc, fd=request.fd):
             file = proc.data(request.fd)
             while left != 0:
-                n = chunk if left < 0 else min(chunk, left)
-                data = await file.read(n, nonblock=request.nonblock)
-                if not data:
+                answer = ReadAnswer(chunk if left < 0 else min(chunk, left))
+                if not await file.readinto(answer, nonblock=request.nonblock):
                     return
                 if left > 0:
-                    left -= len(data)
-                yield ReadChunk(data)
+                    left -= answer.size
+                yield answer.chunk()
 
     async def Write(self, request_iterator: Any, context: Ctx) -> Any:
         """`request_iterator` yields WriteChunk (wire.decode_write_request, see

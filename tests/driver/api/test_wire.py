@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 
 from driver.api.v1 import vfio_pb2 as pb
 from driver.api.wire import (
+    ReadAnswer,
     ReadChunk,
     WriteChunk,
     _put_varint,
+    decode_read_response,
     decode_write_request,
     encode_read_response,
     encode_write_request,
@@ -35,9 +37,62 @@ def test_read_response_encoding_is_what_protobuf_writes(data: bytes) -> None:
     bytes on the wire as the protobuf runtime's (which the encoder also
     serializes, given a ReadResponse)."""
     wire = pb.ReadResponse(data=data).SerializeToString(deterministic=True)
-    assert encode_read_response(ReadChunk(data)) == wire
+    assert encode_read_response(ReadChunk.of(data)) == wire
+    assert encode_read_response(ReadChunk.of(memoryview(data))) == wire
     assert encode_read_response(pb.ReadResponse(data=data)) == wire
-    assert pb.ReadResponse.FromString(encode_read_response(ReadChunk(data))).data == data
+
+
+@given(st.lists(st.binary(min_size=1, max_size=200), max_size=4))
+def test_a_read_answer_is_what_protobuf_writes_for_the_pieces_read_into_it(
+    pieces: list[bytes],
+) -> None:
+    """A read(2) into a ReadAnswer, in pieces (one per driver buffer it
+    spans), answers the ReadResponse of the bytes read."""
+    whole = b"".join(pieces)
+    answer = ReadAnswer(len(whole) + 5)
+    done = 0
+    for p in pieces:
+        answer[done : done + len(p)] = memoryview(p)
+        done += len(p)
+    assert answer.size == len(whole)
+    wire = pb.ReadResponse(data=whole).SerializeToString(deterministic=True)
+    assert encode_read_response(answer.chunk()) == wire
+
+
+def test_a_read_answer_takes_the_pieces_of_one_read_in_order() -> None:
+    answer = ReadAnswer(8)
+    answer[0:4] = memoryview(b"abcd")
+    with pytest.raises(ValueError):
+        answer[0:4] = memoryview(b"abcd")  # not where the read is
+    with pytest.raises(ValueError):
+        answer[4:9] = memoryview(b"efghi")  # past the read's count
+    assert len(answer) == 8 and answer.size == 4
+
+
+@given(payloads | st.sampled_from([b"\x00" * (1 << 20)]))
+def test_read_response_decoding_reads_what_protobuf_writes(data: bytes) -> None:
+    raw = pb.ReadResponse(data=data).SerializeToString()
+    got = decode_read_response(raw)
+    assert type(got) is bytes and got == data
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x0a\x01a\x0a\x02bc",  # the field twice: the last wins
+        b"\x0a\x01a\x10\x05",  # an unknown field after it
+        b"\x10\x05\x0a\x01a",  # and before it
+        b"\x0a\x81\x00a",  # a length in an overlong varint
+    ],
+)
+def test_read_responses_encoded_otherwise_decode_as_protobuf_decodes_them(raw: bytes) -> None:
+    assert decode_read_response(raw) == pb.ReadResponse.FromString(raw).data
+
+
+@pytest.mark.parametrize("raw", [b"\x0a\x05ab", b"\x0a", b"\x0a\xff"])
+def test_malformed_read_responses_fail_as_protobuf_fails(raw: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode_read_response(raw)
 
 
 @given(fds, payloads)

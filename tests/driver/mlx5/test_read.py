@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from driver.api.v1 import vfio_pb2 as pb
+from driver.api.wire import ReadAnswer, encode_read_response
 from driver.mlx5.cmd import MigfState
 from driver.vfio.errors import VfioError
 from driver.vfio.uapi import PRECOPY_INFO, VFIO_DEVICE_FEATURE, VFIO_MIG_GET_PRECOPY_INFO, MigState
@@ -49,6 +51,23 @@ async def test_reads_are_sequential_and_span_queued_buffers(mlx5: h.Factory) -> 
     info = await h.precopy_info(f)
     whole = await f.read(1 << 20)
     assert len(whole) == info.initial_bytes  # short read: all that was queued
+    recs = h.parse_stream(whole)
+    assert [r.offset for r in recs] == [0, h.STOP_COPY_SIZE_RECORD]
+    assert dev.saving_migf.f_pos == len(whole)
+
+
+async def test_a_read_into_a_read_answer_answers_the_bytes_read(mlx5: h.Factory) -> None:
+    """What Read and ReadStream answer: a read(2) straight into the gRPC
+    answer (wire.ReadAnswer), here one that spans the size record, the FW_DATA
+    header and the image, is the ReadResponse of the stream's bytes."""
+    env = await mlx5("virtual")
+    dev = await env.device(h.vf_config(64 * 1024))
+    f = await dev.set_state(S.PRE_COPY)
+    await env.settle(dev)
+    info = await h.precopy_info(f)
+    answer = ReadAnswer(1 << 20)
+    assert await f.readinto(answer) == answer.size == info.initial_bytes
+    whole = pb.ReadResponse.FromString(encode_read_response(answer.chunk())).data
     recs = h.parse_stream(whole)
     assert [r.offset for r in recs] == [0, h.STOP_COPY_SIZE_RECORD]
     assert dev.saving_migf.f_pos == len(whole)

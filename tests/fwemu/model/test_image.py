@@ -5,8 +5,10 @@ target changes."""
 from __future__ import annotations
 
 import random
+import struct
 
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -78,6 +80,19 @@ def test_full_image_round_trip(state, image):
     rebuilt = apply_image(DeviceState.empty(), parsed, starts_chain=True)
     assert rebuilt.digest() == state.digest()
     assert rebuilt.size == state.size
+
+
+def test_a_large_image_carries_the_sum_of_its_whole_payload():
+    """write_piece sums a large DATA body block by block as it copies it; the
+    header's checksum is still xxh3-64 of the whole payload, so the image is
+    the same bytes as ever (and it loads)."""
+    big = DeviceState.generate(1536 * KiB + 4321, seed=3)  # bodies of several blocks
+    image = full_image(big)
+    payload_len, checksum = struct.unpack_from("<QQ", image, IMAGE_HEADER_SIZE - 24)
+    assert payload_len == len(image) - IMAGE_HEADER_SIZE
+    assert checksum == xxhash.xxh3_64_intdigest(image[IMAGE_HEADER_SIZE:])
+    rebuilt = apply_image(DeviceState.empty(), parse_image(memoryview(image)), starts_chain=True)
+    assert rebuilt.digest() == big.digest()
 
 
 def test_header_is_52_bytes():
