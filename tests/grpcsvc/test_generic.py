@@ -3,7 +3,6 @@ a request task per registered method for every call it accepts)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -12,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from grpcsvc.generic import GenericHandlersOnly
 from grpcsvc.server import GrpcService
+from tests.support.registrations import registrations  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.grpc
 
@@ -56,30 +56,8 @@ def test_registered_handlers_are_added_as_a_generic_handler_of_the_same_handlers
     assert generic.service(_Details(f"/{SERVICE}/Other")) is None
 
 
-@pytest.fixture
-def registrations(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    """The services added with add_registered_method_handlers to any grpc.aio
-    server made while the test runs."""
-    seen: list[str] = []
-    real = grpc.aio.server
-
-    def spying(*args: Any, **kwargs: Any) -> grpc.aio.Server:
-        server = real(*args, **kwargs)
-        add = server.add_registered_method_handlers  # type: ignore[attr-defined]
-
-        def recorded(service: str, handlers: Any) -> None:
-            seen.append(service)
-            add(service, handlers)
-
-        server.add_registered_method_handlers = recorded  # type: ignore[attr-defined]
-        return server
-
-    monkeypatch.setattr(grpc.aio, "server", spying)
-    yield seen
-
-
 async def test_a_service_registers_health_and_reflection_as_generic_handlers(
-    registrations: list[str],
+    registrations: list[str],  # noqa: F811
 ) -> None:
     """Health and reflection answer as before, at no per-call cost to the service's calls."""
 
