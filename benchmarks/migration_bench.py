@@ -171,7 +171,9 @@ async def _cross_host_round(
         assert agent.stdout is not None
         line = (await agent.stdout.readline()).decode()
         if " on " not in line:
-            raise SystemExit(f"the destination agent did not start: {line}")
+            assert agent.stderr is not None
+            err = (await agent.stderr.read()).decode()
+            raise SystemExit(f"the destination agent did not start: {line}{err}")
         uri = line.rsplit(" on ", 1)[1].strip()
         everyone = [*procs, psutil.Process(agent.pid), psutil.Process()]
         reconfigured: list[bool] = []
