@@ -172,8 +172,8 @@ async def _cross_host_round(
         line = (await agent.stdout.readline()).decode()
         if " on " not in line:
             assert agent.stderr is not None
-            err = (await agent.stderr.read()).decode()
-            raise SystemExit(f"the destination agent did not start: {line}{err}")
+            why = (await agent.stderr.read()).decode()
+            raise SystemExit(f"the destination agent did not start: {line}{why}")
         uri = line.rsplit(" on ", 1)[1].strip()
         everyone = [*procs, psutil.Process(agent.pid), psutil.Process()]
         reconfigured: list[bool] = []
