@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import struct
+from typing import Any
 
 import pytest
 import xxhash
@@ -242,3 +243,85 @@ def test_full_image_must_carry_the_object_table(state):
     with pytest.raises(ImageError) as e:
         apply_image(DeviceState.empty(), parse_image(memoryview(image)), starts_chain=True)
     assert e.value.syndrome == Syndrome.IMAGE_MALFORMED
+
+
+def _written_pieces_total(plan: Plan, arena: Arena, capacity: int, cur: Cursor) -> int:
+    """What write_piece really writes from `cur` on, in buffers of `capacity`
+    (or of the next piece's minimum, as the firmware sizes them)."""
+    total = 0
+    while not plan.finished(cur):
+        dest = bytearray(max(capacity, plan.min_piece(cur)))
+        res = write_piece(
+            memoryview(dest),
+            plan,
+            cur,
+            arena,
+            kind=ImageKind.FULL,
+            chain_id=CHAIN,
+            seq=0,
+            piece=0,
+            whole=False,
+        )
+        total += res.size
+        cur = res.cursor
+    return total
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    capacity=st.integers(PAGE_SIZE + 68, 1536 * KiB),
+    size=st.integers(1, 3 * 1024 * KiB),
+    runs=st.lists(st.tuples(st.integers(0, 760), st.integers(1, 400)), max_size=4),
+    skip=st.integers(0, 3),
+)
+def test_pieces_size_is_what_the_pieces_write(
+    capacity: int, size: int, runs: list[tuple[int, int]], skip: int
+) -> None:
+    """Property: pieces_size (which counts the repeating pieces of a long
+    record instead of cutting each) is exactly the total write_piece writes,
+    from the start or from a later piece, for full and page-run plans with
+    large (padded) and small records."""
+    state = DeviceState.generate(size, seed=size)
+    for plan in (Plan.full(state), Plan()):
+        if not plan.items:
+            plan.add_pages(runs, state.size)
+            plan.add_table(state)
+        cur = Cursor()
+        for _ in range(skip):
+            if plan.finished(cur):
+                break
+            dest = bytearray(max(capacity, plan.min_piece(cur)))
+            cur = write_piece(
+                memoryview(dest),
+                plan,
+                cur,
+                state.arena,
+                kind=ImageKind.FULL,
+                chain_id=CHAIN,
+                seq=0,
+                piece=0,
+                whole=False,
+            ).cursor
+        assert plan.pieces_size(capacity, cur) == _written_pieces_total(
+            plan, state.arena, capacity, cur
+        )
+
+
+def test_pieces_size_of_a_long_record_cuts_few_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunked image's QUERY and SAVE ask for the size of what is left:
+    for 64 GiB in 8 MiB pieces that is a few cuts, not 8192."""
+    from fwemu.model import image as image_module
+
+    cuts = 0
+    real_cut = image_module._cut
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal cuts
+        cuts += 1
+        return real_cut(*args, **kwargs)
+
+    monkeypatch.setattr(image_module, "_cut", counted)
+    plan = Plan([image_module.PlanItem(image_module.REC_DATA, 0, 64 << 30)])
+    total = plan.pieces_size(8 << 20)
+    assert cuts <= 4
+    assert total > 64 << 30
