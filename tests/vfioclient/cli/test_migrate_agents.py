@@ -197,7 +197,15 @@ def test_listening_off_host_without_tls_is_refused(drivers: tuple[Driver, Driver
 
 def test_usage_errors_exit_2(drivers: tuple[Driver, Driver]) -> None:
     a, _ = drivers
-    for argv in (["migrate", "--incoming", "tcp:127.0.0.1:0", "X", "Y"], ["migrate", "X"]):
+    absurd_timeouts = [
+        ["migrate", "--incoming", "tcp:127.0.0.1:0", "--idle-timeout", t]
+        for t in ("nan", "-1", "0", "inf", "1e999")
+    ]
+    for argv in (
+        ["migrate", "--incoming", "tcp:127.0.0.1:0", "X", "Y"],
+        ["migrate", "X"],
+        *absurd_timeouts,
+    ):
         p = subprocess.run(
             [*VFIOCTL, "--driver", a.target, *argv], capture_output=True, text=True, timeout=BOUND
         )
@@ -309,3 +317,16 @@ def test_an_agent_outlives_the_global_timeout(drivers: tuple[Driver, Driver]) ->
         rc, _, err = agent.finish(term=True)
         agent.kill()
     assert rc == 0, err
+
+
+def test_an_absurd_listen_address_is_refused_clearly(drivers: tuple[Driver, Driver]) -> None:
+    _, b = drivers
+    for listen in ("tcp:127.0.0.1:99999", "tcp:127.0.0.1:-1", "ftp:x", "tcp::", "unix:"):
+        p = subprocess.run(
+            [*VFIOCTL, "--driver", b.target, "migrate", "--incoming", listen, *tls_args()],
+            capture_output=True,
+            text=True,
+            timeout=BOUND,
+        )
+        assert p.returncode != 0, (listen, p.stdout)
+        assert "Traceback" not in p.stderr and "vfioctl: error:" in p.stderr, (listen, p.stderr)
