@@ -65,6 +65,9 @@ class Destinations(abc.ABC):
     """The destination side of a whole migration."""
 
     channel = ""  # how the stream travels: "" in this process, else the agent's address
+    # Time complete() spent on the destinations' digests (across hosts, the
+    # agent's): verification, kept out of the downtime as the digests hook is.
+    verify_s = 0.0
 
     @abc.abstractmethod
     async def setup(self, devices: Sequence[DeviceMigration]) -> None:

@@ -211,7 +211,7 @@ class Migration:
             await self.options.on_destinations_loaded()
         if self.options.digests is not None:
             await self._verify(self.options.digests)
-        self.report.hook_s = time.monotonic() - t
+        self.report.hook_s = time.monotonic() - t + self.destinations.verify_s
         await self.destinations.start(devs)
         self.report.downtime_s = time.monotonic() - stop - self.report.hook_s
         self._phase("cleanup")

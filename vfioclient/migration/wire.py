@@ -26,7 +26,8 @@ Return path (destination -> source; QEMU's MIG_RP_MSG_*, as tags of their own):
                                           "data_path", "verify"}]}: every device RESUMING
     0xffffffffef200002 SWITCHOVER_ACK     be32 section, be64 generation (the one
                                           DEV_INIT_DATA_SENT carried)
-    0xffffffffef200003 LOADED             be32 n, JSON {"digests": {section: digest}}
+    0xffffffffef200003 LOADED             be32 n, JSON {"digests": {section: digest},
+                                          "digest_s": seconds spent on them}
     0xffffffffef200004 RUNNING
     0xffffffffef200005 ERROR              be32 errno, be32 n, n bytes UTF-8 reason
 
@@ -64,6 +65,7 @@ RP_RUNNING = 0xFFFFFFFFEF200004
 RP_ERROR = 0xFFFFFFFFEF200005
 
 MAX_JSON = 64 << 10  # the header, READY, LOADED
+MAX_DIGEST_S = 3600.0  # LOADED's digest time: the longest a sane hash of a VF takes
 MAX_REASON = 4096
 MAX_DEVICES = 64
 MAX_NAME = 256
@@ -167,6 +169,7 @@ class SwitchoverAck:
 @dataclass(frozen=True)
 class Loaded:
     digests: dict[int, str] = field(default_factory=dict)
+    digest_s: float = 0.0  # the destination's time on them: verification, not downtime
 
 
 @dataclass(frozen=True)
@@ -264,8 +267,8 @@ def switchover_ack(section: int, generation: int) -> bytes:
     return _QIQ.pack(RP_SWITCHOVER_ACK, section, generation)
 
 
-def loaded(digests: dict[int, str]) -> bytes:
-    body = _json({"digests": {str(k): v for k, v in digests.items()}})
+def loaded(digests: dict[int, str], digest_s: float = 0.0) -> bytes:
+    body = _json({"digests": {str(k): v for k, v in digests.items()}, "digest_s": digest_s})
     return _QI.pack(RP_LOADED, len(body)) + body
 
 
@@ -549,8 +552,15 @@ class Decoder:
                 if not isinstance(v, str) or len(v) > MAX_NAME:
                     raise WireError("LOADED: a digest must be a short string")
                 digests[int(k)] = v
+            spent = doc.get("digest_s", 0.0)
+            if (
+                isinstance(spent, bool)
+                or not isinstance(spent, int | float)
+                or not 0 <= spent <= MAX_DIGEST_S
+            ):
+                raise WireError(f"LOADED: 'digest_s' must be seconds in [0, {MAX_DIGEST_S}]")
             self.phase = "loaded"
-            ev = Loaded(digests)
+            ev = Loaded(digests, float(spent))
         else:  # RP_RUNNING
             if self.phase != "loaded":
                 raise WireError("RUNNING before LOADED")

@@ -143,7 +143,7 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def rig(
-    hosts: Hosts, *, only: str | None = None, idle_timeout_s: float = 5.0
+    hosts: Hosts, *, only: str | None = None, idle_timeout_s: float = 5.0, digest_s: float = 0.0
 ) -> AsyncIterator[Rig]:
     src = Side(await VfioClient.connect(hosts.source), await ScenarioClient.connect(hosts.source))
     dst = Side(
@@ -157,6 +157,7 @@ async def rig(
 
     async def digest(name: str) -> str:
         assert name == dst.name
+        await asyncio.sleep(digest_s)  # a slow firmware, if asked for
         return await dst.scenario.digest(dst.vhca)
 
     agent = asyncio.create_task(
@@ -234,6 +235,17 @@ async def test_a_cross_host_migration_with_a_reinit_verifies(hosts: Hosts) -> No
         assert mine.devices[0].digest == dev.destination_digest
         assert r.source_state == MigState.STOP
         assert await r.dst.open_count() == 0
+
+
+async def test_the_destination_digest_time_is_verification_not_downtime(hosts: Hosts) -> None:
+    """As the one-host orchestrator keeps its digests hook out of the
+    downtime, the source keeps out the time the destination agent spent on
+    its digests (LOADED says it): a 0.5 s digest lands in hook_s."""
+    async with rig(hosts, digest_s=0.5) as r:
+        rep = await r.migrate(r.verifying(options()))
+        assert rep.verified  # type: ignore[attr-defined]
+        assert rep.hook_s >= 0.5  # type: ignore[attr-defined]
+        assert 0 < rep.downtime_s < 0.5  # type: ignore[attr-defined]
 
 
 async def test_grpc_data_path_on_both_sides(hosts: Hosts) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -175,3 +176,17 @@ def test_a_payload_may_be_read_past_the_decoder() -> None:
     d.payload_taken(90)
     d.feed(wire.end_of_state(0))
     assert d.next_event() == wire.EndOfState(0)
+
+
+def test_loaded_carries_the_destination_digest_time_within_bounds() -> None:
+    """LOADED says how long the destination spent on its digests (the source
+    keeps that out of the downtime); an absurd value is refused."""
+    ready = wire.ready([wire.ReadyDevice(0, "shm", True)])
+    evs = wire.decode_all("return", ready + wire.loaded({0: "d"}, 0.25))
+    assert evs[-1] == wire.Loaded({0: "d"}, 0.25)
+    assert wire.decode_all("return", ready + wire.loaded({0: "d"}))[-1] == wire.Loaded({0: "d"})
+    for absurd in (-1.0, float("nan"), float("inf"), 1e9, "1", True, None):
+        body = json.dumps({"digests": {"0": "d"}, "digest_s": absurd}).encode()
+        raw = wire._QI.pack(wire.RP_LOADED, len(body)) + body
+        with pytest.raises(wire.WireError, match="digest_s"):
+            drain("return", ready + raw)
