@@ -245,25 +245,30 @@ def test_full_image_must_carry_the_object_table(state):
     assert e.value.syndrome == Syndrome.IMAGE_MALFORMED
 
 
+def _next_piece(plan: Plan, arena: Arena, capacity: int, cur: Cursor) -> tuple[int, Cursor]:
+    """One piece as the firmware writes it (into a buffer of `capacity`, or of
+    the next piece's minimum): its size and the cursor after it."""
+    dest = bytearray(max(capacity, plan.min_piece(cur)))
+    res = write_piece(
+        memoryview(dest),
+        plan,
+        cur,
+        arena,
+        kind=ImageKind.FULL,
+        chain_id=CHAIN,
+        seq=0,
+        piece=0,
+        whole=False,
+    )
+    return res.size, res.cursor
+
+
 def _written_pieces_total(plan: Plan, arena: Arena, capacity: int, cur: Cursor) -> int:
-    """What write_piece really writes from `cur` on, in buffers of `capacity`
-    (or of the next piece's minimum, as the firmware sizes them)."""
+    """What write_piece really writes from `cur` on, piece after piece."""
     total = 0
     while not plan.finished(cur):
-        dest = bytearray(max(capacity, plan.min_piece(cur)))
-        res = write_piece(
-            memoryview(dest),
-            plan,
-            cur,
-            arena,
-            kind=ImageKind.FULL,
-            chain_id=CHAIN,
-            seq=0,
-            piece=0,
-            whole=False,
-        )
-        total += res.size
-        cur = res.cursor
+        size, cur = _next_piece(plan, arena, capacity, cur)
+        total += size
     return total
 
 
@@ -290,18 +295,7 @@ def test_pieces_size_is_what_the_pieces_write(
         for _ in range(skip):
             if plan.finished(cur):
                 break
-            dest = bytearray(max(capacity, plan.min_piece(cur)))
-            cur = write_piece(
-                memoryview(dest),
-                plan,
-                cur,
-                state.arena,
-                kind=ImageKind.FULL,
-                chain_id=CHAIN,
-                seq=0,
-                piece=0,
-                whole=False,
-            ).cursor
+            cur = _next_piece(plan, state.arena, capacity, cur)[1]
         assert plan.pieces_size(capacity, cur) == _written_pieces_total(
             plan, state.arena, capacity, cur
         )
