@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from fwemu.embedded import ScenarioError
 from fwemu.link.base import LinkError
 from grpcsvc import access
-from grpcsvc.logs import add_log_flags, setup_logging
+from grpcsvc.logs import add_log_flags, announce, setup_logging
 from grpcsvc.memory import return_large_buffers_to_the_os
 from grpcsvc.metrics import GrpcClientMetrics
 from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_metrics
@@ -51,6 +51,7 @@ log = logging.getLogger("vfio-driver")
 MAX_BUFFER_BUDGET = 1 << 40
 MAX_CLIENT_IDLE = 7 * 24 * 3600.0
 MAX_MEMORY_LIMIT = 1 << 50
+GRACE_S = 5.0  # on SIGTERM: how long calls in progress may finish
 
 
 def _duration(text: str, *, zero: bool) -> float:
@@ -144,11 +145,27 @@ def _parser() -> argparse.ArgumentParser:
         f"at most {MAX_CLIENT_IDLE:g})",
     )
     emb = s.add_argument_group("embedded firmware (without --firmware or --firmware-shards)")
-    emb.add_argument("--scenario", metavar="FILE")
-    emb.add_argument("--vfs", type=int, default=None, metavar="N")
-    emb.add_argument("--size", type=byte_size, default=4 << 20)
-    emb.add_argument("--dirty-rate", type=byte_size, default=1 << 20, metavar="BYTES_PER_S")
-    emb.add_argument("--seed", type=int, default=0)
+    emb.add_argument(
+        "--scenario", metavar="FILE", help="YAML or JSON scenario to apply at start (as fwemu's)"
+    )
+    emb.add_argument(
+        "--vfs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="VFs to create (default 4 without --scenario, else 0)",
+    )
+    emb.add_argument("--size", type=byte_size, default=4 << 20, help="state per VF (default 4MiB)")
+    emb.add_argument(
+        "--dirty-rate",
+        type=byte_size,
+        default=1 << 20,
+        metavar="BYTES_PER_S",
+        help="workload dirtying rate while a VF runs (default 1MiB)",
+    )
+    emb.add_argument(
+        "--seed", type=int, default=0, help="seed of the VFs' contents and workload (default 0)"
+    )
     emb.add_argument(
         "--memory-limit",
         type=byte_size_between(1, MAX_MEMORY_LIMIT),
@@ -221,18 +238,25 @@ async def _serve(args: argparse.Namespace) -> int:
         where = "embedded firmware"
     try:
         server = _driver_server(args, links, fw, metrics)
-        stop = stop_on_signals()
+        stop = stop_on_signals(log, GRACE_S)
         with serve_metrics(args.metrics_listen, metrics, "vfio-driver") as metrics_port:
             port = await server.start(args.listen, **listen_options(args))
             address = served_address(args.listen, port)
             n = len(server.registry.devices)
-            log.info("vfio-driver serving %d devices on %s (%s)", n, address, where)
-            print(f"vfio-driver: serving {n} devices on {address}", flush=True)
+            announce(
+                log,
+                f"vfio-driver: serving {n} devices on {address}",
+                "vfio-driver serving %d devices on %s (%s)",
+                n,
+                address,
+                where,
+            )
             announce_metrics(args.metrics_listen, metrics_port, "vfio-driver")
-            await server.serve_until(stop)
+            await server.serve_until(stop, GRACE_S)
     finally:
         for link in links:
             await link.close()
+    log.info("vfio-driver stopped")
     return 0
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 
 from grpcsvc.access import add_role_args, roles
-from grpcsvc.logs import add_log_flags, setup_logging
+from grpcsvc.logs import add_log_flags, announce, setup_logging
 from grpcsvc.memory import return_large_buffers_to_the_os
 from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_metrics
 from grpcsvc.runner import LoopName, add_loop_flag, run_main
@@ -44,6 +44,7 @@ MAX_SHARD = 0xFFFF  # a driver names shard k's VFs PCI domain k (driver/shards.p
 # Bounds of the operator's settings: past them a value is a typo, not a policy.
 MAX_MKEYS_SETTING = 1 << 20
 MAX_CLIENT_IDLE = 7 * 24 * 3600.0
+GRACE_S = 5.0  # on SIGTERM: how long calls in progress may finish
 
 
 def shard_number(text: str) -> int | str:
@@ -103,9 +104,20 @@ def _parser() -> argparse.ArgumentParser:
         metavar="BYTES_PER_S",
         help="SAVE speed (0 = unlimited)",
     )
-    s.add_argument("--save-latency", type=float, default=0.0, metavar="SECONDS")
-    s.add_argument("--chunk-size", type=byte_size, default=VfConfig().chunk_size)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--save-latency",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="each SAVE's fixed time, before size / --save-bandwidth",
+    )
+    s.add_argument(
+        "--chunk-size",
+        type=byte_size,
+        default=VfConfig().chunk_size,
+        help="the most one SAVE writes (a chunked migration's piece)",
+    )
+    s.add_argument("--seed", type=int, default=0, help="seed of the VFs' contents and workload")
     s.add_argument(
         "--shard",
         type=shard_number,
@@ -166,9 +178,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--firmware", metavar="HOST:PORT", help="use a running fwemu instead of the embedded model"
     )
-    d.add_argument("--size", type=byte_size, default=64 * MiB)
-    d.add_argument("--dirty-rate", type=byte_size, default=32 * MiB, metavar="BYTES_PER_S")
-    d.add_argument("--seed", type=int, default=1)
+    d.add_argument("--size", type=byte_size, default=64 * MiB, help="state per VF")
+    d.add_argument(
+        "--dirty-rate",
+        type=byte_size,
+        default=32 * MiB,
+        metavar="BYTES_PER_S",
+        help="workload dirtying rate while the VF runs",
+    )
+    d.add_argument("--seed", type=int, default=1, help="seed of the VFs' contents and workload")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     add_client_args(d)  # TLS to --firmware (else $VFIO_TLS_CA/CERT/KEY)
     add_loop_flag(d)
@@ -220,14 +238,20 @@ async def _serve(args: argparse.Namespace) -> int:
         log.info("fwemu shard %d: VF seed %d (the seed in force + %d)", shard, fw.seed, shard)
     registry = CollectorRegistry() if args.metrics_listen else None
     server = _firmware_server(args, fw, registry)
-    stop = stop_on_signals()
+    stop = stop_on_signals(log, GRACE_S)
     with serve_metrics(args.metrics_listen, registry, "fwemu") as metrics_port:
         port = await server.start(args.listen, **listen_options(args))
         address = served_address(args.listen, port)
-        log.info("fwemu serving %d VFs on %s (clock %s)", len(fw.vfs), address, args.clock)
-        print(f"fwemu: serving {len(fw.vfs)} VFs on {address}", flush=True)
+        announce(
+            log,
+            f"fwemu: serving {len(fw.vfs)} VFs on {address}",
+            "fwemu serving %d VFs on %s (clock %s)",
+            len(fw.vfs),
+            address,
+            args.clock,
+        )
         announce_metrics(args.metrics_listen, metrics_port, "fwemu")
-        await server.serve_until(stop)
+        await server.serve_until(stop, GRACE_S)
     log.info("fwemu stopped")
     return 0
 

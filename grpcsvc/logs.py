@@ -2,12 +2,18 @@
 
 JSON lines carry the record's extra fields (`log.info("...", extra={"device":
 ..., "fd": ...})`) as keys, so a log shipper can filter by device or stream.
+
+`announce` is how a service says it is up (and where its metrics are): a
+line on stdout, which scripts and grpcsvc.spawn read, and a log record,
+except where stdout and stderr are one place (a terminal, `>file 2>&1`),
+which would show it twice.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from pythonjsonlogger.json import JsonFormatter
@@ -60,3 +66,20 @@ def setup_logging(level: str, fmt: str = "text") -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def one_place() -> bool:
+    """stdout and stderr write to the same terminal, file or pipe."""
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # replaced streams (tests): not one place
+        return False
+    return (out.st_dev, out.st_ino, out.st_rdev) == (err.st_dev, err.st_ino, err.st_rdev)
+
+
+def announce(log: logging.Logger, line: str, record: str | None = None, *args: object) -> None:
+    """`line` on stdout; and `record % args` (default: the line) logged at
+    info, unless stdout and stderr are one place (see one_place)."""
+    print(line, flush=True)
+    if not one_place():
+        log.info(record if record is not None else line, *args)

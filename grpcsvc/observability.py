@@ -10,6 +10,7 @@ from typing import Literal
 
 from prometheus_client import CollectorRegistry
 
+from .logs import announce
 from .metrics import start_metrics_http
 
 log = logging.getLogger("grpcsvc")
@@ -54,8 +55,6 @@ def serve_metrics(
         yield None
         return
     endpoint = start_metrics_http(listen, registry)
-    host = listen.rpartition(":")[0]
-    log.info("%s metrics on http://%s:%d/metrics", service, host, endpoint.port)
     try:
         yield endpoint.port
     finally:
@@ -63,7 +62,8 @@ def serve_metrics(
 
 
 def announce_metrics(listen: str | None, port: int | None, service: str) -> None:
-    """The line after "serving ...": where the metrics are (nothing when off)."""
+    """The line after "serving ...": where the metrics are (nothing when off),
+    on stdout and in the log (grpcsvc.logs.announce)."""
     if listen and port is not None:
         host = listen.rpartition(":")[0]
-        print(f"{service}: metrics on http://{host}:{port}/metrics", flush=True)
+        announce(log, f"{service}: metrics on http://{host}:{port}/metrics")

@@ -7,8 +7,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -127,6 +130,9 @@ class GrpcService:
             creds = tls_config.credentials() if tls_config is not None else None
         except (tls.TlsError, OSError) as e:
             raise ListenError(f"cannot listen on {listen}: {e}") from None
+        if path is None:
+            # Before gRPC tries: its core would print its own raw line first.
+            check_port_free(listen)
         # A unix socket is created with the mode asked for, never wider for a moment.
         umask = os.umask(0o777 & ~socket_mode) if path is not None else None
         try:
@@ -186,15 +192,53 @@ class GrpcService:
         waiter.cancel()
 
 
-def stop_on_signals() -> asyncio.Event:
+def stop_on_signals(log: logging.Logger | None = None, grace: float = 5.0) -> asyncio.Event:
     """An event set by SIGTERM or SIGINT.  Install it before telling anyone the
-    service is up, so that a signal sent right away still stops it cleanly."""
+    service is up, so that a signal sent right away still stops it cleanly.
+    With `log`, the first signal is logged (info): received, draining the
+    calls in progress for up to `grace` seconds (serve_until's), stopping."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def received(sig: signal.Signals) -> None:
+        if log is not None and not stop.is_set():
+            log.info(
+                "received %s: draining calls in progress (up to %g s), then stopping",
+                sig.name,
+                grace,
+            )
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, received, sig)
     return stop
+
+
+def check_port_free(listen: str) -> None:
+    """ListenError (EADDRINUSE) if a socket already listens on HOST:PORT's
+    port: bound as gRPC binds (SO_REUSEADDR), on each address HOST names.
+    Port 0, and addresses this host cannot bind, are left to gRPC."""
+    host, port = split_host_port(listen)
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError):
+        return  # gRPC names what is wrong with HOST
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ListenError(
+                    f"cannot listen on {listen}: EADDRINUSE: address already in use "
+                    "(another process serves that port)"
+                ) from None
 
 
 def _why(e: RuntimeError) -> str:

@@ -14,7 +14,8 @@ address (the embedded firmware's Scenario service on the driver's port):
 
 Only the Scenario service is used (no completion stream, which a driver port
 does not serve).  Failures raise `ScenarioClientError`; an unreachable
-service raises it with errno ECONNREFUSED.  TLS as VfioClient's: `tls=`, by
+service raises it with errno ECONNREFUSED, a server without the Scenario
+service (a driver without --scenario-service) with EOPNOTSUPP.  TLS as VfioClient's: `tls=`, by
 default the VFIO_TLS_* environment variables if they are set.
 """
 
@@ -25,7 +26,11 @@ import errno
 from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, TypedDict, TypeVar, Unpack
 
+import grpc
+
+from fwemu.api.v1 import scenario_pb2
 from fwemu.link.base import LinkError
+from fwemu.link.cmdqueue import RpcFailed
 from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import (
     CmdStatus,
@@ -51,12 +56,28 @@ __all__ = [
 FAULT_KINDS = [k.name.lower().replace("_", "-") for k in FaultKind]
 RECONFIG_MODES = [m.name.lower() for m in ReconfigMode]
 
+SCENARIO_SERVICE = scenario_pb2.DESCRIPTOR.services_by_name["Scenario"].full_name
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
 
 class ScenarioClientError(OSError):
-    """A failed Scenario call (errno EIO unless the service is unreachable)."""
+    """A failed Scenario call: errno EIO, ECONNREFUSED for an unreachable
+    service, EOPNOTSUPP for a gRPC server without the Scenario service."""
+
+
+def _unimplemented(e: BaseException) -> bool:
+    """The server answered, without a Scenario service (UNIMPLEMENTED)."""
+    return isinstance(e, RpcFailed) and e.code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def not_served(target: str) -> str:
+    return (
+        f"the service at {target} does not serve the firmware's Scenario service "
+        f"({SCENARIO_SERVICE}), which `fwemu serve` and `vfio-driver serve "
+        "--scenario-service` serve"
+    )
 
 
 def _enum(cls: Any, value: int | str, what: str) -> int:
@@ -112,6 +133,8 @@ def _scenario_call(
         try:
             return await method(self.link, *args, **kwargs)
         except LinkError as e:
+            if _unimplemented(e):
+                raise ScenarioClientError(errno.EOPNOTSUPP, not_served(self.target)) from None
             raise ScenarioClientError(errno.EIO, str(e)) from None
 
     call.__name__ = method.__name__
@@ -137,6 +160,8 @@ class ScenarioClient(AsyncClosing):
             await asyncio.wait_for(link.list_vfs(), timeout)
         except (LinkError, TimeoutError) as e:
             await c.aclose()
+            if _unimplemented(e):
+                raise ScenarioClientError(errno.EOPNOTSUPP, not_served(target)) from None
             why = str(e) or "timed out"
             raise ScenarioClientError(
                 errno.ECONNREFUSED, f"cannot reach the Scenario service at {target}: {why}"

@@ -6,11 +6,73 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+from collections.abc import Iterable
 
 from grpcsvc.units import byte_size
 
 from ..uapi import MigState
 from ..usermem import DATA_PATHS
+
+# An action's attribute: True leaves it out of the usage line.
+NOT_IN_USAGE = "vfioctl_not_in_usage"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """vfioctl's --help: each option's default where it has one that means
+    something (not None, not a flag's False, not what its help already says),
+    and descriptions kept in their paragraphs, each filled to the width
+    (an indented block, an example, stays as written)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or re.search(r"\bdefault\b", text, re.IGNORECASE)
+            or default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or default in ([], ())
+            or not (action.option_strings or action.nargs in ("?", "*"))
+        ):
+            return text
+        if action.type is byte_size and isinstance(default, int):
+            return f"{text} (default: {_bytes_text(default)})"
+        return f"{text} (default: %(default)s)"
+
+    def add_usage(
+        self,
+        usage: str | None,
+        actions: Iterable[argparse.Action],
+        groups: Iterable[argparse._MutuallyExclusiveGroup],
+        prefix: str | None = None,
+    ) -> None:
+        # A command's usage line leaves out vfioctl's options (its help lists them).
+        own = [a for a in actions if not getattr(a, NOT_IN_USAGE, False)]
+        super().add_usage(usage, own, groups, prefix)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = []
+        for para in re.split(r"\n[ \t]*\n", text.strip("\n")):
+            lines = para.splitlines()
+            if all(line[:1].isspace() for line in lines):
+                paragraphs.append("\n".join(indent + line for line in lines))
+            else:
+                paragraphs.append(super()._fill_text(para, width, indent))
+        return "\n\n".join(paragraphs)
+
+
+def _bytes_text(n: int) -> str:
+    """A byte count as --help shows it: 1GiB, 256MiB, 4KiB, else 1000."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+# For every vfioctl parser (and subparser: argparse does not pass it on).
+HELP_FORMATTER = HelpFormatter
 
 
 def state(text: str) -> MigState:

@@ -16,7 +16,7 @@ from ..uapi import (
     Feature,
 )
 from .command import Command
-from .output import Out
+from .output import Out, table
 
 
 def flag_names(flags: int) -> list[str]:
@@ -41,13 +41,20 @@ async def cmd_list(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
     List the service's devices."""
     devs = await c.list_devices()
     out.doc({"devices": [{**asdict(d), "migration": flag_names(d.migration_flags)} for d in devs]})
-    out.line(f"{'DEVICE':<14} {'VHCA':>5} {'FN':>4} {'OPEN':>4}  {'DRIVER':<10} MIGRATION")
-    for d in devs:
-        mig = ",".join(flag_names(d.migration_flags)) if d.migratable else "-"
-        out.line(
-            f"{d.name:<14} {d.vhca_id:>5} {d.function_id:>4} {d.open_count:>4}  "
-            f"{d.driver:<10} {mig}"
+    rows = [
+        (
+            d.name,
+            d.vhca_id,
+            d.function_id,
+            d.open_count,
+            d.driver,
+            ",".join(flag_names(d.migration_flags)) if d.migratable else "-",
         )
+        for d in devs
+    ]
+    header = ("DEVICE", "VHCA", "FN", "OPEN", "DRIVER", "MIGRATION")
+    for line in table(header, rows, right="VHCA FN OPEN"):
+        out.line(line)
 
 
 async def _find(c: VfioClient, name: str) -> Device | None:

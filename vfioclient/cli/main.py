@@ -6,10 +6,13 @@ failure: {"error": {"errno": ..., "name": ..., "message": ..., "hint": ...}}).
 
 Each command group has its module, each command a Command (command.py) in
 COMMANDS below; `scenario` adds its own subcommands, and `demo` has its own
-parser (demo.py) and gets the rest of the command line.
+parser (demo.py) and gets the rest of the command line, after vfioctl's
+options given before `demo`.
 
---tls-ca/--tls-cert/--tls-key (else VFIO_TLS_CA/CERT/KEY) apply to every
-connection a command makes: the driver(s), and the firmware Scenario services.
+vfioctl's options (--driver, --json, --timeout, --tls-*) go before or after
+the command (command.add_options).  --tls-ca/--tls-cert/--tls-key (else
+VFIO_TLS_CA/CERT/KEY) apply to every connection a command makes: the
+driver(s), and the firmware Scenario services.
 """
 
 from __future__ import annotations
@@ -25,13 +28,18 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import NoReturn
 
-from grpcsvc.tls import TlsError, add_client_args, client_tls_from_args
+from grpcsvc.tls import TlsError, client_tls_from_args
 
-from .args import seconds
-from .command import Command, LocalCommand
+from .args import HELP_FORMATTER
+from .command import (
+    DEFAULT_DRIVER,
+    DEFAULT_TIMEOUT,
+    FLAGS,
+    Command,
+    LocalCommand,
+    add_options,
+)
 from .output import HINTS, PROG, CliError, Out, fail
-
-DEFAULT_DRIVER = "127.0.0.1:50052"
 
 # Each command's module and object, in the order of the command list (`demo`
 # first, `scenario` last: their modules add their own parsers).  A command
@@ -78,13 +86,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     as the whole parser does."""
     p = argparse.ArgumentParser(
         prog=PROG,
+        formatter_class=HELP_FORMATTER,
         description="Drive VFIO migration devices of a vfio-driver service "
         "(`vfio-driver serve`). Exit codes: 0 success, 1 the operation failed "
-        "(errno name and hint printed), 2 usage errors.",
+        "(errno name and hint printed), 2 usage errors. vfioctl's options "
+        "(--driver, --json, --timeout, --tls-*) go before or after the command.",
         epilog="examples: vfioctl list; vfioctl save 0000:81:00.1 vf1.img; "
         "vfioctl load 0000:81:00.2 vf1.img --run; vfioctl migrate 0000:81:00.1 0000:81:00.2",
     )
-    _add_options(p)
+    add_options(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in NAMES if only is None else (only,):
         if name in COMMANDS:
@@ -107,7 +117,7 @@ def _command_word(argv: Sequence[str]) -> str | None:
     """The command `argv` names after vfioctl's own options, if that is all
     it is (else None: the whole parser reads it, and says what is wrong)."""
     peek = _Peek(prog=PROG, add_help=False)
-    _add_options(peek)
+    add_options(peek)
     peek.add_argument("words", nargs=argparse.REMAINDER)
     try:
         args, unknown = peek.parse_known_args(argv)
@@ -119,23 +129,23 @@ def _command_word(argv: Sequence[str]) -> str | None:
     return words[0]
 
 
-def _add_options(p: argparse.ArgumentParser) -> None:
-    """vfioctl's own options (before the command)."""
-    p.add_argument(
-        "--driver",
-        default=DEFAULT_DRIVER,
-        metavar="HOST:PORT",
-        help=f"the vfio-driver service (default {DEFAULT_DRIVER})",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-    p.add_argument(
-        "--timeout",
-        type=seconds,
-        default=30.0,
-        metavar="SECONDS",
-        help="connect timeout and limit for the whole operation (default 30)",
-    )
-    add_client_args(p)
+def _given_argv(args: argparse.Namespace) -> list[str]:
+    """vfioctl's own options that a command line gave (before the command),
+    as a command line: for the demo, which parses its own."""
+    given = []
+    for flag in FLAGS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is True:
+            given.append(flag)
+        elif value not in (None, False):
+            given.append(f"{flag}={value:g}" if isinstance(value, float) else f"{flag}={value}")
+    return given
+
+
+def _demo(args: argparse.Namespace, rest: list[str]) -> int:
+    """`vfioctl [OPTIONS] demo [DEMO OPTIONS]`: the demo's own parser reads
+    vfioctl's options given before `demo` first, its own after (which win)."""
+    return int(_module("demo").main([*_given_argv(args), *rest]))
 
 
 async def _run(args: argparse.Namespace, out: Out) -> None:
@@ -180,16 +190,12 @@ def _hint(code: int, args: argparse.Namespace, message: str = "") -> str | None:
         if args.tls is None or args.tls.cert is None:  # a closed socket is all a refusal says
             hint += " Over TLS it needs --tls-ca, and with --tls-client-ca --tls-cert/--tls-key."
         return hint
+    if code == errno.EOPNOTSUPP and args.command == "scenario":
+        return (
+            "give --firmware HOST:PORT, the address of `fwemu serve` (the firmware behind a "
+            "`vfio-driver serve --firmware`), or start the driver with --scenario-service"
+        )
     return HINTS.get(code)
-
-
-def _tls_argv(args: argparse.Namespace) -> list[str]:
-    """The --tls-* options given, as a command line."""
-    return [
-        f"--tls-{what}={value}"
-        for what in ("ca", "cert", "key")
-        if (value := getattr(args, f"tls_{what}")) is not None
-    ]
 
 
 def _tls_failure(message: str) -> bool:
@@ -208,9 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.parse_args(argv)  # the usual error for what is left over
     except SystemExit as e:  # --help: 0, usage errors: 2
         return e.code if isinstance(e.code, int) else 2
-    if args.command == "demo":  # `vfioctl --tls-... demo ...`: its own flags come later, and win
-        demo_argv = [*_tls_argv(args), *(["--json"] if args.json else []), *rest]
-        return int(_module("demo").main(demo_argv))
+    if args.command == "demo":
+        return _demo(args, rest)
+    args.driver = args.driver or DEFAULT_DRIVER
+    args.timeout = args.timeout or DEFAULT_TIMEOUT
     out = Out(args.json)
     try:
         # Every connection the command makes uses it (args.tls; None: plaintext).

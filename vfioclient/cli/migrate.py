@@ -43,6 +43,15 @@ if TYPE_CHECKING:  # imported where verification needs it: `--verify no` skips f
     from ..scenario import ScenarioClient
 
 
+# After "not verifying": where the firmware's Scenario service is, when not at the driver.
+FIRMWARE_HINT = (
+    "hint: a driver over `fwemu serve` (vfio-driver serve --firmware) has no Scenario "
+    "service of its own: give --firmware HOST:PORT, the fwemu's address{dst}; or "
+    "--verify no to migrate without verifying"
+)
+DST_FIRMWARE = " (--dst-firmware HOST:PORT for the destination's, if another)"
+
+
 def migration_options(args: argparse.Namespace, **more: Any) -> MigrationOptions:
     """The options migrate and demo both take (--downtime-limit, --bandwidth,
     --data-path), with a progress line, and `more`."""
@@ -88,6 +97,13 @@ async def cmd_migrate(c: VfioClient, args: argparse.Namespace, out: Out) -> None
         return
     dst = c
     dst_driver = args.dst_driver or args.driver
+    if args.src == args.dst and dst_driver == args.driver:
+        raise CliError(
+            errno.EINVAL,
+            f"SRC and DST are the same device ({args.src} on {args.driver})",
+            "migrate to another device (see `vfioctl list`), or to one of another driver "
+            "with --dst-driver",
+        )
     if dst_driver != args.driver:
         dst = await VfioClient.connect(dst_driver, timeout=args.timeout, tls=args.tls)
     scenarios: list[ScenarioClient] = []
@@ -276,9 +292,11 @@ async def _digest_source(
             raise CliError(
                 errno.ENOTSUP,
                 f"cannot verify: no firmware Scenario service at {target} ({e})",
-                "give --firmware (or --firmware-shards), or --verify no",
+                "give --firmware HOST:PORT (the fwemu's Scenario service) or --firmware-shards, "
+                "or --verify no",
             ) from None
-        out.note(f"not verifying: no firmware Scenario service at {target}")
+        out.note(f"not verifying: {e.strerror or e}")
+        out.note(FIRMWARE_HINT.format(dst=""))
         return None
     keep.append(sc)
 
@@ -371,9 +389,11 @@ async def _verifier(
                 raise CliError(
                     errno.ENOTSUP,
                     f"cannot verify {device}: no firmware Scenario service at {target} ({e})",
-                    "give --firmware / --dst-firmware (or --firmware-shards), or --verify no",
+                    "give --firmware HOST:PORT (the fwemu's Scenario service; --dst-firmware "
+                    "for the destination's) or --firmware-shards, or --verify no",
                 ) from None
-            out.note(f"not verifying: no firmware Scenario service at {target}")
+            out.note(f"not verifying: {e.strerror or e}")
+            out.note(FIRMWARE_HINT.format(dst=DST_FIRMWARE))
             return None
         vhcas.append(info.vhca_id)
         clients.append(sc)
@@ -401,15 +421,30 @@ def _arguments(s: argparse.ArgumentParser) -> None:
         "--dst-driver", metavar="HOST:PORT", help="the destination's service (default --driver)"
     )
     add_agent_args(s)
-    s.add_argument("--downtime-limit", type=seconds, default=0.3, metavar="S", help="default 0.3 s")
+    s.add_argument(
+        "--downtime-limit",
+        type=seconds,
+        default=0.3,
+        metavar="S",
+        help="the longest the devices may stay stopped: switch over once what is left to "
+        "copy fits in --bandwidth x this many seconds (default 0.3 s)",
+    )
     add_byte_rate(
         s,
         "--bandwidth",
         default=1 << 30,
         metavar="B",
-        help="bandwidth estimate in bytes/s (e.g. 1GiB; default 1GiB)",
+        help="bandwidth estimate in bytes/s (e.g. 1GiB; default 1GiB: a host's memory "
+        "copy; the demo assumes a slower link)",
     )
-    s.add_argument("--max-iterations", type=positive, default=10_000, metavar="N")
+    s.add_argument(
+        "--max-iterations",
+        type=positive,
+        default=10_000,
+        metavar="N",
+        help="precopy iterations at most: then switch over without converging (or fail "
+        "if a switchover-ack is still missing)",
+    )
     s.add_argument(
         "--allow-late-reinit",
         action="store_true",

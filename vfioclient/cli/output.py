@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from grpcsvc.errnames import errno_name
@@ -50,6 +51,24 @@ class Out:
     def note(self, text: str) -> None:
         """A remark on stderr (stdout stays the result, JSON or text)."""
         print(f"vfioctl: {text}", file=sys.stderr, flush=True)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]], right: str = "") -> list[str]:
+    """Aligned columns, each as wide as its widest cell (two spaces apart):
+    the header line, then a line per row; a column whose header is in
+    `right` (space-separated names) is aligned right, the others left; the
+    last column has no padding after it."""
+    cells = [[str(c) for c in header], *([str(c) for c in row] for row in rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
+    flush_right = set(right.split())
+    lines = []
+    for line in cells:
+        padded = [
+            c.rjust(w) if name in flush_right else c.ljust(w)
+            for c, w, name in zip(line, widths, header, strict=True)
+        ]
+        lines.append("  ".join(padded).rstrip())
+    return lines
 
 
 def fail(out: Out, code: int, message: str, hint: str | None) -> int:

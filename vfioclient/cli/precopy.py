@@ -63,8 +63,10 @@ def _arguments(s: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--v2", action="store_true", help="require the MIG_PRECOPY_INFOv2 opt-in (REINIT flag)"
     )
-    s.add_argument("--iterations", type=positive, default=3, metavar="N", help="default 3")
-    s.add_argument("--interval", type=seconds, default=0.1, metavar="SECONDS", help="default 0.1")
+    s.add_argument("--iterations", type=positive, default=3, metavar="N", help="queries")
+    s.add_argument(
+        "--interval", type=seconds, default=0.1, metavar="SECONDS", help="between queries"
+    )
 
 
 PRECOPY_INFO = Command(cmd_precopy_info, _arguments, device=True)

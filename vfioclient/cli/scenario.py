@@ -13,8 +13,8 @@ from grpcsvc.units import byte_size
 
 from ..scenario import FAULT_KINDS, RECONFIG_MODES, ScenarioClient
 from .args import object_spec, positive
-from .command import Subparsers
-from .output import CliError, Out
+from .command import Subparsers, add_command_parser, add_options
+from .output import CliError, Out, table
 
 
 def _pci_function(name: str) -> int | None:
@@ -49,12 +49,14 @@ async def run_scenario(args: argparse.Namespace, out: Out) -> None:
                 await s.create_vfs(args.create, cfg)
             vfs = await s.list_vfs()
             out.doc({"vfs": [asdict(v) for v in vfs]})
-            out.line(f"{'VHCA':>5} {'FN':>4} {'SIZE':>10} {'SAVED':>10} {'LOADED':>10} RECONF")
-            for v in vfs:
-                out.line(
-                    f"{v.vhca_id:>5} {v.function_id:>4} {v.config.size:>10} {v.saved_bytes:>10} "
-                    f"{v.loaded_bytes:>10} {v.reconfigurations}"
-                )
+            rows = [
+                (v.vhca_id, v.function_id, v.config.size, v.saved_bytes, v.loaded_bytes,
+                 v.reconfigurations)
+                for v in vfs
+            ]  # fmt: skip
+            header = ("VHCA", "FN", "SIZE", "SAVED", "LOADED", "RECONF")
+            for line in table(header, rows, right=" ".join(header)):
+                out.line(line)
         elif args.scenario_command == "digest":
             digests = {vf: await s.digest(await _vhca(s, vf)) for vf in args.vf}
             out.doc({"digests": digests})
@@ -145,24 +147,27 @@ def _add_vf_action(
     ssub: Subparsers, name: str, *, help: str, description: str, nargs: str | None = None
 ) -> argparse.ArgumentParser:
     """An action on a VF (VF: a vhca id or a PCI device name), or on several (nargs)."""
-    s = ssub.add_parser(name, help=help, description=description)
-    s.add_argument("vf", metavar="VF", nargs=nargs)
+    s = add_command_parser(ssub, name, help=help, description=description)
+    vfs = "VFs" if nargs else "VF"
+    s.add_argument("vf", metavar="VF", nargs=nargs, help=f"the {vfs}: vhca id or PCI device name")
     return s
 
 
 def add_parser(sub: Subparsers) -> None:
-    sc = sub.add_parser(
+    sc = add_command_parser(
+        sub,
         "scenario",
         help="the firmware's Scenario service (digests, VFs, reconfigurations, faults)",
         description="Talk to a firmware's Scenario service: `fwemu serve`, or "
         "`vfio-driver serve --scenario-service` (the default: the --driver address). "
         "A VF is named by vhca id or by PCI device name.",
     )
-    sc.add_argument(
-        "--firmware", metavar="HOST:PORT", help="the Scenario service (default: --driver)"
-    )
+    firmware_help = "the Scenario service (default: the --driver address)"
+    sc.add_argument("--firmware", metavar="HOST:PORT", help=firmware_help)
     ssub = sc.add_subparsers(dest="scenario_command", required=True, metavar="ACTION")
-    s = ssub.add_parser("vfs", help="list VFs (or create some)", description="List the VFs.")
+    s = add_command_parser(
+        ssub, "vfs", help="list VFs (or create some)", description="List the VFs."
+    )
     s.add_argument("--create", type=positive, metavar="N", help="create N VFs first")
     s.add_argument("--size", type=byte_size, metavar="BYTES", help="state size of created VFs")
     _add_vf_action(
@@ -233,8 +238,17 @@ def add_parser(sub: Subparsers) -> None:
     s.add_argument("--opcode", default="SAVE_VHCA_STATE", help="command (name or number)")
     s.add_argument("--status", default="INT_ERR", help="firmware status (name or number)")
     s.add_argument("--syndrome", default="INJECTED", help="syndrome (name or number)")
-    s.add_argument("--delay", type=float, default=0.0, metavar="SECONDS", help="delay faults")
+    s.add_argument(
+        "--delay", type=float, default=0.0, metavar="SECONDS", help="how long a delay fault waits"
+    )
     s.add_argument("--count", type=positive, default=1, metavar="N", help="commands to hit")
     s.add_argument(
         "--in-completion", action="store_true", help="SAVE FAIL reported in the completion"
     )
+    # --firmware and vfioctl's options before or after the action, too.
+    for action in ssub.choices.values():
+        action.add_argument(
+            "--firmware", metavar="HOST:PORT", default=argparse.SUPPRESS, help=firmware_help
+        )
+        add_options(action, after_command=True)
+    add_options(sc, after_command=True)

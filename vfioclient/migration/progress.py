@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -41,10 +42,30 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f}M"
 
 
+MIN_BAR = 4  # the narrowest bar; narrower still, none, and then the line is cut
+
+
+def terminal_columns(stream: TextIO) -> int:
+    """The width of the terminal `stream` writes to: $COLUMNS if set, else
+    the terminal's, else shutil.get_terminal_size()'s (stdout's, or 80)."""
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or shutil.get_terminal_size().columns
+    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size().columns
+
+
 class TerminalProgress(Progress):
     """One line per redraw on stderr with carriage returns: the phase, and per
     device a bar of initial+dirty left against the most seen, and the bytes
-    moved.  Draws nothing unless the stream is a TTY and CI is unset."""
+    moved.  Draws nothing unless the stream is a TTY and CI is unset.
+
+    The line never wraps: it fits the terminal's width at each redraw (one
+    column spare: a full last column wraps on some terminals), narrowing the
+    bars first, then leaving them out, then cutting the end; each redraw returns to the start of
+    the line and clears it."""
 
     def __init__(
         self, stream: TextIO | None = None, *, min_interval_s: float = 0.1, width: int = 12
@@ -92,21 +113,34 @@ class TerminalProgress(Progress):
             self.stream.write("\n")
             self.stream.flush()
 
-    def line(self) -> str:
-        parts = [f"[{self._phase or '-'}]"]
+    def line(self, columns: int | None = None) -> str:
+        """The progress line, at most `columns - 1` characters (None: any)."""
+        bar = self.width
+        line = self._line(bar)
+        if columns is None:
+            return line
+        limit = max(columns - 1, 1)
+        while len(line) > limit and bar > 0:
+            bar = bar - 1 if bar > MIN_BAR else 0  # then no bar: the numbers matter more
+            line = self._line(bar)
+        return line if len(line) <= limit else line[: limit - 1] + ">"
+
+    def _line(self, width: int) -> str:
+        parts = []
         for name in self._names or sorted(self._moved):
             init, dirty = self._pending.get(name, (0, 0))
             peak = self._peak.get(name, 0)
             done = 1.0 if peak == 0 else 1.0 - (init + dirty) / peak
-            fill = round(max(0.0, min(1.0, done)) * self.width)
+            fill = round(max(0.0, min(1.0, done)) * width)
             moved = self._moved.get(name, {})
+            bar = f" [{'#' * fill}{'.' * (width - fill)}]" if width else ""
             parts.append(
-                f"{name} [{'#' * fill}{'.' * (self.width - fill)}]"
+                f"{name}{bar}"
                 f" init {_mib(init)} dirty {_mib(dirty)}"
                 f" pre {_mib(moved.get('precopy', 0))} stop {_mib(moved.get('stop-copy', 0))}"
                 + (f" reinit {self._reinits[name]}" if name in self._reinits else "")
             )
-        return "  ".join(parts)
+        return f"[{self._phase or '-'}] " + "  ".join(parts)
 
     def _draw(self, force: bool = False) -> None:
         if not self.enabled:
@@ -115,7 +149,7 @@ class TerminalProgress(Progress):
         if not force and now - self._last < self.min_interval_s:
             return
         self._last = now
-        self.stream.write("\r\x1b[K" + self.line())
+        self.stream.write("\r\x1b[K" + self.line(terminal_columns(self.stream)))
         self.stream.flush()
         self._drawn += 1
 
