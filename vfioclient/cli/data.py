@@ -18,6 +18,22 @@ from .precopy import info_dict, info_text
 
 CHUNK = 1 << 20
 
+# What happens to a device vfioctl leaves in STOP: it exits, its session ends
+# and closes the device fd, and a device's last close resets the function
+# (vfio_pci_core_disable; mlx5vf's next open starts RUNNING).
+AFTER_CLOSE = MigState.RUNNING
+CLOSED = (
+    "device STOP until vfioctl exits: the exit closes it, a device's last close resets "
+    "it, and the next open finds it RUNNING (its state kept)"
+)
+
+
+async def _close_data_fd(c: VfioClient, data_fd: int) -> None:
+    """Close a data fd once the state change that ended its stream is done,
+    before the next one (QEMU's vfio_save_cleanup / vfio_load_cleanup): the
+    driver's audit reports one left open (stream-left-open)."""
+    await c.close(data_fd)
+
 
 async def _drain(c: VfioClient, data_fd: int, f: Any) -> int:
     """Read what the data fd has now (to EOF, or to ENOMSG in PRE_COPY) into f."""
@@ -35,9 +51,11 @@ async def _drain(c: VfioClient, data_fd: int, f: Any) -> int:
 async def cmd_save(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
     """save a device's state to a file
 
-    RUNNING -> STOP -> STOP_COPY, read the data fd to its end into FILE, -> STOP
-    (the device is left STOP). With --precopy go through PRE_COPY first,
-    reading what is available each iteration and printing PRECOPY_INFO."""
+    RUNNING -> STOP -> STOP_COPY, read the data fd to its end into FILE, ->
+    STOP, close the data fd. With --precopy go through PRE_COPY first,
+    reading what is available each iteration and printing PRECOPY_INFO. The
+    device stays STOP only while vfioctl holds it: its exit closes the
+    device, whose last close resets it to RUNNING (the state unchanged)."""
     fd = await c.open_device(args.device)
     try:
         await _save(c, fd, args, out)
@@ -73,6 +91,7 @@ async def _save(c: VfioClient, fd: int, args: argparse.Namespace, out: Out) -> N
                 raise CliError(errno.EIO, "STOP_COPY opened no data fd")
         stop_copy_bytes = await _drain(c, data_fd, f)
     await c.set_state(fd, MigState.STOP)
+    await _close_data_fd(c, data_fd)
     total = precopy_bytes + stop_copy_bytes
     out.doc(
         {
@@ -83,11 +102,12 @@ async def _save(c: VfioClient, fd: int, args: argparse.Namespace, out: Out) -> N
             "stop_copy_bytes": stop_copy_bytes,
             "precopy": iterations,
             "state": MigState.STOP.name,
+            "state_after_close": AFTER_CLOSE.name,
         }
     )
     out.line(
         f"{args.device}: saved {total} bytes to {args.file} "
-        f"(precopy {precopy_bytes}, stop-copy {stop_copy_bytes}); device left STOP"
+        f"(precopy {precopy_bytes}, stop-copy {stop_copy_bytes}); {CLOSED}"
     )
 
 
@@ -95,7 +115,10 @@ async def cmd_load(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
     """load a device's state from a file
 
     -> RESUMING, write FILE into the data fd, -> STOP (the driver loads and
-    validates it); with --run go on to RUNNING."""
+    validates it), close the data fd; with --run go on to RUNNING. Without
+    it the device stays STOP only while vfioctl holds it: its exit closes
+    the device, whose last close resets it to RUNNING (the loaded state
+    unchanged)."""
     f = open(args.file, "rb")  # noqa: SIM115 - closed below; open errors before any RPC
     try:
         fd = await c.open_device(args.device)
@@ -111,16 +134,26 @@ async def cmd_load(c: VfioClient, args: argparse.Namespace, out: Out) -> None:
     finally:
         f.close()
     await c.set_state(fd, MigState.STOP)
+    await _close_data_fd(c, data_fd)  # before RUNNING: the stream ended at STOP
     final = MigState.STOP
     if args.run:
         await c.set_state(fd, MigState.RUNNING)
         final = MigState.RUNNING
-    out.doc({"device": args.device, "file": args.file, "bytes": written, "state": final.name})
-    out.line(f"{args.device}: loaded {written} bytes from {args.file}; device {final.name}")
+    out.doc(
+        {
+            "device": args.device,
+            "file": args.file,
+            "bytes": written,
+            "state": final.name,
+            "state_after_close": AFTER_CLOSE.name,
+        }
+    )
+    tail = "device RUNNING" if args.run else CLOSED
+    out.line(f"{args.device}: loaded {written} bytes from {args.file}; {tail}")
 
 
 def _save_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("file", metavar="FILE")
+    s.add_argument("file", metavar="FILE", help="the image to write (removed if the save fails)")
     s.add_argument("--precopy", action="store_true", help="iterate in PRE_COPY first")
     s.add_argument(
         "--iterations",
@@ -132,7 +165,7 @@ def _save_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def _load_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("file", metavar="FILE")
+    s.add_argument("file", metavar="FILE", help="an image `vfioctl save` wrote")
     s.add_argument("--run", action="store_true", help="end RUNNING instead of STOP")
 
 

@@ -19,10 +19,13 @@ it has written everything before it.
 
 A REINIT (trusted only after a successful v2 opt-in) replaces the cached
 initial bytes, resets dirty, clears initial_data_sent and re-arms the ack, so
-the switchover waits for the new initial bytes.  After the switchover decision
-PRECOPY_INFO is checked once more ("final save_query_pending", run.py): a
-REINIT there fails the migration (QEMU 11.1), or with fail_on_late_reinit=False
-re-arms the ack and goes back to precopy.
+the switchover waits for the new initial bytes.  One in the first
+PRECOPY_INFO, right after PRE_COPY, is taken the same way (the first ack
+waits for its initial bytes); the report lists every one with its phase.
+After the switchover decision PRECOPY_INFO is checked once more ("final
+save_query_pending", run.py): a REINIT there fails the migration (QEMU
+11.1), or with fail_on_late_reinit=False re-arms the ack and goes back to
+precopy.
 
 Every state change names a recovery state; if the change fails the recovery
 state is tried, and if that fails too the device is reset (QEMU's
@@ -54,13 +57,15 @@ TLS and a socket reader that receives payloads straight into user memory.
 The destination agent's side reports on its own (`IncomingReport`).
 
 Multifd (multifd.py, in this process only), the destination's writes
-(writer.py), progress (progress.py) and the report (report.py) each have
-their module.
+(writer.py), progress (progress.py), the report (report.py) and hooks that
+act at a chosen moment (hooks.py: `at_first_ack`, the demo's
+reconfiguration) each have their module.
 """
 
 from .connection import Address, ListenerTls, dialer_tls, listener_tls
 from .destination import DestinationDevice
 from .device import DeviceMigration
+from .hooks import FirstAck, at_first_ack
 from .incoming import (
     IncomingAgent,
     IncomingOptions,
@@ -91,6 +96,7 @@ __all__ = [
     "DeviceMigration",
     "DevicePair",
     "DeviceReport",
+    "FirstAck",
     "IncomingAgent",
     "IncomingOptions",
     "IncomingReport",
@@ -103,6 +109,7 @@ __all__ = [
     "ReinitEvent",
     "SwitchoverAck",
     "TerminalProgress",
+    "at_first_ack",
     "dialer_tls",
     "format_bytes",
     "incoming_text",

@@ -134,19 +134,33 @@ class DeviceMigration:
 
     # --- setup -------------------------------------------------------------------------
 
-    async def setup(self) -> None:
-        """The destination's load_setup (its link's), then save_setup: PRE_COPY."""
+    async def setup(self) -> PrecopyInfo | None:
+        """The destination's load_setup (its link's), then save_setup:
+        PRE_COPY and the first PRECOPY_INFO; that answer if it is a REINIT
+        (the caller reports it), else None."""
         await self._setup_user_memory()
         await self.link.start()
-        if self.pre_copy and self.src_state == S.RUNNING:
-            self.src_data_fd = await self.set_source(S.PRE_COPY, S.RUNNING)
-            if self.src_data_fd is None:
-                raise MigrationError(f"{self.name}: PRE_COPY gave no data fd")
-            self.in_precopy = True
-            info = await self.src.precopy_info(self.src_data_fd)
-            self.initial_bytes, self.dirty_bytes = info.initial_bytes, info.dirty_bytes
-            self.ack.request(self.name)
+        if not (self.pre_copy and self.src_state == S.RUNNING):
+            return None
+        self.src_data_fd = await self.set_source(S.PRE_COPY, S.RUNNING)
+        if self.src_data_fd is None:
+            raise MigrationError(f"{self.name}: PRE_COPY gave no data fd")
+        self.in_precopy = True
+        info = await self.src.precopy_info(self.src_data_fd)
+        self.ack.request(self.name)  # the first switchover-ack
+        if self.v2 and info.reinit:
+            # A REINIT in the first answer (the device was reconfigured since
+            # PRE_COPY began): as anywhere else, initial_bytes is the new
+            # absolute value and dirty starts again from 0; no INIT_DATA_SENT
+            # was sent and no ack given yet, so the ack just requested is the
+            # one that waits for these initial bytes.
+            self.initial_bytes, self.dirty_bytes = info.initial_bytes, 0
+            notify(self.options.progress, "reinit", self.name, info.initial_bytes)
             self._pending_progress()
+            return info
+        self.initial_bytes, self.dirty_bytes = info.initial_bytes, info.dirty_bytes
+        self._pending_progress()
+        return None
 
     async def _setup_user_memory(self) -> None:
         """The local data path: one segment of stream_depth buffers, mapped

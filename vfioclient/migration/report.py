@@ -14,10 +14,14 @@ class ReinitEvent:
     device: str
     at_s: float  # since the migration started
     iteration: int
-    phase: str  # "precopy" | "after-switchover-decision"
+    # "setup" (the first PRECOPY_INFO, right after PRE_COPY) | "precopy" |
+    # "after-switchover-decision"
+    phase: str
     initial_bytes: int
     precopy_bytes_before: int  # the device's precopy bytes read before the REINIT
-    handling: str  # "ack re-armed" | "failed" | "ack re-armed, back to precopy"
+    # "the first ack waits for them" (setup) | "ack re-armed" | "failed" |
+    # "ack re-armed, back to precopy"
+    handling: str
 
 
 @dataclass
@@ -61,6 +65,10 @@ class MigrationReport:
     stop_copy_bytes: int = 0
     reinits: list[ReinitEvent] = field(default_factory=list)
     downtime_s: float | None = None  # first source stop to the last destination RUNNING
+    downtime_limit_s: float = 0.0  # MigrationOptions.downtime_limit_s
+    # downtime_s > downtime_limit_s: the switchover took longer than the limit
+    # the decision was made for (a slow stop-copy, a wrong bandwidth estimate).
+    downtime_exceeded: bool = False
     # Time spent verifying (MigrationOptions.digests, on_destinations_loaded):
     # inside the stop, but not counted in downtime_s.
     hook_s: float = 0.0
@@ -121,6 +129,11 @@ def report_text(r: dict[str, Any]) -> str:
         if downtime is not None
         else f"  time       {total}"
     )
+    if r.get("downtime_exceeded") and downtime is not None:
+        lines.append(
+            f"  WARNING    downtime {downtime * 1000:.1f} ms exceeded the limit of "
+            f"{r.get('downtime_limit_s', 0.0) * 1000:.1f} ms"
+        )
     if r.get("throughput_Bps"):
         lines.append(
             f"  throughput {format_bytes(r['throughput_Bps'])}/s overall, stop-copy "
@@ -147,12 +160,15 @@ def report_text(r: dict[str, Any]) -> str:
             f"DMA logging {'yes' if d['dma_logging'] else 'no'}"
             + (f", data path {d['data_path']}" if d.get("data_path") else "")
         )
-        if d.get("source_digest"):
+        if d.get("source_digest") and not r.get("verified"):  # verified: said once, below
             same = d["source_digest"] == d.get("destination_digest")
             lines.append(
                 f"  digests    {d['source_digest']} -> {d.get('destination_digest') or '(none)'}"
                 + (" equal" if same else " DIFFER")
             )
-    if r["status"] == "completed":
-        lines.append("  verified   " + ("digests equal" if r.get("verified") else "no"))
+    if r.get("verified"):
+        each = ", ".join(f"{d['name']} {d['source_digest']}" for d in r.get("devices", []))
+        lines.append(f"  verified   digests equal (source and destination): {each}")
+    elif r["status"] == "completed":
+        lines.append("  verified   no")
     return "\n".join(lines)

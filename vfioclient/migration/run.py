@@ -39,7 +39,9 @@ class Migration:
         self.destinations = destinations or LocalDestinations()
         self.devices = [DeviceMigration(p, i, self.ack, options) for i, p in enumerate(pairs)]
         self.report = MigrationReport(
-            devices=[d.report for d in self.devices], channel=self.destinations.channel
+            devices=[d.report for d in self.devices],
+            channel=self.destinations.channel,
+            downtime_limit_s=options.downtime_limit_s,
         )
         self.t0 = time.monotonic()
         self._phase_start = self.t0
@@ -111,7 +113,9 @@ class Migration:
         await self.destinations.setup(devs)
         self.report.channel = self.destinations.channel
         for d in devs:
-            await d.setup()
+            info = await d.setup()
+            if info is not None:
+                self._reinit(d, info, "setup", "the first ack waits for them")
         self._phase("precopy")
         if any(d.in_precopy for d in devs):
             await self._precopy()
@@ -213,7 +217,16 @@ class Migration:
             await self._verify(self.options.digests)
         self.report.hook_s = time.monotonic() - t + self.destinations.verify_s
         await self.destinations.start(devs)
-        self.report.downtime_s = time.monotonic() - stop - self.report.hook_s
+        r = self.report
+        r.downtime_s = time.monotonic() - stop - r.hook_s
+        if r.downtime_s > r.downtime_limit_s:
+            # QEMU goes on too (the VM is already stopped): say so.
+            r.downtime_exceeded = True
+            log.warning(
+                "downtime %.1f ms exceeded the limit of %.1f ms",
+                r.downtime_s * 1000,
+                r.downtime_limit_s * 1000,
+            )
         self._phase("cleanup")
         for d in devs:  # save_cleanup, outside the downtime
             await d.set_source(S.STOP, None)
