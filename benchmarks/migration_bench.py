@@ -59,6 +59,7 @@ from vfioclient.migration import (
     DeviceMigration,
     MigrationOptions,
     OutgoingDevice,
+    at_first_ack,
     migrate_to,
 )
 from vfioclient.usermem import DATA_PATHS
@@ -179,12 +180,9 @@ async def _cross_host_round(
             raise SystemExit(f"the destination agent did not start: {line}{why}")
         uri = line.rsplit(" on ", 1)[1].strip()
         everyone = [*procs, psutil.Process(agent.pid), psutil.Process()]
-        reconfigured: list[bool] = []
 
-        async def on_ack(_: DeviceMigration) -> None:
-            if not reconfigured:  # the guest adds a queue pair: new initial data
-                reconfigured.append(True)
-                await fw.reconfigure(s.vhca_id)
+        async def reconfigure() -> None:  # the guest adds a queue pair: new initial data
+            await fw.reconfigure(s.vhca_id)
 
         async def digests(d: DeviceMigration) -> tuple[str, str]:
             return await fw.digest(s.vhca_id), d.destination_digest
@@ -193,9 +191,9 @@ async def _cross_host_round(
             downtime_limit_s=0.3,
             bandwidth_estimate=2 * size * 4,
             data_path=data_path,
-            on_switchover_ack=on_ack,
             digests=digests,
         )
+        at_first_ack(options, s.name, reconfigure)
         sfd = await src_c.open_device(s.name)
         cpu0 = [p.cpu_times() for p in everyone]
         t0 = time.perf_counter()

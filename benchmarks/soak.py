@@ -38,6 +38,7 @@ from vfioclient.migration import (
     DevicePair,
     MigrationError,
     MigrationOptions,
+    at_first_ack,
     migrate,
 )
 from vfioclient.scenario import ScenarioClient
@@ -92,20 +93,18 @@ async def _worker(
     src, dst = pair
     try:
         while time.monotonic() < deadline:
-            reconfigured = False
 
-            async def on_ack(_: DeviceMigration, vhca: int = src.vhca_id) -> None:
-                nonlocal reconfigured
-                if not reconfigured:  # the guest adds a queue pair: new initial data
-                    reconfigured = True
-                    await fw.reconfigure(vhca, RECONFIG)
+            async def reconfigure(vhca: int = src.vhca_id) -> None:
+                # The guest adds a queue pair: new initial data.
+                await fw.reconfigure(vhca, RECONFIG)
 
             async def digests(
                 _: DeviceMigration, s: int = src.vhca_id, d: int = dst.vhca_id
             ) -> tuple[str, str]:
                 return await fw.digest(s), await fw.digest(d)
 
-            options = MigrationOptions(on_switchover_ack=on_ack, digests=digests)
+            options = MigrationOptions(digests=digests)
+            at_first_ack(options, src.name, reconfigure)
             sfd = await client.open_device(src.name)
             dfd = await client.open_device(dst.name)
             try:

@@ -22,7 +22,6 @@ suspended, so their states cannot change and must be equal then.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from tests.support import tls_mode
 from tests.support.tls_mode import served
 from tests.support.vfioclient_migration import options
 from vfioclient import VfioClient
-from vfioclient.migration import DeviceMigration, DevicePair, MigrationOptions
+from vfioclient.migration import DevicePair, MigrationOptions, at_first_ack
 from vfioclient.scenario import ScenarioClient
 
 WORKLOAD = {"size": 1 * MiB, "dirty_bytes_per_s": 4 * MiB}
@@ -109,36 +108,17 @@ class Rig:
 
     def reconfigure_on_first_ack(self, targets: dict[str, int], o: MigrationOptions) -> set[str]:
         """Reconfigure a device's source (through the Scenario service) when
-        its destination is about to give its first switchover-ack.
-
-        The ack is held while the reconfiguration is made at the next
-        precopy iteration boundary (on_iteration), when no PRECOPY_INFO is in
-        flight: a reconfiguration landing inside a PRECOPY_INFO, between its
-        QUERY_VHCA_MIGRATION_STATE and the SAVE it issues, is captured by that
-        SAVE as dirty data and never reported as a REINIT (as in the kernel:
-        the two are separate firmware commands).  The migration is correct
-        then too, but the test wants the REINIT."""
+        its destination is about to give its first switchover-ack, at the
+        next precopy iteration boundary (vfioclient.migration.at_first_ack
+        says why there).  The names of the devices reconfigured so far."""
         done: set[str] = set()
-        waiting: list[tuple[int, asyncio.Event]] = []
+        for name, vhca in targets.items():
 
-        async def on_ack(d: DeviceMigration) -> None:
-            if d.name in targets and d.name not in done:
-                done.add(d.name)
-                made = asyncio.Event()
-                waiting.append((targets[d.name], made))
-                await made.wait()
-
-        async def on_iteration(it: int) -> None:
-            if previous is not None:
-                await previous(it)
-            while waiting:
-                vhca, made = waiting.pop(0)
+            async def reconfigure(name: str = name, vhca: int = vhca) -> None:
                 await self.scenario.reconfigure(vhca)
-                made.set()
+                done.add(name)
 
-        previous = o.on_iteration
-        o.on_switchover_ack = on_ack
-        o.on_iteration = on_iteration
+            at_first_ack(o, name, reconfigure)
         return done
 
 

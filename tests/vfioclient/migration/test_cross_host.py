@@ -40,6 +40,7 @@ from vfioclient.migration import (
     MigrationError,
     MigrationOptions,
     OutgoingDevice,
+    at_first_ack,
     migrate_to,
     serve_incoming,
     wire,
@@ -113,7 +114,14 @@ class Rig:
         try:
             return await asyncio.wait_for(
                 migrate_to(
-                    [OutgoingDevice(self.src.client, fd, str(kw.pop("into", self.dst.name)))],
+                    [
+                        OutgoingDevice(
+                            self.src.client,
+                            fd,
+                            str(kw.pop("into", self.dst.name)),
+                            name=self.src.name,
+                        )
+                    ],
                     str(self.address),
                     o,
                     tls=source_tls(),
@@ -186,14 +194,11 @@ async def rig(
 def reconfigure_on_first_ack(r: Rig, o: MigrationOptions) -> MigrationOptions:
     """The source's guest adds a queue pair when the first approval arrives:
     a REINIT after an ack was obtained."""
-    done: list[bool] = []
 
-    async def on_ack(_: DeviceMigration) -> None:
-        if not done:
-            done.append(True)
-            await r.src.scenario.reconfigure(r.src.vhca)
+    async def reconfigure() -> None:
+        await r.src.scenario.reconfigure(r.src.vhca)
 
-    o.on_switchover_ack = on_ack
+    at_first_ack(o, r.src.name, reconfigure)
     return o
 
 

@@ -26,6 +26,7 @@ from vfioclient.migration import (
     MigrationOptions,
     MigrationReport,
     SwitchoverAck,
+    at_first_ack,
     migrate,
 )
 
@@ -41,14 +42,14 @@ async def rig_fixture() -> AsyncIterator[InProcessRig]:
 def reconfigure_on_first_ack(fw: Firmware, vhca_ids: dict[str, int]) -> MigrationOptions:
     """Reconfigure a device's source when its destination is about to give its
     first switchover-ack: the REINIT comes after an ack was obtained."""
-    done: set[str] = set()
+    o = options()
+    for name, vhca in vhca_ids.items():
 
-    async def on_ack(d: DeviceMigration) -> None:
-        if d.name in vhca_ids and d.name not in done:
-            done.add(d.name)
-            fw.reconfigure(vhca_ids[d.name])
+        async def reconfigure(vhca: int = vhca) -> None:
+            fw.reconfigure(vhca)
 
-    return options(on_switchover_ack=on_ack)
+        at_first_ack(o, name, reconfigure)
+    return o
 
 
 def check_completed(r: MigrationReport) -> None:
