@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -160,6 +161,48 @@ def host_path(service: dict[str, Any], container_path: str) -> Path:
 def test_the_compose_file_is_valid_against_the_compose_specification() -> None:
     check_jsonschema = tool("check-jsonschema", "PyPI check-jsonschema, in the test extra")
     passes([check_jsonschema, "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)])
+
+
+# The top-level keys Debian's docker-compose 1.29 takes (its schema: no `name`),
+# besides extensions (x-...); deploy/smoke.sh drives podman with it.
+COMPOSE_V1_KEYS = {"version", "services", "networks", "volumes", "secrets", "configs"}
+
+
+def test_debians_docker_compose_reads_the_file() -> None:
+    """docker-compose 1.29 (Debian bookworm's, the one that keeps the health
+    order with podman's Docker API) refuses a top-level key outside its
+    schema, `name` among them; where it is installed, it reads the file with
+    every profile (`config` needs no engine). deploy/smoke.sh runs the file
+    with it for real."""
+    extra = {k for k in COMPOSE if not k.startswith("x-")} - COMPOSE_V1_KEYS
+    assert not extra, f"docker-compose 1.29 refuses the top-level keys {extra}"
+    docker_compose = shutil.which("docker-compose")
+    if docker_compose is None:
+        return  # the check above stands; deploy/smoke.sh installs it and runs the file
+    profiles = sorted({p for s in SERVICES.values() for p in s.get("profiles", [])})
+    passes(
+        [docker_compose, "--file", str(COMPOSE_FILE)]
+        + [arg for p in profiles for arg in ("--profile", p)]
+        + ["config", "--quiet"]
+    )
+
+
+def test_the_driver_waits_for_a_firmware_that_does_not_answer_yet() -> None:
+    """Every driver with a firmware in another container retries it at start
+    (--firmware-wait) rather than exit at once: under a tool that ignores
+    `condition: service_healthy` (podman-compose 1.6 with podman 4.3), or
+    while fwemu restarts; Kubernetes' driver does the same."""
+    waiting = {}
+    for name, service in built_here().items():
+        if service["command"][:2] == ["vfio-driver", "serve"]:
+            args = parse_command(service["command"])
+            if args.firmware or args.firmware_shards:
+                waiting[name] = args.firmware_wait
+    assert waiting == {"driver": waiting["driver"]}
+    # Longer than fwemu's health check may take to pass (start period + retries).
+    health = SERVICES["fwemu"]["healthcheck"]
+    seconds = {k: float(str(health[k]).rstrip("s")) for k in ("interval", "start_period")}
+    assert waiting["driver"] >= seconds["start_period"] + health["retries"] * seconds["interval"]
 
 
 def test_the_project_services_build_deploy_dockerfile_from_the_repository_root() -> None:

@@ -183,9 +183,32 @@ def test_the_pki_directory_belongs_to_the_runtime_user() -> None:
 
 
 def test_every_base_image_is_the_pinned_python_3_11_slim() -> None:
-    arg = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
+    """BASE_IMAGE, python:3.11-slim by default (deploy/smoke.sh gives a
+    stand-in made from Debian's packages), is the base of every stage."""
+    arg = re.search(r"^ARG BASE_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE)
     assert arg is not None and re.fullmatch(r"python:3\.11\.?\d*-slim-\w+(@sha256:\w+)?", arg[1])
-    assert {s.base for s in stages().values()} == {"${PYTHON_IMAGE}"}
+    assert {s.base for s in stages().values()} == {"${BASE_IMAGE}"}
+    assert "PYTHON_IMAGE" not in DOCKERFILE.read_text()
+
+
+def test_the_scenario_files_are_in_the_runtime_working_directory(tmp_path: Path) -> None:
+    """examples/*.yaml and the exam presets go into the build context (not
+    the clients in other languages, nor node_modules) and from the builder
+    into the runtime's working directory, so `--scenario examples/...` works
+    in a container as in the repository."""
+    context = set(copy_context(tmp_path))
+    scenarios = {
+        p.relative_to(ROOT).as_posix()
+        for p in [*ROOT.glob("examples/*.yaml"), *ROOT.glob("examples/exam/*.yaml")]
+    }
+    assert scenarios and "examples/reinit.yaml" in scenarios
+    assert scenarios <= context
+    assert not {c for c in context if c.startswith(("examples/node", "examples/grpcurl"))}
+    runtime = stages()["runtime"]
+    (workdir,) = runtime.all("WORKDIR")
+    builder_src = stages()["builder"].env()["SRC"]
+    copies = [c.args.split() for c in runtime.all("COPY")]
+    assert ["--from=builder", f"{builder_src}/examples", f"{workdir.args}/examples"] in copies
 
 
 # --- the replay ------------------------------------------------------------------------------
@@ -277,10 +300,17 @@ def loadtest_replay(tmp_path_factory: pytest.TempPathFactory) -> Replay:
     return replay_build(tmp_path_factory, LOADTEST)
 
 
+def replay_pip(replay: Replay, *args: str) -> list[str]:
+    """The base's pip (the venv has none) run on the replayed venv: its
+    `pip ARGS` for that venv's Python."""
+    base_python = replay.root / "python" / "bin" / "python"
+    return [str(base_python), "-m", "pip", "--python", str(replay.venv_bin / "python"), *args]
+
+
 def frozen(replay: Replay) -> dict[str, str]:
     """What the replayed venv holds besides the project: name -> version."""
     lines = subprocess.run(
-        [str(replay.venv_bin / "python"), "-m", "pip", "freeze", "--exclude", PROJECT],
+        replay_pip(replay, "freeze", "--all", "--exclude", PROJECT),
         env=replay.env,
         capture_output=True,
         text=True,
@@ -295,6 +325,22 @@ def test_the_replay_builds_the_wheels_and_installs_exactly_the_lock(replay: Repl
     assert any("pip wheel" in s and '${SRC}"' in s for s in replay.steps)
     assert any("install --no-index" in s for s in replay.steps)
     assert frozen(replay) == locked()
+
+
+@pytest.mark.timeout(300)
+def test_the_replayed_venv_has_no_pip_or_setuptools(replay: Replay) -> None:
+    """Nothing at run time needs them (about 23 MB): the venv is made
+    without pip and the base's pip installs into it. `pip freeze --all`
+    above would list them; this asks the venv's Python itself."""
+    done = subprocess.run(
+        [str(replay.venv_bin / "python"), "-c",
+         "import importlib.util as u; print([m for m in ('pip', 'setuptools', 'wheel') "
+         "if u.find_spec(m)])"],
+        env=replay.env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    assert not (replay.venv_bin / "pip").exists()
+    assert any("venv --without-pip" in s and "pip --python" in s for s in replay.steps)
 
 
 @pytest.mark.timeout(300)

@@ -160,3 +160,94 @@ def test_the_row_comes_after_every_panel_above_it(title: str) -> None:
     header = PANELS[i]["gridPos"]["y"]
     assert all(p["gridPos"]["y"] + p["gridPos"]["h"] <= header for p in PANELS[:i])
     assert all(p["gridPos"]["y"] > header for p in row_panels(title))
+
+
+# --- the Errors panel and the datasource -------------------------------------------------------
+
+DATASOURCE_FILE = ROOT / "deploy" / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
+PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+# The streams a client ends with CANCELLED when it is done with them.
+NORMALLY_CANCELLED = [("vfio.v1.Vfio", "Session"), ("vfio.v1.Vfio", "ReadIntoStream")]
+
+
+def test_the_datasource_interval_is_the_scrape_interval_and_under_a_migration() -> None:
+    """Grafana's $__rate_interval is at least 4 x the datasource's
+    timeInterval (Grafana's default 15 s without it: a minute); a migration
+    takes well under a second, so the scrape interval is short and the
+    datasource says so."""
+    (source,) = yaml.safe_load(DATASOURCE_FILE.read_text())["datasources"]
+    scrape = yaml.safe_load(PROMETHEUS_CONFIG.read_text())["global"]["scrape_interval"]
+    assert source["jsonData"]["timeInterval"] == scrape
+    assert re.fullmatch(r"[1-5]s", scrape), scrape
+    assert "$__rate_interval" in " ".join(exprs())
+
+
+def _grpc_errors_expr() -> str:
+    (panel,) = [p for p in PANELS if p["title"] == "Errors"]
+    (target,) = [t for t in panel["targets"] if "grpc_server_handled_total" in t["expr"]]
+    return str(target["expr"])
+
+
+def test_the_errors_panel_leaves_out_only_the_normal_cancelled_of_the_streams(
+    tmp_path: Path,
+) -> None:
+    """promtool evaluates the panel's gRPC query over made-up counters: the
+    CANCELLED of Session and ReadIntoStream (vfio.v1.Vfio) is left out; any
+    other code of theirs, a CANCELLED of another method or of a method of
+    that name in another service, counts; OK never does."""
+    promtool = tool("promtool", "Debian package prometheus", optional=True)
+    expr = _grpc_errors_expr().replace("$__rate_interval", "1m")
+    labels = ("grpc_service", "grpc_method", "grpc_code")
+    normal = [(service, method, "CANCELLED") for service, method in NORMALLY_CANCELLED]
+    counted = [
+        ("vfio.v1.Vfio", "Session", "UNAVAILABLE"),
+        ("vfio.v1.Vfio", "ReadIntoStream", "INTERNAL"),
+        ("vfio.v1.Vfio", "SetState", "CANCELLED"),
+        ("fwemu.api.v1.Firmware", "Session", "CANCELLED"),
+    ]
+    ok = [("vfio.v1.Vfio", "Session", "OK")]
+
+    def series(values: tuple[str, str, str]) -> str:
+        matchers = ",".join(f'{k}="{v}"' for k, v in zip(labels, values, strict=True))
+        return f'grpc_server_handled_total{{grpc_type="server_stream",{matchers}}}'
+
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                # 60 more a minute: a rate of 1 per second.
+                "input_series": [
+                    {"series": series(v), "values": "0+60x10"} for v in normal + counted + ok
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": expr,
+                        "eval_time": "5m",
+                        "exp_samples": [
+                            {"labels": "{" + ",".join(
+                                f'{k}="{x}"' for k, x in zip(labels, v, strict=True)
+                            ) + "}", "value": 1}
+                            for v in counted
+                        ],
+                    }
+                ],
+            }
+        ],
+    }  # fmt: skip
+    path = tmp_path / "errors_test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    done = subprocess.run(
+        [promtool, "test", "rules", str(path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Not a rubber stamp: the query as it was (every code but OK) fails it.
+    bare = "sum by (grpc_service, grpc_method, grpc_code) " + (
+        '(rate(grpc_server_handled_total{grpc_code!="OK"}[1m]))'
+    )
+    tests["tests"][0]["promql_expr_test"][0]["expr"] = bare  # type: ignore[index]
+    path.write_text(yaml.safe_dump(tests))
+    bad = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, timeout=60)
+    assert bad.returncode != 0
