@@ -50,6 +50,9 @@ SECURE=(--user 10001:10001 --read-only --cap-drop ALL --security-opt no-new-priv
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 DEBIAN_SECURITY="${DEBIAN_SECURITY:-http://deb.debian.org/debian-security}"
 PACKAGES=(podman runc netavark aardvark-dns iptables mmdebstrap docker-compose python3 python3-yaml)
+# Debian's python3 (python3-yaml above), not whichever PATH finds first: .ci/run
+# puts virtual environments of its own ahead of it.
+PY=/usr/bin/python3
 
 PASSED=0
 FAILED=0
@@ -69,6 +72,11 @@ fail() {
     shift
     local line
     for line in "$@"; do printf '       %s\n' "$line"; done
+}
+# finish: the count; its status is the script's (the EXIT trap cleans up).
+finish() {
+    printf '%s passed, %s failed (%s s)\n' "$PASSED" "$FAILED" "$((SECONDS - START))"
+    [ "$FAILED" -eq 0 ]
 }
 # check NAME COMMAND...: pass if the command succeeds, else fail with its output.
 check() {
@@ -254,9 +262,14 @@ say "image size $(podman image inspect --format '{{.Size}}' "$IMAGE" | numfmt --
 
 # The Prometheus of compose.yaml, made from the same base and Debian's
 # prometheus (wget for compose's health check), under compose.yaml's name.
-PROMETHEUS_IMAGE=$(python3 -c '
+PROMETHEUS_IMAGE=$("$PY" -c '
 import sys, yaml
 print(yaml.safe_load(open(sys.argv[1]))["services"]["prometheus"]["image"])' deploy/compose.yaml)
+if [ -z "$PROMETHEUS_IMAGE" ]; then
+    fail "compose.yaml names the Prometheus image" "no services.prometheus.image read (see above)"
+    finish
+    exit 1
+fi
 mkdir -p "$WORK/prometheus"
 cat >"$WORK/prometheus/Containerfile" <<'EOF'
 ARG BASE_IMAGE
@@ -277,7 +290,7 @@ fi
 
 # --- 1. the image -------------------------------------------------------------------------
 
-healthcheck=$(podman image inspect "$IMAGE" | python3 -c '
+healthcheck=$(podman image inspect "$IMAGE" | "$PY" -c '
 import json, sys
 print(" ".join(json.load(sys.stdin)[0].get("Healthcheck", {}).get("Test", [])))')
 if [[ "$healthcheck" == *grpc-health-check* ]]; then
@@ -371,7 +384,7 @@ for mode in plain k8s; do
         else
             rc=$?
         fi
-        if summary=$(printf '%s' "$out" | python3 -c '
+        if summary=$(printf '%s' "$out" | "$PY" -c '
 import json, sys
 r = json.load(sys.stdin)
 rep = r["report"]
@@ -425,7 +438,7 @@ for s in certs fwemu driver migrate; do
     c=$(container "$s")
     [ -n "$c" ] && ids+=("$c")
 done
-if order=$([ "${#ids[@]}" -gt 0 ] && podman inspect "${ids[@]}" | python3 -c '
+if order=$([ "${#ids[@]}" -gt 0 ] && podman inspect "${ids[@]}" | "$PY" -c '
 import datetime as dt, json, re, sys
 
 def when(text):
@@ -473,7 +486,7 @@ fi
 # Prometheus scrapes both services: `up` is 1 for each job.
 targets=""
 for _ in $(seq 60); do
-    targets=$(python3 -c '
+    targets=$("$PY" -c '
 import json, sys, urllib.request
 url = "http://127.0.0.1:9090/api/v1/query?query=up"
 result = json.load(urllib.request.urlopen(url, timeout=5))["data"]["result"]
@@ -505,5 +518,4 @@ fi
 timeout 120 "${COMPOSE[@]}" down --volumes --timeout 10 >>"$WORK/compose.log" 2>&1 ||
     fail "docker-compose down --volumes" "$(tail -n 10 "$WORK/compose.log")"
 
-printf '%s passed, %s failed (%s s)\n' "$PASSED" "$FAILED" "$((SECONDS - START))"
-[ "$FAILED" -eq 0 ]
+finish
