@@ -358,6 +358,29 @@ confined() {
     [[ "$out" == 10001*"CapEff:"*"0000000000000000"*read-only* ]]
 }
 
+# The README's one-container lines: `vfioctl demo` (everything in one
+# process) and `fwemu serve --scenario examples/reinit.yaml` (its 8 VFs).
+check "README: vfioctl demo in one container (confined), REINIT and equal digests" \
+    podman run --rm --network none --health-cmd none "${SECURE[@]}" "$IMAGE" vfioctl demo
+scenario_fwemu() {
+    local c="$PREFIX-scenario" vfs rc=0
+    podman run -d --quiet --name "$c" --network none "${SECURE[@]}" "$IMAGE" \
+        fwemu serve --scenario examples/reinit.yaml --listen 0.0.0.0:50051 --insecure >/dev/null 2>&1 || return 1
+    if wait_healthy "$c" 60; then
+        vfs=$(podman exec "$c" vfioctl --json scenario --firmware 127.0.0.1:50051 vfs) || rc=1
+        [ "$rc" -ne 0 ] || [ "$(printf '%s' "$vfs" | "$PY" -c 'import json, sys; print(len(json.load(sys.stdin)["vfs"]))')" = 8 ] || {
+            echo "not 8 VFs: $vfs"
+            rc=1
+        }
+    else
+        rc=1
+    fi
+    stopped_cleanly "$c" || rc=1
+    podman rm --force "$c" >/dev/null 2>&1
+    return "$rc"
+}
+check "README: fwemu serve --scenario examples/reinit.yaml in a container serves its 8 VFs" scenario_fwemu
+
 NET="$PREFIX-net"
 podman network create "$NET" >/dev/null || fail "podman network create"
 for mode in plain k8s; do
