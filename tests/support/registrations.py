@@ -31,3 +31,12 @@ def registrations(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 
     monkeypatch.setattr(grpc.aio, "server", spying)
     yield seen
+
+
+async def assert_unknown_method_unimplemented(channel: grpc.aio.Channel, service: str) -> None:
+    """A method `service` does not have is UNIMPLEMENTED, as with registered
+    handlers (the generic handler answers None for it)."""
+    missing = channel.unary_unary(f"/{service}/NoSuchMethod", lambda b: b, lambda b: b)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await missing(b"", timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -12,7 +12,10 @@ from driver.api.v1 import vfio_pb2_grpc as pbg
 from driver.registry import DeviceRegistry
 from driver.service.server import VFIO_SERVICE, DriverServer
 from fwemu.embedded import EmbeddedFirmware
-from tests.support.registrations import registrations  # noqa: F401  (a fixture)
+from tests.support.registrations import (  # noqa: F401  (registrations: a fixture)
+    assert_unknown_method_unimplemented,
+    registrations,
+)
 
 pytestmark = pytest.mark.grpc
 
@@ -31,10 +34,7 @@ async def test_the_driver_registers_no_method_handlers_and_answers_as_before(
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await stub.PrecopyInfo(pb.PrecopyInfoRequest(fd=3, argsz=24), timeout=5)
             assert e.value.code() != grpc.StatusCode.UNIMPLEMENTED  # EBADF, from the servicer
-            missing = ch.unary_unary(f"/{VFIO_SERVICE}/NoSuchMethod", lambda b: b, lambda b: b)
-            with pytest.raises(grpc.aio.AioRpcError) as e:
-                await missing(b"", timeout=5)
-            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            await assert_unknown_method_unimplemented(ch, VFIO_SERVICE)
     finally:
         await server.stop(0)
     assert registrations == []

@@ -14,7 +14,10 @@ from fwemu.api.v1 import scenario_pb2_grpc as sgrpc
 from fwemu.link.ifc import VfConfig
 from fwemu.model import Firmware, VirtualClock
 from fwemu.service.server import FIRMWARE_SERVICE, FirmwareServer
-from tests.support.registrations import registrations  # noqa: F401  (a fixture)
+from tests.support.registrations import (  # noqa: F401  (registrations: a fixture)
+    assert_unknown_method_unimplemented,
+    registrations,
+)
 
 pytestmark = pytest.mark.grpc
 
@@ -35,10 +38,7 @@ async def test_fwemu_registers_no_method_handlers_and_answers_as_before(
                 fpb.QueryVhcaMigrationStateRequest(vhca_id=vhca), timeout=5
             )
             assert answer.status == 0
-            missing = ch.unary_unary(f"/{FIRMWARE_SERVICE}/NoSuchMethod", lambda b: b, lambda b: b)
-            with pytest.raises(grpc.aio.AioRpcError) as e:
-                await missing(b"", timeout=5)
-            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            await assert_unknown_method_unimplemented(ch, FIRMWARE_SERVICE)
     finally:
         await server.stop(0)
     assert registrations == []
