@@ -370,7 +370,13 @@ class Vf:
         self.table_dirty = False
 
     def set_suspended(self, *, initiator: bool, responder: bool, now: float) -> None:
-        """Change the function's suspend state; the workload runs only while it runs."""
+        """Change the function's suspend state; the workload runs only while it runs.
+        A function that stops first runs what it owed up to `now` (the commands
+        brought it up to their own, earlier, clock reading): writes made while
+        it ran belong to the state it is suspended with, never to the next
+        resume."""
+        if self.running and (initiator or responder):
+            self.advance(now)
         self.initiator_suspended = initiator
         self.responder_suspended = responder
         if self.running:

@@ -73,3 +73,19 @@ def test_the_next_suspension_replaces_it() -> None:
     vf.advance(1.5)
     suspend(vf, 1.5)
     assert vf.suspended_digest() == vf.digest() != first
+
+
+def test_writes_owed_between_the_last_look_and_the_suspend_are_made_before_it() -> None:
+    """The command pipeline brings a VF to its clock reading, and SUSPEND reads
+    the clock again: the writes due in between (4 MiB/s is a write every
+    ~1 ms) are part of the suspended state, not made at the next resume (a
+    driver killed in STOP_COPY, then a new driver's FLR, saw its VF change
+    with a zero rate)."""
+    vf = a_vf()
+    vf.advance(0.5)
+    suspend(vf, 0.5 + 0.01)  # about ten writes owed since the last look
+    frozen = vf.digest()
+    vf.workload.set_rate(0, 0.6)
+    vf.reset_function(1.0)
+    vf.advance(1.5)  # runs again, at no rate
+    assert vf.digest() == frozen
