@@ -49,6 +49,7 @@ AUDIT_FINDINGS = "vfio_audit_findings"
 DEVICE_READ_BYTES = "vfio_device_migration_read_bytes"
 DEVICE_STATE = "vfio_device_migration_state"
 FIRMWARE_COMMANDS = "vfio_firmware_commands"
+IOCTL_SECONDS = "vfio_ioctl_seconds"
 
 
 @dataclass
@@ -147,6 +148,16 @@ class DriverCollector(ScrapeCollector):
         for name, n in sorted(self.servicer.errors_by_errno.items()):
             errors.add_metric([name], n)
         yield errors
+        ioctls = HistogramMetricFamily(
+            IOCTL_SECONDS,
+            "DeviceFeature and PrecopyInfo calls, by ioctl (set_state is MIG_DEVICE_STATE SET) "
+            "and transport (unary RPCs, or the Ioctl stream): seconds from the request to "
+            "its answer, errnos included.",
+            labels=["ioctl", "transport"],
+        )
+        for (op, transport), hist in sorted(self.servicer.ioctl_seconds.items()):
+            ioctls.add_metric([op, transport], hist.cumulative(), sum_value=hist.total)
+        yield ioctls
         saves = CounterMetricFamily(
             SAVES, "SAVE_VHCA_STATE completions the driver handled, by result.",
             labels=["result"],

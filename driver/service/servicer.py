@@ -30,19 +30,21 @@ from ..api.v1 import vfio_pb2 as pb
 from ..api.v1 import vfio_pb2_grpc as pbg
 from ..api.wire import ReadAnswer, WriteChunk
 from ..events import CALLER, PRINCIPAL, ErrorAnswered, Event, Payload, Subscription
+from ..mlx5.latency import LatencyHistogram
 from ..registry import DRIVER_NAME, DeviceRegistry
 from ..vfio.errors import VfioError
 from ..vfio.ops import MigrationFile
-from ..vfio.uapi import (
-    PRECOPY_INFO,
-    VFIO_DEVICE_FEATURE_MASK,
-    VFIO_DEVICE_FEATURE_SET,
-    VFIO_MIG_GET_PRECOPY_INFO,
-    Feature,
-)
 from . import typed
 from .errnos import UNEXPECTED, abort_errno, as_vfio_error, errno_name, errno_of
-from .fdcalls import MAX_READ, read_into, stream_of, user_memory, write_from
+from .fdcalls import MAX_READ, read_into, write_from
+from .ioctls import (
+    IOCTL_OPERATIONS,
+    IOCTL_TRANSPORTS,
+    device_feature,
+    feature_operation,
+    feature_response,
+    precopy_info,
+)
 from .process import CLIENT_IDLE, DataFd, DeviceFd, Process, ProcessKey, reap_idle
 from .uninterruptible import Calls
 from .usermap import MappedSegments
@@ -90,6 +92,13 @@ class VfioServicer(pbg.VfioServicer):
         self.segments = MappedSegments()  # MapUserMemory's files, of every client
         # Every errno answer the service gave, by errno name ("ENOMSG").
         self.errors_by_errno: Counter[str] = Counter()
+        # How long DeviceFeature and PrecopyInfo took, by (operation, transport):
+        # transport "unary" (their RPCs) or "stream" (the Ioctl stream).
+        self.ioctl_seconds: dict[tuple[str, str], LatencyHistogram] = {
+            (op, transport): LatencyHistogram()
+            for op in IOCTL_OPERATIONS
+            for transport in IOCTL_TRANSPORTS
+        }
         # Set when the server starts to stop: Session and Events streams end
         # (they are no work in progress to drain) and fds are closed once
         # calls drained.
@@ -303,37 +312,20 @@ class VfioServicer(pbg.VfioServicer):
         return pb.CloseFdResponse()
 
     async def DeviceFeature(self, request: pb.DeviceFeatureRequest, context: Ctx) -> Any:
+        began = time.perf_counter()
         proc = self.process(context)
-        new_fd = -1
         argsz, flags, arg = request.argsz, request.flags, request.data
-        is_typed = request.HasField("typed")
-        if is_typed:
-            async with self._answering(context, "device_feature", proc=proc, fd=request.fd):
-                argsz, flags, arg = typed.pack(request)
-        op = "device_feature"
-        if flags & VFIO_DEVICE_FEATURE_MASK == Feature.MIG_DEVICE_STATE and (
-            flags & VFIO_DEVICE_FEATURE_SET
-        ):
-            op = "set_state"
-        async with self._answering(context, op, proc=proc, fd=request.fd):
-            user = user_memory(request.user_memory)
-            device = proc.device(request.fd)
-
-            def install(file: MigrationFile) -> int:
-                nonlocal new_fd
-                stream, saving = stream_of(file)
-                new_fd = proc.install(DataFd(file, device, stream, saving))
-                return new_fd
-
-            data = await self.calls.run(
-                device.device_feature(argsz, flags, arg, user=user, install_fd=install)
-            )
-        return pb.DeviceFeatureResponse(
-            data=data,
-            user_memory=[pb.UserBuffer(addr=a, data=bytes(b)) for a, b in user.buffers.items()],
-            data_fd=new_fd,
-            typed=typed.unpack(request, data) if is_typed else None,
-        )
+        operation = "device_feature"
+        try:
+            if request.HasField("typed"):
+                async with self._answering(context, operation, proc=proc, fd=request.fd):
+                    argsz, flags, arg = typed.pack(request)
+            operation = feature_operation(flags)
+            async with self._answering(context, operation, proc=proc, fd=request.fd):
+                done = await device_feature(self.calls, proc, request, argsz, flags, arg)
+        finally:
+            self.ioctl_seconds[operation, "unary"].observe(time.perf_counter() - began)
+        return feature_response(request, *done)
 
     async def DeviceReset(self, request: pb.DeviceResetRequest, context: Ctx) -> Any:
         proc = self.process(context)
@@ -468,19 +460,63 @@ class VfioServicer(pbg.VfioServicer):
             yield response(count=n)
 
     async def PrecopyInfo(self, request: pb.PrecopyInfoRequest, context: Ctx) -> Any:
+        began = time.perf_counter()
         proc = self.process(context)
-        async with self._answering(context, "precopy_info", proc=proc, fd=request.fd):
-            entry = proc.get(request.fd)
-            if isinstance(entry, DeviceFd):
-                raise VfioError(errno.ENOTTY, "VFIO_MIG_GET_PRECOPY_INFO is a data fd ioctl")
-            arg = PRECOPY_INFO.pack(
-                request.argsz, request.flags, request.initial_bytes, request.dirty_bytes
+        try:
+            async with self._answering(context, "precopy_info", proc=proc, fd=request.fd):
+                return await precopy_info(self.calls, proc, request)
+        finally:
+            self.ioctl_seconds["precopy_info", "unary"].observe(time.perf_counter() - began)
+
+    # --- ioctls on one stream ------------------------------------------------------------
+
+    async def Ioctl(
+        self, request_iterator: AsyncIterator[pb.IoctlRequest], context: Ctx
+    ) -> AsyncIterator[pb.IoctlAnswer]:
+        """DeviceFeature and PrecopyInfo in band, one at a time in order (one
+        thread's ioctls); each answered as its unary RPC is, with the same
+        errnos, counters, events and logs."""
+        proc = self.process(context)
+        async for request in request_iterator:
+            if proc.exited:  # forgotten while idle: the caller's table as it is now
+                proc = self.process(context)
+            proc.last_used = self.clock()
+            yield await self._ioctl(proc, request)
+
+    async def _ioctl(self, proc: Process, request: pb.IoctlRequest) -> pb.IoctlAnswer:
+        began = time.perf_counter()
+        operation, fd = "ioctl", -1
+        try:
+            which = request.WhichOneof("ioctl")
+            if which == "device_feature":
+                feature = request.device_feature
+                operation, fd = "device_feature", feature.fd
+                argsz, flags, arg = feature.argsz, feature.flags, feature.data
+                if feature.HasField("typed"):
+                    argsz, flags, arg = typed.pack(feature)
+                operation = feature_operation(flags)
+                done = await device_feature(self.calls, proc, feature, argsz, flags, arg)
+                return pb.IoctlAnswer(device_feature=feature_response(feature, *done))
+            if which == "precopy_info":
+                operation, fd = "precopy_info", request.precopy_info.fd
+                return pb.IoctlAnswer(
+                    precopy_info=await precopy_info(self.calls, proc, request.precopy_info)
+                )
+            raise VfioError(
+                errno.EINVAL, "the Ioctl request names no ioctl (device_feature, precopy_info)"
             )
-            out = await self.calls.run(entry.file.ioctl(VFIO_MIG_GET_PRECOPY_INFO, arg))
-        argsz, flags, initial, dirty = PRECOPY_INFO.unpack_from(out, 0)
-        return pb.PrecopyInfoResponse(
-            argsz=argsz, flags=flags, initial_bytes=initial, dirty_bytes=dirty
-        )
+        except UNEXPECTED as exc:  # VfioError is an OSError
+            e = as_vfio_error(exc)
+            code = self._errno_answered(e, operation, proc=proc, fd=fd)
+            return pb.IoctlAnswer(
+                error=pb.ErrorAnswer(
+                    errno_name=errno_name(code), errno=code, operation=operation, message=str(e)
+                )
+            )
+        finally:
+            seconds = self.ioctl_seconds.get((operation, "stream"))
+            if seconds is not None:  # not a request naming no ioctl
+                seconds.observe(time.perf_counter() - began)
 
     # --- events and audit ------------------------------------------------------------
 
