@@ -58,6 +58,7 @@ from .calls import (
     VfioClientError,
 )
 from .calls import rpc_error as _error
+from .ioctls import IOCTL_FIELDS, IoctlLanes
 from .transport import FROM_ENV, TlsChoice, resolve_tls
 from .uapi import MigState
 
@@ -97,10 +98,17 @@ class VfioClient(AsyncClosing):
     """One client (a 'process') of a vfio-driver service."""
 
     def __init__(
-        self, target: str, *, client_id: str | None = None, tls: TlsChoice = FROM_ENV
+        self,
+        target: str,
+        *,
+        client_id: str | None = None,
+        tls: TlsChoice = FROM_ENV,
+        ioctl_streams: bool = True,
     ) -> None:
         """`tls`: a grpcsvc.tls.ClientTls, None for plaintext, or (the
-        default) the VFIO_TLS_* environment variables' TLS if they are set."""
+        default) the VFIO_TLS_* environment variables' TLS if they are set.
+        `ioctl_streams`: DeviceFeature and PrecopyInfo on the driver's Ioctl
+        streams (vfioclient.ioctls); False: unary calls only."""
         self.target = target
         self.client_id = client_id or calls.new_client_id()
         # Built once: grpc.aio turns a tuple into Metadata on every call (~2 us).
@@ -110,6 +118,8 @@ class VfioClient(AsyncClosing):
         self.stub = pbg.VfioStub(self.channel)
         self._write = calls.write_method(self.channel)
         self._session: grpc.aio.UnaryStreamCall[Any, Any] | None = None
+        self._ioctls = IoctlLanes(self.channel, self._metadata)
+        self._ioctls.enabled = ioctl_streams
 
     @classmethod
     async def connect(
@@ -119,10 +129,11 @@ class VfioClient(AsyncClosing):
         client_id: str | None = None,
         timeout: float = 10.0,
         tls: TlsChoice = FROM_ENV,
+        ioctl_streams: bool = True,
     ) -> VfioClient:
         """Connect and open the session (so this client's fds close with it).
         A TLS file that cannot be read raises grpcsvc.tls.TlsError."""
-        c = cls(target, client_id=client_id, tls=tls)
+        c = cls(target, client_id=client_id, tls=tls, ioctl_streams=ioctl_streams)
         try:
             c._session = c.stub.Session(calls.SESSION_REQUEST, metadata=c._metadata)
             await asyncio.wait_for(c._session.read(), timeout)
@@ -133,6 +144,7 @@ class VfioClient(AsyncClosing):
         return c
 
     async def aclose(self) -> None:
+        self._ioctls.close()
         if self._session is not None:
             self._session.cancel()
             self._session = None
@@ -144,12 +156,22 @@ class VfioClient(AsyncClosing):
         except grpc.aio.AioRpcError as e:
             raise _error(e) from None
 
-    async def _unary(self, call: calls.Unary[T]) -> T:
-        """Carry out one of vfioclient.calls' unary calls."""
+    async def _rpc(self, call: calls.Unary[Any]) -> Any:
         try:
-            m = await getattr(self.stub, call.rpc)(call.request, metadata=self._metadata)
+            return await getattr(self.stub, call.rpc)(call.request, metadata=self._metadata)
         except grpc.aio.AioRpcError as e:
-            return call.recover(_error(e))
+            raise _error(e) from None
+
+    async def _unary(self, call: calls.Unary[T]) -> T:
+        """Carry out one of vfioclient.calls' unary calls (DeviceFeature and
+        PrecopyInfo on an Ioctl stream, answered the same)."""
+        try:
+            if call.rpc in IOCTL_FIELDS:
+                m = await self._ioctls.call(call.rpc, call.request, lambda: self._rpc(call))
+            else:
+                m = await self._rpc(call)
+        except VfioClientError as e:
+            return call.recover(e)
         return call.decode(m)
 
     # --- devices ---------------------------------------------------------------------

@@ -1,0 +1,154 @@
+"""DeviceFeature and PrecopyInfo over the driver's Ioctl streams.
+
+A unary gRPC call costs several times what one message each way on an open
+stream does (grpc.aio: call set-up, metadata, status), and a migration makes
+an ioctl after every precopy read (QEMU's pending_exact: MIG_DATA_SIZE, then
+PRECOPY_INFO).  So the async client carries those two RPCs on Ioctl streams
+(vfio.proto): each stream, a *lane*, carries one ioctl at a time, as one
+thread makes them, and the client opens as many lanes as it has ioctls in
+flight (up to MAX_LANES; beyond them, unary calls), so ioctls on different
+devices run side by side as they do on the unary RPCs.  The answers are the
+unary RPCs' own, errnos included (in band).
+
+A driver without the Ioctl RPC (UNIMPLEMENTED, before it ran anything) turns
+the lanes off: the call is made again as a unary call, and so are the rest.
+A caller cancelled while its ioctl is on a lane takes the lane down with it
+(the ioctl runs to its end on the driver, as a unary call's does); a broken
+stream fails its one ioctl with the unary path's errno (ENOTCONN, EIO) and
+the next ioctl opens a fresh lane.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from driver.api.v1 import vfio_pb2 as pb
+
+from .calls import VfioClientError
+from .calls import rpc_error as _error
+
+IOCTL_METHOD = "/vfio.v1.Vfio/Ioctl"
+# The unary RPCs the lanes carry: the oneof field of each in IoctlRequest/IoctlAnswer.
+IOCTL_FIELDS = {"DeviceFeature": "device_feature", "PrecopyInfo": "precopy_info"}
+MAX_LANES = 64  # idle lanes kept, and lanes open at once; beyond them, unary calls
+
+Unary = Callable[[], Any]  # the same call as a unary RPC, awaited for its answer
+
+
+def ioctl_method(channel: grpc.aio.Channel) -> Any:
+    return channel.stream_stream(
+        IOCTL_METHOD,
+        request_serializer=pb.IoctlRequest.SerializeToString,
+        response_deserializer=pb.IoctlAnswer.FromString,
+    )
+
+
+class _Stale(Exception):
+    """The lane's stream had ended before the ioctl was sent on it."""
+
+
+class _Lane:
+    """One Ioctl stream, used by one caller at a time."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
+        self.call = call
+
+    async def ioctl(self, request: pb.IoctlRequest) -> pb.IoctlAnswer:
+        """The answer; _Stale if the stream had ended (nothing sent)."""
+        if self.call.done():
+            raise _Stale
+        try:
+            await self.call.write(request)
+        except asyncio.InvalidStateError:  # ended since: "RPC already finished"
+            raise _Stale from None
+        answer = await self.call.read()
+        if not isinstance(answer, pb.IoctlAnswer):  # grpc.aio.EOF: the driver ended it
+            raise VfioClientError(errno.EIO, "the driver ended the Ioctl stream")
+        return answer
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
+class IoctlLanes:
+    """The Ioctl streams of one client."""
+
+    def __init__(self, channel: grpc.aio.Channel, metadata: grpc.aio.Metadata) -> None:
+        self._method = ioctl_method(channel)
+        self._metadata = metadata
+        self._idle: list[_Lane] = []
+        self._open = 0  # lanes that exist: idle or carrying an ioctl
+        self.enabled = True  # False: the driver has no Ioctl RPC
+        self.closed = False
+
+    def _take(self) -> _Lane:
+        return self._idle.pop() if self._idle else self._new_lane()
+
+    def _give_back(self, lane: _Lane, keep: bool) -> None:
+        if keep and not self.closed and len(self._idle) < MAX_LANES:
+            self._idle.append(lane)
+        else:
+            self._open -= 1
+            lane.close()
+
+    async def call(self, rpc: str, request: Any, unary: Unary) -> Any:
+        """The answer message of `rpc` (one of IOCTL_FIELDS) with `request`,
+        on a lane when one can be had, else by `unary`; a VfioClientError
+        with the RPC's errno when it fails."""
+        field = IOCTL_FIELDS[rpc]
+        if not self.enabled or self.closed or (not self._idle and self._open >= MAX_LANES):
+            return await unary()
+        ioctl = pb.IoctlRequest(**{field: request})
+        for fresh in (False, True):
+            # An idle lane may have ended meanwhile (the driver restarted, the
+            # connection broke): nothing was sent on it, so a new lane is asked.
+            lane = self._take() if not fresh else self._new_lane()
+            keep = False
+            try:
+                try:
+                    answer = await lane.ioctl(ioctl)
+                except _Stale:
+                    if fresh:
+                        raise VfioClientError(
+                            errno.ENOTCONN, "driver unreachable: the Ioctl stream ended"
+                        ) from None
+                    continue
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                        self.enabled = False  # it ran nothing: ask again the old way
+                        return await unary()
+                    raise _error(e) from None
+                which = answer.WhichOneof("answer")
+                if which == field:
+                    keep = True
+                    return getattr(answer, field)
+                if which == "error":
+                    keep = True
+                    raise VfioClientError(answer.error.errno, answer.error.message)
+                raise VfioClientError(
+                    errno.EIO, f"the driver answered {rpc} with {which or 'nothing'}"
+                )
+            finally:
+                self._give_back(lane, keep)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _new_lane(self) -> _Lane:
+        self._open += 1
+        return _Lane(self._method(metadata=self._metadata))
+
+    def close(self) -> None:
+        """Cancel every idle lane; one in use is cancelled by its caller."""
+        self.closed = True
+        idle, self._idle = self._idle, []
+        for lane in idle:
+            with contextlib.suppress(Exception):
+                lane.close()
+        self._open -= len(idle)
