@@ -22,26 +22,26 @@ from typing import Any
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
-from driver_bench import _driver_precopy_rates
+from driver_bench import PRECOPY_DEVICES, _driver_precopy_rates
 from procs import DRIVER, FWEMU, served
 from report import Results, add_output_flag, parser, print_results
 
 METRICS = ["--metrics-listen", "127.0.0.1:0"]
-IN_FLIGHT = (1, 16)
+IN_FLIGHT = PRECOPY_DEVICES
+# One VF per device in flight (_driver_precopy_rates: one caller per device).
+VFS = ("--vfs", str(max(PRECOPY_DEVICES)), "--size", "4MiB", "--dirty-rate", "0")
 
 
 async def _embedded(metrics: bool, seconds: float) -> dict[int, float]:
     extra = METRICS if metrics else []
-    with served(DRIVER, "--vfs", "1", "--size", "4MiB", "--dirty-rate", "0",
-                "--log-level", "warning", *extra) as (_, drv):  # fmt: skip
+    with served(DRIVER, *VFS, "--log-level", "warning", *extra) as (_, drv):
         return await _driver_precopy_rates(drv, seconds)
 
 
 async def _remote(metrics: bool, seconds: float) -> dict[int, float]:
     extra = METRICS if metrics else []
     with (
-        served(FWEMU, "--vfs", "1", "--size", "4MiB", "--dirty-rate", "0",
-               "--log-level", "warning", *extra) as (_, fw),
+        served(FWEMU, *VFS, "--log-level", "warning", *extra) as (_, fw),
         served(DRIVER, "--firmware", fw, "--log-level", "warning", *extra) as (_, drv),
     ):  # fmt: skip
         return await _driver_precopy_rates(drv, seconds)

@@ -105,7 +105,8 @@ def _ratios(ratios: list[float]) -> Results:
 
 
 def bench_precopy_info(pki: Pki, seconds: float, rounds: int) -> Results:
-    vfs = ("--vfs", "1", "--size", "4MiB", "--dirty-rate", "0")
+    # One VF per device in flight (_driver_precopy_rates: one caller per device).
+    vfs = ("--vfs", str(max(IN_FLIGHT)), "--size", "4MiB", "--dirty-rate", "0")
     out: Results = {}
     for name, firmware_process in (("embedded", False), ("firmware_process", True)):
 
