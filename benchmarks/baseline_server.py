@@ -1,6 +1,7 @@
 """The baseline for driver benchmarks: a gRPC server with the driver's own
 messages and nothing behind them.  ReadStream sends `limit` bytes of
-preallocated data in chunk_size messages; PrecopyInfo answers at once.  Run in
+preallocated data in chunk_size messages; PrecopyInfo answers at once, as a
+unary call and on the Ioctl stream.  Run in
 its own process, as the driver is.
 
     python benchmarks/baseline_server.py --listen 127.0.0.1:0
@@ -37,6 +38,15 @@ class Baseline(pbg.VfioServicer):
 
     async def PrecopyInfo(self, request: pb.PrecopyInfoRequest, context: Any) -> Any:
         return pb.PrecopyInfoResponse(argsz=request.argsz, flags=0, initial_bytes=0, dirty_bytes=0)
+
+    async def Ioctl(
+        self, request_iterator: AsyncIterator[pb.IoctlRequest], context: Any
+    ) -> AsyncIterator[pb.IoctlAnswer]:
+        """The raw stream baseline of the Ioctl stream: each PrecopyInfo answered at once."""
+        async for request in request_iterator:
+            yield pb.IoctlAnswer(
+                precopy_info=pb.PrecopyInfoResponse(argsz=request.precopy_info.argsz)
+            )
 
 
 async def main(listen: str) -> None:
