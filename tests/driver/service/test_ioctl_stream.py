@@ -18,20 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from driver.api.v1 import vfio_pb2 as pb
-from driver.vfio.uapi import (
-    MIG_STATE,
-    VFIO_DEVICE_FEATURE_GET,
-    VFIO_DEVICE_FEATURE_PROBE,
-    VFIO_DEVICE_FEATURE_SET,
-    Feature,
-    MigState,
-)
+from driver.vfio.uapi import MIG_STATE, Feature, MigState
+from driver.vfio.uapi import VFIO_DEVICE_FEATURE_PROBE as PROBE
 from fwemu.link.ifc import Fault, FaultKind, Opcode
-from tests.support.driver_service import DriverUnderTest, VfioCallError, VfioClient
+from tests.support.driver_service import GET, SET, DriverUnderTest, VfioCallError, VfioClient
 
 pytestmark = pytest.mark.grpc
-
-SET, GET, PROBE = VFIO_DEVICE_FEATURE_SET, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_PROBE
 
 
 class Lane:
