@@ -11,7 +11,9 @@ devices run side by side as they do on the unary RPCs.  The answers are the
 unary RPCs' own, errnos included (in band).
 
 A driver without the Ioctl RPC (UNIMPLEMENTED, before it ran anything) turns
-the lanes off: the call is made again as a unary call, and so are the rest.
+the lanes off: the call is made again as a unary call, and so are the rest; a
+stream refused with EAGAIN (the driver's limit of streams per client) makes
+that one call a unary call.
 A caller cancelled while its ioctl is on a lane takes the lane down with it
 (the ioctl runs to its end on the driver, as a unary call's does); a broken
 stream fails its one ioctl with the unary path's errno (ENOTCONN, EIO) and
@@ -125,7 +127,12 @@ class IoctlLanes:
                     if e.code() == grpc.StatusCode.UNIMPLEMENTED:
                         self.enabled = False  # it ran nothing: ask again the old way
                         return await unary()
-                    raise _error(e) from None
+                    err = _error(e)
+                    if err.errno == errno.EAGAIN:
+                        # The driver's most Ioctl streams per client (several
+                        # VfioClients with one client id): this one, unary.
+                        return await unary()
+                    raise err from None
                 which = answer.WhichOneof("answer")
                 if which == field:
                     keep = True

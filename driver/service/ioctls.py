@@ -6,8 +6,11 @@ answer the same, errno for errno.  A VfioError raised here is the errno."""
 from __future__ import annotations
 
 import errno
+import time
+from collections.abc import Callable, Mapping
 
 from ..api.v1 import vfio_pb2 as pb
+from ..mlx5.latency import LatencyHistogram
 from ..vfio.errors import VfioError
 from ..vfio.ops import MigrationFile
 from ..vfio.uapi import (
@@ -19,6 +22,7 @@ from ..vfio.uapi import (
 )
 from ..vfio.usermem import UserMemory
 from . import typed
+from .errnos import UNEXPECTED, as_vfio_error, errno_name
 from .fdcalls import stream_of, user_memory
 from .process import DataFd, DeviceFd, Process
 from .uninterruptible import Calls
@@ -88,3 +92,52 @@ async def precopy_info(
     return pb.PrecopyInfoResponse(
         argsz=argsz, flags=flags, initial_bytes=initial, dirty_bytes=dirty
     )
+
+
+# Counts, publishes and logs an errno answer (VfioServicer._errno_answered): the errno.
+ErrnoAnswered = Callable[..., int]
+
+
+async def answer_ioctl(
+    calls: Calls,
+    proc: Process,
+    request: pb.IoctlRequest,
+    errno_answered: ErrnoAnswered,
+    seconds: Mapping[tuple[str, str], LatencyHistogram],
+) -> pb.IoctlAnswer:
+    """One request of an Ioctl stream, answered as its unary RPC would be:
+    its response, or its errno in band (counted, published and logged as
+    the unary RPC's); timed in `seconds` as transport "stream"."""
+    began = time.perf_counter()
+    operation, fd = "ioctl", -1
+    try:
+        which = request.WhichOneof("ioctl")
+        if which == "device_feature":
+            feature = request.device_feature
+            operation, fd = "device_feature", feature.fd
+            argsz, flags, arg = feature.argsz, feature.flags, feature.data
+            if feature.HasField("typed"):
+                argsz, flags, arg = typed.pack(feature)
+            operation = feature_operation(flags)
+            done = await device_feature(calls, proc, feature, argsz, flags, arg)
+            return pb.IoctlAnswer(device_feature=feature_response(feature, *done))
+        if which == "precopy_info":
+            operation, fd = "precopy_info", request.precopy_info.fd
+            return pb.IoctlAnswer(
+                precopy_info=await precopy_info(calls, proc, request.precopy_info)
+            )
+        raise VfioError(
+            errno.EINVAL, "the Ioctl request names no ioctl (device_feature, precopy_info)"
+        )
+    except UNEXPECTED as exc:  # VfioError is an OSError
+        e = as_vfio_error(exc)
+        code = errno_answered(e, operation, proc=proc, fd=fd)
+        return pb.IoctlAnswer(
+            error=pb.ErrorAnswer(
+                errno_name=errno_name(code), errno=code, operation=operation, message=str(e)
+            )
+        )
+    finally:
+        histogram = seconds.get((operation, "stream"))
+        if histogram is not None:  # not a request naming no ioctl
+            histogram.observe(time.perf_counter() - began)

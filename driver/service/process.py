@@ -68,6 +68,7 @@ class Process:
         self.memory = UserMappings(shm_dir, principal=principal, segments=segments)
         self.fds: dict[int, DeviceFd | DataFd] = {}
         self.sessions = 0
+        self.ioctl_streams = 0  # Ioctl streams open (its "threads"; MAX_IOCTL_STREAMS)
         self.exited = False
         self.last_used = 0.0  # when a call last named the client (the servicer's clock)
 

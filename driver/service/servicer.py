@@ -40,6 +40,7 @@ from .fdcalls import MAX_READ, read_into, write_from
 from .ioctls import (
     IOCTL_OPERATIONS,
     IOCTL_TRANSPORTS,
+    answer_ioctl,
     device_feature,
     feature_operation,
     feature_response,
@@ -51,6 +52,8 @@ from .usermap import MappedSegments
 
 log = logging.getLogger("vfio-driver")
 Ctx = grpc.aio.ServicerContext[Any, Any]
+# Ioctl streams one client may have open at once (vfioclient opens at most 64).
+MAX_IOCTL_STREAMS = 128
 
 EVENTS_KEY = "x-vfio-events"  # initial metadata of an Events stream: "subscribed"
 DEFAULT_CHUNK = 1 << 20
@@ -477,46 +480,25 @@ class VfioServicer(pbg.VfioServicer):
         thread's ioctls); each answered as its unary RPC is, with the same
         errnos, counters, events and logs."""
         proc = self.process(context)
-        async for request in request_iterator:
-            if proc.exited:  # forgotten while idle: the caller's table as it is now
-                proc = self.process(context)
-            proc.last_used = self.clock()
-            yield await self._ioctl(proc, request)
-
-    async def _ioctl(self, proc: Process, request: pb.IoctlRequest) -> pb.IoctlAnswer:
-        began = time.perf_counter()
-        operation, fd = "ioctl", -1
+        if proc.ioctl_streams >= MAX_IOCTL_STREAMS:  # as clone(2) past RLIMIT_NPROC
+            e = VfioError(
+                errno.EAGAIN,
+                f"client {proc.client} has {MAX_IOCTL_STREAMS} Ioctl streams open, the most "
+                "one client may: make ioctls on those, or as unary calls",
+            )
+            await self._fail(context, e, "ioctl", proc=proc)
+        opened = proc
+        opened.ioctl_streams += 1
         try:
-            which = request.WhichOneof("ioctl")
-            if which == "device_feature":
-                feature = request.device_feature
-                operation, fd = "device_feature", feature.fd
-                argsz, flags, arg = feature.argsz, feature.flags, feature.data
-                if feature.HasField("typed"):
-                    argsz, flags, arg = typed.pack(feature)
-                operation = feature_operation(flags)
-                done = await device_feature(self.calls, proc, feature, argsz, flags, arg)
-                return pb.IoctlAnswer(device_feature=feature_response(feature, *done))
-            if which == "precopy_info":
-                operation, fd = "precopy_info", request.precopy_info.fd
-                return pb.IoctlAnswer(
-                    precopy_info=await precopy_info(self.calls, proc, request.precopy_info)
+            async for request in request_iterator:
+                if proc.exited:  # forgotten while idle: the caller's table as it is now
+                    proc = self.process(context)
+                proc.last_used = self.clock()
+                yield await answer_ioctl(
+                    self.calls, proc, request, self._errno_answered, self.ioctl_seconds
                 )
-            raise VfioError(
-                errno.EINVAL, "the Ioctl request names no ioctl (device_feature, precopy_info)"
-            )
-        except UNEXPECTED as exc:  # VfioError is an OSError
-            e = as_vfio_error(exc)
-            code = self._errno_answered(e, operation, proc=proc, fd=fd)
-            return pb.IoctlAnswer(
-                error=pb.ErrorAnswer(
-                    errno_name=errno_name(code), errno=code, operation=operation, message=str(e)
-                )
-            )
         finally:
-            seconds = self.ioctl_seconds.get((operation, "stream"))
-            if seconds is not None:  # not a request naming no ioctl
-                seconds.observe(time.perf_counter() - began)
+            opened.ioctl_streams -= 1
 
     # --- events and audit ------------------------------------------------------------
 

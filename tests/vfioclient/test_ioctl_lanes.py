@@ -15,6 +15,9 @@ import grpc
 import pytest
 
 from driver.api.v1 import vfio_pb2 as pb
+from driver.service.servicer import MAX_IOCTL_STREAMS
+from driver.vfio.uapi import VFIO_DEVICE_FEATURE_GET as GET
+from driver.vfio.uapi import Feature
 from fwemu.link.ifc import Fault, FaultKind, Opcode
 from grpcsvc.server import CHANNEL_OPTIONS
 from tests.support import tls_mode
@@ -23,6 +26,7 @@ from tests.support.driver_service import (  # noqa: F401
     drv_fixture,
     fwemu_target_fixture,
 )
+from tests.support.driver_service import VfioClient as HarnessClient
 from vfioclient import VfioClient, VfioClientError
 from vfioclient.ioctls import MAX_LANES
 from vfioclient.uapi import MigState
@@ -163,3 +167,36 @@ async def test_an_idle_lane_that_ended_is_replaced_without_resending(
     assert await lib.set_state(fd, MigState.STOP) is None
     assert await lib.get_state(fd) is MigState.STOP
     assert lib._ioctls._open == 1 and lib._ioctls._idle[0] is not idle
+
+
+async def test_a_stream_refused_for_the_client_limit_makes_that_call_unary(
+    drv: DriverUnderTest,
+) -> None:
+    """Another holder of the same client id has the driver's most Ioctl
+    streams open: the library's ioctl is made as a unary call instead
+    (answered the same), and the lanes stay on for later."""
+    (vf,) = await drv.create_vfs()
+    raw = await HarnessClient.connect(drv.target)
+    lib = await VfioClient.connect(
+        drv.target, client_id=raw.client_id, tls=tls_mode.client_tls(drv.target)
+    )
+    calls: list[Any] = []
+    try:
+        fd = await lib.open_device(vf.name)
+        request = pb.IoctlRequest(
+            device_feature=pb.DeviceFeatureRequest(
+                fd=fd, argsz=16, flags=GET | Feature.MIG_DEVICE_STATE, data=bytes(8)
+            )
+        )
+        for _ in range(MAX_IOCTL_STREAMS):
+            call = raw.stub.Ioctl(metadata=raw.metadata)
+            calls.append(call)
+            await call.write(request)
+            assert (await call.read()).WhichOneof("answer") == "device_feature"
+        assert await lib.get_state(fd) is MigState.RUNNING
+        assert lib._ioctls.enabled and lib._ioctls._open == 0
+    finally:
+        for call in calls:
+            call.cancel()
+        await lib.aclose()
+        await raw.close_channel()

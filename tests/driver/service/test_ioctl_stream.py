@@ -18,9 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from driver.api.v1 import vfio_pb2 as pb
+from driver.service.servicer import MAX_IOCTL_STREAMS
 from driver.vfio.uapi import MIG_STATE, Feature, MigState
 from driver.vfio.uapi import VFIO_DEVICE_FEATURE_PROBE as PROBE
 from fwemu.link.ifc import Fault, FaultKind, Opcode
+from grpcsvc.errors import error_info
 from tests.support.driver_service import GET, SET, DriverUnderTest, VfioCallError, VfioClient
 
 pytestmark = pytest.mark.grpc
@@ -62,6 +64,10 @@ def feature(fd: int, flags: int, data: bytes = b"", argsz: int | None = None) ->
 
 def precopy(fd: int, argsz: int = 24, flags: int = 0) -> pb.IoctlRequest:
     return pb.IoctlRequest(precopy_info=pb.PrecopyInfoRequest(fd=fd, argsz=argsz, flags=flags))
+
+
+def get_state(fd: int) -> pb.IoctlRequest:
+    return feature(fd, GET | Feature.MIG_DEVICE_STATE, bytes(MIG_STATE.size))
 
 
 def set_state(fd: int, state: MigState) -> pb.IoctlRequest:
@@ -108,7 +114,7 @@ async def test_a_migration_arc_on_the_stream_then_half_close_ends_ok(
     assert errno_in(await lane.ask(precopy(fd))) == errno.ENOTTY
     no_such_state = feature(fd, SET | Feature.MIG_DEVICE_STATE, MIG_STATE.pack(99, 0))
     assert errno_in(await lane.ask(no_such_state)) == errno.EINVAL
-    got = await lane.ask(feature(fd, GET | Feature.MIG_DEVICE_STATE, bytes(MIG_STATE.size)))
+    got = await lane.ask(get_state(fd))
     assert MIG_STATE.unpack(got.device_feature.data)[0] == MigState.PRE_COPY
     assert (await lane.ask(set_state(fd, MigState.RUNNING))).device_feature.data_fd == -1
     await lane.end()
@@ -131,7 +137,7 @@ async def test_a_request_naming_no_ioctl_is_einval_and_the_stream_goes_on(
     _, fd = await drv.open_vf(client)
     a = await lane.ask(pb.IoctlRequest())
     assert (a.error.errno, a.error.operation) == (errno.EINVAL, "ioctl")
-    a = await lane.ask(feature(fd, GET | Feature.MIG_DEVICE_STATE, bytes(MIG_STATE.size)))
+    a = await lane.ask(get_state(fd))
     assert MIG_STATE.unpack(a.device_feature.data)[0] == MigState.RUNNING
     await lane.end()
 
@@ -198,9 +204,7 @@ async def test_two_streams_run_side_by_side_as_threads_do(
         await asyncio.sleep(0.1)
         t0 = time.monotonic()
         for _ in range(5):
-            got = await b.ask(
-                feature(quick_fd, GET | Feature.MIG_DEVICE_STATE, bytes(MIG_STATE.size))
-            )
+            got = await b.ask(get_state(quick_fd))
             assert MIG_STATE.unpack(got.device_feature.data)[0] == MigState.RUNNING
         assert time.monotonic() - t0 < 0.8 and not held.done()
         assert (await held).device_feature.data_fd == -1
@@ -239,7 +243,7 @@ async def test_a_client_that_never_reads_its_answers_stops_being_read(
     flood = Lane(client)
     # Each answer carries its request's 256 KiB of user memory back: the
     # client's receive window fills after a few MiB of them.
-    request = feature(fd, GET | Feature.MIG_DEVICE_STATE, bytes(MIG_STATE.size))
+    request = get_state(fd)
     request.device_feature.user_memory.append(pb.UserBuffer(addr=1 << 20, data=bytes(256 << 10)))
     sent = 0
     try:
@@ -252,9 +256,7 @@ async def test_a_client_that_never_reads_its_answers_stops_being_read(
         try:
             lane = Lane(other)
             ofd = await other.open_device((await drv.create_vfs())[0].name)
-            got = await lane.ask(
-                feature(ofd, GET | Feature.MIG_DEVICE_STATE, bytes(MIG_STATE.size))
-            )
+            got = await lane.ask(get_state(ofd))
             assert MIG_STATE.unpack(got.device_feature.data)[0] == MigState.RUNNING
             lane.call.cancel()
         finally:
@@ -264,3 +266,34 @@ async def test_a_client_that_never_reads_its_answers_stops_being_read(
     # The flooding client's own calls still work once it stops.
     assert await client.get_state(fd) == MigState.RUNNING
     del vf
+
+
+async def test_a_client_has_at_most_max_ioctl_streams_the_next_is_eagain(
+    drv: DriverUnderTest, client: VfioClient
+) -> None:
+    """As threads past RLIMIT_NPROC: the stream past the limit ends at once
+    with EAGAIN; one closed makes room; another client is not limited by it."""
+    _, fd = await drv.open_vf(client)
+    get = get_state(fd)
+    lanes = [Lane(client) for _ in range(MAX_IOCTL_STREAMS)]
+    try:
+        for lane in lanes:  # each one open and answering
+            assert (await lane.ask(get)).WhichOneof("answer") == "device_feature"
+        extra = Lane(client)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await extra.ask(get)
+        assert error_info(caught.value).metadata["errno"] == str(errno.EAGAIN)
+        other = await VfioClient.connect(drv.target)
+        try:
+            ofd = await other.open_device((await drv.create_vfs())[0].name)
+            olane = Lane(other)
+            assert (await olane.ask(get_state(ofd))).WhichOneof("answer") == "device_feature"
+            olane.call.cancel()
+        finally:
+            await other.close_channel()
+        await lanes.pop().end()
+        lanes.append(Lane(client))
+        assert (await lanes[-1].ask(get)).WhichOneof("answer") == "device_feature"
+    finally:
+        for lane in lanes:
+            lane.call.cancel()
