@@ -60,6 +60,11 @@ async def test_the_migration_calls_go_on_one_lane_and_answer_as_unary(
     assert await lib.get_state(fd) is MigState.PRE_COPY
     lanes = lib._ioctls
     assert lanes.enabled and lanes._open == 1 and len(lanes._idle) == 1  # one caller, one lane
+    seconds = drv.server.servicer.ioctl_seconds  # vfio_ioctl_seconds, by transport
+    assert seconds["set_state", "stream"].count == 1
+    assert seconds["precopy_info", "stream"].count == 1
+    assert seconds["device_feature", "stream"].count >= 3  # v2 opt-in, data size, GET
+    assert all(h.count == 0 for (_, transport), h in seconds.items() if transport == "unary")
     async with await connect(drv.target, ioctl_streams=False) as plain:
         assert not plain._ioctls.enabled
         pfd = await plain.open_device((await drv.create_vfs())[0].name)
@@ -70,6 +75,8 @@ async def test_the_migration_calls_go_on_one_lane_and_answer_as_unary(
             assert caught.value.errno == errno.ENOTTY
             assert "data fd ioctl" in str(caught.value)
         assert plain._ioctls._open == 0
+        assert seconds["precopy_info", "unary"].count == 1  # its ENOTTY, timed too
+        assert seconds["precopy_info", "stream"].count == 2
     assert await lib.set_state(fd, MigState.RUNNING) is None
 
 
