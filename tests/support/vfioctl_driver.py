@@ -16,11 +16,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import sys
 from dataclasses import dataclass
 
 from grpcsvc.spawn import DRIVER, start, stop
 from tests.support import tls_mode
 from vfioclient.scenario import ScenarioClient
+
+VFIOCTL = [sys.executable, "-m", "vfioclient.cli"]
+
+
+def run_vfioctl(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`vfioctl ARGV...` as a process, as a person runs it: its exit code and output."""
+    return subprocess.run([*VFIOCTL, *argv], capture_output=True, text=True, timeout=timeout)
 
 
 @dataclass

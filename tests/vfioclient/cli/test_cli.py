@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from driver.shards import pci_name
-from tests.support.vfioctl_driver import Driver
+from tests.support.vfioctl_driver import Driver, run_vfioctl
 from vfioclient.cli import main
 
 pytestmark = pytest.mark.grpc
@@ -251,12 +250,7 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_as_a_process(driver: Driver) -> None:
     def cli(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "vfioclient.cli", *argv],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        return run_vfioctl(*argv, timeout=30)
 
     p = cli("--driver", driver.target, "--json", "list")
     assert p.returncode == 0 and len(json.loads(p.stdout)["devices"]) == 3

@@ -10,7 +10,6 @@ import errno
 import json
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 from driver.shards import pci_name
 from grpcsvc.spawn import DRIVER, FWEMU
 from tests.support import tls_mode
-from tests.support.vfioctl_driver import Driver
+from tests.support.vfioctl_driver import Driver, run_vfioctl
 from vfioclient.calls import Device
 from vfioclient.cli.devices import cmd_list
 from vfioclient.cli.output import Out, table
@@ -33,12 +32,7 @@ DEV, DEV2 = pci_name(1), pci_name(2)
 
 
 def vfioctl(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vfioclient.cli", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_vfioctl(*argv)
 
 
 def json_of(p: subprocess.CompletedProcess[str]) -> Any:

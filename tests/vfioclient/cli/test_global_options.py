@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from driver.shards import pci_name
-from tests.support.vfioctl_driver import Driver
+from tests.support.vfioctl_driver import Driver, run_vfioctl
 from vfioclient.cli import build_parser, main
 from vfioclient.cli.main import COMMANDS, NAMES
 
@@ -182,12 +181,7 @@ def test_the_demo_takes_the_timeout_before_demo(capsys: pytest.CaptureFixture[st
 
 
 def vfioctl(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vfioclient.cli", *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_vfioctl(*argv, timeout=120)
 
 
 @pytest.mark.grpc

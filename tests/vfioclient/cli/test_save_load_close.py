@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from driver.shards import pci_name
-from tests.support.vfioctl_driver import Driver
+from tests.support.vfioctl_driver import Driver, run_vfioctl
 from tests.vfioclient.cli.test_events_audit import Follower
 
 pytestmark = pytest.mark.grpc
@@ -26,12 +25,7 @@ BOUND = 60
 
 
 def vfioctl(driver: Driver, *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "vfioclient.cli", "--driver", driver.target, *argv],
-        capture_output=True,
-        text=True,
-        timeout=BOUND,
-    )
+    return run_vfioctl("--driver", driver.target, *argv, timeout=BOUND)
 
 
 def doc(driver: Driver, *argv: str) -> dict:  # type: ignore[type-arg]
