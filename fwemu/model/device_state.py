@@ -41,9 +41,17 @@ class Arena:
     memoryview users.  Its bytes are charged to `memory` (the firmware's
     budget), and its mappings come from that budget's allocator; an
     allocation that is refused or fails raises OutOfMemory and changes nothing.
+
+    `clear` (a LOAD that starts a new chain) zeroes lazily: it marks the
+    pages stale, a slice written through `arena[a:b] = ...` unmarks the pages
+    it covers (zeroing first the stale pages it covers only in part), and
+    `view`, reads and comparisons zero whatever is still stale before anyone
+    sees a byte.  A migration's images write every byte of the state, so the
+    destination's zeroing of its old state (a memset of all of it, inside
+    the wait for the first switchover-ack) mostly never happens.
     """
 
-    __slots__ = ("_mm", "memory", "view")
+    __slots__ = ("_mm", "_stale", "_view", "memory")
 
     def __init__(
         self,
@@ -61,12 +69,67 @@ class Arena:
         except (MemoryError, OSError):
             self.memory.credit(size)
             raise OutOfMemory(f"no memory for a {size}-byte device state") from None
-        self.view = memoryview(self._mm)[:size]
+        self._view = memoryview(self._mm)[:size]
+        # One flag per page: 1 = must read as zero, not zeroed yet (None: none).
+        self._stale: bytearray | None = None
         if data is not None:
-            self.view[:] = data
+            self._view[:] = data
+
+    @property
+    def view(self) -> memoryview:
+        """The state's bytes (stale pages zeroed first)."""
+        if self._stale is not None:
+            self._zero_stale()
+        return self._view
+
+    @property
+    def stale_pages(self) -> int:
+        """Pages a `clear` left to zero that no write has covered yet."""
+        return 0 if self._stale is None else self._stale.count(1)
+
+    def _zero_page_range(self, first: int, last: int) -> None:
+        """Zero pages [first, last) (clipped to the state) and unmark them."""
+        assert self._stale is not None
+        lo, hi = first * PAGE_SIZE, min(last * PAGE_SIZE, len(self._view))
+        zero = bytes(min(hi - lo, 1 << 20))
+        for off in range(lo, hi, len(zero) or 1):
+            n = min(len(zero), hi - off)
+            self._view[off : off + n] = zero if n == len(zero) else zero[:n]
+        self._stale[first:last] = bytes(last - first)
+
+    def _zero_stale(self) -> None:
+        stale = self._stale
+        assert stale is not None
+        pos = stale.find(1)
+        while pos >= 0:
+            end = stale.find(0, pos)
+            end = len(stale) if end < 0 else end
+            self._zero_page_range(pos, end)
+            pos = stale.find(1, end)
+        self._stale = None
+
+    def _write_edges(self, start: int, stop: int) -> None:
+        """[start, stop) is about to be written: zero the stale pages it
+        covers only in part (the rest of them must read as zero)."""
+        stale = self._stale
+        assert stale is not None
+        first, last = start // PAGE_SIZE, -(-stop // PAGE_SIZE)
+        if start % PAGE_SIZE and stale[first]:
+            self._zero_page_range(first, first + 1)
+        if stop % PAGE_SIZE and stop < len(self._view) and stale[last - 1]:
+            self._zero_page_range(last - 1, last)
+
+    def _written(self, start: int, stop: int) -> None:
+        """[start, stop) was written whole: its pages are no longer stale."""
+        stale = self._stale
+        assert stale is not None
+        first, last = start // PAGE_SIZE, -(-stop // PAGE_SIZE)
+        stale[first:last] = bytes(last - first)
+        if stale.find(1) < 0:
+            self._stale = None
 
     def __len__(self) -> int:
-        return len(self.view)
+        return len(self._view)
 
     def resize(self, size: int) -> None:
         """Grow (new bytes are zero) or shrink, keeping the common prefix.
@@ -74,7 +137,7 @@ class Arena:
         In place by mremap(2) (no copy of the kept bytes) unless someone still
         holds a view of the old memory: then into a new mapping.  All or
         nothing: OutOfMemory leaves the arena as it was."""
-        old_len = len(self.view)
+        old_len = len(self._view)
         if size == old_len:
             return
         grow = max(0, size - old_len)
@@ -85,10 +148,16 @@ class Arena:
             self.memory.credit(grow)
             raise OutOfMemory(f"no memory to grow a device state to {size} bytes") from None
         self.memory.credit(max(0, old_len - size))
+        if self._stale is not None:  # pages past the old end are zero already
+            pages = -(-size // PAGE_SIZE)
+            del self._stale[pages:]
+            self._stale.extend(bytes(pages - len(self._stale)))
+            if self._stale.find(1) < 0:
+                self._stale = None
 
     def _remap(self, size: int, old_len: int) -> None:
         alloc = self.memory.allocator
-        self.view.release()
+        self._view.release()
         try:
             alloc.resize(self._mm, size)
         except (BufferError, OSError, SystemError, MemoryError):
@@ -96,24 +165,26 @@ class Arena:
                 mm = alloc.map(size)
             except BaseException:
                 # mremap failing leaves the old mapping whole: view it again.
-                self.view = memoryview(self._mm)[:old_len]
+                self._view = memoryview(self._mm)[:old_len]
                 raise
             new = memoryview(mm)[:size]
             keep = min(size, old_len)
             new[:keep] = memoryview(self._mm)[:keep]
-            self._mm, self.view = mm, new
+            self._mm, self._view = mm, new
             return
-        self.view = memoryview(self._mm)[:size]
-        # Whole pages mremap adds are zero; the tail of the old last page is not.
+        self._view = memoryview(self._mm)[:size]
+        # Whole pages mremap adds are zero; the tail of the old last page is not
+        # (an empty state's mapping is one byte long: allocators map at least 1).
         if size > old_len:
-            tail_end = min(size, -(-old_len // PAGE_SIZE) * PAGE_SIZE)
-            self.view[old_len:tail_end] = bytes(tail_end - old_len)
+            tail_end = min(size, -(-max(old_len, 1) // PAGE_SIZE) * PAGE_SIZE)
+            self._view[old_len:tail_end] = bytes(tail_end - old_len)
 
     def free(self) -> None:
         """Give the memory back (the VF is gone); the arena is empty after."""
-        self.memory.credit(len(self.view))
-        self.view.release()
-        self.view = memoryview(b"")
+        self.memory.credit(len(self._view))
+        self._view.release()
+        self._view = memoryview(b"")
+        self._stale = None
         # A view someone holds keeps the mapping until it is dropped.
         with contextlib.suppress(BufferError):
             self._mm.close()
@@ -122,14 +193,15 @@ class Arena:
         """Become `size` zero bytes, in the same memory.  A LOAD that starts
         a new chain uses this: the VF's pages are resident already, so zeroing
         them runs at memset speed, where a fresh mapping costs a page fault
-        per page (or a long stall to populate it at once)."""
-        keep = min(size, len(self.view))
+        per page (or a long stall to populate it at once).  The kept bytes
+        are zeroed lazily (see the class): only the pages no image writes."""
+        keep = min(size, len(self._view))
         self.resize(size)
-        zero = bytes(max(1, min(keep, 1 << 20)))
-        view = self.view
-        for off in range(0, keep, len(zero)):
-            n = min(len(zero), keep - off)
-            view[off : off + n] = zero[:n] if n < len(zero) else zero
+        if keep:
+            pages = -(-size // PAGE_SIZE)
+            stale = self._stale if self._stale is not None else bytearray(pages)
+            stale[: -(-keep // PAGE_SIZE)] = b"\x01" * -(-keep // PAGE_SIZE)
+            self._stale = stale
 
     @overload
     def __getitem__(self, key: int) -> int: ...
@@ -141,7 +213,16 @@ class Arena:
         return self.view[key]
 
     def __setitem__(self, key: int | slice, value: object) -> None:
-        self.view[key] = value  # type: ignore[call-overload]
+        if self._stale is not None:
+            if isinstance(key, slice) and key.step in (None, 1):
+                start, stop, _ = key.indices(len(self._view))
+                if start < stop:
+                    self._write_edges(start, stop)
+                    self._view[key] = value  # type: ignore[index]
+                    self._written(start, stop)
+                    return
+            self._zero_stale()
+        self._view[key] = value  # type: ignore[call-overload]
 
     def __bytes__(self) -> bytes:
         return self.view.tobytes()

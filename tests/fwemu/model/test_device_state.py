@@ -203,6 +203,67 @@ def test_arena_resize_keeps_the_prefix_and_zeroes_what_it_adds(hold_a_view: bool
         assert bytes(held) == bytes(range(16))
 
 
+_arena_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("clear"), st.integers(0, 6 * PAGE_SIZE)),
+        st.tuples(st.just("resize"), st.integers(0, 6 * PAGE_SIZE)),
+        st.tuples(
+            st.just("write"), st.integers(0, 6 * PAGE_SIZE), st.integers(0, 2 * PAGE_SIZE + 9)
+        ),
+        st.tuples(st.just("byte"), st.integers(0, 6 * PAGE_SIZE)),
+        st.tuples(st.just("read"), st.integers(0, 6 * PAGE_SIZE), st.integers(0, PAGE_SIZE)),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.integers(0, 5 * PAGE_SIZE), ops=_arena_ops)
+def test_arena_lazy_clear_reads_as_an_eager_one(size: int, ops: list[tuple]) -> None:
+    """clear() zeroes lazily (only the pages no write covers, when someone
+    looks); every read, whatever the order of clears, resizes and partial
+    writes, sees what an eager memset would have left."""
+    rng = random.Random(size)
+    a = Arena(data=rng.randbytes(size))
+    model = bytearray(bytes(a))
+    for op in ops:
+        if op[0] == "clear":
+            a.clear(op[1])
+            model[:] = bytes(op[1])
+        elif op[0] == "resize":
+            a.resize(op[1])
+            model[:] = model[: op[1]] + bytes(max(0, op[1] - len(model)))
+        elif op[0] == "write":
+            start = min(op[1], len(model))
+            stop = min(start + op[2], len(model))
+            data = rng.randbytes(stop - start)
+            a[start:stop] = data
+            model[start:stop] = data
+        elif op[0] == "byte" and op[1] < len(model):
+            a[op[1]] = 0x5A
+            model[op[1]] = 0x5A
+        elif op[0] == "read":
+            start = min(op[1], len(model))
+            assert bytes(a[start : start + op[2]]) == bytes(model[start : start + op[2]])
+        assert len(a) == len(model)
+    assert a.stale_pages <= -(-len(model) // PAGE_SIZE)
+    assert bytes(a.view) == bytes(model)
+    assert a.stale_pages == 0
+
+
+def test_arena_clear_then_a_whole_write_zeroes_nothing() -> None:
+    """A full image written over a cleared state leaves nothing to zero: the
+    memset the destination's first LOAD used to make is gone."""
+    a = Arena(data=b"\xff" * (8 * PAGE_SIZE))
+    a.clear(8 * PAGE_SIZE)
+    assert a.stale_pages == 8
+    a[PAGE_SIZE : 3 * PAGE_SIZE] = b"\x01" * (2 * PAGE_SIZE)
+    a[100 : PAGE_SIZE] = b"\x02" * (PAGE_SIZE - 100)  # page 0 in part: zeroed first
+    assert a.stale_pages == 5
+    assert bytes(a[:100]) == bytes(100)  # a read zeroes what is stale
+    assert a.stale_pages == 0
+
+
 def test_arena_clear_zeroes_in_place_at_any_size() -> None:
     a = Arena(data=b"\xff" * (3 * PAGE_SIZE + 7))
     a.clear(2 * PAGE_SIZE + 3)
