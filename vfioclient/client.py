@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from typing import Any, Self, TypeVar
 
@@ -173,6 +174,25 @@ class VfioClient(AsyncClosing):
         except VfioClientError as e:
             return call.recover(e)
         return call.decode(m)
+
+    async def ioctls(self, *seq: calls.Unary[Any]) -> list[Any]:
+        """DeviceFeature and PrecopyInfo calls made one after another, as one
+        thread makes them (each after the one before it ended, whatever it
+        answered), in one round trip on an Ioctl lane: each one's answer as
+        its own call gives it, or the VfioClientError it failed with (a
+        failure does not stop the rest)."""
+        if not all(c.rpc in IOCTL_FIELDS for c in seq):
+            raise ValueError("only DeviceFeature and PrecopyInfo calls go in a sequence")
+        answers = await self._ioctls.sequence(
+            [(c.rpc, c.request, functools.partial(self._rpc, c)) for c in seq]
+        )
+        out: list[Any] = []
+        for c, m in zip(seq, answers, strict=True):
+            try:
+                out.append(c.recover(m) if isinstance(m, VfioClientError) else c.decode(m))
+            except VfioClientError as e:
+                out.append(e)
+        return out
 
     # --- devices ---------------------------------------------------------------------
 

@@ -14,6 +14,13 @@ A driver without the Ioctl RPC (UNIMPLEMENTED, before it ran anything) turns
 the lanes off: the call is made again as a unary call, and so are the rest; a
 stream refused with EAGAIN (the driver's limit of streams per client) makes
 that one call a unary call.
+`sequence` makes several ioctls one after another, as one thread makes
+them (QEMU's pending_exact: MIG_DATA_SIZE, then PRECOPY_INFO, whatever the
+first answered): it writes them all on one lane at once and reads their
+answers, so they cost one round trip; the driver still runs each only after
+the one before it ended, in the order sent, so the device sees what the
+thread's syscalls would make it see.
+
 A caller cancelled while its ioctl is on a lane takes the lane down with it
 (the ioctl runs to its end on the driver, as a unary call's does); a broken
 stream fails its one ioctl with the unary path's errno (ENOTCONN, EIO) and
@@ -25,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -75,6 +82,42 @@ class _Lane:
         if not isinstance(answer, pb.IoctlAnswer):  # grpc.aio.EOF: the driver ended it
             raise VfioClientError(errno.EIO, "the driver ended the Ioctl stream")
         return answer
+
+    async def ioctls(
+        self, requests: Sequence[pb.IoctlRequest]
+    ) -> list[pb.IoctlAnswer | VfioClientError]:
+        """Every request written, then every answer read, in order; _Stale if
+        the stream had ended before the first was sent.  A failure after that
+        fails the ioctls not answered (an error before any answer raises, as
+        `ioctl` does).  Unsent ones fail with ENOTCONN: they never ran."""
+        if self.call.done():
+            raise _Stale
+        sent = 0
+        for request in requests:
+            try:
+                await self.call.write(request)
+            except asyncio.InvalidStateError:  # ended since: "RPC already finished"
+                if not sent:
+                    raise _Stale from None
+                break
+            sent += 1
+        out: list[pb.IoctlAnswer | VfioClientError] = []
+        for _ in range(sent):
+            try:
+                answer = await self.call.read()
+            except grpc.aio.AioRpcError as e:
+                if not out:
+                    raise
+                out += [_error(e)] * (sent - len(out))
+                break
+            if not isinstance(answer, pb.IoctlAnswer):  # grpc.aio.EOF: the driver ended it
+                out += [VfioClientError(errno.EIO, "the driver ended the Ioctl stream")] * (
+                    sent - len(out)
+                )
+                break
+            out.append(answer)
+        unsent = VfioClientError(errno.ENOTCONN, "driver unreachable: the Ioctl stream ended")
+        return out + [unsent] * (len(requests) - sent)
 
     def close(self) -> None:
         self.call.cancel()
@@ -133,16 +176,68 @@ class IoctlLanes:
                         # VfioClients with one client id): this one, unary.
                         return await unary()
                     raise err from None
-                which = answer.WhichOneof("answer")
-                if which == field:
-                    keep = True
-                    return getattr(answer, field)
-                if which == "error":
-                    keep = True
-                    raise VfioClientError(answer.error.errno, answer.error.message)
-                raise VfioClientError(
-                    errno.EIO, f"the driver answered {rpc} with {which or 'nothing'}"
-                )
+                result = _answer(rpc, field, answer)
+                keep = answer.WhichOneof("answer") in (field, "error")
+                if isinstance(result, VfioClientError):
+                    raise result
+                return result
+            finally:
+                self._give_back(lane, keep)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def sequence(
+        self, items: Sequence[tuple[str, Any, Unary]]
+    ) -> list[Any | VfioClientError]:
+        """Each (rpc, request, unary) made after the one before it ended, as
+        one thread makes them, in one round trip on a lane (else by their
+        unary calls, one after another): each one's answer message, or the
+        VfioClientError it failed with (a failure does not stop the rest)."""
+
+        async def one_by_one() -> list[Any | VfioClientError]:
+            out: list[Any | VfioClientError] = []
+            for _, _, unary in items:
+                try:
+                    out.append(await unary())
+                except VfioClientError as e:
+                    out.append(e)
+            return out
+
+        if (
+            len(items) < 2
+            or not self.enabled
+            or self.closed
+            or (not self._idle and self._open >= MAX_LANES)
+        ):
+            return await one_by_one()
+        fields = [IOCTL_FIELDS[rpc] for rpc, _, _ in items]
+        requests = [
+            pb.IoctlRequest(**{f: req}) for f, (_, req, _) in zip(fields, items, strict=True)
+        ]
+        for fresh in (False, True):
+            lane = self._take() if not fresh else self._new_lane()
+            keep = False
+            try:
+                try:
+                    answers = await lane.ioctls(requests)
+                except _Stale:
+                    if fresh:
+                        raise VfioClientError(
+                            errno.ENOTCONN, "driver unreachable: the Ioctl stream ended"
+                        ) from None
+                    continue
+                except grpc.aio.AioRpcError as e:
+                    err = _error(e)
+                    if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                        self.enabled = False  # it ran nothing: ask again the old way
+                        return await one_by_one()
+                    if err.errno == errno.EAGAIN:
+                        return await one_by_one()
+                    return [err] * len(items)
+                keep = not any(isinstance(a, VfioClientError) for a in answers)
+                return [
+                    _answer(rpc, field, a)
+                    for (rpc, _, _), field, a in zip(items, fields, answers, strict=True)
+                ]
             finally:
                 self._give_back(lane, keep)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -159,3 +254,15 @@ class IoctlLanes:
             with contextlib.suppress(Exception):
                 lane.close()
         self._open -= len(idle)
+
+
+def _answer(rpc: str, field: str, a: pb.IoctlAnswer | VfioClientError) -> Any:
+    """An IoctlAnswer's message for `field`, or the VfioClientError it carries."""
+    if isinstance(a, VfioClientError):
+        return a
+    which = a.WhichOneof("answer")
+    if which == field:
+        return getattr(a, field)
+    if which == "error":
+        return VfioClientError(a.error.errno, a.error.message)
+    return VfioClientError(errno.EIO, f"the driver answered {rpc} with {which or 'nothing'}")

@@ -56,6 +56,7 @@ from grpcsvc.tls import sync_channel
 
 from . import calls
 from .calls import VfioClientError
+from .ioctls import IOCTL_FIELDS
 from .transport import FROM_ENV, TlsChoice, resolve_tls
 
 P = ParamSpec("P")
@@ -211,6 +212,20 @@ class SyncVfioClient:
             raise calls.rpc_error(e) from None
         finally:
             call.cancel()
+
+    def ioctls(self, *seq: calls.Unary[Any]) -> list[Any]:
+        """DeviceFeature and PrecopyInfo calls made one after another (as the
+        async client's `ioctls`, on unary calls here): each one's answer, or
+        the VfioClientError it failed with (a failure does not stop the rest)."""
+        if not all(c.rpc in IOCTL_FIELDS for c in seq):
+            raise ValueError("only DeviceFeature and PrecopyInfo calls go in a sequence")
+        out: list[Any] = []
+        for c in seq:
+            try:
+                out.append(self._unary(c))
+            except VfioClientError as e:
+                out.append(e)
+        return out
 
     # --- devices ---------------------------------------------------------------------
 

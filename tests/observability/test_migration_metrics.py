@@ -71,6 +71,13 @@ async def test_counters_agree_with_each_other_and_with_the_client(
 
         r.src.read, r.src.read_stream = counted_read, counted_stream  # type: ignore[method-assign]
         r.src.precopy_info = counted_info  # type: ignore[method-assign]
+        src_ioctls = r.src.ioctls  # pending_exact's MIG_DATA_SIZE + PRECOPY_INFO
+
+        async def counted_ioctls(*seq: Any) -> list[Any]:
+            calls["PrecopyInfo"] += sum(c.rpc == "PrecopyInfo" for c in seq)
+            return await src_ioctls(*seq)
+
+        r.src.ioctls = counted_ioctls  # type: ignore[method-assign]
         record_user_memory(r.src, r.dst, counted_into)
         o = r.digest_hook([p])
         o.data_path = data_path

@@ -7,6 +7,7 @@ lane dropped, its ioctl done."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,7 +28,7 @@ from tests.support.driver_service import (  # noqa: F401
     fwemu_target_fixture,
 )
 from tests.support.driver_service import VfioClient as HarnessClient
-from vfioclient import VfioClient, VfioClientError
+from vfioclient import VfioClient, VfioClientError, calls
 from vfioclient.ioctls import MAX_LANES
 from vfioclient.uapi import MigState
 
@@ -207,3 +208,129 @@ async def test_a_stream_refused_for_the_client_limit_makes_that_call_unary(
             call.cancel()
         await lib.aclose()
         await raw.close_channel()
+
+
+# --- sequences: several ioctls, one thread's, in one round trip -------------------------
+
+
+async def test_a_sequence_answers_as_its_calls_one_by_one_and_a_failure_stops_nothing(
+    drv: DriverUnderTest, lib: VfioClient
+) -> None:
+    """QEMU's pending_exact (MIG_DATA_SIZE, then PRECOPY_INFO) as one
+    sequence: each answer, errno and message included, is what the call
+    alone answers, on the lanes and on unary calls; an ioctl that fails
+    (EBADF, ENOTTY) does not stop the one after it."""
+    (vf,) = await drv.create_vfs()
+    fd = await lib.open_device(vf.name)
+    assert await lib.enable_precopy_info_v2(fd)
+    data_fd = await lib.set_state(fd, MigState.PRE_COPY)
+    assert data_fd is not None
+    seconds = drv.server.servicer.ioctl_seconds
+    before = seconds["precopy_info", "stream"].count
+    cases = [
+        (calls.data_size(fd), calls.precopy_info(data_fd)),
+        (calls.data_size(99), calls.precopy_info(data_fd)),  # EBADF, then an answer
+        (calls.data_size(fd), calls.precopy_info(fd)),  # an answer, then ENOTTY
+        (calls.get_state(fd), calls.data_size(fd), calls.precopy_info(data_fd)),
+    ]
+    lanes = lib._ioctls
+    for seq in cases:
+        got = await lib.ioctls(*seq)
+        if seq is cases[1]:
+            assert isinstance(got[0], VfioClientError) and got[0].errno == errno.EBADF
+            assert got[1].initial_bytes > 0
+        if seq is cases[2]:
+            assert got[0] > 0 and got[1].errno == errno.ENOTTY
+        lanes.enabled = False  # the same client's unary calls
+        try:
+            unary = await lib.ioctls(*seq)
+            alone = []
+            for c in seq:  # the same calls, one by one
+                try:
+                    alone.append(await lib._unary(c))
+                except VfioClientError as e:
+                    alone.append(e)
+        finally:
+            lanes.enabled = True
+        for answers in (got, unary):
+            assert [_key(a) for a in answers] == [_key(a) for a in alone]
+    assert seconds["precopy_info", "stream"].count == before + 4  # on the lanes
+    assert seconds["precopy_info", "unary"].count == 8
+    assert lanes._open == 1  # one lane: the errors came in band
+    with pytest.raises(ValueError):
+        await lib.ioctls(calls.open_device(vf.name))
+
+
+def _key(a: Any) -> Any:
+    return ("errno", a.errno, str(a)) if isinstance(a, VfioClientError) else a
+
+
+class HeldIoctls:
+    """An Ioctl RPC that answers nothing until it has read `wait_for`
+    requests (or `patience` passed): a client that waits for each answer
+    before it sends the next is found out."""
+
+    def __init__(self, wait_for: int, patience: float = 1.0) -> None:
+        self.wait_for, self.patience = wait_for, patience
+        self.read_before_first_answer = 0
+
+    async def ioctl(self, requests: AsyncIterator[pb.IoctlRequest], context: Any) -> Any:
+        q: asyncio.Queue[pb.IoctlRequest | None] = asyncio.Queue()
+
+        async def read() -> None:  # (a read of the call is never cancelled)
+            async for r in requests:
+                q.put_nowait(r)
+            q.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        held: list[pb.IoctlRequest | None] = [await q.get()]
+        with contextlib.suppress(TimeoutError):
+            while len(held) < self.wait_for and held[-1] is not None:
+                held.append(await asyncio.wait_for(q.get(), self.patience))
+        self.read_before_first_answer = len([r for r in held if r is not None])
+        while True:
+            for r in held:
+                if r is None:
+                    await reader
+                    return
+                yield _echo(r)
+            held = [await q.get()]
+
+
+def _echo(r: pb.IoctlRequest) -> pb.IoctlAnswer:
+    if r.WhichOneof("ioctl") == "precopy_info":
+        return pb.IoctlAnswer(precopy_info=pb.PrecopyInfoResponse(argsz=24, initial_bytes=5))
+    f = r.device_feature
+    return pb.IoctlAnswer(device_feature=pb.DeviceFeatureResponse(data=f.data, data_fd=-1))
+
+
+async def test_a_sequence_is_sent_before_its_first_answer() -> None:
+    """The point of a sequence: both requests are on the wire before the
+    first answer (one round trip, not two)."""
+    held = HeldIoctls(wait_for=2)
+    handler = grpc.method_handlers_generic_handler(
+        "vfio.v1.Vfio",
+        {
+            "Ioctl": grpc.stream_stream_rpc_method_handler(
+                held.ioctl, pb.IoctlRequest.FromString, pb.IoctlAnswer.SerializeToString
+            )
+        },
+    )
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    c = VfioClient(f"127.0.0.1:{port}", tls=None)
+    try:
+        size, info = await c.ioctls(calls.data_size(3), calls.precopy_info(4))
+        assert held.read_before_first_answer == 2
+        assert isinstance(size, int) and info.initial_bytes == 5
+        # A call alone (a new stream) waits out the server's patience.
+        held.patience = 0.2
+        async with VfioClient(f"127.0.0.1:{port}", tls=None) as alone:
+            await alone.data_size(3)
+            await alone.precopy_info(4)
+        assert held.read_before_first_answer == 1
+    finally:
+        await c.aclose()
+        await server.stop(None)

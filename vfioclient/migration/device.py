@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from .. import calls
 from ..client import PrecopyInfo, VfioClientError
 from ..uapi import (
     VFIO_MIGRATION_P2P,
@@ -35,6 +36,9 @@ from .switchover import SwitchoverAck
 log = logging.getLogger(__name__)
 
 S = MigState
+
+# vfio_state_pending_exact on a failed MIG_DATA_SIZE: QEMU never switches over on it.
+UNKNOWN_SIZE = 100 << 30
 
 
 class DeviceMigration:
@@ -311,12 +315,32 @@ class DeviceMigration:
         REINIT (the caller handles it), else None."""
         if not self.in_precopy or self.src_data_fd is None:
             return None
-        info = await self.src.precopy_info(self.src_data_fd)
+        return self.take_precopy_info(await self.src.precopy_info(self.src_data_fd))
+
+    def take_precopy_info(self, info: PrecopyInfo) -> PrecopyInfo | None:
+        """A PRECOPY_INFO answer: a REINIT is returned (the caller handles
+        it); else the cached counters take its values."""
         if self.v2 and info.reinit:
             return info
         self.initial_bytes, self.dirty_bytes = info.initial_bytes, info.dirty_bytes
         self._pending_progress()
         return None
+
+    async def pending_exact(self) -> tuple[int, PrecopyInfo | None]:
+        """vfio_state_pending_exact: MIG_DATA_SIZE (`exact_pending`), then in
+        precopy PRECOPY_INFO (`query_precopy_info`), whatever the first
+        answered, as QEMU's thread makes them; both sent at once on one
+        Ioctl lane (one round trip; the driver runs them in that order)."""
+        if not self.in_precopy or self.src_data_fd is None:
+            return await self.exact_pending(), None
+        size, info = await self.src.ioctls(
+            calls.data_size(self.pair.source_fd), calls.precopy_info(self.src_data_fd)
+        )
+        if isinstance(info, VfioClientError):
+            raise info
+        if isinstance(size, VfioClientError):
+            size = UNKNOWN_SIZE
+        return size, self.take_precopy_info(info)
 
     def rearm(self, info: PrecopyInfo) -> None:
         """REINIT: new initial bytes, dirty reset, a new switchover-ack needed."""
@@ -332,7 +356,7 @@ class DeviceMigration:
         try:
             return await self.src.data_size(self.pair.source_fd)
         except VfioClientError:
-            return 100 << 30  # QEMU: never switch over on an unknown size
+            return UNKNOWN_SIZE
 
     # --- switchover --------------------------------------------------------------------
 

@@ -152,10 +152,7 @@ class Migration:
         acked = self.ack.all_acked  # before the queries: an ack arriving later waits a round
         self.report.exact_queries += 1
 
-        async def exact(d: DeviceMigration) -> tuple[int, PrecopyInfo | None]:
-            return await d.exact_pending(), await d.query_precopy_info()
-
-        answers = await asyncio.gather(*(exact(d) for d in devs))
+        answers = await asyncio.gather(*(d.pending_exact() for d in devs))
         reinit = False
         for d, (_, info) in zip(devs, answers, strict=True):
             if info is not None:

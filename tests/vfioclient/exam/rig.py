@@ -89,10 +89,7 @@ class IgnoresReinit(DeviceMigration):
     re-armed and INIT_DATA_SENT not sent again (and a REINIT after the
     decision goes unnoticed)."""
 
-    async def query_precopy_info(self) -> PrecopyInfo | None:
-        if not self.in_precopy or self.src_data_fd is None:
-            return None
-        info = await self.src.precopy_info(self.src_data_fd)
+    def take_precopy_info(self, info: PrecopyInfo) -> PrecopyInfo | None:
         self.initial_bytes, self.dirty_bytes = info.initial_bytes, info.dirty_bytes
         return None
 

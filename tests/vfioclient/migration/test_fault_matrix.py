@@ -170,6 +170,15 @@ def arm(rg: InProcessRig, case: Case, src: int, dst: int, o: MigrationOptions) -
             return info
 
         rg.src.precopy_info = precopy_info  # type: ignore[method-assign]
+        sequence = rg.src.ioctls  # pending_exact: MIG_DATA_SIZE, PRECOPY_INFO on one lane
+
+        async def ioctls(*calls: Any) -> list[Any]:
+            answers = await sequence(*calls)
+            if any(isinstance(a, PrecopyInfo) and a.reinit for a in answers):
+                inject(src)
+            return answers
+
+        rg.src.ioctls = ioctls  # type: ignore[method-assign]
     else:
         raise AssertionError(case.phase)
     return armed
