@@ -75,6 +75,7 @@ from vfioclient.client import EventStream
 SIZE = "16MiB"
 DIRTY = "1MiB"
 LIMIT_S = 0.3
+MiB = 1 << 20
 # One VM with N VFs converges only while N x 16 MiB (mlx5vf's MIG_DATA_SIZE is
 # the whole device state) fits the 1 GiB/s estimate x the limit: N <= 19.
 # Past that, QEMU's rule never switches over; here the orchestrator gives up
@@ -372,6 +373,8 @@ def _point(follower: Follower, firmware: str, shape: str, n: int, verify: bool) 
             "steps_s": _steps(m, log),
             "meanwhile": _meanwhile(m, migrations, log),
             "precopy_iterations": (m.report or {}).get("iterations"),
+            "stop_copy_bytes": (m.report or {}).get("stop_copy_bytes", 0),
+            "precopy_bytes": (m.report or {}).get("precopy_bytes", 0),
         }
         for m in slowest
     ]
@@ -486,6 +489,11 @@ def text(r: Results) -> list[str]:
                 what = ", ".join(f"{k} {1000 * v:.0f}" for k, v in steps.items())
                 mw = m["meanwhile"]
                 lines.append(f"    {_s(m['downtime_s'])} s: {what or 'no events'}")
+                lines.append(
+                    f"      moved: precopy {m.get('precopy_bytes', 0) / MiB:.1f} MiB in "
+                    f"{m.get('precopy_iterations')} iterations, stop-copy "
+                    f"{m.get('stop_copy_bytes', 0) / MiB:.1f} MiB"
+                )
                 if mw:
                     lines.append(
                         f"      meanwhile: {mw['others_in_precopy']} in precopy, "
