@@ -218,7 +218,7 @@ class Arena:
                 start, stop, _ = key.indices(len(self._view))
                 if start < stop:
                     self._write_edges(start, stop)
-                    self._view[key] = value  # type: ignore[index]
+                    self._view[key] = value  # type: ignore[call-overload]
                     self._written(start, stop)
                     return
             self._zero_stale()

@@ -258,7 +258,7 @@ def test_arena_clear_then_a_whole_write_zeroes_nothing() -> None:
     a.clear(8 * PAGE_SIZE)
     assert a.stale_pages == 8
     a[PAGE_SIZE : 3 * PAGE_SIZE] = b"\x01" * (2 * PAGE_SIZE)
-    a[100 : PAGE_SIZE] = b"\x02" * (PAGE_SIZE - 100)  # page 0 in part: zeroed first
+    a[100:PAGE_SIZE] = b"\x02" * (PAGE_SIZE - 100)  # page 0 in part: zeroed first
     assert a.stale_pages == 5
     assert bytes(a[:100]) == bytes(100)  # a read zeroes what is stale
     assert a.stale_pages == 0
