@@ -76,6 +76,8 @@ class IncomingReport:
     errno: int | None = None
     peer: str = ""
     devices: list[IncomingDeviceReport] = field(default_factory=list)
+    # The destination digests are taken (the source asked, and we can).
+    verify: bool = False
     setup_s: float = 0.0  # the header to READY
     load_s: float = 0.0  # COMPLETE to LOADED (the load and the digests)
     start_s: float = 0.0  # RUN to RUNNING
@@ -305,7 +307,7 @@ class IncomingAgent:
     ) -> None:
         """load_setup of every device; READY."""
         o = self.options
-        verify = header.verify != "no" and self.digest is not None
+        verify = rep.verify = header.verify != "no" and self.digest is not None
         for spec, r in zip(header.devices, rep.devices, strict=True):
             fd = await self.client.open_device(spec.destination)
             fds.append(fd)
@@ -418,7 +420,7 @@ class IncomingAgent:
         rep.status = "loaded"
         digests: dict[int, str] = {}
         t_digest = time.monotonic()
-        if self.digest is not None:
+        if self.digest is not None and rep.verify:  # not when the source said no
             for i, h in enumerate(halves):
                 digests[i] = rep.devices[i].digest = await self.digest(h.name)
         # The source counts this as verification, not downtime (as its own digests).

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import ssl
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -251,6 +252,25 @@ async def test_the_destination_digest_time_is_verification_not_downtime(hosts: H
         assert rep.verified  # type: ignore[attr-defined]
         assert rep.hook_s >= 0.5  # type: ignore[attr-defined]
         assert 0 < rep.downtime_s < 0.5  # type: ignore[attr-defined]
+
+
+async def test_a_source_that_does_not_verify_gets_no_destination_digest(hosts: Hosts) -> None:
+    """A source that asks for no digests (QEMU has none) gets none: the
+    agent, which could take them, does not hash its devices while they are
+    stopped (a 0.5 s digest would be 0.5 s more of the guest's downtime, and
+    the source would not even count it as downtime)."""
+    async with rig(hosts, digest_s=0.5) as r:
+        t = time.monotonic()
+        rep = await r.migrate(options())
+        wall = time.monotonic() - t
+        assert not rep.verified and rep.hook_s < 0.01  # type: ignore[attr-defined]
+        mine = await r.report(1)
+        assert mine.status == "completed" and not mine.verify
+        assert mine.devices[0].digest == ""
+        assert wall < 0.5 + rep.total_s  # type: ignore[attr-defined]
+        assert rep.total_s < 0.5  # type: ignore[attr-defined]
+        ok = await r.migrate(r.verifying(options()))  # asked: it hashes
+        assert ok.verified and (await r.report(2)).verify  # type: ignore[attr-defined]
 
 
 async def test_grpc_data_path_on_both_sides(hosts: Hosts) -> None:
