@@ -142,8 +142,24 @@ class DeviceMigration:
         """The destination's load_setup (its link's), then save_setup:
         PRE_COPY and the first PRECOPY_INFO; that answer if it is a REINIT
         (the caller reports it), else None."""
-        await self._setup_user_memory()
+        await self._setup_user_memory(self.link)
         await self.link.start()
+        return await self._enter_precopy()
+
+    async def setup_source(self) -> PrecopyInfo | None:
+        """`setup` before the link exists (the destination's load_setup runs
+        meanwhile, an agent's, mapping none of our memory); `linked` after."""
+        await self._setup_user_memory(None)
+        return await self._enter_precopy()
+
+    def linked(self) -> None:
+        """The link is there (after `setup_source`): the report's data path."""
+        link = self.link
+        here = "shm" if self._slots is not None else "grpc"
+        self.report.data_path = both(here, link.data_path, per_side=link.per_side)
+
+    async def _enter_precopy(self) -> PrecopyInfo | None:
+        """save_setup's PRE_COPY and first PRECOPY_INFO (the first ack requested)."""
         if not (self.pre_copy and self.src_state == S.RUNNING):
             return None
         self.src_data_fd = await self.set_source(S.PRE_COPY, S.RUNNING)
@@ -166,24 +182,22 @@ class DeviceMigration:
         self._pending_progress()
         return None
 
-    async def _setup_user_memory(self) -> None:
+    async def _setup_user_memory(self, link: DestinationLink | None) -> None:
         """The local data path: one segment of stream_depth buffers, mapped
         by the source's driver (else no use: gRPC) and, in this process, if
         it can, the destination's (else writes copy out of it onto a Write
-        call)."""
-        link = self.link
+        call).  Without a link yet (`setup_source`), the source's only."""
         slots, mapped = await user_memory(
             self.name,
             self.options.data_path,
             self.buffer_size,
             max(2, self.options.stream_depth),
-            [self.src, *link.memory_clients],
+            [self.src, *(link.memory_clients if link is not None else ())],
         )
         self._slots = slots
-        link.memory_mapped(slots is not None and all(mapped[1:]))
-        self.report.data_path = both(
-            "shm" if slots is not None else "grpc", link.data_path, per_side=link.per_side
-        )
+        if link is not None:
+            link.memory_mapped(slots is not None and all(mapped[1:]))
+            self.linked()
 
     async def close_user_memory(self) -> None:
         if self._slots is not None:

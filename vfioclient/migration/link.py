@@ -65,6 +65,9 @@ class Destinations(abc.ABC):
     """The destination side of a whole migration."""
 
     channel = ""  # how the stream travels: "" in this process, else the agent's address
+    # True: setup makes the links and maps none of the sources' memory (an
+    # agent's load_setup), so it runs while the sources' save_setup does.
+    setup_alongside = False
     # Time complete() spent on the destinations' digests (across hosts, the
     # agent's): verification, kept out of the downtime as the digests hook is.
     verify_s = 0.0

@@ -87,6 +87,8 @@ class RemoteLink(DestinationLink):
 class RemoteDestinations(Destinations):
     """A destination agent at `address`, over TLS with `tls`."""
 
+    setup_alongside = True  # QEMU's source does not wait for `-incoming`'s load_setup
+
     def __init__(
         self,
         address: str | Address,

@@ -8,6 +8,7 @@ is the same for both."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -110,10 +111,13 @@ class Migration:
             await d.discover()
         if len(devs) > 1 and not all(d.p2p for d in devs):
             raise MigrationError("several devices migrate together only if all support P2P")
-        await self.destinations.setup(devs)
+        if self.destinations.setup_alongside:
+            infos = await self._setup_alongside()
+        else:
+            await self.destinations.setup(devs)
+            infos = [await d.setup() for d in devs]
         self.report.channel = self.destinations.channel
-        for d in devs:
-            info = await d.setup()
+        for d, info in zip(devs, infos, strict=True):
             if info is not None:
                 self._reinit(d, info, "setup", "the first ack waits for them")
         self._phase("precopy")
@@ -123,6 +127,26 @@ class Migration:
             self.report.converged = True
         self._phase("switchover")
         await self._switchover()
+
+    async def _setup_alongside(self) -> list[PrecopyInfo | None]:
+        """The destinations' load_setup (an agent's) while the sources'
+        save_setup runs, as QEMU's source sends its setup sections and goes
+        on; a failure of either waits for the other to end (the caller's
+        abort then puts both back)."""
+        devs = self.devices
+        dest = asyncio.ensure_future(self.destinations.setup(devs))
+        try:
+            infos = [await d.setup_source() for d in devs]
+        except BaseException:
+            if not dest.done():
+                dest.cancel()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await dest
+            raise
+        await dest
+        for d in devs:
+            d.linked()
+        return infos
 
     async def _precopy(self) -> None:
         o, devs = self.options, self.devices
