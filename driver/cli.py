@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from fwemu.embedded import ScenarioError
 from fwemu.link.base import LinkError
 from grpcsvc import access
+from grpcsvc.heap import freeze_startup_heap
 from grpcsvc.logs import add_log_flags, announce, setup_logging
 from grpcsvc.memory import return_large_buffers_to_the_os
 from grpcsvc.metrics import GrpcClientMetrics
@@ -241,6 +242,9 @@ async def _serve(args: argparse.Namespace) -> int:
         stop = stop_on_signals(log, GRACE_S)
         with serve_metrics(args.metrics_listen, metrics, "vfio-driver") as metrics_port:
             port = await server.start(args.listen, **listen_options(args))
+            # Set up: out of the full GC collections' way (grpcsvc.heap).
+            frozen = freeze_startup_heap()
+            log.debug("%d start-up objects frozen out of full GC collections", frozen)
             address = served_address(args.listen, port)
             n = len(server.registry.devices)
             announce(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 
 from grpcsvc.access import add_role_args, roles
+from grpcsvc.heap import freeze_startup_heap
 from grpcsvc.logs import add_log_flags, announce, setup_logging
 from grpcsvc.memory import return_large_buffers_to_the_os
 from grpcsvc.observability import add_metrics_flags, announce_metrics, serve_metrics
@@ -241,6 +242,9 @@ async def _serve(args: argparse.Namespace) -> int:
     stop = stop_on_signals(log, GRACE_S)
     with serve_metrics(args.metrics_listen, registry, "fwemu") as metrics_port:
         port = await server.start(args.listen, **listen_options(args))
+        # Set up: out of the full GC collections' way (grpcsvc.heap).
+        frozen = freeze_startup_heap()
+        log.debug("%d start-up objects frozen out of full GC collections", frozen)
         address = served_address(args.listen, port)
         announce(
             log,

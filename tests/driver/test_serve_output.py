@@ -143,3 +143,20 @@ def test_a_port_in_use_is_eaddrinuse_without_grpc_cores_line(
         f"{name}: error: cannot listen on {target}: EADDRINUSE: address already in use "
         "(another process serves that port)"
     ], second.stderr
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_the_start_up_heap_is_frozen_before_serving(name: str, kill: list[Served]) -> None:
+    """Both services freeze what their start-up made out of the cyclic GC's
+    full collections (grpcsvc.heap) before they say they serve: a full
+    collection scanning it stalled a migration's ioctls for ~20 ms."""
+    argv = [*SERVICES[name], "--listen", "127.0.0.1:0", "--log-level", "debug"]
+    s = Served(argv, one_place=True)
+    kill.append(s)
+    started = s.until("serving")
+    rc, _, _ = s.terminate()
+    assert rc == 0
+    frozen = [line for line in started if "start-up objects frozen" in line]
+    assert len(frozen) == 1, started
+    count = int(frozen[0].split(" start-up objects")[0].rsplit(" ", 1)[1])
+    assert count > 10_000, frozen  # the imports alone are tens of thousands

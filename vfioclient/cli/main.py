@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import NoReturn
 
+from grpcsvc.heap import freeze_startup_heap
 from grpcsvc.tls import TlsError, client_tls_from_args
 
 from .args import HELP_FORMATTER
@@ -153,6 +154,9 @@ async def _run(args: argparse.Namespace, out: Out) -> None:
         await _module("scenario").run_scenario(args, out)
         return
     cmd = command(args.command)
+    # Its imports done: out of the full collections' way (a migration agent's
+    # stalls, as a service's: grpcsvc.heap).
+    freeze_startup_heap(collect=False)
     if isinstance(cmd, LocalCommand):
         await cmd.run(args, out)
         return
