@@ -70,19 +70,6 @@ class _Lane:
     def __init__(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
         self.call = call
 
-    async def ioctl(self, request: pb.IoctlRequest) -> pb.IoctlAnswer:
-        """The answer; _Stale if the stream had ended (nothing sent)."""
-        if self.call.done():
-            raise _Stale
-        try:
-            await self.call.write(request)
-        except asyncio.InvalidStateError:  # ended since: "RPC already finished"
-            raise _Stale from None
-        answer = await self.call.read()
-        if not isinstance(answer, pb.IoctlAnswer):  # grpc.aio.EOF: the driver ended it
-            raise VfioClientError(errno.EIO, "the driver ended the Ioctl stream")
-        return answer
-
     async def ioctls(
         self, requests: Sequence[pb.IoctlRequest]
     ) -> list[pb.IoctlAnswer | VfioClientError]:
@@ -148,42 +135,10 @@ class IoctlLanes:
         """The answer message of `rpc` (one of IOCTL_FIELDS) with `request`,
         on a lane when one can be had, else by `unary`; a VfioClientError
         with the RPC's errno when it fails."""
-        field = IOCTL_FIELDS[rpc]
-        if not self.enabled or self.closed or (not self._idle and self._open >= MAX_LANES):
-            return await unary()
-        ioctl = pb.IoctlRequest(**{field: request})
-        for fresh in (False, True):
-            # An idle lane may have ended meanwhile (the driver restarted, the
-            # connection broke): nothing was sent on it, so a new lane is asked.
-            lane = self._take() if not fresh else self._new_lane()
-            keep = False
-            try:
-                try:
-                    answer = await lane.ioctl(ioctl)
-                except _Stale:
-                    if fresh:
-                        raise VfioClientError(
-                            errno.ENOTCONN, "driver unreachable: the Ioctl stream ended"
-                        ) from None
-                    continue
-                except grpc.aio.AioRpcError as e:
-                    if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-                        self.enabled = False  # it ran nothing: ask again the old way
-                        return await unary()
-                    err = _error(e)
-                    if err.errno == errno.EAGAIN:
-                        # The driver's most Ioctl streams per client (several
-                        # VfioClients with one client id): this one, unary.
-                        return await unary()
-                    raise err from None
-                result = _answer(rpc, field, answer)
-                keep = answer.WhichOneof("answer") in (field, "error")
-                if isinstance(result, VfioClientError):
-                    raise result
-                return result
-            finally:
-                self._give_back(lane, keep)
-        raise AssertionError("unreachable")  # pragma: no cover
+        (result,) = await self.sequence([(rpc, request, unary)])
+        if isinstance(result, VfioClientError):
+            raise result
+        return result
 
     async def sequence(
         self, items: Sequence[tuple[str, Any, Unary]]
@@ -202,18 +157,15 @@ class IoctlLanes:
                     out.append(e)
             return out
 
-        if (
-            len(items) < 2
-            or not self.enabled
-            or self.closed
-            or (not self._idle and self._open >= MAX_LANES)
-        ):
+        if not self.enabled or self.closed or (not self._idle and self._open >= MAX_LANES):
             return await one_by_one()
         fields = [IOCTL_FIELDS[rpc] for rpc, _, _ in items]
         requests = [
             pb.IoctlRequest(**{f: req}) for f, (_, req, _) in zip(fields, items, strict=True)
         ]
         for fresh in (False, True):
+            # An idle lane may have ended meanwhile (the driver restarted, the
+            # connection broke): nothing was sent on it, so a new lane is asked.
             lane = self._take() if not fresh else self._new_lane()
             keep = False
             try:
@@ -231,9 +183,14 @@ class IoctlLanes:
                         self.enabled = False  # it ran nothing: ask again the old way
                         return await one_by_one()
                     if err.errno == errno.EAGAIN:
+                        # The driver's most Ioctl streams per client (several
+                        # VfioClients with one client id): these, unary.
                         return await one_by_one()
                     return [err] * len(items)
-                keep = not any(isinstance(a, VfioClientError) for a in answers)
+                keep = all(
+                    isinstance(a, pb.IoctlAnswer) and a.WhichOneof("answer") in (f, "error")
+                    for a, f in zip(answers, fields, strict=True)
+                )
                 return [
                     _answer(rpc, field, a)
                     for (rpc, _, _), field, a in zip(items, fields, answers, strict=True)
