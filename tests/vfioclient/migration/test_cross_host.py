@@ -298,6 +298,26 @@ async def test_a_destination_that_fails_its_load_fails_the_source_with_the_errno
         assert await r.dst.open_count() == 0
 
 
+async def test_a_source_that_fails_its_save_setup_leaves_both_sides_clean(
+    hosts: Hosts,
+) -> None:
+    """The agent's load_setup runs while the source's save_setup does (as
+    QEMU's source does not wait for -incoming): the source's first SAVE
+    refused fails the migration once both are done; the source runs, the
+    destination is reset and closed, and the next migration completes."""
+    async with rig(hosts) as r:
+        await r.src.scenario.inject_fault(r.src.vhca, "fail", opcode="SAVE_VHCA_STATE", count=1)
+        with pytest.raises(MigrationError) as e:
+            await r.migrate()
+        assert e.value.report is not None and e.value.report.status == "failed"
+        assert r.source_state == MigState.RUNNING
+        rep = await r.report(1)
+        assert rep.status == "failed", rep
+        assert await r.dst.open_count() == 0
+        ok = await r.migrate(r.verifying(options()))
+        assert ok.verified  # type: ignore[attr-defined]
+
+
 async def test_a_destination_it_was_not_started_for_is_refused(hosts: Hosts) -> None:
     async with rig(hosts) as r:
         r_only = r.dst.name
