@@ -242,9 +242,10 @@ async def _serve(args: argparse.Namespace) -> int:
     stop = stop_on_signals(log, GRACE_S)
     with serve_metrics(args.metrics_listen, registry, "fwemu") as metrics_port:
         port = await server.start(args.listen, **listen_options(args))
-        # Set up: out of the full GC collections' way (grpcsvc.heap).
-        frozen = freeze_startup_heap()
-        log.debug("%d start-up objects frozen out of full GC collections", frozen)
+        # Set up: out of the full collections' way (grpcsvc.heap).
+        if getattr(args, "own_process", False):
+            frozen = freeze_startup_heap()
+            log.debug("%d start-up objects frozen out of full GC collections", frozen)
         address = served_address(args.listen, port)
         announce(
             log,
@@ -263,6 +264,9 @@ async def _serve(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # The program itself (its command line), not a caller in its own process
+    # (a test): only then is the process's heap ours to freeze.
+    args.own_process = argv is None
     if getattr(args, "shard", None) == "auto":
         try:
             args.shard = shard_from_hostname(socket.gethostname())

@@ -28,3 +28,16 @@ def test_freeze_moves_what_is_alive_and_leaves_later_objects_collectable() -> No
         assert all(id(o) != ident for o in gc.get_objects())
     finally:
         gc.unfreeze()  # give this test process its full collections back
+
+
+def test_a_command_run_in_this_process_does_not_freeze_it() -> None:
+    """vfioctl freezes its heap as a program (main() with its own command
+    line), never a caller's process: a test, a library user calling main()."""
+    from vfioclient.cli.main import main
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    # Nothing listens there: the command fails after its module is imported,
+    # where the program would have frozen its heap.
+    assert main(["--driver", "127.0.0.1:1", "--timeout", "2", "list"]) != 0
+    assert gc.get_freeze_count() == 0

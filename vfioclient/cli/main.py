@@ -154,9 +154,10 @@ async def _run(args: argparse.Namespace, out: Out) -> None:
         await _module("scenario").run_scenario(args, out)
         return
     cmd = command(args.command)
-    # Its imports done: out of the full collections' way (a migration agent's
-    # stalls, as a service's: grpcsvc.heap).
-    freeze_startup_heap(collect=False)
+    if getattr(args, "own_process", False):
+        # Its imports done: out of the full collections' way (a migration
+        # agent's stalls, as a service's: grpcsvc.heap).
+        freeze_startup_heap(collect=False)
     if isinstance(cmd, LocalCommand):
         await cmd.run(args, out)
         return
@@ -208,6 +209,7 @@ def _tls_failure(message: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
         return int(_module("demo").main(argv[1:]))
@@ -220,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     if args.command == "demo":
         return _demo(args, rest)
+    # The program itself (its command line), not a caller in its own process
+    # (a test): only then is the process's heap ours to freeze.
+    args.own_process = argv_given is None
     args.driver = args.driver or DEFAULT_DRIVER
     args.timeout = args.timeout or DEFAULT_TIMEOUT
     out = Out(args.json)
