@@ -298,6 +298,22 @@ async def test_a_destination_that_fails_its_load_fails_the_source_with_the_errno
         assert await r.dst.open_count() == 0
 
 
+async def test_the_agents_load_setup_runs_alongside_the_sources_save_setup(
+    hosts: Hosts,
+) -> None:
+    """QEMU's source does not wait for -incoming's load_setup: with 0.5 s on
+    each side's setup (the destination's SUSPEND on its way to RESUMING, the
+    source's first SAVE), the setup takes about 0.5 s, not 1 s."""
+    async with rig(hosts) as r:
+        slow = {"delay_s": 0.5, "count": 1}
+        await r.dst.scenario.inject_fault(r.dst.vhca, "delay", opcode="SUSPEND_VHCA", **slow)  # type: ignore[arg-type]
+        await r.src.scenario.inject_fault(r.src.vhca, "delay", opcode="SAVE_VHCA_STATE", **slow)  # type: ignore[arg-type]
+        rep = await r.migrate(r.verifying(options()))
+        assert rep.verified  # type: ignore[attr-defined]
+        setup = rep.phases["setup"]  # type: ignore[attr-defined]
+        assert 0.5 <= setup < 0.9, setup  # one after the other: >= 1.0
+
+
 async def test_a_source_that_fails_its_save_setup_leaves_both_sides_clean(
     hosts: Hosts,
 ) -> None:
