@@ -73,36 +73,52 @@ class _Lane:
     async def ioctls(
         self, requests: Sequence[pb.IoctlRequest]
     ) -> list[pb.IoctlAnswer | VfioClientError]:
-        """Every request written, then every answer read, in order; _Stale if
-        the stream had ended before the first was sent.  A failure after that
-        fails the ioctls not answered (an error before any answer raises, as
-        `ioctl` does).  Unsent ones fail with ENOTCONN: they never ran."""
+        """Every request written, every answer read, in order; _Stale if the
+        stream had ended before the first was sent.  The answers are read
+        while the rest is written: a long sequence of large ioctls must not
+        wait on a driver that waits for its answers to be read.  A failure
+        after the first was sent fails the ioctls not answered (one before
+        any answer raises); the unsent ones fail with ENOTCONN: they never
+        ran."""
+        if not requests:
+            return []
         if self.call.done():
             raise _Stale
-        sent = 0
-        for request in requests:
-            try:
-                await self.call.write(request)
-            except asyncio.InvalidStateError:  # ended since: "RPC already finished"
-                if not sent:
-                    raise _Stale from None
-                break
-            sent += 1
+        try:
+            await self.call.write(requests[0])
+        except asyncio.InvalidStateError:  # ended since: "RPC already finished"
+            raise _Stale from None
+        sent = 1
+
+        async def write_rest() -> None:
+            nonlocal sent
+            for request in requests[1:]:
+                try:
+                    await self.call.write(request)
+                except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                    return  # the stream ended: the reads below say how
+                sent += 1
+
+        writer = asyncio.ensure_future(write_rest())
         out: list[pb.IoctlAnswer | VfioClientError] = []
-        for _ in range(sent):
-            try:
-                answer = await self.call.read()
-            except grpc.aio.AioRpcError as e:
-                if not out:
-                    raise
-                out += [_error(e)] * (sent - len(out))
-                break
-            if not isinstance(answer, pb.IoctlAnswer):  # grpc.aio.EOF: the driver ended it
-                out += [VfioClientError(errno.EIO, "the driver ended the Ioctl stream")] * (
-                    sent - len(out)
-                )
-                break
-            out.append(answer)
+        try:
+            while len(out) < sent or not writer.done():
+                try:
+                    answer = await self.call.read()
+                except grpc.aio.AioRpcError as e:
+                    if not out:
+                        raise
+                    await writer
+                    out += [_error(e)] * (sent - len(out))
+                    break
+                if not isinstance(answer, pb.IoctlAnswer):  # grpc.aio.EOF: the driver ended it
+                    await writer
+                    ended = VfioClientError(errno.EIO, "the driver ended the Ioctl stream")
+                    out += [ended] * (sent - len(out))
+                    break
+                out.append(answer)
+        finally:
+            writer.cancel()
         unsent = VfioClientError(errno.ENOTCONN, "driver unreachable: the Ioctl stream ended")
         return out + [unsent] * (len(requests) - sent)
 

@@ -334,3 +334,79 @@ async def test_a_sequence_is_sent_before_its_first_answer() -> None:
     finally:
         await c.aclose()
         await server.stop(None)
+
+
+async def _echo_ioctls(requests: AsyncIterator[pb.IoctlRequest], context: Any) -> Any:
+    """An Ioctl RPC answering each DeviceFeature with its request's data,
+    one at a time, as the driver does (it reads the next request only once
+    its answer is written)."""
+    async for r in requests:
+        f = r.device_feature
+        yield pb.IoctlAnswer(device_feature=pb.DeviceFeatureResponse(data=f.data, data_fd=-1))
+
+
+async def test_a_long_sequence_of_large_ioctls_does_not_wait_on_its_own_answers() -> None:
+    """64 ioctls of 1 MiB each way: written all before reading any answer,
+    the driver's answers fill the client's window, the driver stops reading,
+    and the client's writes wait forever.  The lane reads while it writes."""
+    handler = grpc.method_handlers_generic_handler(
+        "vfio.v1.Vfio",
+        {
+            "Ioctl": grpc.stream_stream_rpc_method_handler(
+                _echo_ioctls, pb.IoctlRequest.FromString, pb.IoctlAnswer.SerializeToString
+            )
+        },
+    )
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    c = VfioClient(f"127.0.0.1:{port}", tls=None)
+    try:
+        big = [
+            calls.device_feature(3, GET | Feature.MIG_DEVICE_STATE, bytes([i]) * (1 << 20))
+            for i in range(64)
+        ]
+        answers = await asyncio.wait_for(c.ioctls(*big), 30)
+        assert [a.data[:1] for a in answers] == [bytes([i]) for i in range(64)]
+        assert all(len(a.data) == 1 << 20 for a in answers)
+        assert await c.ioctls() == []
+    finally:
+        await c.aclose()
+        await server.stop(None)
+
+
+async def _one_then_abort(requests: AsyncIterator[pb.IoctlRequest], context: Any) -> Any:
+    """Answers the first ioctl, then the stream breaks (a driver going away)."""
+    async for r in requests:
+        yield pb.IoctlAnswer(device_feature=pb.DeviceFeatureResponse(data=r.device_feature.data))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+
+
+async def test_a_sequence_broken_midway_keeps_its_answers_and_fails_the_rest() -> None:
+    handler = grpc.method_handlers_generic_handler(
+        "vfio.v1.Vfio",
+        {
+            "Ioctl": grpc.stream_stream_rpc_method_handler(
+                _one_then_abort, pb.IoctlRequest.FromString, pb.IoctlAnswer.SerializeToString
+            )
+        },
+    )
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    c = VfioClient(f"127.0.0.1:{port}", tls=None)
+    try:
+        seq = [
+            calls.device_feature(3, GET | Feature.MIG_DEVICE_STATE, bytes([i]) * 8)
+            for i in range(3)
+        ]
+        first, *rest = await asyncio.wait_for(c.ioctls(*seq), 10)
+        assert first.data == bytes([0]) * 8
+        assert len(rest) == 2 and all(isinstance(e, VfioClientError) for e in rest)
+        assert [e.errno for e in rest] == [errno.ENOTCONN] * 2, rest  # UNAVAILABLE: unreachable
+        assert c._ioctls._open == 0  # the broken lane is not kept
+    finally:
+        await c.aclose()
+        await server.stop(None)
