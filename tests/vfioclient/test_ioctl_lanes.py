@@ -304,15 +304,15 @@ def _echo(r: pb.IoctlRequest) -> pb.IoctlAnswer:
     return pb.IoctlAnswer(device_feature=pb.DeviceFeatureResponse(data=f.data, data_fd=-1))
 
 
-async def test_a_sequence_is_sent_before_its_first_answer() -> None:
-    """The point of a sequence: both requests are on the wire before the
-    first answer (one round trip, not two)."""
-    held = HeldIoctls(wait_for=2)
+@contextlib.asynccontextmanager
+async def fake_ioctl_driver(ioctl: Any) -> AsyncIterator[str]:
+    """A bare gRPC server whose only method is the Ioctl RPC `ioctl` (a
+    handler of the request iterator and context): its target."""
     handler = grpc.method_handlers_generic_handler(
         "vfio.v1.Vfio",
         {
             "Ioctl": grpc.stream_stream_rpc_method_handler(
-                held.ioctl, pb.IoctlRequest.FromString, pb.IoctlAnswer.SerializeToString
+                ioctl, pb.IoctlRequest.FromString, pb.IoctlAnswer.SerializeToString
             )
         },
     )
@@ -320,20 +320,26 @@ async def test_a_sequence_is_sent_before_its_first_answer() -> None:
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    c = VfioClient(f"127.0.0.1:{port}", tls=None)
     try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+async def test_a_sequence_is_sent_before_its_first_answer() -> None:
+    """The point of a sequence: both requests are on the wire before the
+    first answer (one round trip, not two)."""
+    held = HeldIoctls(wait_for=2)
+    async with fake_ioctl_driver(held.ioctl) as target, VfioClient(target, tls=None) as c:
         size, info = await c.ioctls(calls.data_size(3), calls.precopy_info(4))
         assert held.read_before_first_answer == 2
         assert isinstance(size, int) and info.initial_bytes == 5
         # A call alone (a new stream) waits out the server's patience.
         held.patience = 0.2
-        async with VfioClient(f"127.0.0.1:{port}", tls=None) as alone:
+        async with VfioClient(target, tls=None) as alone:
             await alone.data_size(3)
             await alone.precopy_info(4)
         assert held.read_before_first_answer == 1
-    finally:
-        await c.aclose()
-        await server.stop(None)
 
 
 async def _echo_ioctls(requests: AsyncIterator[pb.IoctlRequest], context: Any) -> Any:
@@ -349,20 +355,7 @@ async def test_a_long_sequence_of_large_ioctls_does_not_wait_on_its_own_answers(
     """64 ioctls of 1 MiB each way: written all before reading any answer,
     the driver's answers fill the client's window, the driver stops reading,
     and the client's writes wait forever.  The lane reads while it writes."""
-    handler = grpc.method_handlers_generic_handler(
-        "vfio.v1.Vfio",
-        {
-            "Ioctl": grpc.stream_stream_rpc_method_handler(
-                _echo_ioctls, pb.IoctlRequest.FromString, pb.IoctlAnswer.SerializeToString
-            )
-        },
-    )
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    c = VfioClient(f"127.0.0.1:{port}", tls=None)
-    try:
+    async with fake_ioctl_driver(_echo_ioctls) as target, VfioClient(target, tls=None) as c:
         big = [
             calls.device_feature(3, GET | Feature.MIG_DEVICE_STATE, bytes([i]) * (1 << 20))
             for i in range(64)
@@ -371,9 +364,6 @@ async def test_a_long_sequence_of_large_ioctls_does_not_wait_on_its_own_answers(
         assert [a.data[:1] for a in answers] == [bytes([i]) for i in range(64)]
         assert all(len(a.data) == 1 << 20 for a in answers)
         assert await c.ioctls() == []
-    finally:
-        await c.aclose()
-        await server.stop(None)
 
 
 async def _one_then_abort(requests: AsyncIterator[pb.IoctlRequest], context: Any) -> Any:
@@ -384,20 +374,7 @@ async def _one_then_abort(requests: AsyncIterator[pb.IoctlRequest], context: Any
 
 
 async def test_a_sequence_broken_midway_keeps_its_answers_and_fails_the_rest() -> None:
-    handler = grpc.method_handlers_generic_handler(
-        "vfio.v1.Vfio",
-        {
-            "Ioctl": grpc.stream_stream_rpc_method_handler(
-                _one_then_abort, pb.IoctlRequest.FromString, pb.IoctlAnswer.SerializeToString
-            )
-        },
-    )
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    c = VfioClient(f"127.0.0.1:{port}", tls=None)
-    try:
+    async with fake_ioctl_driver(_one_then_abort) as target, VfioClient(target, tls=None) as c:
         seq = [
             calls.device_feature(3, GET | Feature.MIG_DEVICE_STATE, bytes([i]) * 8)
             for i in range(3)
@@ -407,6 +384,3 @@ async def test_a_sequence_broken_midway_keeps_its_answers_and_fails_the_rest() -
         assert len(rest) == 2 and all(isinstance(e, VfioClientError) for e in rest)
         assert [e.errno for e in rest] == [errno.ENOTCONN] * 2, rest  # UNAVAILABLE: unreachable
         assert c._ioctls._open == 0  # the broken lane is not kept
-    finally:
-        await c.aclose()
-        await server.stop(None)
