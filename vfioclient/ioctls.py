@@ -99,26 +99,36 @@ class _Lane:
                     return  # the stream ended: the reads below say how
                 sent += 1
 
-        writer = asyncio.ensure_future(write_rest())
+        # (One ioctl, the common case, needs no writer task.)
+        writer = asyncio.ensure_future(write_rest()) if len(requests) > 1 else None
+
+        def writing() -> bool:
+            return writer is not None and not writer.done()
+
+        async def written() -> None:
+            if writer is not None:
+                await writer
+
         out: list[pb.IoctlAnswer | VfioClientError] = []
         try:
-            while len(out) < sent or not writer.done():
+            while len(out) < sent or writing():
                 try:
                     answer = await self.call.read()
                 except grpc.aio.AioRpcError as e:
                     if not out:
                         raise
-                    await writer
+                    await written()
                     out += [_error(e)] * (sent - len(out))
                     break
                 if not isinstance(answer, pb.IoctlAnswer):  # grpc.aio.EOF: the driver ended it
-                    await writer
+                    await written()
                     ended = VfioClientError(errno.EIO, "the driver ended the Ioctl stream")
                     out += [ended] * (sent - len(out))
                     break
                 out.append(answer)
         finally:
-            writer.cancel()
+            if writer is not None:
+                writer.cancel()
         unsent = VfioClientError(errno.ENOTCONN, "driver unreachable: the Ioctl stream ended")
         return out + [unsent] * (len(requests) - sent)
 
