@@ -171,23 +171,34 @@ class VfioServicer(pbg.VfioServicer):
         device: str = "",
         proc: Process | None = None,
         fd: int = -1,
+        timed_since: float | None = None,
     ) -> AsyncIterator[_Answer]:
         """The body of an RPC: a VfioError it raises is the call's answer
-        (_fail); `fd` and `extra` of the yielded _Answer may be set as the
-        call learns them."""
-        answer = _Answer(fd)
+        (_fail); `fd`, `extra` and `operation` of the yielded _Answer may be
+        set as the call learns them. With `timed_since` (a perf_counter) the
+        call is an ioctl timed in vfio_ioctl_seconds, before its answer goes
+        out: whoever has the answer finds it counted."""
+        answer = _Answer(fd, operation=operation)
         try:
             yield answer
         except UNEXPECTED as e:  # VfioError is an OSError
+            self._ioctl_timed(answer.operation, timed_since)
+            timed_since = None
             await self._fail(
                 context,
                 as_vfio_error(e),
-                operation,
+                answer.operation,
                 device=device,
                 proc=proc,
                 fd=answer.fd,
                 extra=answer.extra,
             )
+        finally:
+            self._ioctl_timed(answer.operation, timed_since)
+
+    def _ioctl_timed(self, operation: str, since: float | None) -> None:
+        if since is not None:
+            self.ioctl_seconds[operation, "unary"].observe(time.perf_counter() - since)
 
     def _errno_answered(
         self,
@@ -317,17 +328,14 @@ class VfioServicer(pbg.VfioServicer):
     async def DeviceFeature(self, request: pb.DeviceFeatureRequest, context: Ctx) -> Any:
         began = time.perf_counter()
         proc = self.process(context)
-        argsz, flags, arg = request.argsz, request.flags, request.data
-        operation = "device_feature"
-        try:
+        async with self._answering(
+            context, "device_feature", proc=proc, fd=request.fd, timed_since=began
+        ) as answer:
+            argsz, flags, arg = request.argsz, request.flags, request.data
             if request.HasField("typed"):
-                async with self._answering(context, operation, proc=proc, fd=request.fd):
-                    argsz, flags, arg = typed.pack(request)
-            operation = feature_operation(flags)
-            async with self._answering(context, operation, proc=proc, fd=request.fd):
-                done = await device_feature(self.calls, proc, request, argsz, flags, arg)
-        finally:
-            self.ioctl_seconds[operation, "unary"].observe(time.perf_counter() - began)
+                argsz, flags, arg = typed.pack(request)
+            answer.operation = feature_operation(flags)
+            done = await device_feature(self.calls, proc, request, argsz, flags, arg)
         return feature_response(request, *done)
 
     async def DeviceReset(self, request: pb.DeviceResetRequest, context: Ctx) -> Any:
@@ -465,11 +473,10 @@ class VfioServicer(pbg.VfioServicer):
     async def PrecopyInfo(self, request: pb.PrecopyInfoRequest, context: Ctx) -> Any:
         began = time.perf_counter()
         proc = self.process(context)
-        try:
-            async with self._answering(context, "precopy_info", proc=proc, fd=request.fd):
-                return await precopy_info(self.calls, proc, request)
-        finally:
-            self.ioctl_seconds["precopy_info", "unary"].observe(time.perf_counter() - began)
+        async with self._answering(
+            context, "precopy_info", proc=proc, fd=request.fd, timed_since=began
+        ):
+            return await precopy_info(self.calls, proc, request)
 
     # --- ioctls on one stream ------------------------------------------------------------
 
@@ -551,6 +558,7 @@ class _Answer:
 
     fd: int = -1
     extra: dict[str, str] = field(default_factory=dict)
+    operation: str = ""
 
 
 _Req = TypeVar("_Req", pb.ReadIntoRequest, pb.WriteFromRequest)
