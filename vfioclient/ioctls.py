@@ -62,6 +62,11 @@ class _Stale(Exception):
     """The lane's stream had ended before the ioctl was sent on it."""
 
 
+class _Lost(Exception):
+    """The lane's stream ended before any answer, its status lost to grpc's
+    own error for a write that failed as it ended (see _Lane.ioctls)."""
+
+
 class _Lane:
     """One Ioctl stream, used by one caller at a time."""
 
@@ -78,24 +83,28 @@ class _Lane:
         while the rest is written: a long sequence of large ioctls must not
         wait on a driver that waits for its answers to be read.  A failure
         after the first was sent fails the ioctls not answered (one before
-        any answer raises); the unsent ones fail with ENOTCONN: they never
-        ran."""
+        any answer raises, _Lost if grpc lost its status); the unsent ones
+        fail with ENOTCONN: they never ran."""
         if not requests:
             return []
         if self.call.done():
             raise _Stale
         try:
             await self.call.write(requests[0])
-        except asyncio.InvalidStateError:  # ended since: "RPC already finished"
+        except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+            # Ended since ("RPC already finished"), or ending as it was
+            # written (grpc's "Internal error from Core"): it never went out.
             raise _Stale from None
         sent = 1
+        write_failed = False
 
         async def write_rest() -> None:
-            nonlocal sent
+            nonlocal sent, write_failed
             for request in requests[1:]:
                 try:
                     await self.call.write(request)
                 except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                    write_failed = True
                     return  # the stream ended: the reads below say how
                 sent += 1
 
@@ -109,16 +118,23 @@ class _Lane:
             if writer is not None:
                 await writer
 
+        unsent = VfioClientError(errno.ENOTCONN, "driver unreachable: the Ioctl stream ended")
         out: list[pb.IoctlAnswer | VfioClientError] = []
         try:
             while len(out) < sent or writing():
                 try:
                     answer = await self.call.read()
                 except grpc.aio.AioRpcError as e:
-                    if not out:
-                        raise
                     await written()
-                    out += [_error(e)] * (sent - len(out))
+                    # A write that failed as the stream ended has grpc mark
+                    # the call INTERNAL ("Internal error from Core"), hiding
+                    # the driver's own status: the stream ended, that is all.
+                    lost = write_failed and e.code() == grpc.StatusCode.INTERNAL
+                    if not out:
+                        if lost:
+                            raise _Lost from None
+                        raise
+                    out += [unsent if lost else _error(e)] * (sent - len(out))
                     break
                 if not isinstance(answer, pb.IoctlAnswer):  # grpc.aio.EOF: the driver ended it
                     await written()
@@ -129,7 +145,6 @@ class _Lane:
         finally:
             if writer is not None:
                 writer.cancel()
-        unsent = VfioClientError(errno.ENOTCONN, "driver unreachable: the Ioctl stream ended")
         return out + [unsent] * (len(requests) - sent)
 
     def close(self) -> None:
@@ -197,6 +212,12 @@ class IoctlLanes:
             try:
                 try:
                     answers = await lane.ioctls(requests)
+                except _Lost:
+                    # Ended before any answer, and why is lost (an old driver's
+                    # UNIMPLEMENTED, the most streams, the driver gone): the
+                    # driver runs no ioctl of a stream it refuses, so they are
+                    # made unary, which say why if they fail.
+                    return await one_by_one()
                 except _Stale:
                     if fresh:
                         raise VfioClientError(

@@ -29,7 +29,7 @@ from tests.support.driver_service import (  # noqa: F401
 )
 from tests.support.driver_service import VfioClient as HarnessClient
 from vfioclient import VfioClient, VfioClientError, calls
-from vfioclient.ioctls import MAX_LANES
+from vfioclient.ioctls import MAX_LANES, _Lane, _Lost, _Stale
 from vfioclient.uapi import MigState
 
 pytestmark = pytest.mark.grpc
@@ -79,6 +79,45 @@ async def test_the_migration_calls_go_on_one_lane_and_answer_as_unary(
         assert seconds["precopy_info", "unary"].count == 1  # its ENOTTY, timed too
         assert seconds["precopy_info", "stream"].count == 2
     assert await lib.set_state(fd, MigState.RUNNING) is None
+
+
+async def test_a_unary_ioctl_is_timed_before_its_answer_goes_out(
+    drv: DriverUnderTest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vfio_ioctl_seconds counts a unary DeviceFeature or PrecopyInfo before
+    the caller has its answer, errno or not: a scrape right after the answer
+    finds it (the observation once came after the abort, and a fast client
+    could miss it)."""
+    import driver.service.servicer as servicer_module
+
+    seconds = drv.server.servicer.ioctl_seconds
+    at_abort: list[tuple[int, int, int]] = []
+    abort = servicer_module.abort_errno
+
+    async def counting_abort(*args: Any, **kwargs: Any) -> Any:
+        at_abort.append(
+            (
+                seconds["precopy_info", "unary"].count,
+                seconds["device_feature", "unary"].count,
+                seconds["set_state", "unary"].count,
+            )
+        )
+        return await abort(*args, **kwargs)
+
+    monkeypatch.setattr(servicer_module, "abort_errno", counting_abort)
+    async with await connect(drv.target, ioctl_streams=False) as plain:
+        fd = await plain.open_device((await drv.create_vfs())[0].name)
+        for call in (
+            plain.precopy_info,  # ENOTTY: a device fd
+            lambda f: plain.device_feature(f, GET | 99),  # ENOTTY: no such feature
+            lambda f: plain.set_state(f, MigState.ERROR),  # EINVAL: not an arc
+        ):
+            with pytest.raises(VfioClientError):
+                await call(fd)
+        ok = await plain.get_state(fd)
+    assert ok is MigState.RUNNING
+    assert at_abort == [(1, 0, 0), (1, 1, 0), (1, 1, 1)]
+    assert seconds["device_feature", "unary"].count == 2  # the GET's success, too
 
 
 async def test_a_lane_per_ioctl_in_flight_then_reused(
@@ -384,3 +423,100 @@ async def test_a_sequence_broken_midway_keeps_its_answers_and_fails_the_rest() -
         assert len(rest) == 2 and all(isinstance(e, VfioClientError) for e in rest)
         assert [e.errno for e in rest] == [errno.ENOTCONN] * 2, rest  # UNAVAILABLE: unreachable
         assert c._ioctls._open == 0  # the broken lane is not kept
+
+
+def _core_error() -> grpc.aio.AioRpcError:
+    """What grpc.aio raises, and makes the call's status, for a write that
+    fails because the stream is ending: it hides the peer's own status."""
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.INTERNAL,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        details="Internal error from Core",
+    )
+
+
+class StreamEndingUnderWrites:
+    """A stand-in for an Ioctl call whose stream ends as it is written to:
+    its write number `fail_at` (0-based) fails as grpc's does, and once it
+    has, a read past `answers` fails with the same INTERNAL status."""
+
+    def __init__(self, answers: list[pb.IoctlAnswer], fail_at: int) -> None:
+        self.answers = list(answers)
+        self.fail_at = fail_at
+        self.writes = 0
+        self.failed = asyncio.Event()
+
+    def done(self) -> bool:
+        return False
+
+    async def write(self, request: pb.IoctlRequest) -> None:
+        if self.writes == self.fail_at:
+            self.failed.set()
+            raise _core_error()
+        self.writes += 1
+
+    async def read(self) -> pb.IoctlAnswer:
+        if self.answers:
+            return self.answers.pop(0)
+        await self.failed.wait()
+        raise _core_error()
+
+    def cancel(self) -> None:
+        pass
+
+
+def _feature_requests(n: int) -> list[pb.IoctlRequest]:
+    return [
+        pb.IoctlRequest(device_feature=pb.DeviceFeatureRequest(fd=3, flags=GET)) for _ in range(n)
+    ]
+
+
+async def test_a_stream_ending_under_the_writes_fails_the_unanswered_as_unreachable() -> None:
+    """grpc marks a call INTERNAL ("Internal error from Core") when a write
+    fails as the stream ends, hiding the driver's status (UNAVAILABLE, the
+    driver going away): the ioctls sent and not answered are ENOTCONN, the
+    stream ended, not EIO with grpc's words.  (Seen in CI as a race of
+    test_a_sequence_broken_midway_keeps_its_answers_and_fails_the_rest.)"""
+    answered = pb.IoctlAnswer(device_feature=pb.DeviceFeatureResponse(data=b"x"))
+    call = StreamEndingUnderWrites([answered], fail_at=2)
+    first, *rest = await _Lane(call).ioctls(_feature_requests(3))  # type: ignore[arg-type]
+    assert first is answered
+    assert [(e.errno, e.strerror) for e in rest] == [  # type: ignore[union-attr]
+        (errno.ENOTCONN, "driver unreachable: the Ioctl stream ended")
+    ] * 2
+
+
+async def test_a_stream_ending_before_any_answer_or_its_first_write() -> None:
+    # Its first write failing: it never went out, so the lane was stale.
+    with pytest.raises(_Stale):
+        await _Lane(StreamEndingUnderWrites([], fail_at=0)).ioctls(_feature_requests(2))  # type: ignore[arg-type]
+    # Ended before any answer, its status lost: the caller makes them unary.
+    with pytest.raises(_Lost):
+        await _Lane(StreamEndingUnderWrites([], fail_at=1)).ioctls(_feature_requests(2))  # type: ignore[arg-type]
+
+
+async def _refuse_ioctl(requests: AsyncIterator[pb.IoctlRequest], context: Any) -> Any:
+    """An old driver's answer to Ioctl, racing the client's second write."""
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+    yield pb.IoctlAnswer()  # pragma: no cover
+
+
+async def test_a_driver_refusing_the_stream_has_the_sequence_made_unary() -> None:
+    """Whether grpc keeps UNIMPLEMENTED or loses it to a failed write, a
+    sequence on a driver without Ioctl is answered by the unary calls."""
+    async with fake_ioctl_driver(_refuse_ioctl) as target:
+        for _ in range(20):
+            async with VfioClient(target, tls=None) as c:
+                made: list[int] = []
+
+                def unary(i: int, made: list[int] = made) -> Any:
+                    async def call() -> int:
+                        made.append(i)
+                        return i
+
+                    return call
+
+                seq = [("DeviceFeature", pb.DeviceFeatureRequest(fd=3), unary(i)) for i in range(4)]
+                assert await c._ioctls.sequence(seq) == [0, 1, 2, 3]
+                assert made == [0, 1, 2, 3]
