@@ -19,7 +19,7 @@ from .events import EventBus
 from .holders import DeviceHolders
 from .mlx5.cmd import DEFAULT_BUFFER_BUDGET, BufferBudget
 from .mlx5.main import Mlx5VfDevice
-from .shards import pci_name, shard_of
+from .shards import ShardSpecError, parse_pci_name, pci_name, shard_of
 from .vfio.device import VfioDevice
 from .vfio.errors import VfioError
 
@@ -88,7 +88,37 @@ class DeviceRegistry:
             if not isinstance(vfs, LinkError)
             for vf in vfs
         }
-        for name, reg in list(self.devices.items()):
+        await self._update(present, down, list(self.devices))
+        return [self.devices[n] for n in sorted(self.devices)]
+
+    async def _refresh_one(self, name: str) -> None:
+        """refresh() for device `name` alone: its shard is asked for its
+        function only, so an open costs the same with 8 VFs or 1,000.  A name
+        no shard can hold changes nothing; its shard not answering, the whole
+        refresh says what it would."""
+        try:
+            shard, function_id = parse_pci_name(name)
+        except ShardSpecError:
+            return
+        if shard >= len(self.links) or pci_name(function_id, shard) != name:
+            return  # not a name a refresh makes: nothing to look at
+        listed = await self._list_vfs(shard, (function_id,))
+        if isinstance(listed, LinkError):
+            await self.refresh()  # EIO, or the device kept as it was
+            return
+        present = {pci_name(vf.function_id, shard): (shard, vf) for vf in listed}
+        await self._update(present, {}, [name] if name in self.devices else [])
+
+    async def _update(
+        self,
+        present: dict[str, tuple[int, VfInfo]],
+        down: dict[int, LinkError],
+        known: list[str],
+    ) -> None:
+        """Detach the devices of `known` gone from `present` (their shard
+        answered) or replaced in their slot; probe what `present` has new."""
+        for name in known:
+            reg = self.devices[name]
             gone = name not in present and shard_of(name) not in down
             # Removed and created again in its slot between two looks: the old
             # device went away (unplugged) and a new one came (replugged).
@@ -113,11 +143,12 @@ class DeviceRegistry:
             core = VfioDevice(name, mvdev)
             mvdev.core = core
             self.devices[name] = Registered(core, mvdev, vf.uid)
-        return [self.devices[n] for n in sorted(self.devices)]
 
-    async def _list_vfs(self, shard: int) -> list[VfInfo] | LinkError:
+    async def _list_vfs(
+        self, shard: int, function_ids: Sequence[int] = ()
+    ) -> list[VfInfo] | LinkError:
         try:
-            return await self.links[shard].list_vfs()
+            return await self.links[shard].list_vfs(function_ids)
         except LinkError as e:
             return e
 
@@ -137,7 +168,7 @@ class DeviceRegistry:
         now: a VF removed, or replaced in its slot, since the last refresh is
         not opened as it was."""
         if fresh or name not in self.devices:
-            await self.refresh()
+            await self._refresh_one(name)
         reg = self.devices.get(name)
         if reg is None or reg.mvdev.mdev_detach:
             raise VfioError(errno.ENOENT, f"no VFIO device {name}")

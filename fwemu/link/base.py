@@ -22,7 +22,7 @@ shared memory on one host) those are no-ops; across hosts they move bytes.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -224,8 +224,10 @@ class FirmwareLink(abc.ABC):
     async def dma_sync_for_device(self, buf: HostBuffer, offset: int, length: int) -> None: ...
 
     @abc.abstractmethod
-    async def list_vfs(self) -> list[VfInfo]:
-        """The VFs the PF has (what SR-IOV tells the kernel): a driver probes these."""
+    async def list_vfs(self, function_ids: Sequence[int] = ()) -> list[VfInfo]:
+        """The VFs the PF has (what SR-IOV tells the kernel): a driver probes
+        these; with `function_ids`, those functions' only (a device node
+        opened: the VF in its slot now, without a look at every other)."""
 
     @abc.abstractmethod
     async def set_vf_holders(self, vhca_id: int, principals: frozenset[str]) -> None:

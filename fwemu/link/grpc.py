@@ -414,8 +414,8 @@ class GrpcLink(FirmwareLink, ScenarioLink):
         m = await self._call(getattr(stub, rpc.name), request_to_pb(req))
         return cast(A, rpc.answer(m))
 
-    async def list_vfs(self) -> list[VfInfo]:
-        return await self.control(ListVfsIn())
+    async def list_vfs(self, function_ids: Sequence[int] = ()) -> list[VfInfo]:
+        return await self.control(ListVfsIn(tuple(function_ids)))
 
     async def set_vf_holders(self, vhca_id: int, principals: frozenset[str]) -> None:
         await self.control(SetVfHoldersIn(vhca_id, frozenset(principals)))

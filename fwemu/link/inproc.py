@@ -13,7 +13,7 @@ clock, completions arrive on their own.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from .base import ByteBuffer, FirmwareLink, LinkError, ScenarioLink
@@ -79,8 +79,8 @@ class InProcessLink(FirmwareLink, ScenarioLink):
     async def dma_sync_for_device(self, buf: Any, offset: int, length: int) -> None:
         return None
 
-    async def list_vfs(self) -> list[VfInfo]:
-        return await self.control(ListVfsIn())
+    async def list_vfs(self, function_ids: Sequence[int] = ()) -> list[VfInfo]:
+        return await self.control(ListVfsIn(tuple(function_ids)))
 
     async def set_vf_holders(self, vhca_id: int, principals: frozenset[str]) -> None:
         await self.control(SetVfHoldersIn(vhca_id, frozenset(principals)))

@@ -98,7 +98,11 @@ class GetVfIn(VfRequest[VfInfo]):
 
 @dataclass(frozen=True, slots=True)
 class ListVfsIn(ScenarioRequest[list[VfInfo]]):
-    """A snapshot of every VF, in vhca_id order."""
+    """A snapshot of every VF, in vhca_id order; with `function_ids`, of the
+    VFs with those function ids only (the others are not brought up to the
+    current time either)."""
+
+    function_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

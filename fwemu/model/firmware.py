@@ -8,7 +8,7 @@ Pure Python; the gRPC face (fwemu.service) and the in-process link
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, cast
 
 from ..link import ifc
@@ -216,8 +216,14 @@ class Firmware(FirmwareState):
         """A snapshot of the VF brought up to the current time."""
         return vf_info(self.touch(vhca_id))
 
-    def list_vfs(self) -> list[VfInfo]:
-        return [self.info(v) for v in sorted(self.vfs)]
+    def list_vfs(self, function_ids: Collection[int] = ()) -> list[VfInfo]:
+        """Every VF's snapshot; with `function_ids`, those VFs' only."""
+        wanted = frozenset(function_ids)
+        return [
+            self.info(v)
+            for v in sorted(self.vfs)
+            if not wanted or self.vfs[v].function_id in wanted
+        ]
 
     def apply_scenario(self, text: str) -> list[Vf]:
         """Apply a scenario file's text (fwemu.scenario); ScenarioError if it is bad."""
@@ -257,7 +263,7 @@ _CONTROL: dict[type[rq.ScenarioRequest[Any]], Callable[[Firmware, Any], Any]] = 
     rq.RemoveVfIn: lambda fw, r: fw.remove_vf(r.vhca_id),
     rq.ConfigureVfIn: lambda fw, r: fw.info(fw.configure_vf(r.vhca_id, **r.changes).vhca_id),
     rq.GetVfIn: lambda fw, r: fw.info(r.vhca_id),
-    rq.ListVfsIn: lambda fw, r: fw.list_vfs(),
+    rq.ListVfsIn: lambda fw, r: fw.list_vfs(r.function_ids),
     rq.ReconfigureIn: lambda fw, r: fw.reconfigure(
         r.vhca_id,
         [(ifc.obj_type_index(t), size) for t, size in r.objects],

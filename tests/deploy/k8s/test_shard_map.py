@@ -4,6 +4,7 @@ hostname rule, and a driver registry over several firmwares (in process)."""
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
@@ -187,10 +188,10 @@ class FlakyLink(InProcessLink):
 
     down = False
 
-    async def list_vfs(self) -> list[VfInfo]:
+    async def list_vfs(self, function_ids: Sequence[int] = ()) -> list[VfInfo]:
         if self.down:
             raise LinkError("firmware connection lost: UNAVAILABLE")
-        return await super().list_vfs()
+        return await super().list_vfs(function_ids)
 
 
 def firmwares(n: int, vfs: int = 2) -> list[Firmware]:
@@ -248,6 +249,68 @@ async def test_one_link_keeps_the_single_firmware_behaviour() -> None:
     link.down = True
     with pytest.raises(VfioError, match="firmware unreachable: firmware connection lost"):
         await reg.refresh()
+
+
+class CountingLink(FlakyLink):
+    """Records what each list_vfs asked for."""
+
+    def __init__(self, fw: Firmware) -> None:
+        super().__init__(fw)
+        self.asked: list[tuple[int, ...]] = []
+
+    async def list_vfs(self, function_ids: Sequence[int] = ()) -> list[VfInfo]:
+        self.asked.append(tuple(function_ids))
+        return await super().list_vfs(function_ids)
+
+
+async def test_a_fresh_lookup_asks_its_shard_for_its_function_only() -> None:
+    """An open meets the VF in its slot now (removed: ENOENT; replaced: the
+    new VF, the old device detached) without a look at every other VF: its
+    cost does not grow with the VFs the firmwares have."""
+    fws = firmwares(2, vfs=8)
+    links = [CountingLink(fw) for fw in fws]
+    reg = DeviceRegistry(links)
+    assert len(await reg.refresh()) == 16
+    assert [link.asked for link in links] == [[()], [()]]  # a refresh: every VF
+    name = pci_name(3, 1)
+    old = await reg.lookup(name, fresh=True)
+    assert [link.asked[1:] for link in links] == [[], [(3,)]]
+    assert await reg.lookup(name, fresh=True) is old  # still there: the same device
+    # Removed, then another VF in its slot: a new device, the old one detached.
+    fws[1].remove_vf(3)
+    with pytest.raises(VfioError) as e:
+        await reg.lookup(name, fresh=True)
+    assert e.value.errno == errno.ENOENT
+    fws[1].create_vfs(7, VfConfig(size=64 * KiB, dirty_bytes_per_s=0))  # fills slot 3 first
+    new = await reg.lookup(name, fresh=True)
+    assert new is not old and old.mvdev.mdev_detach and not new.mvdev.mdev_detach
+    # A VF that appeared since is found by its own open, with no full refresh.
+    assert pci_name(9, 0) not in reg.devices
+    fws[0].create_vfs(1, VfConfig(size=64 * KiB, dirty_bytes_per_s=0))
+    assert (await reg.lookup(pci_name(9, 0))).mvdev.function_id == 9
+    assert all(len(ids) == 1 for link in links for ids in link.asked[1:])
+    # Names no shard holds change nothing and ask nobody.
+    for bad in (pci_name(1, 2), "0000:81:00.01", "nonsense"):
+        with pytest.raises(VfioError) as e:
+            await reg.lookup(bad, fresh=True)
+        assert e.value.errno == errno.ENOENT
+    assert sum(len(link.asked) for link in links) == 2 + 5  # the refresh, five lookups
+
+
+async def test_a_fresh_lookup_on_a_shard_not_answering_is_a_refresh() -> None:
+    """Its shard down: the device is kept as it was (its commands fail on
+    the link), as a refresh keeps it; every shard down is EIO."""
+    fws = firmwares(2)
+    links = [CountingLink(fw) for fw in fws]
+    reg = DeviceRegistry(links)
+    await reg.refresh()
+    dev = await reg.lookup(pci_name(1, 1))
+    links[1].down = True
+    assert await reg.lookup(pci_name(1, 1), fresh=True) is dev
+    links[0].down = True
+    with pytest.raises(VfioError) as e:
+        await reg.lookup(pci_name(1, 1), fresh=True)
+    assert e.value.errno == errno.EIO
 
 
 def test_a_registry_needs_a_link() -> None:

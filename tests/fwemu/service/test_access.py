@@ -172,6 +172,19 @@ async def test_list_vfs_shows_a_tenant_only_what_it_holds(mtls: Served) -> None:
     assert await listed(DRIVER) == [1, 2, 3]  # a driver probes every VF
     assert await listed(ADMIN) == [1, 2, 3]
 
+    # function_ids: those VFs only, still only those the caller reaches.
+    fid = {v: mtls.fw.vf(v).function_id for v in (1, 2, 3)}
+
+    async def picked(name: str, *vhcas: int) -> list[int]:
+        ids = [fid[v] for v in vhcas] + [4000]  # and one of no VF
+        r = await mtls.scenario(name).ListVfs(spb.ListVfsRequest(function_ids=ids))
+        return [v.vhca_id for v in r.vfs]
+
+    assert await picked(DRIVER, 3) == [3]
+    assert await picked(ADMIN, 1, 3) == [1, 3]
+    assert await picked("team-b", 2, 3) == [2]
+    assert await picked("team-a", 1) == []
+
 
 async def test_releasing_a_vf_takes_its_reach_away(mtls: Served) -> None:
     fw_stub = mtls.firmware(DRIVER)
