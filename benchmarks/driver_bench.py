@@ -18,6 +18,10 @@ Every service runs in its own process: fwemu, vfio-driver, and the baseline
     its split at the peak into anonymous memory and shared memory segments
     (the firmware link's buffers).  The median of 3 runs, each with a fresh
     driver.  Goal <= 48 MiB.
+(d) OpenDevice + CloseFd of one device with 1,000 VFs on the firmware (a
+    process) over the same with 8: an open looks at its own VF only, so the
+    ratio stays near 1 (listing every VF, it was about 9x with 1,000).  The
+    median of --rounds, each the mean of 50 opens per firmware.
 
     .venv/bin/python benchmarks/driver_bench.py [--size 1GiB] [--json]
 """
@@ -394,6 +398,44 @@ def bench_memory(size: int, runs: int = 3) -> dict[str, Any]:
     }
 
 
+OPEN_VFS = (8, 1000)
+OPENS = 50
+
+
+async def _open_close_s(target: str, opens: int) -> float:
+    """The mean time of OpenDevice + CloseFd, over the firmware's first 8 VFs."""
+    async with await VfioClient.connect(target, tls=None) as c:
+        names = [d.name for d in await c.list_devices()][:8]
+        for name in names:  # each probed once before timing
+            await c.close(await c.open_device(name))
+        t = time.perf_counter()
+        for i in range(opens):
+            await c.close(await c.open_device(names[i % len(names)]))
+        return (time.perf_counter() - t) / opens
+
+
+def bench_open(rounds: int) -> dict[str, Any]:
+    times: dict[int, list[float]] = {n: [] for n in OPEN_VFS}
+    for _ in range(max(1, rounds)):
+        for n in OPEN_VFS:
+            with (
+                served(FWEMU, "--vfs", str(n), "--size", "1MiB", "--dirty-rate", "1MiB") as (_, fw),
+                served(DRIVER, "--firmware", fw, "--log-level", "warning") as (_, drv),
+            ):
+                times[n].append(uvloop.run(_open_close_s(drv, OPENS)))
+    few, many = (statistics.median(times[n]) for n in OPEN_VFS)
+    ratios = [b / a for a, b in zip(times[OPEN_VFS[0]], times[OPEN_VFS[1]], strict=True)]
+    return {
+        "vfs": list(OPEN_VFS),
+        "rounds": len(ratios),
+        "open_close_s": {str(n): statistics.median(times[n]) for n in OPEN_VFS},
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "few_s": few,
+        "many_s": many,
+    }
+
+
 def text(out: Results) -> Iterator[str]:
     if "stop_copy" in out:
         s = out["stop_copy"]
@@ -428,6 +470,14 @@ def text(out: Results) -> Iterator[str]:
             f"{m['above_idle_shmem_bytes'] / MiB:.1f} shared memory; runs: {each}) "
             f"(goal <= 48 MiB: {'met' if m['met'] else 'MISSED'})"
         )
+    if "open" in out:
+        o = out["open"]
+        each = ", ".join(f"{x:.2f}" for x in o["ratios"])
+        yield (
+            f"(d) OpenDevice + CloseFd, median of {o['rounds']}: {o['few_s'] * 1e3:.2f} ms with "
+            f"{o['vfs'][0]} VFs, {o['many_s'] * 1e3:.2f} ms with {o['vfs'][1]}: ratio "
+            f"{o['ratio']:.2f} ({each})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=byte_size, default=1 * GiB, help="VF size for (a) and (c)")
     p.add_argument("--repeat", type=int, default=5, help="rounds of (a), median reported")
     p.add_argument("--seconds", type=float, default=2.0, help="duration of each rate in (b)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds of (b), median reported")
-    p.add_argument("--only", choices=["stop-copy", "precopy-info", "memory"])
+    p.add_argument("--rounds", type=int, default=3, help="rounds of (b) and (d), median reported")
+    p.add_argument("--only", choices=["stop-copy", "precopy-info", "memory", "open"])
     add_output_flag(p)
     args = p.parse_args(argv)
     out = selected(
@@ -445,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             "stop-copy": lambda: bench_stop_copy(args.size, args.repeat),
             "precopy-info": lambda: bench_precopy_info(args.seconds, args.rounds),
             "memory": lambda: bench_memory(args.size),
+            "open": lambda: bench_open(args.rounds),
         },
     )
     return print_results(out, args.json, text)
