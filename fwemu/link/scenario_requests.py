@@ -104,6 +104,20 @@ class ListVfsIn(ScenarioRequest[list[VfInfo]]):
 
     function_ids: tuple[int, ...] = ()
 
+    def validate(self) -> None:
+        check_function_ids(len(self.function_ids))
+
+
+# Every function id a VF can have (16 bits), each once: a longer list (up to
+# the 64 MiB message limit, 64M one-byte ids) only costs the firmware memory.
+MAX_LIST_FUNCTION_IDS = MAX_U16 + 1
+
+
+def check_function_ids(count: int) -> None:
+    """ValueError if a ListVfs names more function ids than there can be."""
+    if count > MAX_LIST_FUNCTION_IDS:
+        raise ValueError(f"function_ids: at most {MAX_LIST_FUNCTION_IDS} ids, got {count}")
+
 
 @dataclass(frozen=True, slots=True)
 class ReconfigureIn(VfRequest[int]):

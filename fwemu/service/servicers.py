@@ -319,6 +319,7 @@ class ScenarioServicer(sgrpc.ScenarioServicer):
     @_answered
     async def ListVfs(self, request: spb.ListVfsRequest, context: Ctx) -> Any:
         who = principal(context)
+        rq.check_function_ids(len(request.function_ids))  # before a set of them is made
         wanted = frozenset(request.function_ids)
         # A driver probes every VF (what SR-IOV tells the kernel), as admins see them.
         if self.roles.is_admin(who) or self.roles.is_driver(who):

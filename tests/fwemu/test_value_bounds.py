@@ -20,11 +20,13 @@ from fwemu.api.v1 import scenario_pb2_grpc as sgrpc
 from fwemu.link.base import LinkError
 from fwemu.link.ifc import Fault, FaultKind, Opcode, VfConfig
 from fwemu.link.scenario_requests import (
+    MAX_LIST_FUNCTION_IDS,
     MAX_RECONFIG_OBJECTS,
     MAX_SCENARIO_TEXT,
     AdvanceClockIn,
     ApplyScenarioIn,
     CreateVfsIn,
+    ListVfsIn,
     ReconfigureIn,
 )
 from fwemu.model import Firmware, VirtualClock
@@ -115,6 +117,7 @@ def test_fault_fields_have_ranges(fields: dict[str, Any], field: str) -> None:
         (CreateVfsIn(1 << 20), "count"),
         (CreateVfsIn(1, replace(VfConfig(), save_latency_s=math.nan)), "save_latency_s"),
         (ApplyScenarioIn(" " * (MAX_SCENARIO_TEXT + 1)), "text"),
+        (ListVfsIn((1,) * (MAX_LIST_FUNCTION_IDS + 1)), "function_ids"),
     ],
 )
 def test_requests_name_the_field_out_of_range(req: Any, field: str) -> None:
@@ -234,6 +237,10 @@ async def test_grpc_refusals_are_invalid_argument_naming_the_field(
             kind=spb.FAULT_KIND_DELAY, opcode=Opcode.SUSPEND_VHCA, delay_s=math.nan))), "delay_s"),
         (stub.AdvanceClock(spb.AdvanceClockRequest(seconds=math.nan)), "seconds"),
         (stub.ApplyScenario(spb.ApplyScenarioRequest(text=_laughs(9))), "YAML nodes"),
+        # One id more than there can be: refused before a set of them is made
+        # (up to the 64 MiB message limit, 64M of them would cost gigabytes).
+        (stub.ListVfs(spb.ListVfsRequest(function_ids=[0] * (MAX_LIST_FUNCTION_IDS + 1))),
+         "function_ids"),
     ]  # fmt: skip
     for call, field in calls:
         with pytest.raises(grpc.aio.AioRpcError) as e:
@@ -242,6 +249,8 @@ async def test_grpc_refusals_are_invalid_argument_naming_the_field(
         assert info.code == grpc.StatusCode.INVALID_ARGUMENT, (field, info)
         assert field in info.message and info.reason.startswith("INVALID_")
     assert len((await stub.ListVfs(spb.ListVfsRequest())).vfs) == 1
+    every_id = spb.ListVfsRequest(function_ids=range(MAX_LIST_FUNCTION_IDS))  # the most: fine
+    assert [v.vhca_id for v in (await stub.ListVfs(every_id)).vfs] == [vf.vhca_id]
     assert (await stub.GetClock(spb.ClockRequest())).now == 0.0
 
 
