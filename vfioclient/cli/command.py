@@ -16,9 +16,8 @@ import argparse
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias, get_args
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-from grpcsvc.runner import LoopName
 from grpcsvc.tls import ENV_CA, ENV_CERT, ENV_KEY
 
 from .args import HELP_FORMATTER, NOT_IN_USAGE, seconds
@@ -33,14 +32,12 @@ LocalRun = Callable[[argparse.Namespace, Out], Awaitable[None]]
 
 DEFAULT_DRIVER = "127.0.0.1:50052"
 DEFAULT_TIMEOUT = 30.0
-DEFAULT_LOOP: LoopName = "uvloop"  # as the services: grpc.aio on uvloop
 DEVICE_HELP = "the device: its PCI name, e.g. 0000:81:00.1 (see `vfioctl list`)"
 OPTIONS_TITLE = "vfioctl options (before or after the command)"
 
-# vfioctl's own options: flags and add_argument keywords.  --driver,
-# --timeout and --loop default to None on vfioctl's parser (main() fills in
-# DEFAULT_DRIVER, DEFAULT_TIMEOUT and DEFAULT_LOOP), so that it knows which
-# were given.
+# vfioctl's own options: flags and add_argument keywords.  --driver and
+# --timeout default to None on vfioctl's parser (main() fills in
+# DEFAULT_DRIVER and DEFAULT_TIMEOUT), so that it knows which were given.
 OPTIONS: list[tuple[str, dict[str, Any]]] = [
     (
         "--driver",
@@ -61,13 +58,6 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
         dict(metavar="FILE", help=f"client certificate, for mutual TLS (default ${ENV_CERT})"),
     ),
     ("--tls-key", dict(metavar="FILE", help=f"the client certificate's key (default ${ENV_KEY})")),
-    (
-        "--loop",
-        dict(
-            choices=list(get_args(LoopName)),
-            help=f"the event loop (default {DEFAULT_LOOP}; asyncio: Python's own)",
-        ),
-    ),
 ]
 FLAGS = tuple(flag for flag, _ in OPTIONS)
 

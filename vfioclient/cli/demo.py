@@ -36,7 +36,7 @@ from typing import Any
 from fwemu.link.base import LinkError
 from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import VfConfig
-from grpcsvc.runner import add_loop_flag, run_main
+from grpcsvc.runner import run_main
 from grpcsvc.tls import TlsError, add_client_args, client_tls_from_args
 from grpcsvc.units import byte_size
 
@@ -314,7 +314,6 @@ def parser() -> argparse.ArgumentParser:
         help="limit for the whole demo, connecting included (default: none)",
     )
     add_client_args(p)
-    add_loop_flag(p)
     return p
 
 
@@ -328,10 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.tls_ca or args.tls_cert or args.tls_key) and not args.driver:
         p.error("--tls-ca/--tls-cert/--tls-key need --driver (the embedded services are plaintext)")
     return run_main(
-        "vfioctl demo",
-        _bounded(args),
-        {(VfioClientError, LinkError, MigrationError, TlsError): 1},
-        args.loop,
+        "vfioctl demo", _bounded(args), {(VfioClientError, LinkError, MigrationError, TlsError): 1}
     )
 
 

@@ -29,13 +29,11 @@ from types import ModuleType
 from typing import NoReturn
 
 from grpcsvc.heap import freeze_startup_heap
-from grpcsvc.runner import run as run_on_loop
 from grpcsvc.tls import TlsError, client_tls_from_args
 
 from .args import HELP_FORMATTER
 from .command import (
     DEFAULT_DRIVER,
-    DEFAULT_LOOP,
     DEFAULT_TIMEOUT,
     FLAGS,
     Command,
@@ -229,7 +227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.own_process = argv_given is None
     args.driver = args.driver or DEFAULT_DRIVER
     args.timeout = args.timeout or DEFAULT_TIMEOUT
-    args.loop = args.loop or DEFAULT_LOOP
     out = Out(args.json)
     try:
         # Every connection the command makes uses it (args.tls; None: plaintext).
@@ -246,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             await asyncio.wait_for(_run(args, out), args.timeout)
 
     try:
-        run_on_loop(bounded(), args.loop)
+        asyncio.run(bounded())
     except _client_errors() as e:
         code = e.errno or errno.EIO
         message = e.strerror or str(e)

@@ -1,4 +1,4 @@
-"""vfioctl's own options (--driver, --json, --timeout, --tls-*, --loop) work before or
+"""vfioctl's own options (--driver, --json, --timeout, --tls-*) work before or
 after any command (issue 18): every command's parse is the same wherever they
 stand, each command runs against the --driver given after it, and the demo
 (which has its own parser) takes them before `demo` too."""
@@ -6,10 +6,8 @@ stand, each command runs against the --driver given after it, and the demo
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +51,6 @@ OPTIONS: list[list[str]] = [
     ["--tls-ca", "ca.pem"],
     ["--tls-cert", "c.pem"],
     ["--tls-key", "c.key"],
-    ["--loop", "asyncio"],
 ]
 
 
@@ -199,23 +196,3 @@ def test_as_processes(driver: Driver) -> None:
         assert p.returncode == 0, (argv, p.stderr)
         assert "Traceback" not in p.stderr
         assert isinstance(json.loads(p.stdout), dict), argv
-
-
-@pytest.mark.parametrize(
-    ("given", "loop"),
-    [([], "uvloop"), (["--loop", "asyncio"], "asyncio"), (["--loop", "uvloop"], "uvloop")],
-)
-def test_a_command_runs_on_uvloop_unless_told(
-    given: list[str], loop: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """grpc.aio on uvloop, as the services run; --loop asyncio is Python's own
-    (the services' switch too)."""
-    cli_main = sys.modules["vfioclient.cli.main"]  # (the package's `main` is the function)
-    ran: list[str] = []
-
-    async def record(args: argparse.Namespace, out: object) -> None:
-        ran.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
-
-    monkeypatch.setattr(cli_main, "_run", record)
-    assert main([*given, "list"]) == 0
-    assert ran == [loop]
