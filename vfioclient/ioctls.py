@@ -62,18 +62,14 @@ class _Stale(Exception):
     """The lane's stream had ended before the ioctl was sent on it."""
 
 
-class _Lost(Exception):
-    """The lane's stream ended before any answer, its status lost to grpc's
-    own error for a write that failed as it ended (see _Lane.ioctls)."""
-
-
 class _Lane:
     """One Ioctl stream, used by one caller at a time."""
 
-    __slots__ = ("call",)
+    __slots__ = ("answered", "call")
 
     def __init__(self, call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
         self.call = call
+        self.answered = False  # the driver took the stream: it answered on it
 
     async def ioctls(
         self, requests: Sequence[pb.IoctlRequest]
@@ -81,10 +77,12 @@ class _Lane:
         """Every request written, every answer read, in order; _Stale if the
         stream had ended before the first was sent.  The answers are read
         while the rest is written: a long sequence of large ioctls must not
-        wait on a driver that waits for its answers to be read.  A failure
-        after the first was sent fails the ioctls not answered (one before
-        any answer raises, _Lost if grpc lost its status); the unsent ones
-        fail with ENOTCONN: they never ran."""
+        wait on a driver that waits for its answers to be read.  On a new
+        lane the rest waits for the first answer: a driver refusing the
+        stream (no Ioctl RPC, too many streams) says so before any write
+        races its status (see below).  A failure after the first was sent
+        fails the ioctls not answered (one before any answer raises); the
+        unsent ones fail with ENOTCONN: they never ran."""
         if not requests:
             return []
         if self.call.done():
@@ -108,8 +106,16 @@ class _Lane:
                     return  # the stream ended: the reads below say how
                 sent += 1
 
-        # (One ioctl, the common case, needs no writer task.)
-        writer = asyncio.ensure_future(write_rest()) if len(requests) > 1 else None
+        writer: asyncio.Future[None] | None = None
+
+        def write_the_rest() -> None:
+            nonlocal writer
+            # (One ioctl, the common case, needs no writer task.)
+            if writer is None and len(requests) > 1:
+                writer = asyncio.ensure_future(write_rest())
+
+        if self.answered:
+            write_the_rest()
 
         def writing() -> bool:
             return writer is not None and not writer.done()
@@ -129,10 +135,10 @@ class _Lane:
                     # A write that failed as the stream ended has grpc mark
                     # the call INTERNAL ("Internal error from Core"), hiding
                     # the driver's own status: the stream ended, that is all.
+                    # (Only on a lane the driver took: a new one writes
+                    # nothing more before the first answer.)
                     lost = write_failed and e.code() == grpc.StatusCode.INTERNAL
-                    if not out:
-                        if lost:
-                            raise _Lost from None
+                    if not out and not lost:
                         raise
                     out += [unsent if lost else _error(e)] * (sent - len(out))
                     break
@@ -142,6 +148,8 @@ class _Lane:
                     out += [ended] * (sent - len(out))
                     break
                 out.append(answer)
+                self.answered = True
+                write_the_rest()
         finally:
             if writer is not None:
                 writer.cancel()
@@ -212,12 +220,6 @@ class IoctlLanes:
             try:
                 try:
                     answers = await lane.ioctls(requests)
-                except _Lost:
-                    # Ended before any answer, and why is lost (an old driver's
-                    # UNIMPLEMENTED, the most streams, the driver gone): the
-                    # driver runs no ioctl of a stream it refuses, so they are
-                    # made unary, which say why if they fail.
-                    return await one_by_one()
                 except _Stale:
                     if fresh:
                         raise VfioClientError(

@@ -29,7 +29,7 @@ from tests.support.driver_service import (  # noqa: F401
 )
 from tests.support.driver_service import VfioClient as HarnessClient
 from vfioclient import VfioClient, VfioClientError, calls
-from vfioclient.ioctls import MAX_LANES, _Lane, _Lost, _Stale
+from vfioclient.ioctls import MAX_LANES, _Lane, _Stale
 from vfioclient.uapi import MigState
 
 pytestmark = pytest.mark.grpc
@@ -309,8 +309,8 @@ class HeldIoctls:
     requests (or `patience` passed): a client that waits for each answer
     before it sends the next is found out."""
 
-    def __init__(self, wait_for: int, patience: float = 1.0) -> None:
-        self.wait_for, self.patience = wait_for, patience
+    def __init__(self, wait_for: int, patience: float = 1.0, at_once: int = 0) -> None:
+        self.wait_for, self.patience, self.at_once = wait_for, patience, at_once
         self.read_before_first_answer = 0
 
     async def ioctl(self, requests: AsyncIterator[pb.IoctlRequest], context: Any) -> Any:
@@ -322,6 +322,12 @@ class HeldIoctls:
             q.put_nowait(None)
 
         reader = asyncio.ensure_future(read())
+        for _ in range(self.at_once):  # these answered as they come
+            first = await q.get()
+            if first is None:
+                await reader
+                return
+            yield _echo(first)
         held: list[pb.IoctlRequest | None] = [await q.get()]
         with contextlib.suppress(TimeoutError):
             while len(held) < self.wait_for and held[-1] is not None:
@@ -368,8 +374,9 @@ async def fake_ioctl_driver(ioctl: Any) -> AsyncIterator[str]:
 async def test_a_sequence_is_sent_before_its_first_answer() -> None:
     """The point of a sequence: both requests are on the wire before the
     first answer (one round trip, not two)."""
-    held = HeldIoctls(wait_for=2)
+    held = HeldIoctls(wait_for=2, at_once=1)
     async with fake_ioctl_driver(held.ioctl) as target, VfioClient(target, tls=None) as c:
+        await c.data_size(3)  # the lane's first ioctl: the driver takes the stream
         size, info = await c.ioctls(calls.data_size(3), calls.precopy_info(4))
         assert held.read_before_first_answer == 2
         assert isinstance(size, int) and info.initial_bytes == 5
@@ -438,29 +445,36 @@ def _core_error() -> grpc.aio.AioRpcError:
 
 class StreamEndingUnderWrites:
     """A stand-in for an Ioctl call whose stream ends as it is written to:
-    its write number `fail_at` (0-based) fails as grpc's does, and once it
-    has, a read past `answers` fails with the same INTERNAL status."""
+    each of `answers` answers a request written before it; write number
+    `fail_at` (0-based) fails as grpc's does, and once it has, a read past
+    the answers given fails with the same INTERNAL status."""
 
     def __init__(self, answers: list[pb.IoctlAnswer], fail_at: int) -> None:
         self.answers = list(answers)
         self.fail_at = fail_at
-        self.writes = 0
-        self.failed = asyncio.Event()
+        self.writes = self.given = 0
+        self.changed = asyncio.Event()
+        self.failed = False
 
     def done(self) -> bool:
         return False
 
     async def write(self, request: pb.IoctlRequest) -> None:
+        self.changed.set()
         if self.writes == self.fail_at:
-            self.failed.set()
+            self.failed = True
             raise _core_error()
         self.writes += 1
 
     async def read(self) -> pb.IoctlAnswer:
-        if self.answers:
-            return self.answers.pop(0)
-        await self.failed.wait()
-        raise _core_error()
+        while True:
+            if self.answers and self.given < self.writes:
+                self.given += 1
+                return self.answers.pop(0)
+            if self.failed:
+                raise _core_error()
+            self.changed.clear()
+            await self.changed.wait()
 
     def cancel(self) -> None:
         pass
@@ -472,28 +486,60 @@ def _feature_requests(n: int) -> list[pb.IoctlRequest]:
     ]
 
 
+def _taken(call: Any) -> _Lane:
+    """A lane the driver has answered on before."""
+    lane = _Lane(call)
+    lane.answered = True
+    return lane
+
+
 async def test_a_stream_ending_under_the_writes_fails_the_unanswered_as_unreachable() -> None:
     """grpc marks a call INTERNAL ("Internal error from Core") when a write
     fails as the stream ends, hiding the driver's status (UNAVAILABLE, the
     driver going away): the ioctls sent and not answered are ENOTCONN, the
     stream ended, not EIO with grpc's words.  (Seen in CI as a race of
     test_a_sequence_broken_midway_keeps_its_answers_and_fails_the_rest.)"""
+    unreachable = (errno.ENOTCONN, "driver unreachable: the Ioctl stream ended")
     answered = pb.IoctlAnswer(device_feature=pb.DeviceFeatureResponse(data=b"x"))
-    call = StreamEndingUnderWrites([answered], fail_at=2)
-    first, *rest = await _Lane(call).ioctls(_feature_requests(3))  # type: ignore[arg-type]
+    first, *rest = await _taken(StreamEndingUnderWrites([answered], fail_at=2)).ioctls(
+        _feature_requests(3)
+    )
     assert first is answered
-    assert [(e.errno, e.strerror) for e in rest] == [  # type: ignore[union-attr]
-        (errno.ENOTCONN, "driver unreachable: the Ioctl stream ended")
-    ] * 2
+    assert [(e.errno, e.strerror) for e in rest] == [unreachable] * 2  # type: ignore[union-attr]
+    # No answer at all: every one of them, sent or not.
+    lost = await _taken(StreamEndingUnderWrites([], fail_at=1)).ioctls(_feature_requests(3))
+    assert [(e.errno, e.strerror) for e in lost] == [unreachable] * 3  # type: ignore[union-attr]
 
 
-async def test_a_stream_ending_before_any_answer_or_its_first_write() -> None:
+class RefusedStream(StreamEndingUnderWrites):
+    """A driver refusing the stream (no Ioctl RPC): its status, once read."""
+
+    async def read(self) -> pb.IoctlAnswer:
+        await asyncio.sleep(0.05)  # the status on its way: time for writes to race it
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNIMPLEMENTED, grpc.aio.Metadata(), grpc.aio.Metadata()
+        )
+
+
+async def test_a_new_lane_writes_the_rest_once_the_driver_took_the_stream() -> None:
+    """On a new lane the first ioctl's answer comes before the rest is
+    written, so a refusal is read as it is (UNIMPLEMENTED: the calls are
+    then made unary), never hidden by a racing write; a lane the driver
+    answered on writes them all at once."""
+    refused = RefusedStream([], fail_at=99)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await _Lane(refused).ioctls(_feature_requests(3))  # type: ignore[arg-type]
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and refused.writes == 1
+    answers = [
+        pb.IoctlAnswer(device_feature=pb.DeviceFeatureResponse(data=bytes([i]))) for i in range(3)
+    ]
+    fresh, taken = StreamEndingUnderWrites(answers, 99), StreamEndingUnderWrites(answers, 99)
+    lane = _Lane(fresh)  # type: ignore[arg-type]
+    assert await lane.ioctls(_feature_requests(3)) == answers and lane.answered
+    assert await _taken(taken).ioctls(_feature_requests(3)) == answers
     # Its first write failing: it never went out, so the lane was stale.
     with pytest.raises(_Stale):
         await _Lane(StreamEndingUnderWrites([], fail_at=0)).ioctls(_feature_requests(2))  # type: ignore[arg-type]
-    # Ended before any answer, its status lost: the caller makes them unary.
-    with pytest.raises(_Lost):
-        await _Lane(StreamEndingUnderWrites([], fail_at=1)).ioctls(_feature_requests(2))  # type: ignore[arg-type]
 
 
 async def _refuse_ioctl(requests: AsyncIterator[pb.IoctlRequest], context: Any) -> Any:
