@@ -62,6 +62,11 @@ class _Stale(Exception):
     """The lane's stream had ended before the ioctl was sent on it."""
 
 
+class _Unsent(Exception):
+    """A new lane's first write failed as its stream ended, and grpc lost
+    why (see _Lane.ioctls): nothing reached the driver."""
+
+
 class _Lane:
     """One Ioctl stream, used by one caller at a time."""
 
@@ -75,7 +80,8 @@ class _Lane:
         self, requests: Sequence[pb.IoctlRequest]
     ) -> list[pb.IoctlAnswer | VfioClientError]:
         """Every request written, every answer read, in order; _Stale if the
-        stream had ended before the first was sent.  The answers are read
+        stream had ended before the first was sent (_Unsent on a new lane
+        when grpc hid why).  The answers are read
         while the rest is written: a long sequence of large ioctls must not
         wait on a driver that waits for its answers to be read.  On a new
         lane the rest waits for the first answer: a driver refusing the
@@ -89,10 +95,17 @@ class _Lane:
             raise _Stale
         try:
             await self.call.write(requests[0])
-        except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
-            # Ended since ("RPC already finished"), or ending as it was
-            # written (grpc's "Internal error from Core"): it never went out.
+        except asyncio.InvalidStateError:  # ended since: "RPC already finished"
             raise _Stale from None
+        except grpc.aio.AioRpcError as e:
+            # Ending as it was written: it never went out.  An idle lane's
+            # stream ended meanwhile; a new one's was refused (its status,
+            # unless grpc's own error for the write hid it: INTERNAL).
+            if self.answered:
+                raise _Stale from None
+            if e.code() == grpc.StatusCode.INTERNAL:
+                raise _Unsent from None
+            raise
         sent = 1
         write_failed = False
 
@@ -220,6 +233,8 @@ class IoctlLanes:
             try:
                 try:
                     answers = await lane.ioctls(requests)
+                except _Unsent:
+                    return await one_by_one()  # none ran: the unary calls say why
                 except _Stale:
                     if fresh:
                         raise VfioClientError(

@@ -29,7 +29,7 @@ from tests.support.driver_service import (  # noqa: F401
 )
 from tests.support.driver_service import VfioClient as HarnessClient
 from vfioclient import VfioClient, VfioClientError, calls
-from vfioclient.ioctls import MAX_LANES, _Lane, _Stale
+from vfioclient.ioctls import MAX_LANES, IoctlLanes, _Lane, _Stale, _Unsent
 from vfioclient.uapi import MigState
 
 pytestmark = pytest.mark.grpc
@@ -537,9 +537,32 @@ async def test_a_new_lane_writes_the_rest_once_the_driver_took_the_stream() -> N
     lane = _Lane(fresh)  # type: ignore[arg-type]
     assert await lane.ioctls(_feature_requests(3)) == answers and lane.answered
     assert await _taken(taken).ioctls(_feature_requests(3)) == answers
-    # Its first write failing: it never went out, so the lane was stale.
+    # Its first write failing: it never went out.  An idle lane was stale (a
+    # new one is asked); a new lane was refused, why hidden: made unary.
     with pytest.raises(_Stale):
+        await _taken(StreamEndingUnderWrites([], fail_at=0)).ioctls(_feature_requests(2))
+    with pytest.raises(_Unsent):
         await _Lane(StreamEndingUnderWrites([], fail_at=0)).ioctls(_feature_requests(2))  # type: ignore[arg-type]
+
+
+async def test_a_new_lane_whose_first_write_fails_has_the_calls_made_unary() -> None:
+    """Nothing reached the driver, and grpc hid why (an old driver's
+    UNIMPLEMENTED, the most streams): the unary calls run them and say."""
+    async with grpc.aio.insecure_channel("127.0.0.1:1") as channel:
+        lanes = IoctlLanes(channel, ())
+        made: list[int] = []
+        lanes._method = lambda metadata: StreamEndingUnderWrites([], fail_at=0)  # type: ignore[assignment,method-assign]
+
+        def unary(i: int) -> Any:
+            async def call() -> int:
+                made.append(i)
+                return i
+
+            return call
+
+        seq = [("DeviceFeature", pb.DeviceFeatureRequest(fd=3), unary(i)) for i in range(3)]
+        assert await lanes.sequence(seq) == [0, 1, 2] and made == [0, 1, 2]
+        assert lanes.enabled  # why is unknown: lanes are tried again next time
 
 
 async def _refuse_ioctl(requests: AsyncIterator[pb.IoctlRequest], context: Any) -> Any:
