@@ -26,13 +26,18 @@ from grpcsvc.server import (
     stop_on_signals,
 )
 from grpcsvc.tls import TlsError, add_client_args
-from grpcsvc.units import byte_size, count_between, seconds_between
+from grpcsvc.units import byte_size, byte_size_between, count_between, seconds_between
 
 from .demo import DemoError, run_demo
 from .link.base import LinkError
 from .link.ifc import MiB, VfConfig
 from .scenario import ScenarioError
-from .service.memory import DEFAULT_IDLE_S, MAX_MKEYS_PER_CLIENT
+from .service.memory import (
+    DEFAULT_IDLE_S,
+    DEFAULT_MAX_REMOTE_BYTES,
+    MAX_MKEYS_PER_CLIENT,
+    MAX_REMOTE_MEMORY,
+)
 
 if TYPE_CHECKING:
     from .model.firmware import Firmware
@@ -145,9 +150,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--max-remote-memory",
-        type=byte_size,
-        default=8 << 30,
-        help="limit on memory held for drivers on other hosts",
+        type=byte_size_between(0, MAX_REMOTE_MEMORY),
+        default=DEFAULT_MAX_REMOTE_BYTES,
+        metavar="BYTES",
+        help="limit on memory held for drivers on other hosts (their mkeys' buffers); 0: "
+        "none (their CreateMkey is LIM_ERR / NO_MEMORY) (default 8GiB; at most 1TiB)",
     )
     s.add_argument(
         "--mkeys-per-client",

@@ -27,6 +27,8 @@ from ..link.ifc import MAX_U32, CmdResult, CmdStatus, MkeyResult, Syndrome
 from ..model.firmware import Firmware
 
 MAX_MKEYS_PER_CLIENT = 4096
+DEFAULT_MAX_REMOTE_BYTES = 8 << 30  # held for drivers on other hosts (fwemu serve's default)
+MAX_REMOTE_MEMORY = 1 << 40  # fwemu serve --max-remote-memory: past it, a typo
 DEFAULT_IDLE_S = 300.0
 
 

@@ -19,14 +19,12 @@ from ..api.v1 import firmware_pb2, scenario_pb2
 from ..api.v1 import firmware_pb2_grpc as fgrpc
 from ..api.v1 import scenario_pb2_grpc as sgrpc
 from ..model.firmware import Firmware
-from .memory import DEFAULT_IDLE_S, MAX_MKEYS_PER_CLIENT, MkeyMemory
+from .memory import DEFAULT_IDLE_S, DEFAULT_MAX_REMOTE_BYTES, MAX_MKEYS_PER_CLIENT, MkeyMemory
 from .metrics import FirmwareCollector
 from .servicers import FirmwareServicer, ScenarioServicer
 
 FIRMWARE_SERVICE = firmware_pb2.DESCRIPTOR.services_by_name["Firmware"].full_name
 SCENARIO_SERVICE = scenario_pb2.DESCRIPTOR.services_by_name["Scenario"].full_name
-
-DEFAULT_MAX_REMOTE_BYTES = 8 << 30
 
 
 class FirmwareServer:

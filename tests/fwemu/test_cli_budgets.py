@@ -1,4 +1,4 @@
-"""`fwemu serve --mkeys-per-client` and `--client-idle` reach the mkey memory
+"""`fwemu serve --mkeys-per-client`, `--client-idle` and `--max-remote-memory` reach the mkey memory
 of the FirmwareServer (README, "Host memory"); values out of bounds are usage
 errors (exit 2, naming the range)."""
 
@@ -21,6 +21,10 @@ async def test_the_flags_reach_the_mkey_memory() -> None:
         MAX_MKEYS_PER_CLIENT,
         DEFAULT_IDLE_S,
     )
+    assert server.memory.max_remote_bytes == 8 << 30
+    for given, held in (("0", 0), ("1TiB", 1 << 40), ("64MiB", 64 << 20)):
+        args = _parser().parse_args(["serve", "--max-remote-memory", given])
+        assert _firmware_server(args, fw, None).memory.max_remote_bytes == held
 
 
 @pytest.mark.parametrize(
@@ -32,6 +36,8 @@ async def test_the_flags_reach_the_mkey_memory() -> None:
         (["--mkeys-per-client", "many"], "not a whole number"),
         (["--client-idle", "0"], "not a number of seconds above 0"),
         (["--client-idle", "inf"], "at most 604800"),
+        (["--max-remote-memory", "1EiB"], "out of range (0 to 1TiB)"),
+        (["--max-remote-memory", "-1"], "not a size"),
     ],
 )
 def test_bad_values_exit_2_with_a_message(
