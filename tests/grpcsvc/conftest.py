@@ -16,6 +16,8 @@ Every test runs on asyncio's loop and on uvloop (the services' loop).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -135,16 +137,45 @@ async def _bidi(messages: AsyncIterator[Msg], context: Context) -> AsyncIterator
     await _finish(ending, context)
 
 
-def _handlers() -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+def _recorded(handler: Callable[..., Any], ends: list[float | None]) -> Callable[..., Any]:
+    """`handler`, which records the time left to its deadline as it ends (the
+    server's own view: from the timeout the client sent, by the server's clock)."""
+    if inspect.isasyncgenfunction(handler):
+
+        async def stream(request: Any, context: Context) -> AsyncIterator[Msg]:
+            try:
+                async with contextlib.aclosing(handler(request, context)) as responses:
+                    async for r in responses:
+                        yield r
+            finally:
+                ends.append(context.time_remaining())
+
+        return stream
+
+    async def call(request: Any, context: Context) -> Msg:
+        try:
+            response: Msg = await handler(request, context)
+            return response
+        finally:
+            ends.append(context.time_remaining())
+
+    return call
+
+
+def _handlers(ends: list[float | None]) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
     codec: dict[str, Callable[..., Any]] = {
         "request_deserializer": Msg.from_wire,
         "response_serializer": Msg.to_wire,
     }
     return {
-        UNARY: grpc.unary_unary_rpc_method_handler(_unary, **codec),
-        SERVER_STREAM: grpc.unary_stream_rpc_method_handler(_server_stream, **codec),
-        CLIENT_STREAM: grpc.stream_unary_rpc_method_handler(_client_stream, **codec),
-        BIDI_STREAM: grpc.stream_stream_rpc_method_handler(_bidi, **codec),
+        UNARY: grpc.unary_unary_rpc_method_handler(_recorded(_unary, ends), **codec),
+        SERVER_STREAM: grpc.unary_stream_rpc_method_handler(
+            _recorded(_server_stream, ends), **codec
+        ),
+        CLIENT_STREAM: grpc.stream_unary_rpc_method_handler(
+            _recorded(_client_stream, ends), **codec
+        ),
+        BIDI_STREAM: grpc.stream_stream_rpc_method_handler(_recorded(_bidi, ends), **codec),
     }
 
 
@@ -195,6 +226,7 @@ class Rig:
     endpoint: MetricsEndpoint
     port: int
     plain: grpc.aio.Channel  # no interceptors: what a call does without them
+    ends: list[float | None]  # each handler's time left to its deadline as it ended
     multicallables: dict[tuple[str, str, bool], Any] = field(default_factory=dict)
 
     def method(self, name: str, *, service: str = SERVICE, plain: bool = False) -> Any:
@@ -264,10 +296,14 @@ class Rig:
             await asyncio.sleep(0.01)
 
 
-async def serve(registry: CollectorRegistry, **metrics: Any) -> tuple[grpc.aio.Server, int]:
+async def serve(
+    registry: CollectorRegistry, ends: list[float | None] | None = None, **metrics: Any
+) -> tuple[grpc.aio.Server, int]:
+    ends = [] if ends is None else ends
     server = grpc.aio.server(interceptors=[GrpcServerMetrics(registry, **metrics).interceptor])
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, _handlers()),))
-    server.add_registered_method_handlers(REGISTERED, _handlers())  # type: ignore[attr-defined]
+    handlers = _handlers(ends)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(REGISTERED, handlers)  # type: ignore[attr-defined]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port
@@ -276,7 +312,8 @@ async def serve(registry: CollectorRegistry, **metrics: Any) -> tuple[grpc.aio.S
 @pytest.fixture
 async def rig() -> AsyncIterator[Rig]:
     registry = CollectorRegistry()
-    server, port = await serve(registry)
+    ends: list[float | None] = []
+    server, port = await serve(registry, ends)
     target = f"127.0.0.1:{port}"
     channel = grpc.aio.insecure_channel(
         target, interceptors=GrpcClientMetrics(registry).interceptors()
@@ -284,7 +321,7 @@ async def rig() -> AsyncIterator[Rig]:
     plain = grpc.aio.insecure_channel(target)
     endpoint = start_metrics_http("127.0.0.1:0", registry)
     try:
-        yield Rig(registry, server, channel, endpoint, port, plain)
+        yield Rig(registry, server, channel, endpoint, port, plain, ends)
     finally:
         await channel.close(None)
         await plain.close(None)
