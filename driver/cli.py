@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from fwemu.embedded import ScenarioError
 from fwemu.link.base import LinkError
+from fwemu.model.memory import MAX_MEMORY_LIMIT
 from grpcsvc import access
 from grpcsvc.heap import freeze_startup_heap
 from grpcsvc.logs import add_log_flags, announce, setup_logging
@@ -51,7 +52,6 @@ log = logging.getLogger("vfio-driver")
 # Bounds of the operator's settings: past them a value is a typo, not a policy.
 MAX_BUFFER_BUDGET = 1 << 40
 MAX_CLIENT_IDLE = 7 * 24 * 3600.0
-MAX_MEMORY_LIMIT = 1 << 50
 GRACE_S = 5.0  # on SIGTERM: how long calls in progress may finish
 
 

@@ -31,6 +31,7 @@ from grpcsvc.units import byte_size, byte_size_between, count_between, seconds_b
 from .demo import DemoError, run_demo
 from .link.base import LinkError
 from .link.ifc import MiB, VfConfig
+from .model.memory import MAX_MEMORY_LIMIT
 from .scenario import ScenarioError
 from .service.memory import (
     DEFAULT_IDLE_S,
@@ -141,12 +142,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--shm-dir", default=None, help="where drivers' shared memory lives")
     s.add_argument(
         "--memory-limit",
-        type=byte_size,
+        type=byte_size_between(1, MAX_MEMORY_LIMIT),
         default=None,
         metavar="BYTES",
         help="VF state and firmware-held host memory together; beyond it CreateVfs, "
         "Reconfigure, CreateMkey and LOAD are refused with NO_MEMORY (default: 3/4 of the "
-        "machine's memory or its cgroup's limit)",
+        "machine's memory or its cgroup's limit; at most 1PiB)",
     )
     s.add_argument(
         "--max-remote-memory",

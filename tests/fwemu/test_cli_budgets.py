@@ -1,6 +1,6 @@
 """`fwemu serve --mkeys-per-client`, `--client-idle` and `--max-remote-memory` reach the mkey memory
 of the FirmwareServer (README, "Host memory"); values out of bounds are usage
-errors (exit 2, naming the range)."""
+errors (exit 2, naming the range), as are `--memory-limit`'s."""
 
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ async def test_the_flags_reach_the_mkey_memory() -> None:
         (["--client-idle", "inf"], "at most 604800"),
         (["--max-remote-memory", "1EiB"], "out of range (0 to 1TiB)"),
         (["--max-remote-memory", "-1"], "not a size"),
+        (["--memory-limit", "1EiB"], "out of range (1 to 1024TiB)"),
+        (["--memory-limit", "0"], "out of range (1 to 1024TiB)"),
+        (["--memory-limit", "lots"], "not a size"),
     ],
 )
 def test_bad_values_exit_2_with_a_message(

@@ -15,6 +15,7 @@ def test_serve_takes_a_memory_limit() -> None:
     args = _parser().parse_args(["serve", "--memory-limit", "2GiB"])
     assert args.memory_limit == 2 << 30
     assert _parser().parse_args(["serve"]).memory_limit is None
+    assert _parser().parse_args(["serve", "--memory-limit", "1024TiB"]).memory_limit == 1 << 50
 
 
 def build(memory_limit: int | None) -> EmbeddedFirmware:
