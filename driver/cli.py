@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
-from fwemu.embedded import ScenarioError
+from fwemu.embedded import ScenarioError, memory_limit_arg
 from fwemu.link.base import LinkError
-from fwemu.model.memory import MAX_MEMORY_LIMIT
 from grpcsvc import access
 from grpcsvc.heap import freeze_startup_heap
 from grpcsvc.logs import add_log_flags, announce, setup_logging
@@ -169,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     emb.add_argument(
         "--memory-limit",
-        type=byte_size_between(1, MAX_MEMORY_LIMIT),
+        type=memory_limit_arg,
         default=None,
         metavar="BYTES",
         help="the embedded firmware's memory limit (as `fwemu serve --memory-limit`; "

@@ -29,9 +29,9 @@ from grpcsvc.tls import TlsError, add_client_args
 from grpcsvc.units import byte_size, byte_size_between, count_between, seconds_between
 
 from .demo import DemoError, run_demo
+from .embedded import memory_limit_arg
 from .link.base import LinkError
 from .link.ifc import MiB, VfConfig
-from .model.memory import MAX_MEMORY_LIMIT
 from .scenario import ScenarioError
 from .service.memory import (
     DEFAULT_IDLE_S,
@@ -142,12 +142,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--shm-dir", default=None, help="where drivers' shared memory lives")
     s.add_argument(
         "--memory-limit",
-        type=byte_size_between(1, MAX_MEMORY_LIMIT),
+        type=memory_limit_arg,
         default=None,
         metavar="BYTES",
         help="VF state and firmware-held host memory together; beyond it CreateVfs, "
         "Reconfigure, CreateMkey and LOAD are refused with NO_MEMORY (default: 3/4 of the "
-        "machine's memory or its cgroup's limit; at most 1PiB)",
+        "machine's memory or its cgroup's limit; at most that memory)",
     )
     s.add_argument(
         "--max-remote-memory",

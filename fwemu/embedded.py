@@ -7,22 +7,42 @@ The driver uses this and the link's interface only, never the model's types.
 
 from __future__ import annotations
 
+import argparse
+
 import grpc
 from prometheus_client.registry import Collector
 
 from grpcsvc.access import Roles
+from grpcsvc.units import byte_size
 
 from .api.v1 import scenario_pb2_grpc as sgrpc
 from .link.ifc import VfConfig
 from .link.inproc import InProcessLink
 from .model import Firmware, LoopClock
-from .model.memory import OutOfMemory
+from .model.memory import OutOfMemory, machine_memory
 from .scenario import ScenarioError, build_firmware
 from .service.metrics import FirmwareCollector
 from .service.server import SCENARIO_SERVICE
 from .service.servicers import ScenarioServicer
 
-__all__ = ["SCENARIO_SERVICE", "EmbeddedFirmware", "ScenarioError"]
+__all__ = ["SCENARIO_SERVICE", "EmbeddedFirmware", "ScenarioError", "memory_limit_arg"]
+
+
+def memory_limit_arg(text: str) -> int:
+    """argparse type of `--memory-limit` (fwemu serve, vfio-driver serve's
+    embedded firmware): a size from 1 byte to the machine's memory.  VF state
+    is real memory, so a limit past it (a typo: 64TiB for 64GiB) would let the
+    firmware allocate until the OOM killer ends it, and every client's VFs."""
+    n = byte_size(text)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: the memory limit must be positive")
+    total = machine_memory()
+    if n > total:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more than this machine's memory ({total} bytes: its RAM, "
+            "or its cgroup's limit if lower)"
+        )
+    return n
 
 
 class EmbeddedFirmware:

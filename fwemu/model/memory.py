@@ -55,11 +55,6 @@ def machine_memory() -> int:
     return total
 
 
-# The most `--memory-limit` takes (fwemu serve, vfio-driver serve's embedded
-# firmware): past it a value is a typo (1EiB for 1GiB), not a policy.
-MAX_MEMORY_LIMIT = 1 << 50
-
-
 def default_memory_limit() -> int:
     """Three quarters of the machine's memory: the rest is for the process
     itself, image buffers in flight and the OS."""
