@@ -5,6 +5,7 @@ carries), as data (`to_dict`, `to_json`) and as text for a person
 from __future__ import annotations
 
 import json
+import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -111,8 +112,29 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def report_text(r: dict[str, Any]) -> str:
-    """The migration report for a person (--json prints all of it)."""
+REPORT_WIDTH = 80
+_VALUE_AT = 13  # "  device     ": where a field's value starts
+
+
+def _wrapped(line: str, width: int) -> list[str]:
+    """A report line cut at spaces to `width` columns, continued under the
+    field's value (under its text for the first line)."""
+    if len(line) <= width:
+        return [line]
+    is_field = line.startswith("  ") and line[2:3] != " " and line[_VALUE_AT - 1] == " "
+    indent = " " * (_VALUE_AT if is_field else 2)
+    return textwrap.wrap(
+        line, width, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+    )
+
+
+def report_text(r: dict[str, Any], width: int = REPORT_WIDTH) -> str:
+    """The migration report for a person (--json prints all of it), its lines
+    cut to `width` columns where they have spaces."""
+    return "\n".join(w for line in _report_lines(r) for w in _wrapped(line, width))
+
+
+def _report_lines(r: dict[str, Any]) -> list[str]:
     status = r["status"] + (f": {r['error']}" if r.get("error") else "")
     lines = [f"migration {status}"]
     moved = r.get("precopy_bytes", 0) + r.get("stop_copy_bytes", 0)
@@ -171,4 +193,4 @@ def report_text(r: dict[str, Any]) -> str:
         lines.append(f"  verified   digests equal (source and destination): {each}")
     elif r["status"] == "completed":
         lines.append("  verified   no")
-    return "\n".join(lines)
+    return lines

@@ -52,7 +52,8 @@ def test_the_text_says_what_the_demo_did_and_the_digests_once() -> None:
     flat = " ".join(out.split())
     assert "waited for a second ack (the destination has all initial data)" in flat
     assert "before stopping the source" in flat
-    assert re.search(r"REINIT     0000:81:00\.1 at .*\(precopy\).*: ack re-armed", out)
+    assert re.search(r"REINIT 0000:81:00\.1 at .*\(precopy\).*: ack re-armed", flat)
+    assert max(map(len, out.splitlines())) <= 80  # the report's lines cut to 80 columns
     digests = set(re.findall(r"\b[0-9a-f]{32}\b", out))
     assert len(digests) == 1, out  # source and destination alike ...
     (digest,) = digests
