@@ -444,6 +444,15 @@ for _ in $(seq 100); do [ -S "$WORK/podman.sock" ] && break; sleep 0.1; done
 TICKER_PID=$!
 
 COMPOSE=(docker-compose --project-name "$PROJECT" --file deploy/compose.yaml)
+# The stack's published ports, free ones: another run (or a stack someone
+# left up) holds the defaults.
+read -r FWEMU_PORT DRIVER_PORT PROMETHEUS_PORT GRAFANA_PORT < <("$PY" -c '
+import socket
+socks = [socket.socket() for _ in range(4)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))')
+export FWEMU_PORT DRIVER_PORT PROMETHEUS_PORT GRAFANA_PORT
 # Everything but Grafana (no reachable registry ships it): `migrate` brings
 # certs, fwemu and the driver in health order.
 t=$SECONDS
@@ -511,11 +520,11 @@ targets=""
 for _ in $(seq 60); do
     targets=$("$PY" -c '
 import json, sys, urllib.request
-url = "http://127.0.0.1:9090/api/v1/query?query=up"
+url = f"http://127.0.0.1:{sys.argv[1]}/api/v1/query?query=up"
 result = json.load(urllib.request.urlopen(url, timeout=5))["data"]["result"]
 up = {r["metric"]["job"]: r["value"][1] for r in result}
 print(", ".join(f"{j} up={v}" for j, v in sorted(up.items())))
-sys.exit(0 if up.get("fwemu") == "1" and up.get("vfio-driver") == "1" else 1)' 2>&1) && break
+sys.exit(0 if up.get("fwemu") == "1" and up.get("vfio-driver") == "1" else 1)' "$PROMETHEUS_PORT" 2>&1) && break
     sleep 1
 done
 if [[ "$targets" == *"fwemu up=1"*"vfio-driver up=1"* ]]; then

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -185,6 +186,49 @@ def test_debians_docker_compose_reads_the_file() -> None:
         + [arg for p in profiles for arg in ("--profile", p)]
         + ["config", "--quiet"]
     )
+
+
+PUBLISHED = re.compile(r"127\.0\.0\.1:\$\{([A-Z]+_PORT):-(\d+)\}:(\d+)")
+
+
+def test_the_published_ports_are_loopback_ones_a_variable_moves() -> None:
+    """Each published port is on 127.0.0.1, at ${NAME_PORT:-its own port}:
+    two stacks on one host (deploy/smoke.sh's runs at once) move theirs
+    apart, and smoke.sh picks free ones for every variable."""
+    variables = {}
+    for name, service in SERVICES.items():
+        for entry in service.get("ports", []):
+            m = PUBLISHED.fullmatch(entry)
+            assert m, f"{name}: {entry!r}"
+            assert m[2] == m[3], f"{name}: {entry!r} (the default is the container's port)"
+            variables[m[1]] = int(m[2])
+    assert variables == {
+        "FWEMU_PORT": 50051,
+        "DRIVER_PORT": 50052,
+        "PROMETHEUS_PORT": 9090,
+        "GRAFANA_PORT": 3000,
+    }
+    smoke = (DEPLOY / "smoke.sh").read_text()
+    assert f"export {' '.join(variables)}" in smoke
+    docker_compose = shutil.which("docker-compose")
+    if docker_compose is None:
+        return  # deploy/smoke.sh installs it and runs the file with its ports
+    moved = {v: str(20000 + i) for i, v in enumerate(variables)}
+    out = subprocess.run(
+        [docker_compose, "--file", str(COMPOSE_FILE), "config"],
+        env={**os.environ, **moved},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    published = yaml.safe_load(out)["services"]
+    for name, variable, target in (
+        ("fwemu", "FWEMU_PORT", 50051),
+        ("driver", "DRIVER_PORT", 50052),
+        ("prometheus", "PROMETHEUS_PORT", 9090),
+    ):
+        # docker-compose 1.29 writes the short form: HOST_IP:PUBLISHED:TARGET/tcp
+        assert published[name]["ports"] == [f"127.0.0.1:{moved[variable]}:{target}/tcp"]
 
 
 def test_the_driver_waits_for_a_firmware_that_does_not_answer_yet() -> None:
