@@ -216,13 +216,17 @@ class Firmware(FirmwareState):
         """A snapshot of the VF brought up to the current time."""
         return vf_info(self.touch(vhca_id))
 
-    def list_vfs(self, function_ids: Collection[int] = ()) -> list[VfInfo]:
-        """Every VF's snapshot; with `function_ids`, those VFs' only."""
+    def list_vfs(
+        self, function_ids: Collection[int] = (), visible: Callable[[int], bool] | None = None
+    ) -> list[VfInfo]:
+        """Every VF's snapshot; with `function_ids`, those VFs' only; with
+        `visible` (of a vhca_id), those it allows only.  A VF left out is not
+        brought up to the current time."""
         wanted = frozenset(function_ids)
         return [
             self.info(v)
-            for v in sorted(self.vfs)
-            if not wanted or self.vfs[v].function_id in wanted
+            for v, vf in sorted(self.vfs.items())
+            if (not wanted or vf.function_id in wanted) and (visible is None or visible(v))
         ]
 
     def apply_scenario(self, text: str) -> list[Vf]:
