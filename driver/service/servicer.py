@@ -408,12 +408,14 @@ class VfioServicer(pbg.VfioServicer):
     async def ReadInto(self, request: pb.ReadIntoRequest, context: Ctx) -> Any:
         proc = self.process(context)
         async with self._answering(context, "read", proc=proc, fd=request.fd):
+            _no_then(request, "ReadInto")
             n = await read_into(proc, request)
         return pb.ReadIntoResponse(count=n)
 
     async def WriteFrom(self, request: pb.WriteFromRequest, context: Ctx) -> Any:
         proc = self.process(context)
         async with self._answering(context, "write", proc=proc, fd=request.fd):
+            _no_then(request, "WriteFrom")
             n = await self.calls.run(write_from(proc, request))
         return pb.WriteFromResponse(count=n)
 
@@ -447,28 +449,49 @@ class VfioServicer(pbg.VfioServicer):
         """The stream form of ReadInto / WriteFrom: one answer per request,
         an errno in the answer (no abort); after a failure the rest are not
         done (ECANCELED); after a read returned 0 (the end of the data) the
-        rest are answered 0 without a read."""
+        rest are answered 0 without a read.  A request's `then` spans are
+        more of the same, after it and in order, answered in its answer's
+        `then`: one message each way for several read(2)s or write(2)s."""
         proc = self.process(context)
         ended = False
         failed = False
         async for req in requests:
-            if ended:
-                yield response(count=0)
-                continue
-            if failed:
-                done = "read" if operation == "read" else "written"
-                yield response(errno=errno.ECANCELED, message=_NOT_DONE % done)
-                continue
-            try:
-                n = await call(proc, req)
-            except UNEXPECTED as exc:
+            if len(req.then) > MAX_THEN:
+                answer = response(
+                    errno=errno.EINVAL,
+                    message=f"{len(req.then) + 1} {operation}s in one request: at most "
+                    f"{MAX_THEN + 1}",
+                )
+                if not failed:
+                    self._errno_answered(
+                        VfioError(errno.EINVAL, answer.message), operation, proc=proc, fd=req.fd
+                    )
                 failed = True
-                e = as_vfio_error(exc)
-                code = self._errno_answered(e, operation, proc=proc, fd=req.fd)
-                yield response(errno=code, message=str(e))
+                yield answer
                 continue
-            ended = operation == "read" and n == 0 and min(req.count, MAX_READ) > 0
-            yield response(count=n)
+            answers = []
+            for op in _ops(req):
+                if ended:
+                    answers.append(response(count=0))
+                    continue
+                if failed:
+                    done = "read" if operation == "read" else "written"
+                    answers.append(response(errno=errno.ECANCELED, message=_NOT_DONE % done))
+                    continue
+                try:
+                    n = await call(proc, op)
+                except UNEXPECTED as exc:
+                    failed = True
+                    e = as_vfio_error(exc)
+                    code = self._errno_answered(e, operation, proc=proc, fd=op.fd)
+                    answers.append(response(errno=code, message=str(e)))
+                    continue
+                ended = operation == "read" and n == 0 and min(op.count, MAX_READ) > 0
+                answers.append(response(count=n))
+            first = answers[0]
+            if len(answers) > 1:
+                first.then.extend(answers[1:])
+            yield first
 
     async def PrecopyInfo(self, request: pb.PrecopyInfoRequest, context: Ctx) -> Any:
         began = time.perf_counter()
@@ -562,6 +585,31 @@ class _Answer:
 
 
 _Req = TypeVar("_Req", pb.ReadIntoRequest, pb.WriteFromRequest)
+MAX_THEN = 63  # a ReadIntoStream / WriteFromStream request's spans: 64 operations at most
+
+
+def _no_then(req: pb.ReadIntoRequest | pb.WriteFromRequest, rpc: str) -> None:
+    if req.then:
+        raise VfioError(errno.EINVAL, f"{rpc} makes one call: `then` is for {rpc}Stream")
+
+
+def _ops(req: _Req) -> list[_Req]:
+    """A stream request's operations: itself, then one per `then` span."""
+    if not req.then:
+        return [req]
+    ops = [req]
+    for span in req.then:
+        if isinstance(req, pb.ReadIntoRequest):
+            ops.append(
+                pb.ReadIntoRequest(
+                    fd=req.fd, addr=span.addr, count=span.count, nonblock=req.nonblock
+                )
+            )
+        else:
+            ops.append(pb.WriteFromRequest(fd=req.fd, addr=span.addr, count=span.count))
+    return ops
+
+
 _Resp = TypeVar("_Resp", pb.ReadIntoResponse, pb.WriteFromResponse)
 
 

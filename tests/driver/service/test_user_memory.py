@@ -353,3 +353,138 @@ async def test_map_allocates_every_page_first(drv: DriverUnderTest, client: Vfio
     finally:
         unlink_segment(seg.name)
         seg.close()
+
+
+# --- several reads or writes in one request (`then`) ---------------------------------------
+
+
+async def batched(
+    client: VfioClient, method: str, requests: list[object]
+) -> list[list[tuple[int, int]]]:
+    """As `stream`, each answer with its `then` answers: one list per request."""
+    call = getattr(client.stub, method)(metadata=client.metadata)
+    for r in requests:
+        await call.write(r)
+    await call.done_writing()
+    out = [
+        [(int(m.count), int(m.errno))] + [(int(t.count), int(t.errno)) for t in m.then]
+        async for m in call
+    ]
+    assert await call.code() == grpc.StatusCode.OK
+    return out
+
+
+def spans(addr: int, piece: int, n: int) -> list[pb.Span]:
+    return [pb.Span(addr=addr + i * piece, count=piece) for i in range(n)]
+
+
+async def test_read_into_stream_then_reads_each_span_in_order_in_one_answer(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment
+) -> None:
+    """One request of sixteen 64 KiB reads (itself and 15 spans) is answered
+    by one message whose counts are those of sixteen requests: in order, the
+    end once (0), the reads after it 0 without a read; the bytes are the
+    record stream, where each span said; a request after it is answered 0."""
+    addr = await map_(client, segment.name, SEG)
+    saving, _ = await stop_copy_pair(drv, client)
+    piece = 64 << 10
+    before = await findings(client)
+    req = pb.ReadIntoRequest(fd=saving, addr=addr, count=piece, then=spans(addr + piece, piece, 15))
+    after = pb.ReadIntoRequest(fd=saving, addr=addr, count=piece)
+    answers = await batched(client, "ReadIntoStream", [req, after])
+    assert [len(a) for a in answers] == [16, 1]
+    counts = [c for c, _ in answers[0]]
+    assert all(e == 0 for _, e in answers[0])
+    end = counts.index(0)
+    assert 0 < end < 16 and all(c == piece for c in counts[: end - 1])
+    assert counts[end:] == [0] * (16 - end) and answers[1] == [(0, 0)]
+    parse_records(
+        b"".join(bytes(segment.view[i * piece : i * piece + c]) for i, c in enumerate(counts))
+    )
+    assert await findings(client) == before
+
+
+async def test_a_failing_span_is_answered_in_band_and_the_rest_ecanceled(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment
+) -> None:
+    """A span that fails (an unmapped buffer: EFAULT) is answered with its
+    errno where it stands; the spans after it and the requests after that
+    are ECANCELED, not read; the call ends OK and the stream lost nothing."""
+    addr = await map_(client, segment.name, SEG)
+    saving, _ = await stop_copy_pair(drv, client)
+    req = pb.ReadIntoRequest(
+        fd=saving, addr=addr, count=100,
+        then=[pb.Span(addr=8, count=100), pb.Span(addr=addr + 100, count=100)],
+    )  # fmt: skip
+    answers = await batched(
+        client, "ReadIntoStream", [req, pb.ReadIntoRequest(fd=saving, addr=addr, count=100)]
+    )
+    assert answers == [[(100, 0), (0, errno.EFAULT), (0, errno.ECANCELED)], [(0, errno.ECANCELED)]]
+    head = bytes(segment.view[:100])
+    rest, err = await client.read_all(saving)
+    assert err is None
+    parse_records(head + b"".join(rest))
+
+
+@pytest.mark.parametrize("method", ["ReadIntoStream", "WriteFromStream"])
+async def test_more_than_64_operations_in_a_request_are_einval_and_none_is_done(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment, method: str
+) -> None:
+    """64 operations in one request are served; 65 are refused whole with
+    EINVAL (one answer, no `then`), none done, and the requests after it are
+    ECANCELED: a client cannot make one message cost the driver unbounded
+    work or answers."""
+    addr = await map_(client, segment.name, SEG)
+    saving, resuming = await stop_copy_pair(drv, client)
+    if method == "ReadIntoStream":
+        r: object = pb.ReadIntoRequest(fd=saving, addr=addr, count=1, then=spans(addr, 0, 64))
+        ok: object = pb.ReadIntoRequest(fd=saving, addr=addr, count=1, then=spans(addr + 1, 1, 63))
+    else:
+        r = pb.WriteFromRequest(fd=resuming, addr=addr, count=0, then=spans(addr, 0, 64))
+        ok = pb.WriteFromRequest(fd=resuming, addr=addr, count=0, then=spans(addr, 0, 63))
+    answers = await batched(client, method, [ok])
+    assert len(answers[0]) == 64 and all(e == 0 for _, e in answers[0])
+    answers = await batched(client, method, [r, ok])
+    assert answers == [[(0, errno.EINVAL)], [(0, errno.ECANCELED)] * 64]
+    if method == "ReadIntoStream":  # 64 bytes were read above, one at a time; nothing since
+        head = bytes(segment.view[:1]) + bytes(segment.view[1:64])
+        rest, err = await client.read_all(saving)
+        assert err is None
+        parse_records(head + b"".join(rest))
+
+
+async def test_read_into_and_write_from_refuse_then_with_einval_and_do_nothing(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment
+) -> None:
+    """The unary calls make one read(2) or write(2): `then` is EINVAL, and
+    the stream position does not move."""
+    addr = await map_(client, segment.name, SEG)
+    saving, resuming = await stop_copy_pair(drv, client)
+    for call, fd in (("ReadInto", saving), ("WriteFrom", resuming)):
+        make = pb.ReadIntoRequest if call == "ReadInto" else pb.WriteFromRequest
+        req = make(fd=fd, addr=addr, count=64, then=[pb.Span(addr=addr, count=64)])
+        assert await errno_of(client._call(getattr(client.stub, call), req)) == errno.EINVAL
+    full, err = await client.read_all(saving)
+    assert err is None
+    parse_records(b"".join(full))
+
+
+async def test_write_from_stream_then_loads_a_whole_stream_from_one_request(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment
+) -> None:
+    """A stream written as one request of several writes loads (RESUMING ->
+    STOP validates it); each write's count is in the answer, in order."""
+    addr = await map_(client, segment.name, SEG)
+    saving, resuming = await stop_copy_pair(drv, client)
+    data, err = await client.read_all(saving)
+    assert err is None
+    whole = b"".join(data)
+    segment.view[: len(whole)] = whole
+    piece = -(-len(whole) // 5)
+    cuts = [(i * piece, min(piece, len(whole) - i * piece)) for i in range(5)]
+    req = pb.WriteFromRequest(
+        fd=resuming, addr=addr + cuts[0][0], count=cuts[0][1],
+        then=[pb.Span(addr=addr + o, count=n) for o, n in cuts[1:]],
+    )  # fmt: skip
+    assert await batched(client, "WriteFromStream", [req]) == [[(n, 0) for _, n in cuts]]
+    await client.set_state(4, S.STOP)  # the destination device fd: loads and validates
