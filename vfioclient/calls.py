@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import errno
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Generic, NoReturn, TypeVar, cast
 
@@ -408,14 +408,25 @@ def unmap_user_memory(addr: int) -> Unary[None]:
     return Unary("UnmapUserMemory", pb.UnmapUserMemoryRequest(addr=addr), _nothing)
 
 
+MAX_SPANS = 64  # operations one ReadIntoStream / WriteFromStream request may carry
+
+
+def _spans(then: Sequence[tuple[int, int]]) -> list[pb.Span]:
+    if len(then) >= MAX_SPANS:
+        raise ValueError(f"{len(then) + 1} operations in one request: at most {MAX_SPANS}")
+    return [pb.Span(addr=a, count=n) for a, n in then]
+
+
 def read_into_request(
-    fd: int, addr: int, count: int, *, nonblock: bool = False
+    fd: int, addr: int, count: int, *, nonblock: bool = False, then: Sequence[tuple[int, int]] = ()
 ) -> pb.ReadIntoRequest:
-    return pb.ReadIntoRequest(fd=fd, addr=addr, count=count, nonblock=nonblock)
+    return pb.ReadIntoRequest(fd=fd, addr=addr, count=count, nonblock=nonblock, then=_spans(then))
 
 
-def write_from_request(fd: int, addr: int, count: int) -> pb.WriteFromRequest:
-    return pb.WriteFromRequest(fd=fd, addr=addr, count=count)
+def write_from_request(
+    fd: int, addr: int, count: int, *, then: Sequence[tuple[int, int]] = ()
+) -> pb.WriteFromRequest:
+    return pb.WriteFromRequest(fd=fd, addr=addr, count=count, then=_spans(then))
 
 
 def _count(m: Any) -> int:

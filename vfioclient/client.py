@@ -35,9 +35,10 @@ Events (driver.api.events.Event) and the audit's findings (driver.api.events.Fin
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import functools
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, Self, TypeVar
 
 import grpc
@@ -344,6 +345,7 @@ class _StreamCall:
     def __init__(self, call: grpc.aio.StreamStreamCall[Any, Any], fd: int) -> None:
         self._call, self.fd = call, fd
         self.pending = 0  # submitted, not yet answered
+        self._answered: collections.deque[Any] = collections.deque()  # a batch's later answers
 
     async def _submit(self, request: Any) -> None:
         try:
@@ -358,12 +360,15 @@ class _StreamCall:
                 except grpc.aio.AioRpcError as e:
                     raise _error(e) from None
             raise VfioClientError(errno.EPIPE, f"the stream has ended ({code.name})") from None
-        self.pending += 1
+        self.pending += 1 + len(request.then)
 
     async def result(self) -> int | None:
         """The next answer's count in submission order (a failed request
         raises its errno; those after it, ECANCELED); None once the call
         ended OK."""
+        if self._answered:
+            self.pending -= 1
+            return calls.stream_count(self._answered.popleft())
         try:
             m: Any = await self._call.read()
         except grpc.aio.AioRpcError as e:
@@ -371,6 +376,7 @@ class _StreamCall:
         if m is _EOF:
             return None
         self.pending -= 1
+        self._answered.extend(m.then)
         return calls.stream_count(m)
 
     async def close_writing(self) -> None:
@@ -385,10 +391,20 @@ class ReadIntoCall(_StreamCall):
     async def submit(self, addr: int, count: int, *, nonblock: bool = False) -> None:
         await self._submit(calls.read_into_request(self.fd, addr, count, nonblock=nonblock))
 
+    async def submit_many(self, spans: Sequence[tuple[int, int]]) -> None:
+        """A read(2) per (addr, count), in order, in one message (at most
+        calls.MAX_SPANS); `result` still takes their counts one by one."""
+        await self._submit(calls.read_into_request(self.fd, *spans[0], then=spans[1:]))
+
 
 class WriteFromCall(_StreamCall):
     async def submit(self, addr: int, count: int) -> None:
         await self._submit(calls.write_from_request(self.fd, addr, count))
+
+    async def submit_many(self, spans: Sequence[tuple[int, int]]) -> None:
+        """A write(2) per (addr, count), in order, in one message (at most
+        calls.MAX_SPANS); `result` still takes their counts one by one."""
+        await self._submit(calls.write_from_request(self.fd, *spans[0], then=spans[1:]))
 
 
 class EventStream(AsyncClosing):
