@@ -58,11 +58,15 @@ def record_user_memory(
     def read_into_stream(fd: int) -> Any:
         call = src_read_stream(fd)
         submitted: deque[int] = deque()
-        submit, result = call.submit, call.result
+        submit, submit_many, result = call.submit, call.submit_many, call.result
 
         async def submit_(addr: int, count: int, **kw: Any) -> None:
             submitted.append(addr)
             await submit(addr, count, **kw)
+
+        async def submit_many_(spans: list[tuple[int, int]]) -> None:
+            submitted.extend(addr for addr, _ in spans)
+            await submit_many(spans)
 
         async def result_() -> int | None:
             n = await result()
@@ -72,19 +76,26 @@ def record_user_memory(
                     on_read(fd, bytes_at(src, addr, n))
             return n
 
-        call.submit, call.result = submit_, result_  # type: ignore[method-assign]
+        call.submit, call.submit_many = submit_, submit_many_  # type: ignore[method-assign]
+        call.result = result_  # type: ignore[method-assign]
         return call
 
     def write_from_stream(fd: int) -> Any:
         call = dst_write_stream(fd)
-        submit = call.submit
+        submit, submit_many = call.submit, call.submit_many
 
         async def submit_(addr: int, count: int) -> None:
             if on_write is not None:
                 on_write(fd, bytes_at(dst, addr, count))
             await submit(addr, count)
 
-        call.submit = submit_  # type: ignore[method-assign]
+        async def submit_many_(spans: list[tuple[int, int]]) -> None:
+            for addr, count in spans:
+                if on_write is not None:
+                    on_write(fd, bytes_at(dst, addr, count))
+            await submit_many(spans)
+
+        call.submit, call.submit_many = submit_, submit_many_  # type: ignore[method-assign]
         return call
 
     src.read_into = read_into  # type: ignore[method-assign]

@@ -17,13 +17,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..calls import MAX_SPANS
 from ..client import VfioClient, VfioClientError
 from ..uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_STOP_COPY, MigState
 from ..usermem import Slot, Slots
 from .multifd import Multifd
 from .report import MigrationError
 from .states import set_state
-from .stream import InitDataSent, Marker, StreamItem, put
+from .stream import Chunk, InitDataSent, Marker, StreamItem, put
 from .writer import DataWriter
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,22 @@ class DestinationDevice:
         await self.close_data_fd()
 
     async def _load_main(self, writer: DataWriter) -> None:
+        held: StreamItem | None = None
         while True:
-            item = await self._stream.get()
+            item = held if held is not None else await self._stream.get()
+            held = None
+            if isinstance(item, Slot):
+                # Slots already queued behind it go in the same message.
+                batch: list[Chunk] = [item]
+                while len(batch) < MAX_SPANS and not self._stream.empty():
+                    nxt = self._stream.get_nowait()
+                    if not isinstance(nxt, Slot):
+                        held = nxt
+                        break
+                    batch.append(nxt)
+                self.bytes_written += sum(len(c) for c in batch)
+                await writer.write_many(batch)
+                continue
             if item is Marker.END:
                 await writer.flush()
                 return

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .. import calls
+from ..calls import MAX_SPANS
 from ..client import PrecopyInfo, VfioClientError
 from ..uapi import (
     VFIO_MIGRATION_P2P,
@@ -249,17 +250,30 @@ class DeviceMigration:
         # when no read is ahead.
         call = self.src.read_into_stream(self.src_data_fd)
         ahead: collections.deque[Slot] = collections.deque()
+        batch = max(1, min(self._slots.count // 2, MAX_SPANS))
         ended = False
         try:
             while True:
-                while True:
-                    slot = await self._free_slot() if not ahead else self._slots.try_acquire()
-                    if slot is None:
+                # Reads go out a batch at a time (one message for several
+                # read(2)s), two batches in flight: while the driver fills
+                # one, the other's slots are sent on.
+                while len(ahead) <= batch:
+                    spans: list[tuple[int, int]] = []
+                    while len(spans) < batch:
+                        slot = (
+                            await self._free_slot()
+                            if not ahead and not spans
+                            else self._slots.try_acquire()
+                        )
+                        if slot is None:
+                            break
+                        ahead.append(slot)
+                        addr = slot.addr(self.src)
+                        assert addr is not None
+                        spans.append((addr, self.buffer_size))
+                    if not spans:
                         break
-                    ahead.append(slot)
-                    addr = slot.addr(self.src)
-                    assert addr is not None
-                    await call.submit(addr, self.buffer_size)
+                    await call.submit_many(spans)
                 n = await call.result()
                 slot = ahead.popleft()
                 if not n:  # 0: the end (None: the call ended after it)

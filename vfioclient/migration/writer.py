@@ -19,7 +19,8 @@ class DataWriter:
     * bytes go on a Write call: `write` queues a chunk (bounded);
     * a user memory slot the driver maps goes on a WriteFromStream call, and
       is given back when the driver answers that write (a slot it cannot map
-      is copied onto the Write call and given back at once).
+      is copied onto the Write call and given back at once); `write_many`
+      puts several such slots in one request (a write(2) each, `then`).
 
     `flush` ends the open call and returns once the driver has taken every
     chunk (the bytes taken); the next `write` opens a new call.  Switching
@@ -37,7 +38,7 @@ class DataWriter:
         if isinstance(data, Slot):
             addr = data.addr(self.client)
             if addr is not None:
-                return await self._write_from(data, addr)
+                return await self._write_from([data], [addr])
             buf = bytes(data.view)
             data.release()
             data = buf
@@ -54,7 +55,16 @@ class DataWriter:
         await put(self._q, data, self._call)
         return len(data)
 
-    async def _write_from(self, slot: Slot, addr: int) -> int:
+    async def write_many(self, chunks: list[Chunk]) -> int:
+        """`write` each, in order; slots the driver maps go in one message
+        (a write(2) each, MAX_SPANS at most per message)."""
+        addrs = [c.addr(self.client) if isinstance(c, Slot) else None for c in chunks]
+        if len(chunks) == 1 or any(a is None for a in addrs):
+            return sum([await self.write(c) for c in chunks])
+        slots = [c for c in chunks if isinstance(c, Slot)]
+        return await self._write_from(slots, [a for a in addrs if a is not None])
+
+    async def _write_from(self, slots: list[Slot], addrs: list[int]) -> int:
         if self._call is not None:
             await self._flush_write()
         if self._answers is not None and self._answers.done():
@@ -62,12 +72,12 @@ class DataWriter:
         if self._from is None or self._answers is None:
             call = self._from = self.client.write_from_stream(self.fd)
             self._answers = asyncio.ensure_future(self._take_answers(call))
-        self._in_flight.append(slot)
-        await self._from.submit(addr, len(slot))
-        if self._answers.done():  # it ended meanwhile: nobody else gives the slot back
+        self._in_flight.extend(slots)
+        await self._from.submit_many([(a, len(s)) for a, s in zip(addrs, slots, strict=True)])
+        if self._answers.done():  # it ended meanwhile: nobody else gives the slots back
             while self._in_flight:
                 self._in_flight.popleft().release()
-        return len(slot)
+        return sum(len(s) for s in slots)
 
     async def _take_answers(self, call: WriteFromCall) -> int:
         """Each answer gives its slot back; the bytes taken in all."""

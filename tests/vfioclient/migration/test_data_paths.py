@@ -200,3 +200,61 @@ async def test_a_save_failing_in_stop_copy_fails_the_migration_cleanly(
         r = await migrate([p.pair], o)
         check(r, rg, mode)
         assert r.converged
+
+
+async def test_the_stop_copy_moves_in_batches_of_reads_and_writes(
+    topo: tuple[Topology, Topology, Topology],
+) -> None:
+    """Each read(2) and write(2) of the stop-copy stays one call of at most a
+    buffer, but they travel several to a message: the source asks for half
+    its slots' reads in one ReadIntoStream request (two such batches in
+    flight), and the destination writes whatever slots are queued behind the
+    one it takes in one WriteFromStream request.  The stream is whole (the
+    digests agree) and every chunk is one operation."""
+    async with rig(topo[0]) as rg:
+        (p,) = await rg.pairs(1, size=2 * MiB)
+        o = rg.digest_hook([p])
+        o.buffer_cap = 64 << 10  # many chunks
+        reads: list[int] = []  # operations per ReadIntoStream request
+        writes: list[int] = []  # per WriteFromStream request
+        read_stream, write_stream = rg.src.read_into_stream, rg.dst.write_from_stream
+
+        def counting_reads(fd: int) -> object:
+            call = read_stream(fd)
+            one, many = call.submit, call.submit_many
+
+            async def submit(addr: int, count: int, **kw: bool) -> None:
+                reads.append(1)
+                await one(addr, count, **kw)
+
+            async def submit_many(spans: list[tuple[int, int]]) -> None:
+                reads.append(len(spans))
+                await many(spans)
+
+            call.submit, call.submit_many = submit, submit_many  # type: ignore[method-assign]
+            return call
+
+        def slow_writes(fd: int) -> object:
+            call = write_stream(fd)
+            one, many = call.submit, call.submit_many
+
+            async def submit(addr: int, count: int) -> None:
+                writes.append(1)
+                await one(addr, count)
+
+            async def submit_many(spans: list[tuple[int, int]]) -> None:
+                writes.append(len(spans))
+                await asyncio.sleep(0.02)  # a slow destination: the stream queues behind it
+                await many(spans)
+
+            call.submit, call.submit_many = submit, submit_many  # type: ignore[method-assign]
+            return call
+
+        rg.src.read_into_stream = counting_reads  # type: ignore[method-assign,assignment]
+        rg.dst.write_from_stream = slow_writes  # type: ignore[method-assign,assignment]
+        r = await migrate([p.pair], o)
+        check(r, rg, BOTH)
+        chunks = -(-r.stop_copy_bytes // (64 << 10))
+        assert sum(reads) >= chunks + 1  # every chunk, and the read that returned 0
+        assert max(reads) == o.stream_depth // 2 and len(reads) < sum(reads) / 2
+        assert max(writes) >= 2 and sum(writes) >= chunks
