@@ -24,6 +24,7 @@ from ..uapi import (
     MigState,
 )
 from ..usermem import Slot, Slots
+from .lane import ReadLane
 from .link import DestinationLink
 from .memory import both, user_memory
 from .multifd import Multifd
@@ -70,6 +71,7 @@ class DeviceMigration:
         self.dirty_bytes = 0  # cached
         self.initial_data_sent = False
         self._slots: Slots | None = None  # the local data path (user memory)
+        self._lane: ReadLane | None = None  # the precopy's reads into it
         self.multifd: Multifd | None = None
         if options.multifd_channels > 0:
             self.multifd = Multifd(self.name, options, self.report)
@@ -227,8 +229,10 @@ class DeviceMigration:
         slot = await self._free_slot()
         addr = slot.addr(self.src)
         assert addr is not None
+        if self._lane is None or self._lane.fd != self.src_data_fd:
+            self._lane = ReadLane(self.src, self.src_data_fd)
         try:
-            slot.length = await self.src.read_into(self.src_data_fd, addr, self.buffer_size)
+            slot.length = await self._lane.read_into(addr, self.buffer_size)
         except BaseException:
             slot.release()
             raise
@@ -388,7 +392,14 @@ class DeviceMigration:
 
     # --- switchover --------------------------------------------------------------------
 
+    async def _close_lane(self) -> None:
+        if self._lane is not None:
+            lane, self._lane = self._lane, None
+            await lane.close()
+
     async def to_p2p(self) -> None:
+        if self._lane is not None:  # no precopy read follows: end its call, not waiting
+            self._lane.close_soon()
         if self.p2p:
             await self.set_source(S.PRE_COPY_P2P if self.in_precopy else S.RUNNING_P2P, S.RUNNING)
 
@@ -448,6 +459,7 @@ class DeviceMigration:
     # --- cleanup -----------------------------------------------------------------------
 
     async def _close_src_data_fd(self) -> None:
+        await self._close_lane()
         fd, self.src_data_fd = self.src_data_fd, None
         if fd is not None:
             with contextlib.suppress(VfioClientError):  # EBADF: the session ended

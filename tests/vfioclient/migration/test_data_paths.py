@@ -165,15 +165,23 @@ async def test_a_save_failing_in_stop_copy_fails_the_migration_cleanly(
         if mode == "shm":
 
             def read_into_stream(fd: int) -> object:
+                # The stop-copy's call (its reads go in batches; the
+                # precopy's one by one on a call of its own).
                 call = inner(fd)
-                result = call.result  # type: ignore[attr-defined]
+                result, submit_many = call.result, call.submit_many  # type: ignore[attr-defined]
+                batches: list[int] = []
+
+                async def submit_many_(spans: list[tuple[int, int]]) -> None:
+                    batches.append(len(spans))
+                    await submit_many(spans)
 
                 async def result_() -> int | None:
                     n: int | None = await result()
-                    await arm()
+                    if batches:
+                        await arm()
                     return n
 
-                call.result = result_  # type: ignore[attr-defined]
+                call.result, call.submit_many = result_, submit_many_  # type: ignore[attr-defined]
                 return call
 
             rg.src.read_into_stream = read_into_stream  # type: ignore[assignment,method-assign]
@@ -256,5 +264,6 @@ async def test_the_stop_copy_moves_in_batches_of_reads_and_writes(
         check(r, rg, BOTH)
         chunks = -(-r.stop_copy_bytes // (64 << 10))
         assert sum(reads) >= chunks + 1  # every chunk, and the read that returned 0
-        assert max(reads) == o.stream_depth // 2 and len(reads) < sum(reads) / 2
+        stop_copy = [n for n in reads if n > 1]  # the precopy's reads go one by one
+        assert 2 <= max(stop_copy) <= o.stream_depth // 2 and len(stop_copy) < sum(stop_copy) / 2
         assert max(writes) >= 2 and sum(writes) >= chunks
