@@ -133,8 +133,7 @@ async def test_counters_agree_with_each_other_and_with_the_client(
     assert started("Read") == calls["Read"]
     if data_path == "shm":  # no migration data crossed gRPC
         assert calls["Read"] == 0 and started("ReadStream") == started("Write") == 0
-        # the precopy's reads on a ReadIntoStream of their own, the stop-copy's on another
-        assert started("ReadInto") == 0 and started("ReadIntoStream") >= 2
+        assert started("ReadInto") > 0 and started("ReadIntoStream") >= 1
         assert started("WriteFromStream") >= 1
     else:
         assert calls["Read"] > 0 and started("ReadStream") >= 1 and started("Write") >= 1

@@ -58,6 +58,7 @@ class DestinationDevice:
         self.bytes_written = 0
         self.init_data_sent = 0
         self._stream: asyncio.Queue[StreamItem] = asyncio.Queue(self.stream_depth)
+        self._batch = max(1, min(self.stream_depth // 4, MAX_SPANS))
         self._loader: asyncio.Task[None] | None = None
 
     @property
@@ -136,9 +137,10 @@ class DestinationDevice:
             item = held if held is not None else await self._stream.get()
             held = None
             if isinstance(item, Slot):
-                # Slots already queued behind it go in the same message.
+                # Slots already queued behind it go in the same message, as
+                # many as the source puts in one (see stop_copy_batch).
                 batch: list[Chunk] = [item]
-                while len(batch) < MAX_SPANS and not self._stream.empty():
+                while len(batch) < self._batch and not self._stream.empty():
                     nxt = self._stream.get_nowait()
                     if not isinstance(nxt, Slot):
                         held = nxt

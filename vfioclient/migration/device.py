@@ -24,7 +24,6 @@ from ..uapi import (
     MigState,
 )
 from ..usermem import Slot, Slots
-from .lane import ReadLane
 from .link import DestinationLink
 from .memory import both, user_memory
 from .multifd import Multifd
@@ -38,6 +37,13 @@ from .switchover import SwitchoverAck
 log = logging.getLogger(__name__)
 
 S = MigState
+
+
+def stop_copy_batch(slots: int) -> int:
+    """The reads (or writes) of the stop-copy that go in one request: a
+    quarter of the slots, so at least four requests are in flight."""
+    return max(1, min(slots // 4, MAX_SPANS))
+
 
 # vfio_state_pending_exact on a failed MIG_DATA_SIZE: QEMU never switches over on it.
 UNKNOWN_SIZE = 100 << 30
@@ -71,7 +77,6 @@ class DeviceMigration:
         self.dirty_bytes = 0  # cached
         self.initial_data_sent = False
         self._slots: Slots | None = None  # the local data path (user memory)
-        self._lane: ReadLane | None = None  # the precopy's reads into it
         self.multifd: Multifd | None = None
         if options.multifd_channels > 0:
             self.multifd = Multifd(self.name, options, self.report)
@@ -229,10 +234,8 @@ class DeviceMigration:
         slot = await self._free_slot()
         addr = slot.addr(self.src)
         assert addr is not None
-        if self._lane is None or self._lane.fd != self.src_data_fd:
-            self._lane = ReadLane(self.src, self.src_data_fd)
         try:
-            slot.length = await self._lane.read_into(addr, self.buffer_size)
+            slot.length = await self.src.read_into(self.src_data_fd, addr, self.buffer_size)
         except BaseException:
             slot.release()
             raise
@@ -249,25 +252,26 @@ class DeviceMigration:
                 if chunk:
                     yield chunk
             return
-        # read(2)s into every free slot, ahead of their answers (the driver
-        # stops after the read that returns 0); a slot is waited for only
-        # when no read is ahead.
+        # read(2)s into free slots, ahead of their answers (the driver stops
+        # after the read that returns 0), a batch to a request (one message
+        # for several read(2)s): a quarter of the slots, so a short stop-copy
+        # still overlaps its reads with its sends.  A slot is waited for
+        # only when no read is ahead; otherwise reads go out a whole batch
+        # at a time.
         call = self.src.read_into_stream(self.src_data_fd)
+        slots = self._slots
         ahead: collections.deque[Slot] = collections.deque()
-        batch = max(1, min(self._slots.count // 2, MAX_SPANS))
+        batch = stop_copy_batch(slots.count)
         ended = False
         try:
             while True:
-                # Reads go out a batch at a time (one message for several
-                # read(2)s), two batches in flight: while the driver fills
-                # one, the other's slots are sent on.
-                while len(ahead) <= batch:
+                while not ahead or slots.count - slots.in_use >= batch:
                     spans: list[tuple[int, int]] = []
                     while len(spans) < batch:
                         slot = (
                             await self._free_slot()
                             if not ahead and not spans
-                            else self._slots.try_acquire()
+                            else slots.try_acquire()
                         )
                         if slot is None:
                             break
@@ -392,14 +396,7 @@ class DeviceMigration:
 
     # --- switchover --------------------------------------------------------------------
 
-    async def _close_lane(self) -> None:
-        if self._lane is not None:
-            lane, self._lane = self._lane, None
-            await lane.close()
-
     async def to_p2p(self) -> None:
-        if self._lane is not None:  # no precopy read follows: end its call, not waiting
-            self._lane.close_soon()
         if self.p2p:
             await self.set_source(S.PRE_COPY_P2P if self.in_precopy else S.RUNNING_P2P, S.RUNNING)
 
@@ -459,7 +456,6 @@ class DeviceMigration:
     # --- cleanup -----------------------------------------------------------------------
 
     async def _close_src_data_fd(self) -> None:
-        await self._close_lane()
         fd, self.src_data_fd = self.src_data_fd, None
         if fd is not None:
             with contextlib.suppress(VfioClientError):  # EBADF: the session ended
