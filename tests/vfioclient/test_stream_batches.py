@@ -5,13 +5,14 @@ those after it ECANCELED."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.support.vfioclient_migration import InProcessRig, in_process_rig
-from vfioclient import VfioClientError
+from vfioclient import VfioClient, VfioClientError
 from vfioclient.calls import MAX_SPANS, read_into_request, write_from_request
 from vfioclient.uapi import MigState as S
 from vfioclient.usermem import SharedSegment
@@ -26,16 +27,26 @@ async def rig_fixture() -> AsyncIterator[InProcessRig]:
         yield rig
 
 
-async def test_submit_many_counts_come_one_by_one_in_order(rig: InProcessRig) -> None:
+@contextlib.asynccontextmanager
+async def stop_copy(rig: InProcessRig, slots: int) -> AsyncIterator[tuple[VfioClient, int, int]]:
+    """A source in STOP_COPY and a segment of `slots` pieces mapped in its
+    client: (client, the segment's address, the saving fd)."""
     pair, _, _ = await rig.pair(size=2 << 20)
     c = rig.src
-    seg = SharedSegment.create(16 * PIECE)
+    seg = SharedSegment.create(slots * PIECE)
     try:
         base = await seg.attach(c)
         assert base is not None
         await c.set_state(pair.source_fd, S.STOP)
         saving = await c.set_state(pair.source_fd, S.STOP_COPY)
         assert saving is not None
+        yield c, base, saving
+    finally:
+        await seg.close()
+
+
+async def test_submit_many_counts_come_one_by_one_in_order(rig: InProcessRig) -> None:
+    async with stop_copy(rig, 16) as (c, base, saving):
         call = c.read_into_stream(saving)
         await call.submit_many([(base + i * PIECE, PIECE) for i in range(8)])
         await call.submit(base + 8 * PIECE, PIECE)
@@ -45,20 +56,10 @@ async def test_submit_many_counts_come_one_by_one_in_order(rig: InProcessRig) ->
         assert counts == [PIECE] * 9  # the stream is longer than that
         await call.close_writing()
         assert await call.result() is None  # the call ended OK
-    finally:
-        await seg.close()
 
 
 async def test_a_failure_in_a_batch_raises_at_its_place(rig: InProcessRig) -> None:
-    pair, _, _ = await rig.pair()
-    c = rig.src
-    seg = SharedSegment.create(4 * PIECE)
-    try:
-        base = await seg.attach(c)
-        assert base is not None
-        await c.set_state(pair.source_fd, S.STOP)
-        saving = await c.set_state(pair.source_fd, S.STOP_COPY)
-        assert saving is not None
+    async with stop_copy(rig, 4) as (c, base, saving):
         call = c.read_into_stream(saving)
         await call.submit_many([(base, 100), (8, 100), (base, 100)])
         assert await call.result() == 100
@@ -68,8 +69,6 @@ async def test_a_failure_in_a_batch_raises_at_its_place(rig: InProcessRig) -> No
             assert info.value.errno == code
         await call.close_writing()
         assert await call.result() is None  # the call ended OK
-    finally:
-        await seg.close()
 
 
 def test_a_request_carries_at_most_max_spans_operations() -> None:
