@@ -5,7 +5,8 @@ file's stream, the user memory of a feature ioctl."""
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Generic, TypeVar
 
 from ..api.v1 import vfio_pb2 as pb
 from ..mlx5.migf import Mlx5VfMigrationFile
@@ -13,10 +14,18 @@ from ..mlx5.save import SaveFile
 from ..vfio.errors import VfioError
 from ..vfio.ops import MigrationFile
 from ..vfio.usermem import UserMemory
+from .errnos import UNEXPECTED, as_vfio_error
 from .process import DataFd, Process
 
 MAX_READ = 16 << 20  # one message; read(2) may return less than asked anyway
 MAX_WRITE = MAX_READ  # one WriteFrom; write(2) may take less (the count says)
+MAX_THEN = 63  # a ReadIntoStream / WriteFromStream request's spans: 64 operations at most
+NOT_DONE = "not %s: an earlier request of this stream failed"
+
+StreamReq = TypeVar("StreamReq", pb.ReadIntoRequest, pb.WriteFromRequest)
+StreamResp = TypeVar("StreamResp", pb.ReadIntoResponse, pb.WriteFromResponse)
+# Counts, publishes and logs an errno answer (VfioServicer._errno_answered): the errno.
+ErrnoAnswered = Callable[..., int]
 
 
 async def read_into(proc: Process, req: pb.ReadIntoRequest) -> int:
@@ -63,3 +72,87 @@ def user_memory(buffers: Iterable[pb.UserBuffer]) -> UserMemory:
         return UserMemory(mem)
     except ValueError as e:
         raise VfioError(errno.EFAULT, f"user memory: {e}") from None
+
+
+def no_then(req: pb.ReadIntoRequest | pb.WriteFromRequest, rpc: str) -> None:
+    """The unary calls make one read(2) or write(2): `then` is EINVAL."""
+    if req.then:
+        raise VfioError(errno.EINVAL, f"{rpc} makes one call: `then` is for {rpc}Stream")
+
+
+def stream_ops(req: StreamReq) -> list[StreamReq]:
+    """A stream request's operations: itself, then one per `then` span."""
+    if not req.then:
+        return [req]
+    ops = [req]
+    for span in req.then:
+        if isinstance(req, pb.ReadIntoRequest):
+            ops.append(
+                pb.ReadIntoRequest(
+                    fd=req.fd, addr=span.addr, count=span.count, nonblock=req.nonblock
+                )
+            )
+        else:
+            ops.append(pb.WriteFromRequest(fd=req.fd, addr=span.addr, count=span.count))
+    return ops
+
+
+class StreamCalls(Generic[StreamReq, StreamResp]):
+    """The stream form of ReadInto / WriteFrom, one call's: one answer per
+    request, an errno in the answer (no abort); after a failure the rest are
+    not done (ECANCELED); after a read returned 0 (the end of the data) the
+    rest are answered 0 without a read.  A request's `then` spans are more
+    of the same, after it and in order, answered in its answer's `then`: one
+    message each way for several read(2)s or write(2)s (MAX_THEN + 1 at
+    most: more are EINVAL, none done)."""
+
+    def __init__(
+        self,
+        operation: str,  # "read" | "write"
+        call: Callable[[Process, StreamReq], Awaitable[int]],
+        response: Callable[..., StreamResp],
+        answered: ErrnoAnswered,
+    ) -> None:
+        self.operation = operation
+        self.call: Callable[[Process, StreamReq], Awaitable[int]] = call
+        self.response: Callable[..., StreamResp] = response
+        self.answered = answered
+        self.ended = False
+        self.failed = False
+
+    async def answer(self, proc: Process, req: StreamReq) -> StreamResp:
+        response, operation = self.response, self.operation
+        if len(req.then) > MAX_THEN:
+            answer: StreamResp = response(
+                errno=errno.EINVAL,
+                message=f"{len(req.then) + 1} {operation}s in one request: at most {MAX_THEN + 1}",
+            )
+            if not self.failed:
+                self.answered(
+                    VfioError(errno.EINVAL, answer.message), operation, proc=proc, fd=req.fd
+                )
+            self.failed = True
+            return answer
+        answers: list[StreamResp] = []
+        for op in stream_ops(req):
+            if self.ended:
+                answers.append(response(count=0))
+                continue
+            if self.failed:
+                done = "read" if operation == "read" else "written"
+                answers.append(response(errno=errno.ECANCELED, message=NOT_DONE % done))
+                continue
+            try:
+                n = await self.call(proc, op)
+            except UNEXPECTED as exc:
+                self.failed = True
+                e = as_vfio_error(exc)
+                code = self.answered(e, operation, proc=proc, fd=op.fd)
+                answers.append(response(errno=code, message=str(e)))
+                continue
+            self.ended = operation == "read" and n == 0 and min(op.count, MAX_READ) > 0
+            answers.append(response(count=n))
+        first = answers[0]
+        if len(answers) > 1:
+            first.then.extend(answers[1:])
+        return first

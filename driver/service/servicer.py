@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import Message
@@ -36,7 +36,7 @@ from ..vfio.errors import VfioError
 from ..vfio.ops import MigrationFile
 from . import typed
 from .errnos import UNEXPECTED, abort_errno, as_vfio_error, errno_name, errno_of
-from .fdcalls import MAX_READ, read_into, write_from
+from .fdcalls import MAX_READ, StreamCalls, StreamReq, StreamResp, no_then, read_into, write_from
 from .ioctls import (
     IOCTL_OPERATIONS,
     IOCTL_TRANSPORTS,
@@ -408,14 +408,14 @@ class VfioServicer(pbg.VfioServicer):
     async def ReadInto(self, request: pb.ReadIntoRequest, context: Ctx) -> Any:
         proc = self.process(context)
         async with self._answering(context, "read", proc=proc, fd=request.fd):
-            _no_then(request, "ReadInto")
+            no_then(request, "ReadInto")
             n = await read_into(proc, request)
         return pb.ReadIntoResponse(count=n)
 
     async def WriteFrom(self, request: pb.WriteFromRequest, context: Ctx) -> Any:
         proc = self.process(context)
         async with self._answering(context, "write", proc=proc, fd=request.fd):
-            _no_then(request, "WriteFrom")
+            no_then(request, "WriteFrom")
             n = await self.calls.run(write_from(proc, request))
         return pb.WriteFromResponse(count=n)
 
@@ -440,58 +440,17 @@ class VfioServicer(pbg.VfioServicer):
 
     async def _each(
         self,
-        requests: AsyncIterator[_Req],
+        requests: AsyncIterator[StreamReq],
         context: Ctx,
         operation: str,
-        call: Callable[[Process, _Req], Awaitable[int]],
-        response: Callable[..., _Resp],
-    ) -> AsyncIterator[_Resp]:
-        """The stream form of ReadInto / WriteFrom: one answer per request,
-        an errno in the answer (no abort); after a failure the rest are not
-        done (ECANCELED); after a read returned 0 (the end of the data) the
-        rest are answered 0 without a read.  A request's `then` spans are
-        more of the same, after it and in order, answered in its answer's
-        `then`: one message each way for several read(2)s or write(2)s."""
+        call: Callable[[Process, StreamReq], Awaitable[int]],
+        response: Callable[..., StreamResp],
+    ) -> AsyncIterator[StreamResp]:
+        """The stream form of ReadInto / WriteFrom (fdcalls.StreamCalls)."""
         proc = self.process(context)
-        ended = False
-        failed = False
+        stream = StreamCalls(operation, call, response, self._errno_answered)
         async for req in requests:
-            if len(req.then) > MAX_THEN:
-                answer = response(
-                    errno=errno.EINVAL,
-                    message=f"{len(req.then) + 1} {operation}s in one request: at most "
-                    f"{MAX_THEN + 1}",
-                )
-                if not failed:
-                    self._errno_answered(
-                        VfioError(errno.EINVAL, answer.message), operation, proc=proc, fd=req.fd
-                    )
-                failed = True
-                yield answer
-                continue
-            answers = []
-            for op in _ops(req):
-                if ended:
-                    answers.append(response(count=0))
-                    continue
-                if failed:
-                    done = "read" if operation == "read" else "written"
-                    answers.append(response(errno=errno.ECANCELED, message=_NOT_DONE % done))
-                    continue
-                try:
-                    n = await call(proc, op)
-                except UNEXPECTED as exc:
-                    failed = True
-                    e = as_vfio_error(exc)
-                    code = self._errno_answered(e, operation, proc=proc, fd=op.fd)
-                    answers.append(response(errno=code, message=str(e)))
-                    continue
-                ended = operation == "read" and n == 0 and min(op.count, MAX_READ) > 0
-                answers.append(response(count=n))
-            first = answers[0]
-            if len(answers) > 1:
-                first.then.extend(answers[1:])
-            yield first
+            yield await stream.answer(proc, req)
 
     async def PrecopyInfo(self, request: pb.PrecopyInfoRequest, context: Ctx) -> Any:
         began = time.perf_counter()
@@ -571,9 +530,6 @@ class VfioServicer(pbg.VfioServicer):
         )
 
 
-_NOT_DONE = "not %s: an earlier request of this stream failed"
-
-
 @dataclass
 class _Answer:
     """What an RPC's error answer says besides the error: the fd it was
@@ -582,35 +538,6 @@ class _Answer:
     fd: int = -1
     extra: dict[str, str] = field(default_factory=dict)
     operation: str = ""
-
-
-_Req = TypeVar("_Req", pb.ReadIntoRequest, pb.WriteFromRequest)
-MAX_THEN = 63  # a ReadIntoStream / WriteFromStream request's spans: 64 operations at most
-
-
-def _no_then(req: pb.ReadIntoRequest | pb.WriteFromRequest, rpc: str) -> None:
-    if req.then:
-        raise VfioError(errno.EINVAL, f"{rpc} makes one call: `then` is for {rpc}Stream")
-
-
-def _ops(req: _Req) -> list[_Req]:
-    """A stream request's operations: itself, then one per `then` span."""
-    if not req.then:
-        return [req]
-    ops = [req]
-    for span in req.then:
-        if isinstance(req, pb.ReadIntoRequest):
-            ops.append(
-                pb.ReadIntoRequest(
-                    fd=req.fd, addr=span.addr, count=span.count, nonblock=req.nonblock
-                )
-            )
-        else:
-            ops.append(pb.WriteFromRequest(fd=req.fd, addr=span.addr, count=span.count))
-    return ops
-
-
-_Resp = TypeVar("_Resp", pb.ReadIntoResponse, pb.WriteFromResponse)
 
 
 def _peer_uids(context: Ctx) -> frozenset[int] | None:
