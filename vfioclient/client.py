@@ -394,6 +394,8 @@ class ReadIntoCall(_StreamCall):
     async def submit_many(self, spans: Sequence[tuple[int, int]]) -> None:
         """A read(2) per (addr, count), in order, in one message (at most
         calls.MAX_SPANS); `result` still takes their counts one by one."""
+        if not spans:
+            raise ValueError("submit_many needs at least one (addr, count)")
         await self._submit(calls.read_into_request(self.fd, *spans[0], then=spans[1:]))
 
 
@@ -404,6 +406,8 @@ class WriteFromCall(_StreamCall):
     async def submit_many(self, spans: Sequence[tuple[int, int]]) -> None:
         """A write(2) per (addr, count), in order, in one message (at most
         calls.MAX_SPANS); `result` still takes their counts one by one."""
+        if not spans:
+            raise ValueError("submit_many needs at least one (addr, count)")
         await self._submit(calls.write_from_request(self.fd, *spans[0], then=spans[1:]))
 
 

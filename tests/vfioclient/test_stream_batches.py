@@ -79,3 +79,12 @@ def test_a_request_carries_at_most_max_spans_operations() -> None:
         read_into_request(3, 0, 10, then=spans)
     with pytest.raises(ValueError, match="at most 64"):
         write_from_request(3, 0, 10, then=spans)
+
+
+async def test_submit_many_of_nothing_is_a_value_error(rig: InProcessRig) -> None:
+    async with stop_copy(rig, 1) as (c, _, saving):
+        for call in (c.read_into_stream(saving), c.write_from_stream(saving)):
+            with pytest.raises(ValueError, match="at least one"):
+                await call.submit_many([])
+            await call.close_writing()
+            assert await call.result() is None  # nothing was sent: the call ends OK
