@@ -17,14 +17,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..calls import MAX_SPANS
 from ..client import VfioClient, VfioClientError
 from ..uapi import VFIO_MIGRATION_P2P, VFIO_MIGRATION_STOP_COPY, MigState
 from ..usermem import Slot, Slots
 from .multifd import Multifd
 from .report import MigrationError
 from .states import set_state
-from .stream import Chunk, InitDataSent, Marker, StreamItem, put
+from .stream import Chunk, InitDataSent, Marker, StreamItem, put, stop_copy_batch
 from .writer import DataWriter
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ class DestinationDevice:
         self.bytes_written = 0
         self.init_data_sent = 0
         self._stream: asyncio.Queue[StreamItem] = asyncio.Queue(self.stream_depth)
-        self._batch = max(1, min(self.stream_depth // 4, MAX_SPANS))
+        self._batch = stop_copy_batch(self.stream_depth)
         self._loader: asyncio.Task[None] | None = None
 
     @property

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .. import calls
-from ..calls import MAX_SPANS
 from ..client import PrecopyInfo, VfioClientError
 from ..uapi import (
     VFIO_MIGRATION_P2P,
@@ -31,18 +30,12 @@ from .options import DevicePair, MigrationOptions, OutgoingDevice
 from .progress import notify
 from .report import DeviceReport, MigrationError
 from .states import set_state
-from .stream import Chunk, InitDataSent, Marker, StreamItem
+from .stream import Chunk, InitDataSent, Marker, StreamItem, stop_copy_batch
 from .switchover import SwitchoverAck
 
 log = logging.getLogger(__name__)
 
 S = MigState
-
-
-def stop_copy_batch(slots: int) -> int:
-    """The reads (or writes) of the stop-copy that go in one request: a
-    quarter of the slots, so at least four requests are in flight."""
-    return max(1, min(slots // 4, MAX_SPANS))
 
 
 # vfio_state_pending_exact on a failed MIG_DATA_SIZE: QEMU never switches over on it.

@@ -9,6 +9,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from ..calls import MAX_SPANS
 from ..usermem import Slot
 from .report import MigrationError
 
@@ -42,3 +43,10 @@ async def put(q: asyncio.Queue[Any], item: Any, consumer: asyncio.Future[Any]) -
         putting.cancel()
     consumer.result()  # raises its error
     raise MigrationError("the destination stopped taking data")
+
+
+def stop_copy_batch(slots: int) -> int:
+    """The stop-copy reads (at the source) or writes (at the destination)
+    that go in one request (`then`): a quarter of the slots, so a short
+    stop-copy still overlaps its reads with its sends, at most MAX_SPANS."""
+    return max(1, min(slots // 4, MAX_SPANS))

@@ -488,3 +488,25 @@ async def test_write_from_stream_then_loads_a_whole_stream_from_one_request(
     )  # fmt: skip
     assert await batched(client, "WriteFromStream", [req]) == [[(n, 0) for _, n in cuts]]
     await client.set_state(4, S.STOP)  # the destination device fd: loads and validates
+
+
+@pytest.mark.parametrize("method", ["ReadIntoStream", "WriteFromStream"])
+async def test_absurd_spans_are_efault_and_lose_no_data(
+    drv: DriverUnderTest, client: VfioClient, segment: Segment, method: str
+) -> None:
+    """A span at the top of the address space, of 2^64 - 1 bytes, is EFAULT
+    where it stands (nothing read or written, no huge allocation), the rest
+    ECANCELED; the stream is whole afterwards."""
+    addr = await map_(client, segment.name, SEG)
+    saving, resuming = await stop_copy_pair(drv, client)
+    top = (1 << 64) - 1
+    absurd = [pb.Span(addr=top, count=top), pb.Span(addr=addr, count=top)]
+    if method == "ReadIntoStream":
+        req: object = pb.ReadIntoRequest(fd=saving, addr=addr, count=0, then=absurd)
+    else:
+        req = pb.WriteFromRequest(fd=resuming, addr=addr, count=0, then=absurd)
+    answers = await batched(client, method, [req])
+    assert answers == [[(0, 0), (0, errno.EFAULT), (0, errno.ECANCELED)]]
+    full, err = await client.read_all(saving)
+    assert err is None
+    parse_records(b"".join(full))
