@@ -172,8 +172,11 @@ async def test_a_save_failing_in_stop_copy_fails_the_migration_cleanly(
                 batches: list[int] = []
 
                 async def submit_many_(spans: list[tuple[int, int]]) -> None:
+                    # Armed as the first reads go out (a batch may read
+                    # every piece already saved before its answer comes).
                     batches.append(len(spans))
                     await submit_many(spans)
+                    await arm()
 
                 async def result_() -> int | None:
                     n: int | None = await result()
