@@ -10,7 +10,7 @@ import pytest
 
 from driver.service.usermap import UserMappings
 from driver.vfio.errors import VfioError
-from fwemu.hostmem import Segment
+from fwemu.hostmem import Segment, create_segment, default_shm_dir, unlink_segment
 from tests.support.driver_service import shm_segment
 
 SIZE = 64 << 10
@@ -68,3 +68,30 @@ def test_a_range_must_lie_inside_one_mapping(seg: Segment) -> None:
     with table.range(b + SIZE - 1, 1) as r:
         assert len(r) == 1
     table.close()
+
+
+@pytest.mark.parametrize("reserved", [False, True])
+def test_map_backs_the_pages_only_of_a_segment_with_holes(
+    reserved: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sparse segment is given its pages (posix_fallocate); one whose every
+    page its owner already reserved is not walked again."""
+    seg = create_segment(SIZE, prefix="test-usermap-backed", reserve=reserved)
+    calls: list[int] = []
+    fallocate = os.posix_fallocate
+
+    def spy(fd: int, offset: int, length: int) -> None:
+        calls.append(length)
+        fallocate(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", spy)
+    table = UserMappings()
+    try:
+        path = os.path.join(default_shm_dir(), seg.name)
+        table.map(seg.name, SIZE)
+        assert calls == ([] if reserved else [SIZE])
+        assert os.stat(path).st_blocks * 512 >= SIZE
+    finally:
+        table.close()
+        unlink_segment(seg.name)
+        seg.close()
