@@ -34,7 +34,8 @@ import uvloop
 
 from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import PAGE_SIZE, GiB, KiB, MiB, SaveCompletion
-from fwemu.model.device_state import MAX_WRITES_PER_RUN, DeviceState, Workload
+from fwemu.model.device_state import DeviceState
+from fwemu.model.workload import MAX_WRITES_PER_RUN, Workload
 from grpcsvc.units import byte_size
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -17,13 +17,14 @@ from ..link.ifc import (
     VfConfig,
     obj_type_index,
 )
-from .device_state import DeviceState, Workload
+from .device_state import DeviceState
 from .faults import FaultQueue
 from .image import Cursor, ImageKind, Plan
 from .memory import MemoryBudget, OutOfMemory
 from .page_track import PageTrackObject
 from .pages import DIRTY, INIT, PageStates
 from .reconfig_rate import MAX_PER_LOOK, ReconfigRate
+from .workload import Workload
 
 log = logging.getLogger("fwemu.firmware")
 

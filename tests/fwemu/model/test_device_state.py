@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from fwemu.link.ifc import OBJ_TYPES, PAGE_SIZE, KiB, MiB, VfConfig, obj_type_index
 from fwemu.model import Firmware, VirtualClock
-from fwemu.model.device_state import Arena, DeviceState, TableError, Workload, page_runs
+from fwemu.model.device_state import Arena, DeviceState, TableError, page_runs
+from fwemu.model.workload import Workload
 
 sys.path.insert(0, str(Path(__file__).parents[3] / "benchmarks"))
 from fwemu_bench import plain_writes  # the oracle: Workload.run as first written

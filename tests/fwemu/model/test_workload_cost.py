@@ -9,7 +9,8 @@ import random
 import pytest
 
 from fwemu.link.ifc import PAGE_SIZE, MiB
-from fwemu.model.device_state import MAX_WRITES_PER_RUN, DeviceState, Workload
+from fwemu.model.device_state import DeviceState
+from fwemu.model.workload import MAX_WRITES_PER_RUN, Workload
 
 SEED = 11
 TICKS = [0.01 * i for i in range(1, 6)]  # 50 ms of virtual time, looked at every 10 ms
