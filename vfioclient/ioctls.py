@@ -96,7 +96,7 @@ class _Lane:
         so an answer can be read while the write that sent its request has
         yet to return.  (Reading on "while a write is running" then waited for
         an answer past the last one, for ever: a migration hung in
-        pending_exact about once in 13,000 pairs.)"""
+        pending_exact about once in 2,000 pairs.)"""
         if not requests:
             return []
         if self.call.done():

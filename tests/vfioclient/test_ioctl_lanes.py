@@ -589,7 +589,7 @@ async def test_an_answer_read_before_its_write_returned_ends_the_sequence(new_la
     """pending_exact's pair on a lane whose second answer is read before the
     write of the second request has returned: the sequence ends with both
     answers (it once read on for a third answer, for ever: a cross-host
-    migration hung in pending_exact about once in 13,000 pairs), and the
+    migration hung in pending_exact about once in 2,000 pairs), and the
     lane stays usable."""
     answers = [
         pb.IoctlAnswer(device_feature=pb.DeviceFeatureResponse(data=bytes([i]))) for i in range(4)
