@@ -9,9 +9,13 @@ by memcpy inside the driver, and only small control messages cross gRPC.  A
 driver on another host cannot open the segment (ENOENT): `attach` says so and
 the caller keeps to Read/ReadStream/Write.
 
-`Slots` cuts a SharedSegment into equal buffers handed out and given back in
-turn, the bound on the data in flight between a source read and the
-destination write.
+`Slots` cuts a SharedSegment into equal buffers, the bound on the data in
+flight between a source read and the destination write.  The buffer given back
+last is the next handed out: a migration touches as few of its buffers' pages
+as it keeps in flight (a precopy loop of one read at a time, one buffer), and
+each page a driver touches first in its mapping of the segment is a page fault
+in the driver (a quarter of the driver's faults at 64 migrations at once, when
+every buffer went round in turn).
 """
 
 from __future__ import annotations
@@ -131,8 +135,8 @@ class Slots:
         if size <= 0 or count <= 0 or size * count > len(memory):
             raise ValueError(f"{count} slots of {size} bytes do not fit {len(memory)} bytes")
         self.memory, self.size, self.count = memory, size, count
-        self._free: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(count):
+        self._free: asyncio.Queue[int] = asyncio.LifoQueue()  # the warmest buffer first
+        for i in reversed(range(count)):
             self._free.put_nowait(i)
         self._out: set[int] = set()
 

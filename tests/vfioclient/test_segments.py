@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import fwemu.hostmem
-from vfioclient.usermem import SharedSegment
+from vfioclient.usermem import SharedSegment, Slots
 
 NAME = re.compile(r"vfioclient-(\d+)-([0-9a-f]{32,})")
 
@@ -70,3 +70,28 @@ def test_a_name_someone_took_first_is_never_opened(
     assert victim.read_bytes() == b"precious"
     if planted == "file":
         assert (tmp_path / name).read_bytes() == b"attacker's"
+
+
+async def test_slots_hand_out_the_buffer_given_back_last(tmp_path: Path) -> None:
+    """A loop of one read at a time keeps to one buffer: the pages a driver
+    touches (and faults in) are those of the buffers in flight, not all."""
+    seg = SharedSegment.create(4 * 4096, str(tmp_path))
+    try:
+        slots = Slots(seg, 4096, 4)
+        used = []
+        for _ in range(6):
+            slot = await slots.acquire()
+            used.append(slot.offset)
+            slot.release()
+        assert used == [0] * 6
+        a, b = await slots.acquire(), await slots.acquire()
+        assert (a.offset, b.offset) == (0, 4096)
+        a.release()
+        c = slots.try_acquire()
+        assert c is not None and c.offset == 0  # a's, given back last
+        b.release()
+        c.release()
+        assert {(await slots.acquire()).offset for _ in range(4)} == {0, 4096, 8192, 12288}
+        assert slots.try_acquire() is None
+    finally:
+        await seg.close()
