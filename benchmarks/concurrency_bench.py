@@ -27,6 +27,13 @@ For each N, the median over --rounds rounds (default 3) of:
   stopped, processes still starting, and the PRECOPY_INFO answers per second
   the others' precopy loops drew (each precopy iteration is one read, one
   MIG_DATA_SIZE and one PRECOPY_INFO).
+- CPU per migration: the driver's, fwemu's and the clients' (the vfioctl
+  processes, start-up included) user and system time over the point, divided
+  by N.  Steadier than the p99, so it tells whether a change made the work
+  lighter.  The system time also shows the machine: in a VM whose memory the
+  host backs on first touch (a machine just booted), the services' first
+  touches of their fresh buffer pages cost ~2.5 ms/MiB instead of ~0.35, and
+  their system time doubles or more.
 
 Issue 16's goals at N = 64: throughput >= 0.7x N = 1's, p99 downtime <= 2x
 the limit.
@@ -52,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -62,6 +70,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 from procs import DRIVER, FWEMU, served
@@ -329,13 +339,47 @@ def _one(target: str, n: int) -> tuple[list[Migration], float]:
     return [Migration(pairs, json.loads(r.stdout))], wall
 
 
-def _point(follower: Follower, firmware: str, shape: str, n: int, verify: bool) -> Results:
+def _cpu(services: dict[str, psutil.Process]) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU seconds so far of each service, and of this
+    process's waited-for children (`clients`: the vfioctl processes)."""
+    out: dict[str, tuple[float, float]] = {}
+    for name, proc in services.items():
+        t = proc.cpu_times()
+        out[name] = (t.user, t.system)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out["clients"] = (kids.ru_utime, kids.ru_stime)
+    return out
+
+
+def _cpu_per_migration(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], n: int
+) -> dict[str, dict[str, float]]:
+    """Each party's CPU over the point, in ms per migration: user, system."""
+    return {
+        name: {
+            "user_ms": 1000 * (after[name][0] - before[name][0]) / n,
+            "sys_ms": 1000 * (after[name][1] - before[name][1]) / n,
+        }
+        for name in before
+    }
+
+
+def _point(
+    follower: Follower,
+    firmware: str,
+    shape: str,
+    n: int,
+    verify: bool,
+    services: dict[str, psutil.Process],
+) -> Results:
     target = follower.target
+    cpu = _cpu(services)
     with follower.point() as log:
         if shape == "processes":
             migrations, wall = _processes(target, firmware, n, verify)
         else:
             migrations, wall = _one(target, n)
+    cpu_ms = _cpu_per_migration(cpu, _cpu(services), n)
     done = [m for m in migrations if m.report is not None]
     reports = [m.report for m in done if m.report is not None]
     devices = [d for m in migrations for pair in m.pairs for d in pair]
@@ -359,6 +403,7 @@ def _point(follower: Follower, firmware: str, shape: str, n: int, verify: bool) 
         "failed": n - sum(len(m.pairs) for m in done),
         "startup_p50_s": statistics.median(startup) if startup else None,
         "startup_max_s": max(startup) if startup else None,
+        "cpu_ms_per_migration": cpu_ms,
     }
     if shape == "one" and reports:
         point["converged"] = reports[0]["converged"]
@@ -404,6 +449,13 @@ def _median_point(rounds: list[Results]) -> Results:
     ):
         values = [r[key] for r in rounds if r.get(key) is not None]
         out[key] = statistics.median(values) if values else None
+    out["cpu_ms_per_migration"] = {
+        party: {
+            kind: statistics.median(r["cpu_ms_per_migration"][party][kind] for r in rounds)
+            for kind in ("user_ms", "sys_ms")
+        }
+        for party in rounds[0]["cpu_ms_per_migration"]
+    }
     out["failed"] = sum(r["failed"] for r in rounds)
     if any("converged" in r for r in rounds):
         out["converged"] = [r.get("converged") for r in rounds]
@@ -422,16 +474,18 @@ def bench(
     vfs = str(2 * max(counts))
     fw_args = ["--listen", "127.0.0.1:0", "--vfs", vfs, "--size", SIZE, "--dirty-rate", dirty]
     runs: dict[str, dict[int, list[Results]]] = {s: defaultdict(list) for s in shapes}
-    with served(FWEMU, *fw_args, "--log-level", "error") as (_, firmware):
+    with served(FWEMU, *fw_args, "--log-level", "error") as (fwemu, firmware):
         # One orchestrator holding N pairs is one client: its data buffers
         # (N x 2 x 16 MiB, and more) would pass the default 1 GiB budget.
         drv_args = ["--listen", "127.0.0.1:0", "--firmware", firmware, "--log-level", "error",
                     "--buffer-budget", "8GiB"]  # fmt: skip
-        with served(DRIVER, *drv_args) as (_, target), Follower(target) as follower:
+        with served(DRIVER, *drv_args) as (driver, target), Follower(target) as follower:
+            services = {"driver": driver, "fwemu": fwemu}
             for _ in range(rounds):
                 for n in counts:
                     for shape in shapes:
-                        runs[shape][n].append(_point(follower, firmware, shape, n, verify))
+                        point = _point(follower, firmware, shape, n, verify, services)
+                        runs[shape][n].append(point)
     out: Results = {"limit_s": LIMIT_S, "rounds": rounds, "verify": verify, "dirty_rate": dirty}
     for shape in shapes:
         base = runs[shape][counts[0]]
@@ -480,6 +534,13 @@ def text(r: Results) -> list[str]:
             )
             for e in p["errors"]:
                 lines.append(f"        failed: {e[:160]}")
+        lines.append("  CPU per migration, ms (user + system):")
+        for p in r[shape]:
+            parts = ", ".join(
+                f"{party} {c['user_ms']:.0f} + {c['sys_ms']:.0f}"
+                for party, c in p["cpu_ms_per_migration"].items()
+            )
+            lines.append(f"  {p['n']:>3}  {parts}")
         for p in r[shape]:
             if p["n"] == 1:
                 continue

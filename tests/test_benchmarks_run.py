@@ -41,3 +41,26 @@ def run(script: str, *args: str) -> dict[str, object]:
 def test_a_precopy_info_benchmark_runs_and_reports(script: str, args: list[str], key: str) -> None:
     out = run(script, *args)
     assert key in json.dumps(out), sorted(out)
+
+
+def test_the_concurrency_benchmark_runs_and_counts_each_partys_cpu() -> None:
+    """Two migrations at once, for a moment: the point reports each party's
+    CPU per migration (what tells whether a change made the work lighter)."""
+    argv = ["--counts", "1,2", "--rounds", "1", "--shapes", "processes", "--json"]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/concurrency_bench.py", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    points = json.loads(done.stdout)["processes"]
+    assert [p["n"] for p in points] == [1, 2]
+    for p in points:
+        assert p["failed"] == 0, p["errors"]
+        cpu = p["cpu_ms_per_migration"]
+        assert set(cpu) == {"driver", "fwemu", "clients"}
+        # Every party works for a migration; a vfioctl process at least starts Python.
+        assert cpu["clients"]["user_ms"] + cpu["clients"]["sys_ms"] > 10
+        assert all(c["user_ms"] + c["sys_ms"] > 0 for c in cpu.values()), cpu
