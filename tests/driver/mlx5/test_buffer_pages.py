@@ -12,7 +12,7 @@ import pytest
 
 from driver.mlx5.save import SaveFile
 from driver.vfio.uapi import MigState
-from fwemu.hostmem import create_segment, release_pages
+from fwemu.hostmem import create_segment, release_pages, unlink_segment
 from fwemu.link.ifc import KiB
 from tests.support import mlx5 as h
 from tests.support.mlx5.devices import environments
@@ -50,6 +50,7 @@ def test_released_pages_leave_the_rss_and_keep_their_bytes() -> None:
         assert bytes(seg.view[:512]) == bytes(range(256)) * 2  # mapped again, same bytes
     finally:
         seg.close()
+        unlink_segment(seg.name)  # else every run of the suite leaves 1 MiB in /dev/shm
 
 
 def test_release_pages_leaves_memory_that_is_no_mapping_alone() -> None:
