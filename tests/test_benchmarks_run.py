@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,16 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BRIEF = ["--seconds", "0.05", "--rounds", "1", "--json"]
 
 
-def run(script: str, *args: str) -> dict[str, object]:
+def run(script: str, *args: str, brief: Sequence[str] = BRIEF) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", *args, *BRIEF],
+        [sys.executable, f"benchmarks/{script}", *args, *brief],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=240,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    out: dict[str, object] = json.loads(done.stdout)
+    out: dict[str, Any] = json.loads(done.stdout)
     return out
 
 
@@ -46,16 +48,8 @@ def test_a_precopy_info_benchmark_runs_and_reports(script: str, args: list[str],
 def test_the_concurrency_benchmark_runs_and_counts_each_partys_cpu() -> None:
     """Two migrations at once, for a moment: the point reports each party's
     CPU per migration (what tells whether a change made the work lighter)."""
-    argv = ["--counts", "1,2", "--rounds", "1", "--shapes", "processes", "--json"]
-    done = subprocess.run(
-        [sys.executable, "benchmarks/concurrency_bench.py", *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    points = json.loads(done.stdout)["processes"]
+    brief = ["--counts", "1,2", "--rounds", "1", "--shapes", "processes", "--json"]
+    points = run("concurrency_bench.py", brief=brief)["processes"]
     assert [p["n"] for p in points] == [1, 2]
     for p in points:
         assert p["failed"] == 0, p["errors"]
