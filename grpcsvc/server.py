@@ -21,6 +21,7 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 
 from . import reflection, tls
 from .generic import GenericHandlersOnly
+from .looplag import LoopLag
 
 MAX_MESSAGE = 64 << 20
 
@@ -92,8 +93,11 @@ class GrpcService:
         *,
         interceptors: Sequence[grpc.aio.ServerInterceptor[object, object]] = (),
         maximum_concurrent_rpcs: int | None = None,
+        loop_lag: LoopLag | None = None,
     ) -> None:
+        """`loop_lag`: measured from start() to stop() (grpcsvc.looplag)."""
         self.service_names = list(service_names)
+        self.loop_lag = loop_lag
         # SO_REUSEPORT off: a second server on a taken port must fail, not share it.
         self.server = grpc.aio.server(
             interceptors=list(interceptors),
@@ -153,6 +157,8 @@ class GrpcService:
             except OSError as e:
                 raise ListenError(f"cannot set the mode of {path}: {e.strerror}") from None
         await self.server.start()
+        if self.loop_lag is not None:
+            self.loop_lag.start()
         for name in ["", *self.service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.port = port
@@ -171,6 +177,8 @@ class GrpcService:
         self._stopped.set()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.loop_lag is not None:
+            await self.loop_lag.stop()
 
     async def serve_until(
         self,

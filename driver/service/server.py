@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from grpcsvc.access import Roles
 from grpcsvc.generic import GenericHandlersOnly
+from grpcsvc.looplag import LoopLag
 from grpcsvc.metrics import GrpcServerMetrics
 from grpcsvc.server import GrpcService
 
@@ -119,12 +120,14 @@ class DriverServer:
                 scenario.add_scenario_servicer(generic, self.roles)
 
         interceptors = []
+        loop_lag = None
         if metrics is not None:
             metrics.register(DriverCollector(self.servicer, per_device_limit=per_device_limit))
             if firmware is not None:
                 metrics.register(firmware.collector())
             interceptors.append(GrpcServerMetrics(metrics).interceptor)
-        self.service = GrpcService(names, register, interceptors=interceptors)
+            loop_lag = LoopLag(metrics)
+        self.service = GrpcService(names, register, interceptors=interceptors, loop_lag=loop_lag)
         self._health_lock = asyncio.Lock()
         self._health_tasks: set[asyncio.Task[None]] = set()
         for k, link in enumerate(registry.links):

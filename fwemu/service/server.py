@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from grpcsvc.access import Roles
 from grpcsvc.generic import GenericHandlersOnly
+from grpcsvc.looplag import LoopLag
 from grpcsvc.metrics import GrpcServerMetrics
 from grpcsvc.server import GrpcService
 from grpcsvc.tls import unix_path
@@ -67,11 +68,16 @@ class FirmwareServer:
             sgrpc.add_ScenarioServicer_to_server(ScenarioServicer(fw, self.roles), generic)
 
         interceptors = []
+        loop_lag = None
         if metrics is not None:
             metrics.register(FirmwareCollector(fw, per_vf_limit=per_vf_limit))
             interceptors.append(GrpcServerMetrics(metrics).interceptor)
+            loop_lag = LoopLag(metrics)
         self.service = GrpcService(
-            [FIRMWARE_SERVICE, SCENARIO_SERVICE], register, interceptors=interceptors
+            [FIRMWARE_SERVICE, SCENARIO_SERVICE],
+            register,
+            interceptors=interceptors,
+            loop_lag=loop_lag,
         )
 
     async def start(self, listen: str, **options: Any) -> int:
