@@ -27,6 +27,14 @@ For each N, the median over --rounds rounds (default 3) of:
   stopped, processes still starting, and the PRECOPY_INFO answers per second
   the others' precopy loops drew (each precopy iteration is one read, one
   MIG_DATA_SIZE and one PRECOPY_INFO).
+- each service's event-loop lag over the point (grpcsvc.looplag, scraped
+  from its /metrics before and after): the p50 and p99 as the histogram's
+  bucket bounds, and how many of its timers ran more than 0.1 s late (a
+  timer every 50 ms: each is a stall of the loop of at least 0.1 s; the
+  point includes the processes' start-up, when the services are idle, so
+  the p99 understates the migrations' window and the count does not).
+  Every call, message and firmware answer waits for that loop, so this is
+  the wait a service adds to each step of a switchover.
 - CPU per migration: the driver's, fwemu's and the clients' (the vfioctl
   processes, start-up included) user and system time over the point, divided
   by N.  Steadier than the p99, so it tells whether a change made the work
@@ -65,8 +73,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,11 +83,13 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from procs import DRIVER, FWEMU, served
+from procs import DRIVER, FWEMU, served_with_metrics
+from prometheus_client.parser import text_string_to_metric_families
 from report import Results, add_output_flag, parser, print_results
 
 from driver.api.events import PrecopyAnswered, StateChanged
 from driver.shards import pci_name
+from grpcsvc.looplag import LAG
 from vfioclient import VfioClient, VfioClientError
 from vfioclient.client import EventStream
 
@@ -364,6 +375,51 @@ def _cpu_per_migration(
     }
 
 
+LATE_S = 0.1  # a timer this late counts in a loop's "late" share
+
+
+def _lag_buckets(urls: dict[str, str]) -> dict[str, list[tuple[float, float]]]:
+    """Each service's event-loop lag histogram now: (le, cumulative count)."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for name, url in urls.items():
+        with urllib.request.urlopen(url, timeout=10) as r:
+            exposition = r.read().decode()
+        out[name] = [
+            (float(s.labels["le"]), s.value)
+            for fam in text_string_to_metric_families(exposition)
+            if fam.name == LAG
+            for s in fam.samples
+            if s.name == f"{LAG}_bucket"
+        ]
+    return out
+
+
+def _bound(counts: list[tuple[float, float]], q: float) -> float | None:
+    """The first bucket bound holding a share `q` of the observations (None: none)."""
+    total = counts[-1][1] if counts else 0.0
+    return next((le for le, c in counts if c >= q * total), None) if total else None
+
+
+def _lag_over_point(
+    before: dict[str, list[tuple[float, float]]], after: dict[str, list[tuple[float, float]]]
+) -> dict[str, dict[str, float | None]]:
+    """Per service, the lag over the point: p50 and p99 as bucket bounds
+    (None: no timer ran), and how many timers ran more than LATE_S late."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name, now in after.items():
+        was = dict(before.get(name, []))
+        counts = [(le, c - was.get(le, 0.0)) for le, c in sorted(now)]
+        total = counts[-1][1] if counts else 0.0
+        on_time = next((c for le, c in counts if le >= LATE_S), total)
+        out[name] = {
+            "samples": total,
+            "p50_le_s": _bound(counts, 0.5),
+            "p99_le_s": _bound(counts, 0.99),
+            "late": total - on_time,
+        }
+    return out
+
+
 def _point(
     follower: Follower,
     firmware: str,
@@ -371,15 +427,18 @@ def _point(
     n: int,
     verify: bool,
     services: dict[str, psutil.Process],
+    lag_urls: dict[str, str],
 ) -> Results:
     target = follower.target
     cpu = _cpu(services)
+    lag = _lag_buckets(lag_urls)
     with follower.point() as log:
         if shape == "processes":
             migrations, wall = _processes(target, firmware, n, verify)
         else:
             migrations, wall = _one(target, n)
     cpu_ms = _cpu_per_migration(cpu, _cpu(services), n)
+    loop_lag = _lag_over_point(lag, _lag_buckets(lag_urls))
     done = [m for m in migrations if m.report is not None]
     reports = [m.report for m in done if m.report is not None]
     devices = [d for m in migrations for pair in m.pairs for d in pair]
@@ -404,6 +463,7 @@ def _point(
         "startup_p50_s": statistics.median(startup) if startup else None,
         "startup_max_s": max(startup) if startup else None,
         "cpu_ms_per_migration": cpu_ms,
+        "loop_lag": loop_lag,
     }
     if shape == "one" and reports:
         point["converged"] = reports[0]["converged"]
@@ -432,6 +492,11 @@ def _p99(values: list[float]) -> float | None:
     return statistics.quantiles(values, n=100)[98] if len(values) > 1 else values[0]
 
 
+def _median_of(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def _median_point(rounds: list[Results]) -> Results:
     """The point's medians over the rounds; `slowest` from the round whose
     p99 is the median."""
@@ -456,6 +521,13 @@ def _median_point(rounds: list[Results]) -> Results:
         }
         for party in rounds[0]["cpu_ms_per_migration"]
     }
+    out["loop_lag"] = {
+        party: {
+            key: _median_of(r["loop_lag"][party][key] for r in rounds)
+            for key in ("samples", "p50_le_s", "p99_le_s", "late")
+        }
+        for party in rounds[0]["loop_lag"]
+    }
     out["failed"] = sum(r["failed"] for r in rounds)
     if any("converged" in r for r in rounds):
         out["converged"] = [r.get("converged") for r in rounds]
@@ -474,17 +546,25 @@ def bench(
     vfs = str(2 * max(counts))
     fw_args = ["--listen", "127.0.0.1:0", "--vfs", vfs, "--size", SIZE, "--dirty-rate", dirty]
     runs: dict[str, dict[int, list[Results]]] = {s: defaultdict(list) for s in shapes}
-    with served(FWEMU, *fw_args, "--log-level", "error") as (fwemu, firmware):
+    with served_with_metrics(FWEMU, *fw_args, "--log-level", "error") as (
+        fwemu,
+        firmware,
+        fw_metrics,
+    ):
         # One orchestrator holding N pairs is one client: its data buffers
         # (N x 2 x 16 MiB, and more) would pass the default 1 GiB budget.
         drv_args = ["--listen", "127.0.0.1:0", "--firmware", firmware, "--log-level", "error",
                     "--buffer-budget", "8GiB"]  # fmt: skip
-        with served(DRIVER, *drv_args) as (driver, target), Follower(target) as follower:
+        with (
+            served_with_metrics(DRIVER, *drv_args) as (driver, target, drv_metrics),
+            Follower(target) as follower,
+        ):
             services = {"driver": driver, "fwemu": fwemu}
+            lag_urls = {"driver": drv_metrics, "fwemu": fw_metrics}
             for _ in range(rounds):
                 for n in counts:
                     for shape in shapes:
-                        point = _point(follower, firmware, shape, n, verify, services)
+                        point = _point(follower, firmware, shape, n, verify, services, lag_urls)
                         runs[shape][n].append(point)
     out: Results = {"limit_s": LIMIT_S, "rounds": rounds, "verify": verify, "dirty_rate": dirty}
     for shape in shapes:
@@ -505,6 +585,10 @@ def bench(
 
 def _s(v: float | None, width: int = 6) -> str:
     return f"{v:>{width}.3f}" if v is not None else " " * (width - 1) + "-"
+
+
+def _le(v: float | None) -> str:
+    return f"<={v:g}" if v is not None else "-"
 
 
 def text(r: Results) -> list[str]:
@@ -539,6 +623,13 @@ def text(r: Results) -> list[str]:
             parts = ", ".join(
                 f"{party} {c['user_ms']:.0f} + {c['sys_ms']:.0f}"
                 for party, c in p["cpu_ms_per_migration"].items()
+            )
+            lines.append(f"  {p['n']:>3}  {parts}")
+        lines.append(f"  event-loop lag, p50 / p99 (bucket bounds, s), timers > {LATE_S:g} s late:")
+        for p in r[shape]:
+            parts = ", ".join(
+                f"{party} {_le(g['p50_le_s'])} / {_le(g['p99_le_s'])}, {g['late'] or 0:.0f}"
+                for party, g in p["loop_lag"].items()
             )
             lines.append(f"  {p['n']:>3}  {parts}")
         for p in r[shape]:

@@ -5,6 +5,7 @@ baseline server."""
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,9 @@ from grpcsvc.spawn import DRIVER, FWEMU
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = [sys.executable, str(ROOT / "benchmarks" / "baseline_server.py")]
 
-__all__ = ["BASELINE", "DRIVER", "FWEMU", "served"]
+__all__ = ["BASELINE", "DRIVER", "FWEMU", "served", "served_with_metrics"]
+
+METRICS = re.compile(r"metrics on (http://\S+/metrics)")
 
 
 @contextlib.contextmanager
@@ -25,3 +28,18 @@ def served(command: list[str], *args: str) -> Iterator[tuple[psutil.Process, str
     """grpcsvc.spawn.served, yielding the process as psutil sees it."""
     with spawn.served(command, *args) as (proc, target):
         yield psutil.Process(proc.pid), target
+
+
+@contextlib.contextmanager
+def served_with_metrics(
+    command: list[str], *args: str
+) -> Iterator[tuple[psutil.Process, str, str]]:
+    """`served` with --metrics-listen on a free port: also yields the
+    /metrics URL (the line after 'serving ...' says where it is)."""
+    with spawn.served(command, "--metrics-listen", "127.0.0.1:0", *args) as (proc, target):
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        found = METRICS.search(line)
+        if found is None:
+            raise RuntimeError(f"{command[-1]} did not say where its metrics are: {line!r}")
+        yield psutil.Process(proc.pid), target, found.group(1)

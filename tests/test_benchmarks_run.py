@@ -47,7 +47,8 @@ def test_a_precopy_info_benchmark_runs_and_reports(script: str, args: list[str],
 
 def test_the_concurrency_benchmark_runs_and_counts_each_partys_cpu() -> None:
     """Two migrations at once, for a moment: the point reports each party's
-    CPU per migration (what tells whether a change made the work lighter)."""
+    CPU per migration (what tells whether a change made the work lighter),
+    and each service's event-loop lag over the point."""
     brief = ["--counts", "1,2", "--rounds", "1", "--shapes", "processes", "--json"]
     points = run("concurrency_bench.py", brief=brief)["processes"]
     assert [p["n"] for p in points] == [1, 2]
@@ -58,3 +59,10 @@ def test_the_concurrency_benchmark_runs_and_counts_each_partys_cpu() -> None:
         # Every party works for a migration; a vfioctl process at least starts Python.
         assert cpu["clients"]["user_ms"] + cpu["clients"]["sys_ms"] > 10
         assert all(c["user_ms"] + c["sys_ms"] > 0 for c in cpu.values()), cpu
+        lag = p["loop_lag"]
+        assert set(lag) == {"driver", "fwemu"}
+        for g in lag.values():
+            # A point lasts well over the 50 ms between two timers of a loop.
+            assert g["samples"] >= 1, lag
+            assert 0 < g["p50_le_s"] <= g["p99_le_s"], lag
+            assert 0 <= g["late"] <= g["samples"], lag
