@@ -5,7 +5,6 @@ baseline server."""
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BASELINE = [sys.executable, str(ROOT / "benchmarks" / "baseline_server.py")]
 
 __all__ = ["BASELINE", "DRIVER", "FWEMU", "served", "served_with_metrics"]
-
-METRICS = re.compile(r"metrics on (http://\S+/metrics)")
 
 
 @contextlib.contextmanager
@@ -37,9 +34,4 @@ def served_with_metrics(
     """`served` with --metrics-listen on a free port: also yields the
     /metrics URL (the line after 'serving ...' says where it is)."""
     with spawn.served(command, "--metrics-listen", "127.0.0.1:0", *args) as (proc, target):
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        found = METRICS.search(line)
-        if found is None:
-            raise RuntimeError(f"{command[-1]} did not say where its metrics are: {line!r}")
-        yield psutil.Process(proc.pid), target, found.group(1)
+        yield psutil.Process(proc.pid), target, spawn.metrics_url(proc, command[-1])

@@ -6,12 +6,14 @@ that every harness starts services one way."""
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 
 FWEMU = [sys.executable, "-m", "fwemu.cli", "serve"]
 DRIVER = [sys.executable, "-m", "driver.cli", "serve"]
+_METRICS = re.compile(r"metrics on (http://\S+/metrics)")
 
 
 def start(argv: Sequence[str], what: str = "") -> tuple[subprocess.Popen[str], str]:
@@ -26,6 +28,17 @@ def start(argv: Sequence[str], what: str = "") -> tuple[subprocess.Popen[str], s
         _, err = proc.communicate(timeout=10)
         raise RuntimeError(f"{what or argv[0]} did not start: {line}{err}")
     return proc, line.rsplit(" on ", 1)[1].strip()
+
+
+def metrics_url(proc: subprocess.Popen[str], what: str = "") -> str:
+    """The /metrics URL a service started with --metrics-listen announced:
+    the line after its 'serving ...' (read it right after `start`)."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    found = _METRICS.search(line)
+    if found is None:
+        raise RuntimeError(f"{what or 'the service'} did not say where its metrics are: {line!r}")
+    return found.group(1)
 
 
 def stop(

@@ -57,6 +57,24 @@ def test_a_server_that_says_something_else_first_is_killed_and_reported() -> Non
     assert time.monotonic() - began < 30  # killed, not waited for
 
 
+def test_metrics_url_is_the_one_the_line_after_serving_names() -> None:
+    body = ANNOUNCE + "print('fake: metrics on http://127.0.0.1:9/metrics', flush=True)\n"
+    proc, _ = spawn.start([*fake_server(body + "time.sleep(60)")])
+    try:
+        assert spawn.metrics_url(proc) == "http://127.0.0.1:9/metrics"
+    finally:
+        spawn.stop(proc)
+
+
+def test_a_service_that_does_not_name_its_metrics_is_an_error() -> None:
+    proc, _ = spawn.start([*fake_server(ANNOUNCE + "print('ready', flush=True)\ntime.sleep(60)")])
+    try:
+        with pytest.raises(RuntimeError, match="probe did not say where its metrics are: 'ready"):
+            spawn.metrics_url(proc, "probe")
+    finally:
+        spawn.stop(proc)
+
+
 def test_stop_returns_the_exit_code_and_stderr() -> None:
     proc, _ = spawn.start(fake_server(UNTIL_SIGTERM))
     assert spawn.stop(proc) == (7, "bye\n")

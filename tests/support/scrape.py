@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import subprocess
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from grpcsvc.spawn import DRIVER, FWEMU
+from grpcsvc.spawn import DRIVER, FWEMU, metrics_url
 from tests.support import tls_mode
 
 QUIET = ("--log-level", "error", "--loop", "asyncio")
-METRICS = re.compile(r"metrics on (http://\S+/metrics)")
 
 
 @dataclass
@@ -41,12 +39,7 @@ def served(command: list[str], *args: str) -> Iterator[Served]:
         proc,
         target,
     ):
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        metrics = METRICS.search(line)
-        if metrics is None:
-            raise RuntimeError(f"{command[-1]} did not say where its metrics are: {line!r}")
-        yield Served(proc, target, metrics.group(1))
+        yield Served(proc, target, metrics_url(proc, command[-1]))
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from driver.shards import pci_name
 from driver.vfio.uapi import MigState
 from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import MiB, VfConfig
-from grpcsvc.spawn import DRIVER, FWEMU, start, stop
+from grpcsvc.spawn import DRIVER, FWEMU, metrics_url, start, stop
 from tests.driver.service.test_firmware_restart import Status, free_port, vfio_health
 from tests.support import tls_mode
 from tests.support.leftovers import shm_segments
@@ -42,7 +42,6 @@ QUIET = ("--log-level", "error", "--loop", "asyncio")
 CMD_TIMEOUT = 2.0
 BOUND = 10.0  # a failure after longer than this is a hang
 WORKLOAD = {"size": 2 * MiB, "dirty_bytes_per_s": 4 * MiB}
-METRICS = re.compile(r"metrics on (http://\S+/metrics)")
 
 
 @dataclass
@@ -71,10 +70,7 @@ def start_driver(firmware: str) -> Driver:
     argv += [*tls_mode.server_args(), *tls_mode.firmware_link_args()]
     proc, target = start(argv, "vfio-driver")
     tls_mode.serving(target)
-    assert proc.stdout is not None
-    m = METRICS.search(proc.stdout.readline())
-    assert m is not None
-    return Driver(proc, target, m.group(1))
+    return Driver(proc, target, metrics_url(proc, "vfio-driver"))
 
 
 def start_fwemu(address: str) -> subprocess.Popen[str]:
