@@ -1,7 +1,7 @@
-"""The README's benchmark commands name scripts and options that exist: each
-script answers --help, and every option the README shows for it (in its
-brackets) is one its parser knows.  (Running them is for a quiet machine,
-not the test suite: see README "Benchmarks".)"""
+"""The benchmark commands of the README and of benchmarks/*.md name scripts
+and options that exist: each script answers --help, and every option a page
+shows for it (in its brackets or not) is one its parser knows.  (Running them
+is for a quiet machine, not the test suite: see README "Benchmarks".)"""
 
 from __future__ import annotations
 
@@ -15,13 +15,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def benchmark_lines() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Benchmarks\n", 1)[1].split("\n## ", 1)[0]
+def commands(text: str) -> list[str]:
     return [
         line.strip().removeprefix(".venv/bin/python ")
-        for line in section.splitlines()
+        for line in text.splitlines()
         if line.startswith("    .venv/bin/python benchmarks/")
+    ]
+
+
+def benchmark_lines() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return commands(text.split("\n## Benchmarks\n", 1)[1].split("\n## ", 1)[0])
+
+
+def page_lines() -> list[str]:
+    """The commands of the benchmarks' own pages (benchmarks/*.md)."""
+    return [
+        c for page in sorted((ROOT / "benchmarks").glob("*.md")) for c in commands(page.read_text())
     ]
 
 
@@ -34,7 +44,11 @@ def test_the_readme_lists_the_benchmarks() -> None:
     } <= scripts
 
 
-@pytest.mark.parametrize("line", benchmark_lines())
+def test_the_concurrency_page_shows_its_command() -> None:
+    assert any(c.startswith("benchmarks/concurrency_bench.py ") for c in page_lines())
+
+
+@pytest.mark.parametrize("line", benchmark_lines() + page_lines())
 def test_each_readme_benchmark_command_parses(line: str) -> None:
     script, *rest = line.split(maxsplit=1)
     ran = subprocess.run(
