@@ -1,17 +1,24 @@
 """grpcsvc.spawn, the one way tests and benchmarks start services: the
 address a server announces, its stderr when it fails to start, its exit code
-when stopped, and a hung one killed."""
+when stopped, a hung one killed, and one whose harness was killed stopping."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from grpcsvc import spawn
+from tests.support.tools import tool
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def fake_server(body: str) -> list[str]:
@@ -116,3 +123,54 @@ def test_served_services_announce_where_they_serve() -> None:
         host, _, port = target.rpartition(":")
         assert host == "127.0.0.1" and int(port) > 0 and proc.poll() is None
     assert proc.returncode == 0
+
+
+def test_dying_with_parent_wraps_the_command_in_setpriv_where_there_is_one() -> None:
+    wrapped = spawn.dying_with_parent(["fwemu", "serve"])
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or not sys.platform.startswith("linux"):
+        assert wrapped == ["fwemu", "serve"]
+    else:
+        assert wrapped == [setpriv, "--pdeathsig", "TERM", "--", "fwemu", "serve"]
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_service_stops_when_its_harness_is_killed() -> None:
+    """A harness SIGKILLed (a benchmark killed, a test worker crashed) cannot
+    stop its services: they get SIGTERM from the kernel and stop as from an
+    operator's, instead of serving on for ever."""
+    tool("setpriv", "util-linux", optional=True)
+    harness = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\n"
+            "from grpcsvc import spawn\n"
+            "with spawn.served(spawn.FWEMU, '--vfs', '0', '--log-level', 'error') as (p, _):\n"
+            "    print(p.pid, flush=True)\n"
+            "    time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert harness.stdout is not None
+    service = int(harness.stdout.readline())
+    try:
+        harness.kill()
+        harness.wait(10)
+        # The service was the harness's child: init reaps it once it exits.
+        assert _gone(service, 15), f"fwemu {service} still runs after its harness was killed"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(service, signal.SIGKILL)
