@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support import tls_mode
+from tests.support.grpc_noise import GrpcPollerNoise
 from tests.support.tls import Pki
 
 
@@ -30,3 +32,14 @@ def tls_environment() -> Iterator[None]:
             else:
                 mp.setenv(name, value)
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_grpc_poller_noise() -> Iterator[None]:
+    """asyncio's logger (uvloop's too) drops the stale gRPC poller callbacks'
+    tracebacks of a process running many loops (tests/support/grpc_noise.py)."""
+    noise = GrpcPollerNoise()
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(noise)
+    yield
+    asyncio_log.removeFilter(noise)
