@@ -396,7 +396,7 @@ class VfioServicer(pbg.VfioServicer):
         async with self._answering(context, "map_user_memory", proc=proc):
             if proc.exited:
                 raise VfioError(errno.EBADF, f"client {proc.client} has gone away")
-            addr = proc.memory.map(request.shm_name, request.length, uids=_peer_uids(context))
+            addr = await proc.memory.map(request.shm_name, request.length, uids=_peer_uids(context))
         return pb.MapUserMemoryResponse(addr=addr)
 
     async def UnmapUserMemory(self, request: pb.UnmapUserMemoryRequest, context: Ctx) -> Any:

@@ -29,6 +29,7 @@ another principal gave the driver.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import mmap
@@ -165,20 +166,22 @@ class UserMappings:
         self.segments = segments if segments is not None else MappedSegments()
         self._maps: dict[int, _Mapping] = {}
         self._next = MMAP_BASE
+        self._pending = 0  # maps waiting for their pages
+        self._epoch = 0  # one more at each close: a map in flight across it fails
 
     def __len__(self) -> int:
         return len(self._maps)
 
-    def map(self, shm_name: str, length: int, *, uids: frozenset[int] | None = None) -> int:
+    async def map(self, shm_name: str, length: int, *, uids: frozenset[int] | None = None) -> int:
         """Map `length` bytes of the segment: its address.  EINVAL for a bad
         name or length, ENOENT when the segment is not on this host (or not
         in the driver's shm directory), ELOOP for a symbolic link, EACCES
         for a file that is not the client's own (module docstring; `uids`:
         who may own it, None when the caller's uid is unknown), ENOMEM over
-        the per-client limit."""
+        the per-client limit, EBADF when the client went away meanwhile."""
         if not 0 < length <= MAX_MAPPING:
             raise VfioError(errno.EINVAL, f"mapping length {length} is not in (0, {MAX_MAPPING}]")
-        if len(self._maps) >= MAX_MAPPINGS:
+        if len(self._maps) + self._pending >= MAX_MAPPINGS:
             raise VfioError(errno.ENOMEM, f"a client maps at most {MAX_MAPPINGS} segments")
         try:
             path = segment_path(self.shm_dir or default_shm_dir(), shm_name)
@@ -195,27 +198,56 @@ class UserMappings:
                 raise VfioError(errno.EINVAL, f"{path} is smaller than {length} bytes")
             file = (st.st_dev, st.st_ino)
             self.segments.take(file, self.principal)
-            try:
-                try:
-                    os.posix_fallocate(fd, 0, length)  # every page backed before any copy
-                except OSError as e:
-                    raise VfioError(
-                        errno.ENOMEM, f"no room for the pages of {path}: {e.strerror}"
-                    ) from None
-                try:
-                    mapping = _Mapping(fd, length, file)
-                except OSError as e:
-                    raise VfioError(errno.ENOMEM, f"cannot map {path}: {e.strerror}") from None
-            except BaseException:
-                self.segments.give(file)
-                raise
         except BaseException:
+            os.close(fd)
+            raise
+        epoch = self._epoch
+        self._pending += 1
+        try:
+            await self._back_every_page(fd, file, length, path)
+        finally:
+            self._pending -= 1
+        try:
+            if self._epoch != epoch:
+                raise VfioError(errno.EBADF, "the client went away during the map")
+            try:
+                mapping = _Mapping(fd, length, file)
+            except OSError as e:
+                raise VfioError(errno.ENOMEM, f"cannot map {path}: {e.strerror}") from None
+        except BaseException:
+            self.segments.give(file)
             os.close(fd)
             raise
         addr = self._next
         self._next += -(-length // PAGE) * PAGE + PAGE  # a guard page between mappings
         self._maps[addr] = mapping
         return addr
+
+    async def _back_every_page(self, fd: int, file: FileId, length: int, path: str) -> None:
+        """posix_fallocate the range (module docstring), on a worker thread:
+        it zeroes every page the client has not touched yet (a sparse
+        segment, or pages it only fallocated), up to MAX_MAPPING bytes, and
+        on the driver's one loop that would stall every client meanwhile.
+        On failure the file is given back and `fd` closed; cancelled, the
+        thread still has `fd`, so they wait for it."""
+        done = asyncio.get_running_loop().run_in_executor(None, os.posix_fallocate, fd, 0, length)
+
+        def release(finished: object = None) -> None:
+            if isinstance(finished, asyncio.Future) and not finished.cancelled():
+                finished.exception()  # retrieved: after a cancel, a failure is only this
+            self.segments.give(file)
+            os.close(fd)
+
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            done.add_done_callback(release)
+            raise
+        except OSError as e:
+            release()
+            raise VfioError(
+                errno.ENOMEM, f"no room for the pages of {path}: {e.strerror}"
+            ) from None
 
     def unmap(self, addr: int) -> None:
         """EINVAL unless `addr` is where a mapping starts."""
@@ -235,7 +267,9 @@ class UserMappings:
         raise VfioError(errno.EFAULT, f"user range [{addr:#x}, +{count}) is not mapped")
 
     def close(self) -> None:
-        """The client went away (exit unmaps everything)."""
+        """The client went away (exit unmaps everything, and a map in flight
+        fails with EBADF)."""
+        self._epoch += 1
         for m in self._maps.values():
             self.segments.give(m.file)
             m.unmapped = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import os
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from driver.service.usermap import UserMappings
+from driver.service.usermap import MAX_MAPPINGS, UserMappings
 from driver.vfio.errors import VfioError
 from fwemu.hostmem import Segment, default_shm_dir
 from tests.support.driver_service import shm_segment
@@ -27,12 +28,12 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_an_unmap_during_a_copy_waits_for_it(seg: Segment) -> None:
+async def test_an_unmap_during_a_copy_waits_for_it(seg: Segment) -> None:
     """A range in use keeps its mapping after UnmapUserMemory until the copy
     is done; then the file is closed; the address is EFAULT at once."""
     table = UserMappings()
     fds = open_fds()
-    addr = table.map(seg.name, SIZE)
+    addr = await table.map(seg.name, SIZE)
     mapped = open_fds()
     assert mapped > fds
     with table.range(addr + 10, 4) as dest:
@@ -46,22 +47,22 @@ def test_an_unmap_during_a_copy_waits_for_it(seg: Segment) -> None:
     assert open_fds() == fds
 
 
-def test_close_unmaps_everything_and_addresses_are_not_reused(seg: Segment) -> None:
+async def test_close_unmaps_everything_and_addresses_are_not_reused(seg: Segment) -> None:
     table = UserMappings()
     fds = open_fds()
-    a = table.map(seg.name, SIZE)
-    b = table.map(seg.name, 4096)
+    a = await table.map(seg.name, SIZE)
+    b = await table.map(seg.name, 4096)
     assert b > a + SIZE  # a guard page between mappings
     table.close()
     assert len(table) == 0 and open_fds() == fds
-    assert table.map(seg.name, 4096) > b
+    assert await table.map(seg.name, 4096) > b
     table.close()
 
 
-def test_a_range_must_lie_inside_one_mapping(seg: Segment) -> None:
+async def test_a_range_must_lie_inside_one_mapping(seg: Segment) -> None:
     table = UserMappings()
-    a = table.map(seg.name, SIZE)
-    b = table.map(seg.name, SIZE)
+    a = await table.map(seg.name, SIZE)
+    b = await table.map(seg.name, SIZE)
     for addr, n in ((a + SIZE - 1, 2), (a - 1, 1), (b + SIZE, 1), (a + SIZE, 1)):
         with pytest.raises(VfioError) as e:
             table.range(addr, n)
@@ -71,7 +72,7 @@ def test_a_range_must_lie_inside_one_mapping(seg: Segment) -> None:
     table.close()
 
 
-def test_a_segment_with_pages_past_its_end_and_a_hole_inside_is_given_its_pages() -> None:
+async def test_a_segment_with_pages_past_its_end_and_a_hole_inside_is_given_its_pages() -> None:
     """st_blocks cannot tell a fully backed segment from one with pages
     reserved past its end (fallocate KEEP_SIZE) and a hole inside: the map
     walks every page anyway, so a copy into that hole never needs a page a
@@ -93,7 +94,74 @@ def test_a_segment_with_pages_past_its_end_and_a_hole_inside_is_given_its_pages(
         table = UserMappings()
         try:
             before = os.stat(path).st_blocks
-            table.map(seg.name, SIZE)
+            await table.map(seg.name, SIZE)
             assert os.stat(path).st_blocks > before  # the hole got its pages
         finally:
             table.close()
+
+
+BIG = 64 << 20  # a sparse segment whose pages the map must back (and zero)
+
+
+async def test_the_pages_are_backed_off_the_loop() -> None:
+    """A client's sparse segment (up to 4 GiB) is zeroed page by page when
+    the map backs it: on a worker thread, so the driver's one loop serves the
+    other clients meanwhile instead of stalling for as long as that takes."""
+    with shm_segment(BIG, "test-usermap-big") as seg:
+        table = UserMappings()
+        try:
+            mapping = asyncio.create_task(table.map(seg.name, BIG))
+            await asyncio.sleep(0)  # the map starts and hands its pages to a thread
+            assert not mapping.done()  # this loop runs meanwhile
+            addr = await mapping
+            path = os.path.join(default_shm_dir(), seg.name)
+            assert os.stat(path).st_blocks * 512 >= BIG
+            with table.range(addr + BIG - 4, 4) as dest:
+                dest[0:4] = memoryview(b"last")
+            assert bytes(seg.view[BIG - 4 :]) == b"last"
+        finally:
+            table.close()
+
+
+async def test_a_client_gone_during_its_map_gets_ebadf_and_leaves_nothing(seg: Segment) -> None:
+    table, other = UserMappings(principal="a"), UserMappings(principal="b")
+    fds = open_fds()
+    mapping = asyncio.create_task(table.map(seg.name, SIZE))
+    await asyncio.sleep(0)
+    table.close()  # the client's exit, while its pages are being backed
+    with pytest.raises(VfioError) as e:
+        await mapping
+    assert e.value.errno == errno.EBADF
+    assert len(table) == 0 and open_fds() == fds
+    await other.map(seg.name, SIZE)  # the file was given back
+    other.close()
+
+
+async def test_a_map_cancelled_while_its_pages_are_backed_gives_all_back(seg: Segment) -> None:
+    """The thread still has the file open when the call is cancelled (the
+    client's RPC gone): the fd and the file go back once it is done."""
+    table, other = UserMappings(principal="a"), UserMappings(principal="b")
+    fds = open_fds()
+    mapping = asyncio.create_task(table.map(seg.name, SIZE))
+    await asyncio.sleep(0)
+    mapping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await mapping
+    for _ in range(200):
+        if open_fds() == fds:
+            break
+        await asyncio.sleep(0.01)
+    assert len(table) == 0 and open_fds() == fds
+    await other.map(seg.name, SIZE)
+    other.close()
+
+
+async def test_maps_in_flight_count_against_the_per_client_limit(seg: Segment) -> None:
+    table = UserMappings()
+    results = await asyncio.gather(
+        *(table.map(seg.name, 4096) for _ in range(MAX_MAPPINGS + 1)), return_exceptions=True
+    )
+    refused = [r for r in results if isinstance(r, VfioError)]
+    assert len(refused) == 1 and refused[0].errno == errno.ENOMEM
+    assert len(table) == MAX_MAPPINGS
+    table.close()

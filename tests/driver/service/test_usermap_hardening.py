@@ -147,13 +147,13 @@ async def test_a_file_of_another_user_is_refused_where_the_callers_uid_is_known(
             assert await map_(tcp, seg.name, SEG)
 
 
-def test_owner_check_where_the_uid_is_known(seg_path: tuple[Segment, Path]) -> None:
+async def test_owner_check_where_the_uid_is_known(seg_path: tuple[Segment, Path]) -> None:
     seg, _ = seg_path
     mappings = UserMappings()
     with raises_errno(errno.EACCES):
-        mappings.map(seg.name, SEG, uids=frozenset({os.geteuid() + 1}))
+        await mappings.map(seg.name, SEG, uids=frozenset({os.geteuid() + 1}))
     assert len(mappings.segments) == 0  # a refusal takes nothing
-    mappings.map(seg.name, SEG, uids=frozenset({os.geteuid()}))
+    await mappings.map(seg.name, SEG, uids=frozenset({os.geteuid()}))
     mappings.close()
 
 
@@ -163,22 +163,22 @@ def seg_path_fixture() -> Iterator[tuple[Segment, Path]]:
         yield seg, Path(default_shm_dir()) / seg.name
 
 
-def test_one_principal_maps_a_file_at_a_time(seg_path: tuple[Segment, Path]) -> None:
+async def test_one_principal_maps_a_file_at_a_time(seg_path: tuple[Segment, Path]) -> None:
     seg, _ = seg_path
     shared = MappedSegments()
     a1 = UserMappings(principal="a", segments=shared)
     a2 = UserMappings(principal="a", segments=shared)
     b = UserMappings(principal="b", segments=shared)
-    addr = a1.map(seg.name, SEG)
-    a2.map(seg.name, 4096)  # the same principal's other process
+    addr = await a1.map(seg.name, SEG)
+    await a2.map(seg.name, 4096)  # the same principal's other process
     with raises_errno(errno.EACCES):
-        b.map(seg.name, SEG)
+        await b.map(seg.name, SEG)
     a1.unmap(addr)
     with raises_errno(errno.EACCES):
-        b.map(seg.name, SEG)  # a2 still maps it
+        await b.map(seg.name, SEG)  # a2 still maps it
     a2.close()
     assert len(shared) == 0
-    b.map(seg.name, SEG)
+    await b.map(seg.name, SEG)
     b.close()
 
 
