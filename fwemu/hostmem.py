@@ -116,7 +116,10 @@ def create_segment(
     """A new segment of `length` zero bytes, named `prefix-PID-RANDOM` (no one
     can guess it, so no one can map it first).  `reserve`: allocate its pages
     now, so a full tmpfs fails here (ENOSPC) rather than with SIGBUS on the
-    first touch of a page it cannot back."""
+    first touch of a page it cannot back, and zero them here too (`populate`):
+    tmpfs leaves fallocated pages to be zeroed at their first use, which
+    would be the first process to touch or fallocate them after us (for a
+    client's segment, the driver's one loop)."""
     if length <= 0:
         raise HostMemoryError("a segment needs a positive length")
     shm_dir = shm_dir or default_shm_dir()
@@ -131,6 +134,8 @@ def create_segment(
         if reserve:
             os.posix_fallocate(fd, 0, length)
         mm = mmap.mmap(fd, length)
+        if reserve:
+            populate(mm)
     except OSError as e:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -138,6 +143,21 @@ def create_segment(
         raise HostMemoryError(e.errno, f"cannot size {path}: {e.strerror}") from None
     os.close(fd)
     return Segment(name, mm)
+
+
+MADV_POPULATE_WRITE = 23  # Linux 5.14 (<asm-generic/mman-common.h>); not in Python 3.11's mmap
+PAGE = mmap.PAGESIZE
+
+
+def populate(mm: mmap.mmap) -> None:
+    """Fault in every page of a shared mapping for writing, so that each is
+    zeroed now, in this process: madvise(MADV_POPULATE_WRITE), or a byte
+    written per page where the kernel lacks it (the bytes stay zero)."""
+    try:
+        mm.madvise(MADV_POPULATE_WRITE)
+    except OSError:
+        for off in range(0, len(mm), PAGE):
+            mm[off] = 0
 
 
 def open_segment(
