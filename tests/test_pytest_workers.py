@@ -5,9 +5,10 @@ README says."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from tests.support.tools import passes
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = """\
@@ -26,7 +27,7 @@ def where(tmp_path: Path, *options: str) -> str:
     # This test's own worker variables (PYTEST_XDIST_WORKER, ...) are not the child's.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     config = ["-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT)]
-    done = subprocess.run(
+    passes(
         [
             sys.executable,
             "-m",
@@ -38,14 +39,9 @@ def where(tmp_path: Path, *options: str) -> str:
             *options,
             str(probe),
         ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
         timeout=120,
-        check=False,
+        env=env,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
     return (tmp_path / "where").read_text()
 
 

@@ -25,9 +25,14 @@ def tool(name: str, source: str, *, optional: bool = False) -> str:
     pytest.fail(why if not optional else f"{why}, and CI must run this check")
 
 
-def passes(argv: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run a checker; the test fails with its output unless it exits 0."""
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+def passes(
+    argv: list[str], timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a checker (in `env`, default this process's); the test fails with
+    its output unless it exits 0."""
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, check=False, env=env
+    )
     assert done.returncode == 0, (
         f"{' '.join(argv)}: exit {done.returncode}\n{done.stdout}{done.stderr}"
     )
