@@ -168,6 +168,7 @@ class UserMappings:
         self._next = MMAP_BASE
         self._pending = 0  # maps waiting for their pages
         self._epoch = 0  # one more at each close: a map in flight across it fails
+        self._backing = asyncio.Lock()  # one fallocate thread per client at a time
 
     def __len__(self) -> int:
         return len(self._maps)
@@ -228,13 +229,22 @@ class UserMappings:
         it zeroes every page the client has not touched yet (a sparse
         segment, or pages it only fallocated), up to MAX_MAPPING bytes, and
         on the driver's one loop that would stall every client meanwhile.
-        On failure the file is given back and `fd` closed; cancelled, the
-        thread still has `fd`, so they wait for it."""
+        One thread per client at a time (its maps wait their turn), so that
+        one client's many maps cannot hold every worker thread while another
+        client's map waits.  On failure the file is given back and `fd`
+        closed; cancelled, the thread still has `fd`, so they wait for it."""
+        try:
+            await self._backing.acquire()
+        except BaseException:
+            self.segments.give(file)
+            os.close(fd)
+            raise
         done = asyncio.get_running_loop().run_in_executor(None, os.posix_fallocate, fd, 0, length)
 
-        def release(finished: object = None) -> None:
-            if isinstance(finished, asyncio.Future) and not finished.cancelled():
+        def release(finished: asyncio.Future[None] | None = None) -> None:
+            if finished is not None and not finished.cancelled():
                 finished.exception()  # retrieved: after a cancel, a failure is only this
+            self._backing.release()
             self.segments.give(file)
             os.close(fd)
 
@@ -248,6 +258,7 @@ class UserMappings:
             raise VfioError(
                 errno.ENOMEM, f"no room for the pages of {path}: {e.strerror}"
             ) from None
+        self._backing.release()
 
     def unmap(self, addr: int) -> None:
         """EINVAL unless `addr` is where a mapping starts."""

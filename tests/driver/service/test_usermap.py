@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import errno
 import os
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -165,3 +166,39 @@ async def test_maps_in_flight_count_against_the_per_client_limit(seg: Segment) -
     assert len(refused) == 1 and refused[0].errno == errno.ENOMEM
     assert len(table) == MAX_MAPPINGS
     table.close()
+
+
+async def test_one_client_backs_one_mapping_at_a_time_and_others_are_not_held_up(
+    seg: Segment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker threads are the driver's, not one client's: a client's
+    maps take a thread one after another, while another client's map gets
+    its own thread at once."""
+    running: list[int] = []
+    most = 0
+    gate = threading.Event()
+    lock = threading.Lock()
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        nonlocal most
+        with lock:
+            running.append(fd)
+            most = max(most, len(running))
+        gate.wait(10)
+        with lock:
+            running.remove(fd)
+
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    a, b = UserMappings(principal="a"), UserMappings(principal="a")
+    maps_a = [asyncio.create_task(a.map(seg.name, 4096)) for _ in range(3)]
+    map_b = asyncio.create_task(b.map(seg.name, 4096))
+    for _ in range(200):  # until both clients have a thread in fallocate
+        if len(running) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert len(running) == 2  # a's first and b's, not a's three
+    gate.set()
+    await asyncio.gather(*maps_a, map_b)
+    assert most == 2 and len(a) == 3 and len(b) == 1
+    a.close()
+    b.close()
