@@ -60,7 +60,7 @@ from .calls import (
     VfioClientError,
 )
 from .calls import rpc_error as _error
-from .ioctls import IOCTL_FIELDS, IoctlLanes
+from .ioctls import IOCTL_FIELDS, SEQUENCE_RPCS, IoctlLanes
 from .transport import FROM_ENV, TlsChoice, resolve_tls
 from .uapi import MigState
 
@@ -165,8 +165,8 @@ class VfioClient(AsyncClosing):
             raise _error(e) from None
 
     async def _unary(self, call: calls.Unary[T]) -> T:
-        """Carry out one of vfioclient.calls' unary calls (DeviceFeature and
-        PrecopyInfo on an Ioctl stream, answered the same)."""
+        """Carry out one of vfioclient.calls' unary calls (DeviceFeature,
+        PrecopyInfo and CloseFd on an Ioctl stream, answered the same)."""
         try:
             if call.rpc in IOCTL_FIELDS:
                 m = await self._ioctls.call(call.rpc, call.request, lambda: self._rpc(call))
@@ -182,7 +182,7 @@ class VfioClient(AsyncClosing):
         answered), in one round trip on an Ioctl lane: each one's answer as
         its own call gives it, or the VfioClientError it failed with (a
         failure does not stop the rest)."""
-        if not all(c.rpc in IOCTL_FIELDS for c in seq):
+        if not all(c.rpc in SEQUENCE_RPCS for c in seq):
             raise ValueError("only DeviceFeature and PrecopyInfo calls go in a sequence")
         answers = await self._ioctls.sequence(
             [(c.rpc, c.request, functools.partial(self._rpc, c)) for c in seq]

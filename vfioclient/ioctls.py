@@ -44,7 +44,17 @@ from .calls import rpc_error as _error
 
 IOCTL_METHOD = "/vfio.v1.Vfio/Ioctl"
 # The unary RPCs the lanes carry: the oneof field of each in IoctlRequest/IoctlAnswer.
-IOCTL_FIELDS = {"DeviceFeature": "device_feature", "PrecopyInfo": "precopy_info"}
+IOCTL_FIELDS = {
+    "DeviceFeature": "device_feature",
+    "PrecopyInfo": "precopy_info",
+    "CloseFd": "close_fd",
+}
+# Those a sequence (VfioClient.ioctls) may hold: the ioctls.
+SEQUENCE_RPCS = frozenset({"DeviceFeature", "PrecopyInfo"})
+# Fields a driver may predate: it answers them EINVAL, operation "ioctl" (a
+# request naming nothing it knows), having done nothing; the client then makes
+# those calls as unary RPCs.
+NEWER_FIELDS = frozenset({"close_fd"})
 MAX_LANES = 64  # idle lanes kept, and lanes open at once; beyond them, unary calls
 
 Unary = Callable[[], Any]  # the same call as a unary RPC, awaited for its answer
@@ -195,6 +205,7 @@ class IoctlLanes:
         self._idle: list[_Lane] = []
         self._open = 0  # lanes that exist: idle or carrying an ioctl
         self.enabled = True  # False: the driver has no Ioctl RPC
+        self.unknown: set[str] = set()  # NEWER_FIELDS the driver answered it does not know
         self.closed = False
 
     def _take(self) -> _Lane:
@@ -233,9 +244,14 @@ class IoctlLanes:
                     out.append(e)
             return out
 
-        if not self.enabled or self.closed or (not self._idle and self._open >= MAX_LANES):
-            return await one_by_one()
         fields = [IOCTL_FIELDS[rpc] for rpc, _, _ in items]
+        if (
+            not self.enabled
+            or self.closed
+            or (not self._idle and self._open >= MAX_LANES)
+            or not self.unknown.isdisjoint(fields)
+        ):
+            return await one_by_one()
         requests = [
             pb.IoctlRequest(**{f: req}) for f, (_, req, _) in zip(fields, items, strict=True)
         ]
@@ -269,10 +285,18 @@ class IoctlLanes:
                     isinstance(a, pb.IoctlAnswer) and a.WhichOneof("answer") in (f, "error")
                     for a, f in zip(answers, fields, strict=True)
                 )
-                return [
-                    _answer(rpc, field, a)
-                    for (rpc, _, _), field, a in zip(items, fields, answers, strict=True)
-                ]
+                out: list[Any | VfioClientError] = []
+                for (rpc, _, unary), field, a in zip(items, fields, answers, strict=True):
+                    if field in NEWER_FIELDS and _not_known(a):
+                        # A driver before `field`: it did nothing; the unary call.
+                        self.unknown.add(field)
+                        try:
+                            out.append(await unary())
+                        except VfioClientError as e:
+                            out.append(e)
+                        continue
+                    out.append(_answer(rpc, field, a))
+                return out
             finally:
                 self._give_back(lane, keep)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -289,6 +313,16 @@ class IoctlLanes:
             with contextlib.suppress(Exception):
                 lane.close()
         self._open -= len(idle)
+
+
+def _not_known(a: pb.IoctlAnswer | VfioClientError) -> bool:
+    """The answer of a driver that found no call it knows in the request."""
+    return (
+        isinstance(a, pb.IoctlAnswer)
+        and a.WhichOneof("answer") == "error"
+        and a.error.errno == errno.EINVAL
+        and a.error.operation == "ioctl"
+    )
 
 
 def _answer(rpc: str, field: str, a: pb.IoctlAnswer | VfioClientError) -> Any:

@@ -56,7 +56,7 @@ from grpcsvc.tls import sync_channel
 
 from . import calls
 from .calls import VfioClientError
-from .ioctls import IOCTL_FIELDS
+from .ioctls import SEQUENCE_RPCS
 from .transport import FROM_ENV, TlsChoice, resolve_tls
 
 P = ParamSpec("P")
@@ -217,7 +217,7 @@ class SyncVfioClient:
         """DeviceFeature and PrecopyInfo calls made one after another (as the
         async client's `ioctls`, on unary calls here): each one's answer, or
         the VfioClientError it failed with (a failure does not stop the rest)."""
-        if not all(c.rpc in IOCTL_FIELDS for c in seq):
+        if not all(c.rpc in SEQUENCE_RPCS for c in seq):
             raise ValueError("only DeviceFeature and PrecopyInfo calls go in a sequence")
         out: list[Any] = []
         for c in seq:

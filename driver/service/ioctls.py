@@ -1,7 +1,8 @@
-"""The two ioctls the Vfio service answers both as unary RPCs and on the
-Ioctl stream (DeviceFeature: ioctl(VFIO_DEVICE_FEATURE); PrecopyInfo:
-ioctl(VFIO_MIG_GET_PRECOPY_INFO)): one body each, so that both transports
-answer the same, errno for errno.  A VfioError raised here is the errno."""
+"""The calls the Vfio service answers both as unary RPCs and on the Ioctl
+stream (DeviceFeature: ioctl(VFIO_DEVICE_FEATURE); PrecopyInfo:
+ioctl(VFIO_MIG_GET_PRECOPY_INFO); CloseFd: close(2)): one body each, so that
+both transports answer the same, errno for errno.  A VfioError raised here is
+the errno."""
 
 from __future__ import annotations
 
@@ -94,6 +95,12 @@ async def precopy_info(
     )
 
 
+async def close_fd(calls: Calls, proc: Process, request: pb.CloseFdRequest) -> pb.CloseFdResponse:
+    """close(2) of a device fd or a data fd (EBADF: not open)."""
+    await calls.run(proc.close(request.fd))
+    return pb.CloseFdResponse()
+
+
 # Counts, publishes and logs an errno answer (VfioServicer._errno_answered): the errno.
 ErrnoAnswered = Callable[..., int]
 
@@ -126,8 +133,11 @@ async def answer_ioctl(
             return pb.IoctlAnswer(
                 precopy_info=await precopy_info(calls, proc, request.precopy_info)
             )
+        if which == "close_fd":
+            operation, fd = "close", request.close_fd.fd
+            return pb.IoctlAnswer(close_fd=await close_fd(calls, proc, request.close_fd))
         raise VfioError(
-            errno.EINVAL, "the Ioctl request names no ioctl (device_feature, precopy_info)"
+            errno.EINVAL, "the Ioctl request names no call (device_feature, precopy_info, close_fd)"
         )
     except UNEXPECTED as exc:  # VfioError is an OSError
         e = as_vfio_error(exc)

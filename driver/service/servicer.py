@@ -41,6 +41,7 @@ from .ioctls import (
     IOCTL_OPERATIONS,
     IOCTL_TRANSPORTS,
     answer_ioctl,
+    close_fd,
     device_feature,
     feature_operation,
     feature_response,
@@ -322,8 +323,7 @@ class VfioServicer(pbg.VfioServicer):
     async def CloseFd(self, request: pb.CloseFdRequest, context: Ctx) -> Any:
         proc = self.process(context)
         async with self._answering(context, "close", proc=proc, fd=request.fd):
-            await self.calls.run(proc.close(request.fd))
-        return pb.CloseFdResponse()
+            return await close_fd(self.calls, proc, request)
 
     async def DeviceFeature(self, request: pb.DeviceFeatureRequest, context: Ctx) -> Any:
         began = time.perf_counter()
@@ -465,9 +465,9 @@ class VfioServicer(pbg.VfioServicer):
     async def Ioctl(
         self, request_iterator: AsyncIterator[pb.IoctlRequest], context: Ctx
     ) -> AsyncIterator[pb.IoctlAnswer]:
-        """DeviceFeature and PrecopyInfo in band, one at a time in order (one
-        thread's ioctls); each answered as its unary RPC is, with the same
-        errnos, counters, events and logs."""
+        """DeviceFeature, PrecopyInfo and CloseFd in band, one at a time in
+        order (one thread's calls); each answered as its unary RPC is, with
+        the same errnos, counters, events and logs."""
         proc = self.process(context)
         if proc.ioctl_streams >= MAX_IOCTL_STREAMS:  # as clone(2) past RLIMIT_NPROC
             e = VfioError(

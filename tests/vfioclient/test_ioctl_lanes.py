@@ -645,3 +645,66 @@ async def test_a_driver_refusing_the_stream_has_the_sequence_made_unary() -> Non
                 seq = [("DeviceFeature", pb.DeviceFeatureRequest(fd=3), unary(i)) for i in range(4)]
                 assert await c._ioctls.sequence(seq) == [0, 1, 2, 3]
                 assert made == [0, 1, 2, 3]
+
+
+def record_unary(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The RPCs the clients make as unary calls, from now on."""
+    made: list[str] = []
+    rpc = VfioClient._rpc
+
+    async def recording(self: VfioClient, call: calls.Unary[Any]) -> Any:
+        made.append(call.rpc)
+        return await rpc(self, call)
+
+    monkeypatch.setattr(VfioClient, "_rpc", recording)
+    return made
+
+
+async def test_close_goes_on_a_lane(
+    drv: DriverUnderTest, lib: VfioClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close(2) on a lane: no new call for it (a new call waits behind every
+    other client's to be taken up), the same errno as the unary call's."""
+    fd = await lib.open_device((await drv.create_vfs())[0].name)
+    data_fd = await lib.set_state(fd, MigState.PRE_COPY)
+    assert data_fd is not None
+    made = record_unary(monkeypatch)
+    await lib.close(data_fd)
+    with pytest.raises(VfioClientError) as caught:
+        await lib.close(data_fd)
+    assert caught.value.errno == errno.EBADF
+    await lib.close(fd)
+    assert made == [] and lib._ioctls.unknown == set()
+
+
+async def test_a_driver_before_close_on_lanes_gets_the_unary_close(
+    drv: DriverUnderTest, lib: VfioClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver that knows no close_fd on its Ioctl stream answers EINVAL
+    (operation "ioctl") and closes nothing: the close is made as the unary
+    call, and later ones go unary at once."""
+    import driver.service.servicer as servicer_module
+
+    answer = servicer_module.answer_ioctl
+    seen: list[str | None] = []
+
+    async def before_close_fd(calls_: Any, proc: Any, request: pb.IoctlRequest, *a: Any) -> Any:
+        seen.append(request.WhichOneof("ioctl"))
+        if request.WhichOneof("ioctl") == "close_fd":
+            request = pb.IoctlRequest()  # what an older driver parses out of it
+        return await answer(calls_, proc, request, *a)
+
+    monkeypatch.setattr(servicer_module, "answer_ioctl", before_close_fd)
+    fd = await lib.open_device((await drv.create_vfs())[0].name)
+    data_fd = await lib.set_state(fd, MigState.PRE_COPY)
+    assert data_fd is not None
+    made = record_unary(monkeypatch)
+    await lib.close(data_fd)
+    assert made == ["CloseFd"] and lib._ioctls.unknown == {"close_fd"}
+    with pytest.raises(VfioClientError) as caught:  # it did close
+        await lib.precopy_info(data_fd)
+    assert caught.value.errno == errno.EBADF
+    await lib.close(fd)
+    assert made == ["CloseFd", "CloseFd"]
+    assert seen.count("close_fd") == 1  # the second went unary at once
+    assert lib._ioctls.enabled  # the other ioctls stay on lanes

@@ -1,4 +1,4 @@
-"""The Ioctl stream: DeviceFeature and PrecopyInfo in band, one at a time in
+"""The Ioctl stream: DeviceFeature, PrecopyInfo and CloseFd in band, one at a time in
 order, each answered as its unary RPC is (the same answer, the same errno and
 message), an errno not ending the stream; several streams side by side as
 threads are.  Across real gRPC servers, over the in-process firmware and over
@@ -66,6 +66,10 @@ def precopy(fd: int, argsz: int = 24, flags: int = 0) -> pb.IoctlRequest:
     return pb.IoctlRequest(precopy_info=pb.PrecopyInfoRequest(fd=fd, argsz=argsz, flags=flags))
 
 
+def close(fd: int) -> pb.IoctlRequest:
+    return pb.IoctlRequest(close_fd=pb.CloseFdRequest(fd=fd))
+
+
 def get_state(fd: int) -> pb.IoctlRequest:
     return feature(fd, GET | Feature.MIG_DEVICE_STATE, bytes(MIG_STATE.size))
 
@@ -77,7 +81,11 @@ def set_state(fd: int, state: MigState) -> pb.IoctlRequest:
 async def unary(client: VfioClient, request: pb.IoctlRequest) -> pb.IoctlAnswer:
     """The same request as its unary RPC, its answer in the stream's form."""
     which = request.WhichOneof("ioctl")
-    rpc = {"device_feature": client.stub.DeviceFeature, "precopy_info": client.stub.PrecopyInfo}
+    rpc = {
+        "device_feature": client.stub.DeviceFeature,
+        "precopy_info": client.stub.PrecopyInfo,
+        "close_fd": client.stub.CloseFd,
+    }
     try:
         answer = await client._call(rpc[which], getattr(request, which))
     except VfioCallError as e:
@@ -129,6 +137,24 @@ async def test_an_error_answer_names_its_errno_and_operation(
     assert a.error.operation == "set_state" and a.error.message
     a = await lane.ask(precopy(fd))
     assert (a.error.errno_name, a.error.operation) == ("ENOTTY", "precopy_info")
+
+
+async def test_close_on_the_stream_closes_as_close_fd_does(
+    drv: DriverUnderTest, client: VfioClient, lane: Lane
+) -> None:
+    """close(2) in band: the data fd goes (the next call on it is EBADF), a
+    second close is EBADF in band (operation "close") as the unary RPC's,
+    and a device fd closes too."""
+    _, fd = await drv.open_vf(client)
+    data_fd = (await lane.ask(set_state(fd, MigState.PRE_COPY))).device_feature.data_fd
+    assert (await lane.ask(close(data_fd))).WhichOneof("answer") == "close_fd"
+    assert errno_in(await lane.ask(precopy(data_fd))) == errno.EBADF
+    a = await lane.ask(close(data_fd))
+    assert (a.error.errno, a.error.operation) == (errno.EBADF, "close")
+    assert comparable(a) == await unary(client, close(data_fd))
+    assert (await lane.ask(close(fd))).WhichOneof("answer") == "close_fd"
+    assert errno_in(await lane.ask(get_state(fd))) == errno.EBADF
+    await lane.end()
 
 
 async def test_a_request_naming_no_ioctl_is_einval_and_the_stream_goes_on(
