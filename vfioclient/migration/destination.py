@@ -122,7 +122,7 @@ class DestinationDevice:
             await self._load_main(writer)
             if self.multifd is not None:
                 await self.multifd.write_in_order(writer.write)
-                await writer.flush()
+            await writer.end()
         except BaseException as e:
             await writer.cancel()
             if self.multifd is not None:
@@ -149,8 +149,7 @@ class DestinationDevice:
                 await writer.write_many(batch)
                 continue
             if item is Marker.END:
-                await writer.flush()
-                return
+                return  # _load ends the writer's calls
             if isinstance(item, InitDataSent):
                 # Approve only once everything before the marker is written.
                 await writer.flush()
