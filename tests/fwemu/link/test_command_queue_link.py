@@ -319,3 +319,58 @@ async def test_commands_posted_while_a_batch_waits_for_its_answer_go_together(
     for task in (*later, fourth):
         task.cancel()
     await queue.close()
+
+
+async def test_mkeys_are_made_and_destroyed_on_the_queue(
+    served: Served, link: GrpcLink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CREATE_MKEY and DESTROY_MKEY go on the command queue, as mlx5 posts
+    them (a new unary call waits behind the firmware's other new calls): no
+    unary call, each counted as a command."""
+    unary: list[str] = []
+    call = GrpcLink._call
+
+    async def recording(self: GrpcLink, fn: Any, request: Any) -> Any:
+        unary.append(type(request).__name__)
+        return await call(self, fn, request)
+
+    monkeypatch.setattr(GrpcLink, "_call", recording)
+    bufs = [await link.alloc_buffer(4096) for _ in range(3)]
+    assert len(served.fw.mkeys) == 3
+    for buf in bufs:
+        await link.free_buffer(buf)
+    assert len(served.fw.mkeys) == 0 and unary == []
+    assert link.commands["CreateMkey", "OK"] == link.commands["DestroyMkey", "OK"] == 3
+
+
+async def test_a_firmware_without_mkeys_on_its_queue_gets_them_unary(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A firmware from before CREATE/DESTROY_MKEY on its queue refuses them
+    UNKNOWN_COMMAND, having run nothing: the link makes them as unary calls,
+    from then on, and its other commands stay on the queue."""
+    from fwemu.service import cmdqueue as fwqueue
+
+    monkeypatch.setattr(fwqueue, "MKEY_QUEUED", {})  # what such a firmware knows
+    original = fwqueue.CommandQueueStream._post
+
+    def old_post(self: Any, queued: fpb.QueuedCommand) -> None:
+        if queued.WhichOneof("command") in ("create_mkey", "destroy_mkey"):
+            queued = fpb.QueuedCommand(token=queued.token)  # the fields it cannot parse
+        original(self, queued)
+
+    monkeypatch.setattr(fwqueue.CommandQueueStream, "_post", old_post)
+    link = await connect_link(served.address)
+    try:
+        buf = await link.alloc_buffer(4096)
+        again = await link.alloc_buffer(4096)
+        assert len(served.fw.mkeys) == 2
+        await link.free_buffer(buf)
+        await link.free_buffer(again)
+        assert len(served.fw.mkeys) == 0
+        assert link._mkeys_unqueued == {"create_mkey", "destroy_mkey"}
+        assert link.commands["CreateMkey", "OK"] == link.commands["DestroyMkey", "OK"] == 2
+        assert (await link.query_vhca_migration_state(1)).ok
+        assert not link.queue.unimplemented
+    finally:
+        await link.close()
