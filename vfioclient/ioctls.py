@@ -1,4 +1,4 @@
-"""DeviceFeature and PrecopyInfo over the driver's Ioctl streams.
+"""DeviceFeature, PrecopyInfo and CloseFd over the driver's Ioctl streams.
 
 A unary gRPC call costs several times what one message each way on an open
 stream does (grpc.aio: call set-up, metadata, status), and a migration makes
@@ -8,7 +8,12 @@ PRECOPY_INFO).  So the async client carries those two RPCs on Ioctl streams
 thread makes them, and the client opens as many lanes as it has ioctls in
 flight (up to MAX_LANES; beyond them, unary calls), so ioctls on different
 devices run side by side as they do on the unary RPCs.  The answers are the
-unary RPCs' own, errnos included (in band).
+unary RPCs' own, errnos included (in band).  close(2) goes on them too: a
+busy driver takes up a new call only after every other client's new calls
+before it (100-500 ms with 64 migrations at once), and an orchestrator closes
+the destination's data fd in its downtime.  A driver from before that answers
+a close EINVAL, operation "ioctl", having done nothing (NEWER_FIELDS): the
+close is made as the unary call, and so are the later ones.
 
 A driver without the Ioctl RPC (UNIMPLEMENTED, before it ran anything) turns
 the lanes off: the call is made again as a unary call, and so are the rest; a
