@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
 
 from grpcsvc.errors import error_info
 
@@ -120,17 +119,7 @@ class CommandQueue:
         """Post `cmd`, once a slot is free, and wait for its answer; RpcFailed
         if the stream breaks first, Unqueued if the firmware has no queue."""
         token = self._token_base | next(self._tokens)
-        return await self._run(token, queued_to_pb(token, cmd))
-
-    async def run_request(self, field: str, request: Message) -> fpb.CommandAnswer:
-        """`run` for a command given as its request message in `field` of
-        QueuedCommand (the memory commands, wire.MKEY_QUEUED)."""
-        token = self._token_base | next(self._tokens)
-        queued = fpb.QueuedCommand(token=token)
-        getattr(queued, field).CopyFrom(request)
-        return await self._run(token, queued)
-
-    async def _run(self, token: int, queued: fpb.QueuedCommand) -> fpb.CommandAnswer:
+        queued = queued_to_pb(token, cmd)
         answer: asyncio.Future[fpb.CommandAnswer] = asyncio.get_running_loop().create_future()
         await self._slots.acquire()
         try:

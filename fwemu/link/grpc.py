@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, cast
 
 import grpc
-from google.protobuf.message import Message
 
 from grpcsvc.errors import error_info
 from grpcsvc.server import CHANNEL_OPTIONS
@@ -67,7 +66,6 @@ from .ifc import (
 from .scenario_requests import A, ListVfsIn, ScenarioRequest, SetVfHoldersIn
 from .wire import (
     CLIENT_KEY,
-    MKEY_QUEUED,
     RPCS,
     SCENARIO_RPCS,
     Rpc,
@@ -143,7 +141,6 @@ class GrpcLink(FirmwareLink, ScenarioLink):
         self._tokens = itertools.count(1)
         # Firmware commands: on the CommandQueue stream, in a token space of their own.
         self.queue = CommandQueue(self._open_queue, secrets.randbits(31) << 32)
-        self._mkeys_unqueued: set[str] = set()  # MKEY_QUEUED fields the firmware refused
         # Commands sent, by (Firmware RPC, how they ended: OK or the gRPC code).
         self.commands: Counter[tuple[str, str]] = Counter()
         self._buffers: dict[int, ShmBuffer | ByteBuffer] = {}
@@ -296,38 +293,6 @@ class GrpcLink(FirmwareLink, ScenarioLink):
                 return getattr(a, rpc.queued)
         return await self._call(getattr(self.fw, rpc.name), command_to_pb(cmd))
 
-    async def _mkey(self, field: str, request: Message) -> Any:
-        """CREATE_MKEY or DESTROY_MKEY (`field` of wire.MKEY_QUEUED): on the
-        command queue, as mlx5 posts them, else as its unary RPC.  A new
-        call waits for the firmware to take it up behind every other new
-        call it has (100-500 ms with 64 migrations at once); a message on the
-        queue's stream does not, and the destination's buffers are freed in
-        its RESUMING -> STOP.  A firmware before these on its queue refuses
-        them UNKNOWN_COMMAND, having run nothing: the unary RPC, from then on."""
-        name = MKEY_QUEUED[field]
-        try:
-            m = await self._mkey_answer(field, request)
-        except RpcFailed as e:
-            self.commands[name, e.code.name] += 1
-            raise
-        self.commands[name, "OK"] += 1
-        return m
-
-    async def _mkey_answer(self, field: str, request: Message) -> Any:
-        if not self.queue.unimplemented and field not in self._mkeys_unqueued:
-            try:
-                a = await self.queue.run_request(field, request)
-            except Unqueued:
-                pass  # the firmware predates the queue
-            else:
-                if a.WhichOneof("answer") == field:
-                    return getattr(a, field)
-                r = a.refused
-                if r.reason != "UNKNOWN_COMMAND":
-                    raise RpcFailed(r.message, _CODES.get(r.code, grpc.StatusCode.UNKNOWN))
-                self._mkeys_unqueued.add(field)
-        return await self._call(getattr(self.fw, MKEY_QUEUED[field]), request)
-
     def _open_queue(self, requests: AsyncIterator[fpb.CommandQueueRequest]) -> Any:
         return self.fw.CommandQueue(requests, metadata=self._metadata)
 
@@ -354,7 +319,7 @@ class GrpcLink(FirmwareLink, ScenarioLink):
                 self._shm_retry_at = now + self.shm_retry_s
             else:
                 return self._register(buf, streams)
-        m = await self._mkey("create_mkey", fpb.CreateMkeyRequest(length=length, remote=True))
+        m = await self._call(self.fw.CreateMkey, fpb.CreateMkeyRequest(length=length, remote=True))
         if m.status:
             raise LinkError(f"CREATE_MKEY failed: status {m.status:#x}: {m.diagnostic}")
         return self._register(ByteBuffer(m.mkey, bytearray(length)), streams)
@@ -372,8 +337,8 @@ class GrpcLink(FirmwareLink, ScenarioLink):
         except HostMemoryError as e:
             raise LinkError(str(e)) from None
         try:
-            m = await self._mkey(
-                "create_mkey", fpb.CreateMkeyRequest(length=length, shm_name=seg.name)
+            m = await self._call(
+                self.fw.CreateMkey, fpb.CreateMkeyRequest(length=length, shm_name=seg.name)
             )
         except BaseException:
             seg.close()
@@ -389,7 +354,7 @@ class GrpcLink(FirmwareLink, ScenarioLink):
         if self._retired.pop(buf.mkey, None) is None:
             self._buffers.pop(buf.mkey, None)
             with contextlib.suppress(LinkError):
-                await self._mkey("destroy_mkey", fpb.DestroyMkeyRequest(mkey=buf.mkey))
+                await self._call(self.fw.DestroyMkey, fpb.DestroyMkeyRequest(mkey=buf.mkey))
         if isinstance(buf, ShmBuffer):
             buf.segment.close()
 

@@ -115,10 +115,6 @@ RPCS: dict[type[Command[Any]], Rpc] = {
 
 # A CommandQueue command's field (QueuedCommand.command) -> its in-struct.
 QUEUED: dict[str, type[Command[Any]]] = {rpc.queued: cls for cls, rpc in RPCS.items()}
-# The memory commands a CommandQueue also takes: field -> their unary RPC.
-# Not model commands (the firmware's mkey table, fwemu.service.memory): their
-# requests and answers go as they are.
-MKEY_QUEUED: dict[str, str] = {"create_mkey": "CreateMkey", "destroy_mkey": "DestroyMkey"}
 # The most commands a CommandQueue stream holds in flight (mlx5's command queue has 32 slots).
 QUEUE_SLOTS = 32
 

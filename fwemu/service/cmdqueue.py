@@ -30,13 +30,11 @@ import grpc
 
 from ..api.v1 import firmware_pb2 as fpb
 from ..link.ifc import CmdResult, Command
-from ..link.wire import MKEY_QUEUED, QUEUE_SLOTS, QUEUED, answer_to_pb
+from ..link.wire import QUEUE_SLOTS, QUEUED, answer_to_pb
 from .failures import DOMAIN
 
 # Runs one command's request message through the command path: its outbox.
 Execute = Callable[[type[Command[Any]], Any], CmdResult]
-# Runs one memory command (MKEY_QUEUED: its field, its request): its response message.
-Memory = Callable[[str, Any], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,13 +63,11 @@ class CommandQueueStream:
     def __init__(
         self,
         execute: Execute,
-        memory: Memory,
         sleep: Callable[[float], Awaitable[None]],
         stopping: asyncio.Event,
         slots: int = QUEUE_SLOTS,
     ) -> None:
         self._execute = execute
-        self._memory = memory
         self._sleep = sleep
         self._stopping = stopping
         self.slots = slots
@@ -164,12 +160,6 @@ class CommandQueueStream:
                 f"the command queue is full ({self.slots} commands in flight)",
                 "QUEUE_FULL",
             )
-        elif field in MKEY_QUEUED:  # CREATE_MKEY, DESTROY_MKEY: answered at once
-            self._in_flight.add(token)
-            answer = fpb.CommandAnswer(
-                token=token, **{field: self._memory(field, getattr(queued, field))}
-            )
-            self._ready.append((answer, True))
         else:
             self._in_flight.add(token)
             cls = QUEUED[field]

@@ -144,10 +144,7 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
         checked once, as the stream has one principal and one client id."""
         owner = await self.caller(context)
         queue = CommandQueueStream(
-            functools.partial(self.execute, owner),
-            functools.partial(self.mkey_command, owner),
-            self.fw.sleep,
-            self.stopping,
+            functools.partial(self.execute, owner), self.fw.sleep, self.stopping
         )
         async for answers in queue.answers(request_iterator):
             yield answers
@@ -182,27 +179,22 @@ class FirmwareServicer(fgrpc.FirmwareServicer):
             self.memory.detach(owner)
 
     async def CreateMkey(self, request: fpb.CreateMkeyRequest, context: Ctx) -> Any:
-        return self.mkey_command(await self.caller(context), "create_mkey", request)
+        owner = await self.caller(context)
+        backing = request.WhichOneof("backing")
+        try:
+            r = self.memory.create(
+                owner,
+                request.length,
+                shm_name=request.shm_name if backing == "shm_name" else None,
+                remote=backing == "remote" and request.remote,
+            )
+        except Exception as e:  # as a command: an outbox, never UNKNOWN
+            f = failure(e)
+            r = MkeyResult(status=f.status, syndrome=f.syndrome, diagnostic=f.message)
+        return to_pb(r, fpb.CreateMkeyResponse)
 
     async def DestroyMkey(self, request: fpb.DestroyMkeyRequest, context: Ctx) -> Any:
-        return self.mkey_command(await self.caller(context), "destroy_mkey", request)
-
-    def mkey_command(self, owner: Owner, field: str, request: Any) -> Any:
-        """CREATE_MKEY or DESTROY_MKEY (`field`, as on the command queue) for
-        `owner`: its response message, an outbox (never an RPC error)."""
-        if field == "create_mkey":
-            backing = request.WhichOneof("backing")
-            try:
-                r: MkeyResult | CmdResult = self.memory.create(
-                    owner,
-                    request.length,
-                    shm_name=request.shm_name if backing == "shm_name" else None,
-                    remote=backing == "remote" and request.remote,
-                )
-            except Exception as e:  # as a command: an outbox, never UNKNOWN
-                f = failure(e)
-                r = MkeyResult(status=f.status, syndrome=f.syndrome, diagnostic=f.message)
-            return to_pb(r, fpb.CreateMkeyResponse)
+        owner = await self.caller(context)
         self.memory.seen(owner)
         try:
             r = self.memory.destroy(request.mkey, owner.principal)

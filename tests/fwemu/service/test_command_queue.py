@@ -28,7 +28,7 @@ from fwemu.link.ifc import (
     SuspendOpMod,
     VfConfig,
 )
-from fwemu.link.wire import MKEY_QUEUED, QUEUE_SLOTS, QUEUED, RPCS
+from fwemu.link.wire import QUEUE_SLOTS, QUEUED, RPCS
 from fwemu.model import Firmware, VirtualClock
 from fwemu.service.cmdqueue import CommandQueueStream
 from fwemu.service.server import FirmwareServer
@@ -161,16 +161,8 @@ STEPS: list[Step] = [
     ("function_level_reset", lambda w: fpb.FunctionLevelResetRequest(vhca_id=2)),
     ("function_level_reset", lambda w: fpb.FunctionLevelResetRequest(vhca_id=99)),
     ("query_vhca_migration_state", lambda w: fpb.QueryVhcaMigrationStateRequest(vhca_id=1)),
-    ("create_mkey", lambda w: fpb.CreateMkeyRequest(length=4096, remote=True)),
-    ("create_mkey", lambda w: fpb.CreateMkeyRequest(length=0, remote=True)),  # refused
-    ("create_mkey", lambda w: fpb.CreateMkeyRequest(length=4096, shm_name="no-such-segment")),
-    ("save_vhca_state", lambda w: fpb.SaveVhcaStateRequest(
-        vhca_id=2, mkey=w["new_mkey"], size=4096, token=79)),  # suspended: no SAVE
-    ("destroy_mkey", lambda w: fpb.DestroyMkeyRequest(mkey=w["new_mkey"])),
-    ("destroy_mkey", lambda w: fpb.DestroyMkeyRequest(mkey=w["new_mkey"])),  # gone
-    ("destroy_mkey", lambda w: fpb.DestroyMkeyRequest(mkey=BAD_MKEY)),
 ]  # fmt: skip
-UNARY = {rpc.queued: rpc.name for rpc in RPCS.values()} | MKEY_QUEUED
+UNARY = {rpc.queued: rpc.name for rpc in RPCS.values()}
 
 
 class Driver:
@@ -204,11 +196,6 @@ class Driver:
             response = await getattr(self.stub, UNARY[name])(request)
         if name == "create_page_tracker":
             self.learnt["obj_id"] = response.obj_id
-        if name == "create_mkey" and response.status == CmdStatus.OK:
-            self.learnt["new_mkey"] = response.mkey
-        if "new_mkey" in self.learnt and hasattr(response, "diagnostic"):  # named as each drew it
-            mkey = f"{self.learnt['new_mkey']:#x}"
-            response.diagnostic = response.diagnostic.replace(mkey, "<mkey>")
         if name == "save_vhca_state" and response.status == CmdStatus.OK:
             self.world.fw.advance_clock(0)  # the SAVE completes
             self.learnt["image"] = self.completions[-1].actual_image_size
@@ -219,7 +206,7 @@ async def test_every_command_answers_on_the_queue_as_its_unary_rpc() -> None:
     """Two firmwares in the same state take the same commands, one through
     the unary RPCs and one through the queue: the same outboxes (refusals and
     an injected fault included) and the same fwemu_commands counts."""
-    assert {name for name, _ in STEPS} == set(QUEUED) | set(MKEY_QUEUED)  # every command kind
+    assert {name for name, _ in STEPS} == set(QUEUED)  # every command kind
     worlds = [await serve(), await serve()]
     try:
         unary, queued = Driver(worlds[0], queued=False), Driver(worlds[1], queued=True)
@@ -228,9 +215,6 @@ async def test_every_command_answers_on_the_queue_as_its_unary_rpc() -> None:
         for k, (name, build) in enumerate(STEPS, start=1):
             a = await unary.run(k, name, build(unary.learnt))
             b = await queued.run(k, name, build(queued.learnt))
-            if name == "create_mkey":  # an mkey is unguessable: each world draws its own
-                assert bool(a.mkey) == bool(b.mkey) == (a.status == CmdStatus.OK)
-                a.mkey = b.mkey = 0
             assert a == b, (k, name)
         assert worlds[0].fw.stats.commands == worlds[1].fw.stats.commands
         faulted = (Opcode.QUERY_VHCA_MIGRATION_STATE, CmdStatus.BAD_RES_STATE_ERR)
@@ -361,10 +345,7 @@ async def test_a_client_that_reads_no_answers_is_not_read_from() -> None:
     def execute(cls: Any, request: Any) -> Any:
         return fw.exec(cls(request.vhca_id, 0, False, False))
 
-    def memory(field: str, request: Any) -> Any:
-        raise AssertionError(f"no memory command was sent: {field}")
-
-    queue = CommandQueueStream(execute, memory, fw.sleep, asyncio.Event(), slots=4)
+    queue = CommandQueueStream(execute, fw.sleep, asyncio.Event(), slots=4)
     out = cast(AsyncGenerator[fpb.CommandQueueResponse, None], queue.answers(requests()))
     first = await out.__anext__()  # the stream's writer takes one batch, then stalls
     for _ in range(20):
