@@ -45,7 +45,7 @@ import uvloop
 from driver.api.v1 import vfio_pb2 as pb
 from driver.api.v1 import vfio_pb2_grpc as pbg
 from fwemu.link.ifc import GiB, MiB
-from grpcsvc.server import CHANNEL_OPTIONS
+from grpcsvc.options import CHANNEL_OPTIONS
 from grpcsvc.tls import ClientTls
 from grpcsvc.units import byte_size
 from vfioclient import VfioClient, VfioClientError, calls

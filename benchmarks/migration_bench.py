@@ -52,7 +52,7 @@ from driver.api.v1 import vfio_pb2 as pb
 from driver.api.v1 import vfio_pb2_grpc as pbg
 from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import MiB
-from grpcsvc.server import CHANNEL_OPTIONS
+from grpcsvc.options import CHANNEL_OPTIONS
 from grpcsvc.units import byte_size
 from vfioclient import VfioClient
 from vfioclient.cli.demo import DemoResult, run_demo

@@ -22,13 +22,7 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from . import reflection, tls
 from .generic import GenericHandlersOnly
 from .looplag import LoopLag
-
-MAX_MESSAGE = 64 << 20
-
-CHANNEL_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE),
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
-]
+from .options import CHANNEL_OPTIONS
 
 
 def add_serve_command(

@@ -46,7 +46,7 @@ import grpc
 from driver.api.events import Event
 from driver.api.v1 import vfio_pb2_grpc as pbg
 from driver.api.wire import WriteChunk
-from grpcsvc.server import CHANNEL_OPTIONS
+from grpcsvc.options import CHANNEL_OPTIONS
 from grpcsvc.tls import aio_channel
 
 from . import calls

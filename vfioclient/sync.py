@@ -51,7 +51,7 @@ import grpc.experimental
 
 from driver.api.events import Event
 from driver.api.v1 import vfio_pb2_grpc as pbg
-from grpcsvc.server import CHANNEL_OPTIONS
+from grpcsvc.options import CHANNEL_OPTIONS
 from grpcsvc.tls import sync_channel
 
 from . import calls

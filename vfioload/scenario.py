@@ -15,7 +15,7 @@ import grpc
 from fwemu.api.v1 import scenario_pb2 as spb
 from fwemu.api.v1 import scenario_pb2_grpc as spbg
 from grpcsvc.errors import error_info
-from grpcsvc.server import CHANNEL_OPTIONS
+from grpcsvc.options import CHANNEL_OPTIONS
 from grpcsvc.tls import ClientTls, sync_channel
 
 T = TypeVar("T")

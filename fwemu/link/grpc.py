@@ -44,7 +44,7 @@ from typing import Any, Literal, TypeVar, cast
 import grpc
 
 from grpcsvc.errors import error_info
-from grpcsvc.server import CHANNEL_OPTIONS
+from grpcsvc.options import CHANNEL_OPTIONS
 from grpcsvc.tls import ClientTls, aio_channel
 
 from ..api.v1 import firmware_pb2 as fpb

@@ -35,7 +35,7 @@ from fwemu.link.grpc import GrpcLink
 from fwemu.link.ifc import VfConfig
 from fwemu.service.servicers import DOMAIN as FWEMU_DOMAIN
 from grpcsvc.errors import ErrorInfo, error_info
-from grpcsvc.server import CHANNEL_OPTIONS
+from grpcsvc.options import CHANNEL_OPTIONS
 from grpcsvc.spawn import DRIVER as DRIVER_SERVE
 from grpcsvc.spawn import FWEMU, start, stop
 from grpcsvc.tls import ClientTls, aio_channel

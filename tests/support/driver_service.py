@@ -48,7 +48,7 @@ from fwemu.link.inproc import InProcessLink
 from fwemu.model.clock import LoopClock
 from fwemu.model.firmware import Firmware
 from grpcsvc.errors import ErrorInfo, error_info
-from grpcsvc.server import CHANNEL_OPTIONS
+from grpcsvc.options import CHANNEL_OPTIONS
 from grpcsvc.spawn import FWEMU, start, stop
 from grpcsvc.tls import ClientTls, aio_channel
 from tests.support import harness_link, tls_mode

@@ -8,7 +8,7 @@ from typing import Any
 
 from fwemu.api.v1 import scenario_pb2_grpc as sgrpc
 from fwemu.link.grpc import GrpcLink
-from grpcsvc.server import CHANNEL_OPTIONS
+from grpcsvc.options import CHANNEL_OPTIONS
 from grpcsvc.tls import aio_channel
 from tests.support.tls import ADMIN
 from tests.support.tls_mode import client_tls, link_tls

@@ -20,7 +20,7 @@ from driver.service.servicer import MAX_IOCTL_STREAMS
 from driver.vfio.uapi import VFIO_DEVICE_FEATURE_GET as GET
 from driver.vfio.uapi import Feature
 from fwemu.link.ifc import Fault, FaultKind, Opcode
-from grpcsvc.server import CHANNEL_OPTIONS
+from grpcsvc.options import CHANNEL_OPTIONS
 from tests.support import tls_mode
 from tests.support.driver_service import (  # noqa: F401
     DriverUnderTest,

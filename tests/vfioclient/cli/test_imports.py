@@ -25,6 +25,13 @@ HEAVY = (
     "vfioclient.cli.certs",
     "vfioclient.cli.demo",
     "vfioclient.cli.exam",
+    # The services' own: a client needs none of them (grpcsvc.options has the
+    # channel options both sides use).
+    # (grpc itself imports the grpc_health and grpc_reflection packages.)
+    "prometheus_client",
+    "grpcsvc.server",
+    "grpc_reflection.v1alpha",
+    "grpc_health.v1",
 )
 
 
