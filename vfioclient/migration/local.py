@@ -79,6 +79,8 @@ class LocalDestinations(Destinations):
             await _half(d).discover()
 
     async def complete(self, devices: Sequence[DeviceMigration]) -> None:
+        if not self.stop_before_start:
+            return  # start() takes them out of RESUMING, as QEMU's vm start does
         for d in devices:  # RESUMING -> STOP: the driver loads and validates
             await _half(d).set_state(S.STOP, None)
 

@@ -230,6 +230,9 @@ class Migration:
             await d.to_stop_copy()
         await asyncio.gather(*(d.drain() for d in devs))
         self.report.stop_copy_s = time.monotonic() - t_copy
+        o = self.options
+        if o.on_destinations_loaded is None and o.digests is None:
+            self.destinations.stop_before_start = False  # nothing looks at them stopped
         await self.destinations.complete(devs)  # RESUMING -> STOP: loaded and validated
         t = time.monotonic()
         if self.options.on_destinations_loaded is not None:

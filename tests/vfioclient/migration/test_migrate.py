@@ -216,3 +216,41 @@ async def test_a_destination_that_fails_to_load_fails_the_migration_without_hang
     assert await rig.dst.get_state(pair.destination_fd) == MigState.RUNNING
     rig.fw.clear_faults(d)
     check_completed(await migrate([pair], options()))
+
+
+@pytest.mark.parametrize("looks", ["nothing", "digests", "hook"])
+async def test_the_destination_stops_only_for_what_looks_at_it_stopped(
+    rig: InProcessRig, looks: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU's vm start takes a loaded destination from RESUMING to
+    RUNNING_P2P, then RUNNING, in two ioctls (the kernel walks RESUMING ->
+    STOP -> RUNNING_P2P).  The orchestrator does the same unless a digest or
+    the on_destinations_loaded hook needs the destination stopped; either
+    way the destination loads every image the source saved."""
+    pair, s, d = await rig.pair()
+    states: list[MigState] = []
+    set_state = rig.dst.set_state
+
+    async def recording(fd: int, state: MigState) -> int | None:
+        if fd == pair.destination_fd:
+            states.append(state)
+        return await set_state(fd, state)
+
+    monkeypatch.setattr(rig.dst, "set_state", recording)
+    o = options()
+    if looks == "digests":
+
+        async def digests(_: DeviceMigration) -> tuple[str, str]:
+            return rig.fw.digest(s), rig.fw.digest(d)
+
+        o.digests = digests
+    elif looks == "hook":
+        o.on_destinations_loaded = rig.digest_hook([(s, d)]).on_destinations_loaded
+    r = await migrate([pair], o)
+    check_completed(r)
+    stop = [] if looks == "nothing" else [MigState.STOP]
+    assert states == [MigState.RESUMING, *stop, MigState.RUNNING_P2P, MigState.RUNNING]
+    assert await rig.dst.get_state(pair.destination_fd) == MigState.RUNNING
+    assert rig.fw.info(d).loaded_bytes == rig.fw.info(s).saved_bytes > 0
+    assert r.verified == (looks == "digests")
+    assert [a == b for a, b in rig.digests] == ([True] if looks == "hook" else [])
