@@ -4,6 +4,7 @@ other and with what the client itself counted."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -11,11 +12,12 @@ from typing import Any
 import pytest
 
 from driver.mlx5.cmd import MIGRATION_HEADER, MLX5_MIGF_HEADER_TAG_FW_DATA
+from fwemu.link.ifc import Fault, FaultKind, Opcode
 from tests.support.exposition import value
 from tests.support.scrape import Served, firmware_and_driver
-from tests.support.vfioclient_e2e import Topology, rig
+from tests.support.vfioclient_e2e import Topology, options, rig
 from tests.support.vfioclient_usermem import record_user_memory
-from vfioclient.migration import migrate
+from vfioclient.migration import MigrationError, migrate
 
 pytestmark = pytest.mark.grpc
 
@@ -180,3 +182,33 @@ async def test_counters_agree_with_each_other_and_with_the_client(
     assert d_drv("vfio_migration_state_transitions_total", from_state="RESUMING",
                  to_state="STOP") == 1  # fmt: skip
     assert value(drv1, "vfio_audit_findings_total") == value(drv0, "vfio_audit_findings_total")
+
+
+async def test_a_failed_migration_ends_its_unused_stop_copy_stream_ok(
+    services: tuple[Served, Served],
+) -> None:
+    """A migration that fails in its precopy (the destination's LOAD refused)
+    never reads its stop-copy: the ReadIntoStream it opened with the precopy
+    has ended, status OK (half-closed, as the driver ends one), by the time
+    the migration has failed: nothing is left open on the driver."""
+    fw, drv = services
+    async with rig(Topology(fw.target, drv.target, drv.target)) as r:
+        (p,) = await r.pairs(1)
+        await r.scenario.inject_fault(
+            p.dst_vhca, Fault(FaultKind.FAIL, opcode=Opcode.LOAD_VHCA_STATE, count=1000)
+        )
+        o = options()
+        o.data_path = "shm"
+        drv0 = await drv.ascrape()
+        with pytest.raises(MigrationError):
+            await asyncio.wait_for(migrate([p.pair], o), 30)
+        drv1 = await drv.ascrape()
+
+    def handled(code: str) -> float:
+        labels = {"grpc_service": "vfio.v1.Vfio", "grpc_method": "ReadIntoStream"}
+        labels["grpc_code"] = code
+        return value(drv1, "grpc_server_handled_total", **labels) - value(
+            drv0, "grpc_server_handled_total", **labels
+        )
+
+    assert handled("OK") == 1 and handled("CANCELLED") == 0
