@@ -383,6 +383,14 @@ class _StreamCall:
         """No more requests (the answers still come)."""
         await self._call.done_writing()
 
+    async def finish(self) -> None:
+        """End the call as the driver ends one: no more requests, the
+        answers still due read (and dropped), then its status OK (a failed
+        answer raises its errno)."""
+        await self.close_writing()
+        while await self.result() is not None:
+            pass
+
     def cancel(self) -> None:
         self._call.cancel()
 

@@ -296,9 +296,7 @@ class DeviceMigration:
                         # ReadIntoStream leaks two small native blocks in the
                         # driver's grpc.aio per call (grpc/grpc#43360), ~200 B a
                         # migration; the reads ahead touch no memory after the end.
-                        await call.close_writing()
-                        while await call.result() is not None:
-                            pass
+                        await call.finish()
                     ended = True
                     return
                 slot.length = n
@@ -488,13 +486,7 @@ async def _end_unused(call: ReadIntoCall) -> None:
     more requests, then its status OK (a cancelled one leaks two small
     native blocks in the driver's grpc.aio, grpc/grpc#43360); cancelled if
     it cannot end so within a second (the driver gone, the call broken)."""
-
-    async def end() -> None:
-        await call.close_writing()
-        while await call.result() is not None:
-            pass
-
     try:
-        await asyncio.wait_for(end(), 1.0)
+        await asyncio.wait_for(call.finish(), 1.0)
     except Exception:  # any way it fails to end: cancelled
         call.cancel()
