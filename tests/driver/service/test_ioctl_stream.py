@@ -157,6 +157,21 @@ async def test_close_on_the_stream_closes_as_close_fd_does(
     await lane.end()
 
 
+@pytest.mark.parametrize("bad", [-1, -(2**31), 2**31 - 1, 1000])
+async def test_a_close_of_an_absurd_fd_is_ebadf_in_band_and_the_stream_goes_on(
+    drv: DriverUnderTest, client: VfioClient, lane: Lane, bad: int
+) -> None:
+    """Any int32 a client sends as the fd: EBADF, as the unary CloseFd
+    answers, nothing of the caller's closed, and the stream goes on."""
+    _, fd = await drv.open_vf(client)
+    a = await lane.ask(close(bad))
+    assert (a.error.errno, a.error.operation) == (errno.EBADF, "close")
+    assert comparable(a) == await unary(client, close(bad))
+    got = await lane.ask(get_state(fd))
+    assert MIG_STATE.unpack(got.device_feature.data)[0] == MigState.RUNNING
+    await lane.end()
+
+
 async def test_a_request_naming_no_ioctl_is_einval_and_the_stream_goes_on(
     drv: DriverUnderTest, client: VfioClient, lane: Lane
 ) -> None:
