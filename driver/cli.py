@@ -33,6 +33,7 @@ from grpcsvc.tls import ClientTls, TlsError, add_client_args, client_tls_from_ar
 from grpcsvc.units import byte_size, byte_size_between, seconds_between
 
 from .mlx5.cmd import DEFAULT_BUFFER_BUDGET
+from .priority import DEFAULT_MAX_WAIT_S, MAX_PRIORITY_WAIT_S
 from .service.process import CLIENT_IDLE
 from .shards import SHARDS_ENV, ShardSpecError, shards_argument, shards_from_env
 from .vfio.errors import VfioError
@@ -74,6 +75,16 @@ def _seconds(text: str) -> float:
 def _wait(text: str) -> float:
     """argparse type: zero or a positive number of seconds."""
     return _duration(text, zero=True)
+
+
+def _priority_wait(text: str) -> float:
+    """argparse type: --switchover-priority, 0 to MAX_PRIORITY_WAIT_S seconds."""
+    value = _wait(text)
+    if value > MAX_PRIORITY_WAIT_S:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a precopy request waits at most {MAX_PRIORITY_WAIT_S:g} s"
+        )
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,6 +146,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="data buffers one client's migration files may hold over all devices; "
         "past it an allocation is ENOMEM (default 1GiB; 1MiB to 1TiB)",
+    )
+    s.add_argument(
+        "--switchover-priority",
+        type=_priority_wait,
+        default=DEFAULT_MAX_WAIT_S,
+        metavar="SECONDS",
+        help="while a principal's devices switch over (PRE_COPY_P2P, STOP_COPY), its "
+        "precopy requests (PRECOPY_INFO, MIG_DATA_SIZE, precopy reads) wait up to this "
+        f"long each (default {DEFAULT_MAX_WAIT_S:g}; 0: off; at most "
+        f'{MAX_PRIORITY_WAIT_S:g}); README, "Switchover priority"',
     )
     s.add_argument(
         "--client-idle",
@@ -211,7 +232,12 @@ def _driver_server(
     from .service.server import DriverServer
 
     return DriverServer(
-        DeviceRegistry(links, cmd_timeout=args.cmd_timeout, buffer_budget=args.buffer_budget),
+        DeviceRegistry(
+            links,
+            cmd_timeout=args.cmd_timeout,
+            buffer_budget=args.buffer_budget,
+            switchover_priority=args.switchover_priority,
+        ),
         firmware=fw,
         scenario_service=args.scenario_service,
         metrics=metrics,

@@ -19,6 +19,7 @@ from .events import EventBus
 from .holders import DeviceHolders
 from .mlx5.cmd import DEFAULT_BUFFER_BUDGET, BufferBudget
 from .mlx5.main import Mlx5VfDevice
+from .priority import DEFAULT_MAX_WAIT_S, SwitchoverPriority
 from .shards import ShardSpecError, parse_pci_name, pci_name, shard_of
 from .vfio.device import VfioDevice
 from .vfio.errors import VfioError
@@ -50,9 +51,12 @@ class DeviceRegistry:
         events: EventBus | None = None,
         audit: AuditLog | None = None,
         buffer_budget: int = DEFAULT_BUFFER_BUDGET,
+        switchover_priority: float = DEFAULT_MAX_WAIT_S,
     ) -> None:
         """`buffer_budget`: the bytes of data buffers the driver holds for one
-        client's migration files, over all devices (past it: ENOMEM)."""
+        client's migration files, over all devices (past it: ENOMEM).
+        `switchover_priority`: the longest a principal's precopy request
+        waits for its switchovers in progress (driver/priority.py; 0: off)."""
         self.links: tuple[FirmwareLink, ...] = (
             tuple(link) if isinstance(link, Sequence) else (link,)
         )
@@ -68,6 +72,7 @@ class DeviceRegistry:
         self.events.holder_of = self.holder_of
         self.holders = DeviceHolders(self.links)
         self.budget = BufferBudget(buffer_budget)
+        self.priority = SwitchoverPriority(switchover_priority)
 
     async def refresh(self) -> list[Registered]:
         """Probe VFs that appeared; VFs that went away are detached (their
@@ -138,6 +143,7 @@ class DeviceRegistry:
                 events=self.events,
                 audit=self.audit,
                 budget=self.budget,
+                priority=self.priority,
             )
             await mvdev.probe()
             core = VfioDevice(name, mvdev)

@@ -18,6 +18,7 @@ from fwemu.link.ifc import PAGE_SIZE, ResumeOpMod, SaveCompletion, SuspendOpMod
 
 from ..audit import AuditLog
 from ..events import EventBus, PrecopyAnswered, SaveCompleted, SaveFailed, StateChanged
+from ..priority import SwitchoverPriority
 from ..vfio.errors import VfioError
 from ..vfio.migration import vfio_mig_step_loop
 from ..vfio.ops import MigrationFile, VfioLogOps, VfioMigrationOps
@@ -89,6 +90,7 @@ class Mlx5VfDevice:
         events: EventBus | None = None,
         audit: AuditLog | None = None,
         budget: BufferBudget | None = None,
+        priority: SwitchoverPriority | None = None,
     ) -> None:
         self.link = link
         self.function_id = function_id
@@ -111,6 +113,7 @@ class Mlx5VfDevice:
         self.streams = 0  # migration files made so far: each one's number
         self.tracker = VhcaPageTracker(self)
         self.budget = budget if budget is not None else BufferBudget()  # per client, shared
+        self.priority = priority  # shared by the driver's devices (driver/priority.py)
         # The device's files when the arc in progress started (ArcHooks).
         self._arc_files: tuple[Mlx5VfMigrationFile, ...] = ()
 
@@ -141,6 +144,7 @@ class Mlx5VfDevice:
         if self.caps.migrate_cap:
             await self.cmds.function_level_reset()
             self.mig_state = S.RUNNING
+            self._switchover_ended()
 
     async def close_device(self) -> None:
         """mlx5vf_cmd_close_migratable(), then vfio_pci_core_disable()'s reset."""
@@ -150,6 +154,7 @@ class Mlx5VfDevice:
                 await self.disable_fds()
                 self._streams_ended(files, "close_device")
                 await self.tracker.free()
+            self._switchover_ended()
             await self.cmds.function_level_reset()
 
     async def reset(self) -> None:
@@ -170,6 +175,7 @@ class Mlx5VfDevice:
             if self.mig_state != S.RUNNING and self.events.subscribers:
                 self._publish(StateChanged(self.mig_state.name, S.RUNNING.name, reset=True), None)
             self.mig_state = S.RUNNING
+            self._switchover_ended()
             await self.disable_fds()
             self._streams_ended(files, "VFIO_DEVICE_RESET")
 
@@ -184,6 +190,7 @@ class Mlx5VfDevice:
 
     async def migration_get_data_size(self) -> int:
         """mlx5vf_pci_get_data_size(): a full query, in any state."""
+        await self.precopy_turn()
         async with self.state_mutex:
             _, total, _ = await self.cmds.query_vhca_migration_state(0)
             return total
@@ -214,6 +221,28 @@ class Mlx5VfDevice:
         migf = file if isinstance(file, Mlx5VfMigrationFile) else None
         self._transitioned(cur, nxt, migf or (files[0] if files else None))
         self.mig_state = nxt
+        if nxt in (S.PRE_COPY_P2P, S.STOP_COPY):
+            if self.priority is not None:
+                self.priority.stopped(self._principal(), self)
+        else:
+            self._switchover_ended()
+
+    # Switchover priority (driver/priority.py); not the kernel's.
+
+    def _principal(self) -> str:
+        core = getattr(self, "core", None)
+        return (core.group.opened_by or "") if core is not None else ""
+
+    def _switchover_ended(self) -> None:
+        if self.priority is not None:
+            self.priority.resumed(self)
+
+    async def precopy_turn(self) -> None:
+        """A request that only moves this device's precopy along (PRE_COPY)
+        waits while its principal's other devices switch over, at most the
+        priority's max_wait."""
+        if self.priority is not None and self.mig_state == S.PRE_COPY:
+            await self.priority.precopy_turn(self._principal())
 
     async def step_device_state_locked(self, new: MigState) -> SaveFile | ResumeFile | None:
         """mlx5vf_pci_step_device_state_locked(): the steps of one arc (MLX5VF_ARCS)."""

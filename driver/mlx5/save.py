@@ -284,6 +284,7 @@ class SaveFile(Mlx5VfMigrationFile):
     ) -> tuple[bytes, int]:
         if self.eof_returned:
             self.mvdev.read_after_eof(self)
+        await self.mvdev.precopy_turn()
         self.io_in_progress += 1
         try:
             return await self._read(count, nonblock, dest)
@@ -362,6 +363,7 @@ class SaveFile(Mlx5VfMigrationFile):
         """mlx5vf_precopy_ioctl() as merged with the REINIT series."""
         mvdev = self.mvdev
         info = vfio_check_precopy_ioctl(mvdev.core, cmd, arg)
+        await mvdev.precopy_turn()
         async with mvdev.state_mutex:
             if mvdev.mig_state not in (VfioState.PRE_COPY, VfioState.PRE_COPY_P2P):
                 raise VfioError(errno.EINVAL, "precopy info outside PRE_COPY(_P2P)")

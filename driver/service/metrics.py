@@ -38,6 +38,9 @@ WRITTEN_BYTES = "vfio_migration_written_bytes"
 PRECOPY_INFO = "vfio_precopy_info"
 REINIT_DETECTION = "vfio_reinit_detection_seconds"
 READ_ENOMSG = "vfio_read_enomsg"
+PRECOPY_DEFERRED = "vfio_precopy_deferred"
+PRECOPY_DEFERRED_SECONDS = "vfio_precopy_deferred_seconds"
+PRECOPY_WAITING = "vfio_precopy_waiting"
 ERRORS = "vfio_errors"
 SAVES = "vfio_save_images"
 LOADS = "vfio_load_images"
@@ -142,6 +145,23 @@ class DriverCollector(ScrapeCollector):
             READ_ENOMSG, "Reads answered ENOMSG (PRE_COPY: nothing to read now).",
             value=ints["read_enomsg"],
         )  # fmt: skip
+        priority = self.servicer.registry.priority
+        yield CounterMetricFamily(
+            PRECOPY_DEFERRED,
+            "Precopy requests that waited for their principal's switchovers "
+            "(--switchover-priority).",
+            value=priority.deferred,
+        )
+        yield CounterMetricFamily(
+            PRECOPY_DEFERRED_SECONDS,
+            "The seconds those precopy requests waited, in all.",
+            value=priority.deferred_s,
+        )
+        yield GaugeMetricFamily(
+            PRECOPY_WAITING,
+            "Precopy requests waiting now for their principal's switchovers.",
+            value=priority.waiting,
+        )
         errors = CounterMetricFamily(
             ERRORS, "Calls answered with an errno, by errno name.", labels=["errno"]
         )

@@ -1,6 +1,7 @@
-"""`vfio-driver serve --buffer-budget`, `--client-idle` and, in embedded mode,
-`--memory-limit` reach the objects they set; values out of bounds are usage
-errors (exit 2, naming the range)."""
+"""`vfio-driver serve --buffer-budget`, `--client-idle`,
+`--switchover-priority` and, in embedded mode, `--memory-limit` reach the
+objects they set; values out of bounds are usage errors (exit 2, naming the
+range)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from driver.cli import _driver_server, _embedded_firmware, _parser, main
 from driver.mlx5.cmd import DEFAULT_BUFFER_BUDGET
+from driver.priority import DEFAULT_MAX_WAIT_S
 from driver.service.process import CLIENT_IDLE
 from fwemu.link.ifc import MiB
 
@@ -19,12 +21,16 @@ def _serve_args(*args: str) -> argparse.Namespace:
 
 
 async def test_the_flags_reach_the_registry_the_servicer_and_the_firmware() -> None:
-    args = _serve_args("--buffer-budget", "64MiB", "--client-idle", "30", "--memory-limit", "32MiB")
+    args = _serve_args(
+        "--buffer-budget", "64MiB", "--client-idle", "30", "--memory-limit", "32MiB",
+        "--switchover-priority", "0",
+    )  # fmt: skip
     fw = _embedded_firmware(args)
     try:
         server = _driver_server(args, [fw.link], fw, None)
         assert server.registry.budget.limit == 64 * MiB
         assert server.servicer.client_idle == 30.0
+        assert server.registry.priority.max_wait == 0.0
         assert fw._fw.memory.limit == 32 * MiB
     finally:
         await fw.link.close()
@@ -37,6 +43,7 @@ async def test_without_the_flags_the_defaults_hold() -> None:
         server = _driver_server(args, [fw.link], fw, None)
         assert server.registry.budget.limit == DEFAULT_BUFFER_BUDGET == 1 << 30
         assert server.servicer.client_idle == CLIENT_IDLE
+        assert server.registry.priority.max_wait == DEFAULT_MAX_WAIT_S == 0.5
     finally:
         await fw.link.close()
 
@@ -51,6 +58,11 @@ async def test_without_the_flags_the_defaults_hold() -> None:
         (["--client-idle", "-5"], "not a number of seconds above 0"),
         (["--client-idle", "nan"], "not a number of seconds above 0"),
         (["--client-idle", "1e9"], "at most 604800"),
+        (["--switchover-priority", "-1"], "not zero or a positive number of seconds"),
+        (["--switchover-priority", "nan"], "not zero or a positive number of seconds"),
+        (["--switchover-priority", "inf"], "not zero or a positive number of seconds"),
+        (["--switchover-priority", "11"], "waits at most 10 s"),
+        (["--switchover-priority", "soon"], "not zero or a positive number of seconds"),
         (["--memory-limit", "0"], "the memory limit must be positive"),
         (["--memory-limit", "1EiB"], "'1EiB' is more than this machine's memory"),
         (["--memory-limit", "2KiB", "--vfs", "2"], "memory limit"),
