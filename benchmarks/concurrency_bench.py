@@ -88,6 +88,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from report import Results, add_output_flag, parser, print_results
 
 from driver.api.events import PrecopyAnswered, StateChanged
+from driver.priority import DEFAULT_MAX_WAIT_S, priority_wait_arg
 from driver.shards import pci_name
 from grpcsvc.looplag import LAG
 from vfioclient import VfioClient, VfioClientError
@@ -541,7 +542,12 @@ def _median_point(rounds: list[Results]) -> Results:
 
 
 def bench(
-    counts: list[int], rounds: int, shapes: list[str], verify: bool, dirty: str = DIRTY
+    counts: list[int],
+    rounds: int,
+    shapes: list[str],
+    verify: bool,
+    dirty: str = DIRTY,
+    priority: float = DEFAULT_MAX_WAIT_S,
 ) -> Results:
     vfs = str(2 * max(counts))
     fw_args = ["--listen", "127.0.0.1:0", "--vfs", vfs, "--size", SIZE, "--dirty-rate", dirty]
@@ -554,7 +560,7 @@ def bench(
         # One orchestrator holding N pairs is one client: its data buffers
         # (N x 2 x 16 MiB, and more) would pass the default 1 GiB budget.
         drv_args = ["--listen", "127.0.0.1:0", "--firmware", firmware, "--log-level", "error",
-                    "--buffer-budget", "8GiB"]  # fmt: skip
+                    "--buffer-budget", "8GiB", "--switchover-priority", str(priority)]  # fmt: skip
         with (
             served_with_metrics(DRIVER, *drv_args) as (driver, target, drv_metrics),
             Follower(target) as follower,
@@ -566,7 +572,13 @@ def bench(
                     for shape in shapes:
                         point = _point(follower, firmware, shape, n, verify, services, lag_urls)
                         runs[shape][n].append(point)
-    out: Results = {"limit_s": LIMIT_S, "rounds": rounds, "verify": verify, "dirty_rate": dirty}
+    out: Results = {
+        "limit_s": LIMIT_S,
+        "rounds": rounds,
+        "verify": verify,
+        "dirty_rate": dirty,
+        "switchover_priority_s": priority,
+    }
     for shape in shapes:
         base = runs[shape][counts[0]]
         for n in counts:
@@ -596,6 +608,7 @@ def text(r: Results) -> list[str]:
         f"concurrent migrations of {SIZE} VFs, one driver over fwemu (limit {LIMIT_S} s), "
         f"guests dirtying {r['dirty_rate']}/s, median of {r['rounds']} rounds"
         + (", digests verified" if r["verify"] else "")
+        + f", switchover priority {r['switchover_priority_s']:g} s"
     ]
     for shape, what in (("processes", "N vfioctl processes"), ("one", "one process, N pairs")):
         if shape not in r:
@@ -664,13 +677,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dirty-rate", default=DIRTY, help=f"every VF's guest workload (default {DIRTY}/s)"
     )
+    p.add_argument(
+        "--switchover-priority",
+        type=priority_wait_arg,
+        default=DEFAULT_MAX_WAIT_S,
+        metavar="SECONDS",
+        help="the driver's --switchover-priority (default its own, "
+        f"{DEFAULT_MAX_WAIT_S:g}; 0: off, the driver before it)",
+    )
     add_output_flag(p)
     args = p.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
     shapes = [s for s in args.shapes.split(",") if s]
     if not set(shapes) <= set(SHAPES) or args.rounds < 1 or counts[0] != 1:
         p.error(f"--shapes from {','.join(SHAPES)}; --rounds >= 1; --counts starting at 1")
-    results = bench(counts, args.rounds, shapes, args.verify, args.dirty_rate)
+    results = bench(
+        counts, args.rounds, shapes, args.verify, args.dirty_rate, args.switchover_priority
+    )
     return print_results(results, args.json, text)
 
 

@@ -33,7 +33,7 @@ from grpcsvc.tls import ClientTls, TlsError, add_client_args, client_tls_from_ar
 from grpcsvc.units import byte_size, byte_size_between, seconds_between
 
 from .mlx5.cmd import DEFAULT_BUFFER_BUDGET
-from .priority import DEFAULT_MAX_WAIT_S, MAX_PRIORITY_WAIT_S
+from .priority import DEFAULT_MAX_WAIT_S, MAX_PRIORITY_WAIT_S, priority_wait_arg
 from .service.process import CLIENT_IDLE
 from .shards import SHARDS_ENV, ShardSpecError, shards_argument, shards_from_env
 from .vfio.errors import VfioError
@@ -75,16 +75,6 @@ def _seconds(text: str) -> float:
 def _wait(text: str) -> float:
     """argparse type: zero or a positive number of seconds."""
     return _duration(text, zero=True)
-
-
-def _priority_wait(text: str) -> float:
-    """argparse type: --switchover-priority, 0 to MAX_PRIORITY_WAIT_S seconds."""
-    value = _wait(text)
-    if value > MAX_PRIORITY_WAIT_S:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: a precopy request waits at most {MAX_PRIORITY_WAIT_S:g} s"
-        )
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -149,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--switchover-priority",
-        type=_priority_wait,
+        type=priority_wait_arg,
         default=DEFAULT_MAX_WAIT_S,
         metavar="SECONDS",
         help="while a principal's devices switch over (PRE_COPY_P2P, STOP_COPY), its "
