@@ -46,6 +46,10 @@ For each N, the median over --rounds rounds (default 3) of:
 Issue 16's goals at N = 64: throughput >= 0.7x N = 1's, p99 downtime <= 2x
 the limit.
 
+The driver runs with its default switchover priority (README, "Switchover
+priority"); `--switchover-priority 0` runs it without, for the comparison in
+benchmarks/concurrency.md.
+
 The one-process shape does not converge past N = 19 (ONE_ITERATIONS): QEMU's
 rule waits for the pending bytes to fit the estimate x the limit, and
 mlx5vf's MIG_DATA_SIZE is a device's whole state; meanwhile each guest
@@ -59,7 +63,8 @@ one thread lands inside the other migrations' downtimes.  --verify puts it
 back (`--verify yes --firmware FWEMU`), to see what it costs.
 
     .venv/bin/python benchmarks/concurrency_bench.py [--counts 1,8,32,64] [--rounds 3]
-        [--shapes processes,one] [--verify] [--dirty-rate 1MiB] [--json]
+        [--shapes processes,one] [--verify] [--dirty-rate 1MiB]
+        [--switchover-priority SECONDS] [--json]
 """
 
 from __future__ import annotations
