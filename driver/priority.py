@@ -12,7 +12,8 @@ device of principal P counts as switching over while it is in PRE_COPY_P2P
 or STOP_COPY (the source's side of the downtime), and while one does, P's
 requests that only move a running VM's precopy along wait:
 VFIO_MIG_GET_PRECOPY_INFO, VFIO_DEVICE_FEATURE_MIG_DATA_SIZE and reads of
-the saving data fd, each on a device in PRE_COPY.  Answers are not changed,
+the saving data fd (blocking ones: O_NONBLOCK asks not to wait), each on a
+device in PRE_COPY.  Answers are not changed,
 only delayed; nothing else waits (state changes, writes, other principals).
 
 Bounds, so that no client can stall another through this:

@@ -284,7 +284,8 @@ class SaveFile(Mlx5VfMigrationFile):
     ) -> tuple[bytes, int]:
         if self.eof_returned:
             self.mvdev.read_after_eof(self)
-        await self.mvdev.precopy_turn()
+        if not nonblock:  # O_NONBLOCK: the caller asked not to wait
+            await self.mvdev.precopy_turn()
         self.io_in_progress += 1
         try:
             return await self._read(count, nonblock, dest)

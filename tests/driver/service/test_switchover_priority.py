@@ -1,6 +1,6 @@
 """Switchover priority over gRPC, two tenants (driver/priority.py): while a
 tenant's device is stopped in STOP_COPY, that tenant's precopy requests
-(PRECOPY_INFO, MIG_DATA_SIZE, precopy reads) wait for the switchover to end;
+(PRECOPY_INFO, MIG_DATA_SIZE, blocking precopy reads) wait for the switchover to end;
 the other tenant's go on at once; a reset of the stopped device ends its
 switchover too.  Answers are what they would have been."""
 
@@ -57,6 +57,10 @@ async def test_a_tenants_precopy_waits_for_its_own_switchover_not_for_anothers(
         assert await asyncio.wait_for(call, 5.0)
         assert prio.waiting == 0
         await a.set_state(sfd, S.STOP_COPY)  # and the next one
+    assert prio.deferred == 3
+
+    # A nonblocking read does not wait: O_NONBLOCK says so.
+    await asyncio.wait_for(a.read(pre_a, 4096, nonblock=True), 5.0)
     assert prio.deferred == 3
 
     # A reset of the stopped device ends its switchover as well.
