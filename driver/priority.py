@@ -29,30 +29,20 @@ Bounds, so that no client can stall another through this:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from grpcsvc.units import seconds_between
 
 DEFAULT_MAX_WAIT_S = 0.5  # a precopy request waits at most this long
 DEFAULT_SPAN_S = 2.0  # a stopped device counts for at most this long
 MAX_PRIORITY_WAIT_S = 10.0  # the most --switchover-priority takes
 
 
-def priority_wait_arg(text: str) -> float:
-    """argparse type of --switchover-priority: 0 to MAX_PRIORITY_WAIT_S seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= MAX_PRIORITY_WAIT_S:  # also refuses nan
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a number of seconds from 0 to {MAX_PRIORITY_WAIT_S:g} "
-            "(the longest a precopy request waits)"
-        )
-    return value
+# argparse type of --switchover-priority (the driver's, the benchmark's).
+priority_wait_arg = seconds_between(0.0, MAX_PRIORITY_WAIT_S, low_too=True)
 
 
 @dataclass

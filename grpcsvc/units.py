@@ -58,15 +58,21 @@ def byte_size_between(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def seconds_between(low: float, high: float) -> Callable[[str], float]:
-    """argparse type: a number of seconds, more than `low` and at most `high`."""
+def seconds_between(low: float, high: float, *, low_too: bool = False) -> Callable[[str], float]:
+    """argparse type: a number of seconds, more than `low` (or `low` itself,
+    with `low_too`) and at most `high`."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        if not low < value <= high:  # also refuses nan
+        if low_too:
+            if not low <= value <= high:  # also refuses nan
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} is not a number of seconds from {low:g} to {high:g}"
+                )
+        elif not low < value <= high:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is not a number of seconds above {low:g} and at most {high:g}"
             )

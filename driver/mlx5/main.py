@@ -144,7 +144,6 @@ class Mlx5VfDevice:
         if self.caps.migrate_cap:
             await self.cmds.function_level_reset()
             self.mig_state = S.RUNNING
-            self._switchover_ended()
 
     async def close_device(self) -> None:
         """mlx5vf_cmd_close_migratable(), then vfio_pci_core_disable()'s reset."""
